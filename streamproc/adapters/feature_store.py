@@ -1,0 +1,182 @@
+"""The online feature store: per-customer state and features behind a small interface.
+
+Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
+
+    cust:{<customer_id>}   hash   readable features (one field each) + ``_s`` (state blob) + ``_v`` (version)
+    sp:erased              set    customer ids that were erased (a replay must not bring them back)
+
+A save is a compare-and-set on ``_v``: it applies only if nobody wrote the customer since it was loaded
+(a zombie worker after a rebalance loses), and the state blob carries the offset fences, so state and
+fence change in one atomic step.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as aioredis
+
+from streamproc.domain.customer import CustomerState
+
+ERASED_KEY = "sp:erased"
+
+
+def customer_key(customer_id: str) -> str:
+    return f"cust:{{{customer_id}}}"
+
+
+@dataclass(slots=True)
+class Loaded:
+    version: int
+    blob: bytes | None  # the stored state blob (None: a new customer)
+    erased: bool = False
+
+    def pristine(self, customer_id: str) -> CustomerState:
+        """A fresh copy of the loaded state (or a new customer), safe to fold into."""
+        return CustomerState.from_dict(orjson.loads(self.blob)) if self.blob else CustomerState(customer_id)
+
+
+@dataclass(slots=True)
+class Update:
+    customer_id: str
+    expected_version: int
+    state: CustomerState
+    features: dict[str, str]
+
+
+class FeatureStore(abc.ABC):
+    @abc.abstractmethod
+    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]: ...
+
+    @abc.abstractmethod
+    async def save(self, updates: list[Update]) -> list[str]:
+        """Apply updates atomically per customer; return the ids whose version check failed."""
+
+    @abc.abstractmethod
+    async def features(self, customer_id: str) -> dict[str, str] | None: ...
+
+    @abc.abstractmethod
+    async def forget(self, customer_id: str) -> bool:
+        """Erase a customer and remember the erasure. True if there was anything to erase."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+# KEYS: customer hashes. ARGV per key: expected version, field count, then field/value pairs.
+_SAVE_LUA = """
+local failed = {}
+local a = 1
+for i, key in ipairs(KEYS) do
+  local expected = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  local current = redis.call('HGET', key, '_v') or '0'
+  if current == expected then
+    local args = {}
+    for j = 0, 2 * n - 1 do args[j + 1] = ARGV[a + j] end
+    redis.call('DEL', key)
+    redis.call('HSET', key, '_v', tostring(tonumber(current) + 1), unpack(args))
+  else
+    failed[#failed + 1] = i
+  end
+  a = a + 2 * n
+end
+return failed
+"""
+
+
+def _encode_state(state: CustomerState) -> bytes:
+    return orjson.dumps(state.to_dict())
+
+
+class RedisFeatureStore(FeatureStore):
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._save = client.register_script(_SAVE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, password: str | None = None) -> RedisFeatureStore:
+        return cls(aioredis.from_url(url, password=password, decode_responses=False))
+
+    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
+        if not customer_ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for cid in customer_ids:
+            pipe.hmget(customer_key(cid), "_v", "_s")
+        pipe.smismember(ERASED_KEY, customer_ids)
+        results = await pipe.execute()
+        erased_flags = results[-1]
+        out: dict[str, Loaded] = {}
+        for cid, (version, blob), erased in zip(customer_ids, results[:-1], erased_flags, strict=True):
+            out[cid] = Loaded(int(version or 0), blob or None, bool(erased))
+        return out
+
+    async def save(self, updates: list[Update]) -> list[str]:
+        if not updates:
+            return []
+        keys: list[str] = []
+        args: list[str | bytes] = []
+        for up in updates:
+            keys.append(customer_key(up.customer_id))
+            args.append(str(up.expected_version))
+            args.append(str(len(up.features) + 1))
+            for name, value in up.features.items():
+                args.append(name)
+                args.append(value)
+            args.append("_s")
+            args.append(_encode_state(up.state))
+        failed = await self._save(keys=keys, args=args)
+        return [updates[int(i) - 1].customer_id for i in failed]
+
+    async def features(self, customer_id: str) -> dict[str, str] | None:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(customer_key(customer_id))  # type: ignore[assignment]
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"_")}
+
+    async def forget(self, customer_id: str) -> bool:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(customer_key(customer_id))
+        pipe.sadd(ERASED_KEY, customer_id)
+        deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class InMemoryFeatureStore(FeatureStore):
+    """The same contract in a dict, for domain-level tests of the processing step."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self.erased: set[str] = set()
+
+    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
+        out = {}
+        for cid in customer_ids:
+            row = self.rows.get(cid)
+            out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased)
+        return out
+
+    async def save(self, updates: list[Update]) -> list[str]:
+        failed = []
+        for up in updates:
+            current = self.rows.get(up.customer_id, (0, b"", {}))[0]
+            if current != up.expected_version:
+                failed.append(up.customer_id)
+                continue
+            self.rows[up.customer_id] = (current + 1, _encode_state(up.state), dict(up.features))
+        return failed
+
+    async def features(self, customer_id: str) -> dict[str, str] | None:
+        row = self.rows.get(customer_id)
+        return dict(row[2]) if row else None
+
+    async def forget(self, customer_id: str) -> bool:
+        self.erased.add(customer_id)
+        return self.rows.pop(customer_id, None) is not None

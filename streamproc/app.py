@@ -1,0 +1,188 @@
+"""The Faust worker: thin agents that decode, load, call the domain, save and emit.
+
+Agent concurrency stays 1: with more, offsets could be committed past an event still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import faust
+import orjson
+from faust.types import EventT
+from faust.web import Request, Response, View
+from prometheus_client import CollectorRegistry, generate_latest
+
+from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
+from streamproc.batching import ack_batch, drain_batches
+from streamproc.domain.customer import FoldConfig
+from streamproc.domain.events import DecodeLimits
+from streamproc.metrics import Metrics
+from streamproc.processing import BatchProcessor, RawRecord
+from streamproc.settings import Settings
+from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS
+
+log = logging.getLogger("streamproc.worker")
+
+RETRY_MAX_SECONDS = 5.0
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    return DecodeLimits(
+        max_payload_bytes=settings.max_payload_bytes,
+        max_items_per_transaction=settings.max_items_per_transaction,
+        max_future_skew_ms=int(settings.max_future_skew_s * 1000),
+        min_event_time_ms=settings.min_event_time_ms,
+    )
+
+
+class Worker:
+    """Everything one worker process holds: the Faust app, the store, the processor, the metrics."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
+                 store: FeatureStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        self.store = store or RedisFeatureStore.from_url(settings.redis_url, password)
+        self.processor = BatchProcessor(
+            self.store,
+            self.metrics,
+            decode_limits(settings),
+            FoldConfig(
+                dedup_horizon_ms=int(settings.dedup_horizon_s * 1000), dedup_max_ids=settings.dedup_max_ids
+            ),
+            allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
+            late_policy=settings.late_event_policy,
+        )
+        self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
+        self.last_offsets: dict[tuple[str, int], int] = {}
+        self.app = self._build_app()
+
+    def _build_app(self) -> faust.App:
+        s = self.settings
+        app = faust.App(
+            s.app_id,
+            broker=f"kafka://{s.kafka_bootstrap}",
+            store="memory://",
+            value_serializer="raw",
+            key_serializer="raw",
+            topic_disable_leader=True,
+            topic_allow_declare=False,
+            consumer_auto_offset_reset="earliest",
+            web_enabled=True,
+            web_bind=s.web_host,
+            web_port=s.web_port,
+            datadir=str(s.state_dir / "faust" / s.app_id),
+            producer_acks=-1,
+            broker_commit_every=1000,
+            broker_commit_interval=1.0,
+        )
+        inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")
+        self.dlq = app.topic(s.topic(DLQ_TOPIC), value_serializer="raw", key_serializer="raw")
+        app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
+        app.timer(5.0, name="lag")(self.update_lag)
+        app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
+        worker = self
+
+        @app.page("/metrics")
+        class MetricsView(View):
+            async def get(self, request: Request) -> Response:
+                return self.bytes(generate_latest(worker.metrics.registry), content_type="text/plain; version=0.0.4")
+
+        @app.page("/customers/{customer_id}")
+        class CustomerView(View):
+            async def get(self, request: Request, customer_id: str) -> Response:
+                found = await worker.store.features(customer_id)
+                if found is None:
+                    return self.json({"error": "not found"}, status=404)
+                return self.json(found)
+
+        @app.page("/healthz")
+        class HealthView(View):
+            async def get(self, request: Request) -> Response:
+                return self.json({"status": "ok"})
+
+        return app
+
+    async def _on_rebalance(self, sender: object = None, **kwargs: object) -> None:
+        self.metrics.rebalances.inc()
+
+    def to_raw(self, event: EventT) -> RawRecord:
+        msg = event.message
+        ts = msg.timestamp
+        return RawRecord(
+            topic=msg.topic,
+            kind=self.kind_of.get(msg.topic, msg.topic),
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
+            value=event.value if isinstance(event.value, bytes | None) else bytes(event.value),
+            timestamp_ms=int(ts * 1000) if ts else None,
+        )
+
+    async def ingest(self, stream: faust.StreamT) -> None:
+        async for batch in drain_batches(stream, self.settings.batch_max_events):
+            records = [self.to_raw(ev) for ev in batch]
+            await self.apply_with_retry(records)
+            await ack_batch(stream, batch)
+            for rec in records:
+                self.last_offsets[(rec.topic, rec.partition)] = rec.offset
+
+    async def apply_with_retry(self, records: list[RawRecord]) -> None:
+        """Apply a batch; on a Redis or Kafka error back off and retry, never acking what failed."""
+        delay = 0.1
+        while True:
+            try:
+                result = await self.processor.process(records)
+                for letter in result.dead_letters:
+                    await self.dlq.send(
+                        key=letter.dlq_id.encode(), value=orjson.dumps(letter.model_dump(mode="json"))
+                    )
+                if result.dead_letters:
+                    await self.app.producer.flush()
+                    self.metrics.records_produced.labels(DLQ_TOPIC).inc(len(result.dead_letters))
+                wm = self.processor.watermarks.overall()
+                if wm is not None:
+                    self.metrics.watermark_delay.set(time.time() - wm / 1000)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.redis_errors.inc()
+                log.warning("batch of %d failed (%s: %s); retrying in %.1fs", len(records),
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def update_lag(self) -> None:
+        consumer = self.app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in self.kind_of:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:
+                continue
+            if high is None:
+                continue
+            done = self.last_offsets.get((tp.topic, tp.partition))
+            if done is None:  # nothing processed since start: fall back to the committed position
+                committed = getattr(consumer, "_committed_offset", {}).get(tp)
+                done = committed if committed is not None else -1
+            self.metrics.consumer_lag.labels(self.kind_of[tp.topic], str(tp.partition)).set(max(0, high - done - 1))
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker until SIGTERM/SIGINT (blocking)."""
+    from faust.worker import Worker as FaustWorker
+
+    worker = Worker(settings)
+    (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
+    FaustWorker(
+        worker.app,
+        loglevel=settings.log_level.lower() if settings.log_level.lower() != "warning" else "warn",
+        quiet=True,
+    ).execute_from_commandline()

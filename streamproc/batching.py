@@ -1,0 +1,50 @@
+"""Bulk batches from a Faust agent's stream, acked only after the batch is applied.
+
+``Stream.take_events`` acks a batch in a ``finally`` block, so a batch that failed (Redis down) or was
+cancelled by a shutdown would still be committed. This reader drains the agent's channel queue in bulk
+(``get_nowait`` until empty, then one awaited ``get``) and leaves acking to the caller, who acks only
+what was applied. It keeps Faust's bookkeeping: messages are tracked as unacked (so the committed
+offset never passes an event in flight) and events from a previous consumer generation are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from faust.types import EventT, StreamT
+
+
+async def drain_batches(stream: StreamT, max_events: int) -> AsyncIterator[list[EventT]]:
+    app = stream.app
+    consumer = app.consumer
+    queue = stream.channel.queue  # type: ignore[attr-defined]
+    acking_topics = app.topics.acking_topics
+    on_message_in = stream._on_message_in  # type: ignore[attr-defined]
+    while not stream.should_stop:
+        first: Any = await queue.get()
+        raw: list[Any] = [first]
+        while len(raw) < max_events and not queue.empty():
+            raw.append(queue.get_nowait())
+        batch: list[EventT] = []
+        generation = app.consumer_generation_id
+        active = app.flow_control.is_active()
+        for item in raw:
+            if not isinstance(item, EventT):
+                continue
+            message = item.message
+            if not active or message.generation_id != generation:
+                # fetched before a rebalance: the new owner re-reads it from the committed offset
+                continue
+            if message.topic in acking_topics and not message.tracked:
+                message.tracked = True
+                consumer.unacked.add(message)
+                on_message_in(message.tp, message.offset, message)
+            batch.append(item)
+        if batch:
+            yield batch
+
+
+async def ack_batch(stream: StreamT, batch: list[EventT]) -> None:
+    for event in batch:
+        await stream.ack(event)

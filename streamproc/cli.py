@@ -1,0 +1,200 @@
+"""``streamproc`` command line: the edge where settings are read from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from streamproc.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def cmd_infra(args: argparse.Namespace) -> int:
+    from streamproc.infra import Infra, InfraError
+
+    infra = Infra(_settings())
+    try:
+        if args.action == "up":
+            for status in infra.up():
+                print(status.line())
+        elif args.action == "down":
+            stopped = infra.down()
+            print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service was started by streamproc)"))
+        else:
+            statuses = infra.status()
+            for status in statuses:
+                print(status.line())
+            return 0 if all(s.running for s in statuses) else 3
+    except InfraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from streamproc.schemas import stale_schemas, write_schemas
+    from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
+
+    if args.action == "schemas":
+        if args.check:
+            stale = stale_schemas(SCHEMAS_DIR)
+            if stale:
+                print("stale schemas (run `make schemas`): " + ", ".join(stale), file=sys.stderr)
+                return 1
+            print("schemas are up to date")
+            return 0
+        for path in write_schemas(SCHEMAS_DIR):
+            print(f"wrote {path}")
+        return 0
+    if args.action == "list":
+        for spec in load_specs().values():
+            print(f"{spec.name:<18} {spec.role:<7} partitions={spec.partitions} cleanup={spec.cleanup_policy} "
+                  f"retention_ms={spec.retention_ms} schema={spec.schema}")
+        return 0
+    report = apply_topics(_settings(), partitions_override=args.partitions)
+    for name in report.created:
+        print(f"created   {name}")
+    for name in report.unchanged:
+        print(f"ok        {name}")
+    for line in report.mismatched:
+        print(f"MISMATCH  {line}", file=sys.stderr)
+    return 0 if report.ok else 2
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streamproc.app import run_worker
+
+    settings = _settings()
+    if args.web_port is not None:
+        settings = settings.model_copy(update={"web_port": args.web_port})
+    run_worker(settings)
+    return 0
+
+
+def cmd_customer(args: argparse.Namespace) -> int:
+    from streamproc.adapters.feature_store import RedisFeatureStore
+
+    settings = _settings()
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+
+    async def run() -> int:
+        store = RedisFeatureStore.from_url(settings.redis_url, password)
+        try:
+            if args.action == "show":
+                found = await store.features(args.customer_id)
+                if found is None:
+                    print(f"no customer {args.customer_id!r}", file=sys.stderr)
+                    return 1
+                if args.json:
+                    print(json.dumps(found, indent=2, sort_keys=True))
+                else:
+                    width = max(len(k) for k in found)
+                    for key in sorted(found):
+                        print(f"{key:<{width}}  {found[key]}")
+                return 0
+            erased = await store.forget(args.customer_id)
+            print("erased" if erased else "no stored features; the erasure is recorded anyway")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from streamproc.tail import tail_topic
+
+    return tail_topic(_settings(), args.topic, args.max, args.timeout, args.json)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streamproc.simulate import SimulationConfig, run_simulation
+
+    cfg = SimulationConfig(
+        customers=args.customers, days=args.days, seed=args.seed, bad_fraction=args.bad_fraction,
+        duplicate_fraction=args.duplicate_fraction, start=args.start,
+    )
+    return run_simulation(_settings(), cfg, rate=args.rate, out_dir=args.out, to_file=args.to_file,
+                          quiet=args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamproc.demo import run_demo
+
+    return run_demo(_settings(), customers=args.customers, days=args.days, rate=args.rate)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    print(json.dumps(_settings().masked(), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamproc", description="Real-time customer intelligence.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infra", help="start, stop or inspect the local Kafka broker and Redis")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=cmd_infra)
+
+    p = sub.add_parser("topics", help="apply topic declarations, list them, or (re)generate schemas")
+    p.add_argument("action", choices=["apply", "list", "schemas"])
+    p.add_argument("--check", action="store_true", help="with schemas: fail if the files are stale")
+    p.add_argument("--partitions", type=int, default=None, help="override every topic's partition count")
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("worker", help="run a stream-processing worker")
+    p.add_argument("--web-port", type=int, default=None)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("customer", help="show or erase one customer")
+    p.add_argument("action", choices=["show", "forget"])
+    p.add_argument("customer_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_customer)
+
+    p = sub.add_parser("tail", help="print records of a topic (dlq, churn-alerts, recommendations, ...)")
+    p.add_argument("topic")
+    p.add_argument("--max", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=5.0, help="stop after this many idle seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("simulate", help="produce synthetic customer traffic with ground truth")
+    p.add_argument("--customers", type=int, default=1000)
+    p.add_argument("--days", type=int, default=180)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--bad-fraction", type=float, default=0.0)
+    p.add_argument("--duplicate-fraction", type=float, default=0.0)
+    p.add_argument("--start", default="2026-01-01T00:00:00+00:00", help="event time of day 0")
+    p.add_argument("--out", default="runs/latest", help="folder for the ground truth")
+    p.add_argument("--to-file", default=None, help="write JSON lines here instead of producing to Kafka")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
+    p.add_argument("--customers", type=int, default=300)
+    p.add_argument("--days", type=int, default=120)
+    p.add_argument("--rate", type=float, default=0.0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("settings", help="print the effective settings (secrets masked)")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

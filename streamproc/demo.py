@@ -1,0 +1,157 @@
+"""``make demo``: local Kafka and Redis, topics, one worker, simulated traffic, and what came out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from streamproc.settings import Settings
+
+DEMO_REDIS_DB = 1
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sum of each metric family's samples from a worker's /metrics endpoint (by name and labels)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        try:
+            out[name_labels] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def processed_total(metrics: dict[str, float]) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith("streamproc_events_processed_total"))
+
+
+def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
+    from streamproc.adapters.feature_store import RedisFeatureStore
+    from streamproc.infra import Infra
+    from streamproc.producer import EventProducer
+    from streamproc.simulate import SimulationConfig, Simulator, write_truth
+    from streamproc.topics import apply_topics, delete_topics, load_specs
+
+    print("== 1/5 local infrastructure (real Kafka broker + Redis on loopback)")
+    for status in Infra(settings).up():
+        print("   " + status.line())
+    # the demo has its own topics (prefix "demo.") and Redis db, made fresh on every run
+    base_url = settings.redis_url.rsplit("/", 1)[0]
+    settings = settings.model_copy(update={
+        "topic_prefix": "demo.", "redis_url": f"{base_url}/{DEMO_REDIS_DB}",
+        "app_id": f"streamproc-demo-{int(time.time())}",
+    })
+    print("== 2/5 topics from topics/topics.toml (demo.* topics, recreated)")
+    delete_topics(settings, list(load_specs()))
+    _flush_redis(settings)
+    report = apply_topics(settings)
+    print(f"   created {len(report.created)}, unchanged {len(report.unchanged)}")
+    if not report.ok:
+        print("   " + "\n   ".join(report.mismatched))
+        return 2
+
+    run_dir = Path(settings.state_dir) / "demo"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "STREAMPROC_APP_ID": settings.app_id, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix,
+           "STREAMPROC_REDIS_URL": settings.redis_url}
+    print("== 3/5 worker (streamproc worker), log in .local/demo/worker.log")
+    with open(run_dir / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+    try:
+        cfg = SimulationConfig(customers=customers, days=days, seed=int(time.time()) % 1000,
+                               bad_fraction=0.002, duplicate_fraction=0.01)
+        sim = Simulator(cfg)
+        print(f"== 4/5 simulated traffic: {customers} customers over {days} days of event time")
+        producer = EventProducer(settings)
+        sent = 0
+        done = threading.Event()
+
+        def progress() -> None:
+            while not done.wait(1.0):
+                got = processed_total(scrape(settings.web_port))
+                sys.stdout.write(f"\r   sent {sent:>9,}   processed {int(got):>9,}")
+                sys.stdout.flush()
+
+        ticker = threading.Thread(target=progress, daemon=True)
+        ticker.start()
+        started = time.monotonic()
+        for topic, key, payload in sim.payloads():
+            producer.send(topic, key, payload)
+            sent += 1
+            if rate > 0:
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0.01:
+                    time.sleep(ahead)
+        producer.close()
+        write_truth(sim, run_dir / "truth")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and processed_total(scrape(settings.web_port)) < sent:
+            time.sleep(0.5)
+        done.set()
+        ticker.join()
+        got = processed_total(scrape(settings.web_port))
+        elapsed = time.monotonic() - started
+        print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
+
+        print("== 5/5 what came out")
+        metrics = scrape(settings.web_port)
+        for name in sorted(metrics):
+            if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total")):
+                print(f"   {name} = {int(metrics[name])}")
+        _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
+        print("   dead-letter topic (first 3):")
+        from streamproc.tail import read_topic
+
+        for rec in read_topic(settings, "streamproc-dlq", 3, 2.0):
+            print(f"     {rec['dlq_id']}  {rec['reason']}: {rec['detail'][:90]}")
+        print("\nThe demo's data stays in Redis db 1 and the demo.* topics, e.g.:\n"
+              "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 streamproc customer show c0000001\n"
+              "  STREAMPROC_TOPIC_PREFIX=demo. streamproc tail dlq")
+        return 0 if got >= sent else 1
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:
+    import asyncio
+
+    async def show() -> None:
+        store = store_cls.from_url(settings.redis_url)
+        try:
+            for cid in ids:
+                found = await store.features(cid)
+                print(f"   customer {cid}: {json.dumps(found, sort_keys=True)}")
+        finally:
+            await store.close()
+
+    asyncio.run(show())
+
+
+def _flush_redis(settings: Settings) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()

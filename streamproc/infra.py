@@ -1,0 +1,313 @@
+"""Local infrastructure: a real Kafka 4.x broker (KRaft, single node) and a Redis server, on loopback.
+
+``up`` is idempotent: a service already answering on its port is reused (and not owned, so ``down``
+leaves it alone). Services started here write a pid file under ``state_dir``; ``down`` stops only those.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamproc.settings import PROJECT_ROOT, Settings
+
+KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
+LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
+
+
+class InfraError(RuntimeError):
+    pass
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); check its state
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    port: int
+    running: bool
+    owned: bool
+    pid: int | None
+
+    def line(self) -> str:
+        state = "up" if self.running else "down"
+        owner = f"pid {self.pid}, started by streamproc" if self.owned else "not started by streamproc"
+        return f"{self.name:<6} {state:<5} 127.0.0.1:{self.port}  ({owner if self.running else '-'})"
+
+
+class _Service:
+    name = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir / self.name
+        self.pid_file = self.dir / "pid"
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def owned_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def status(self) -> ServiceStatus:
+        pid = self.owned_pid()
+        return ServiceStatus(self.name, self.port, self.ready(), pid is not None, pid)
+
+    def ready(self) -> bool:
+        return port_open(self.port)
+
+    def _spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # survives the CLI that started it
+                env=env,
+                cwd=self.dir,
+            )
+        self.pid_file.write_text(str(proc.pid))
+        return proc.pid
+
+    def _wait_ready(self, timeout: float, log: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            pid = self.owned_pid()
+            if pid is None:
+                break
+            time.sleep(0.2)
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise InfraError(f"{self.name} did not become ready on port {self.port}:\n{tail}")
+
+    def down(self, timeout: float = 20.0) -> bool:
+        pid = self.owned_pid()
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _pid_alive(pid):
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+class RedisService(_Service):
+    name = "redis"
+
+    @property
+    def port(self) -> int:
+        return self.settings.redis_port
+
+    def binary(self) -> str:
+        path = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not Path(path).exists():
+            raise InfraError("redis-server not found: run `make deps` (apt-get install -y redis-server)")
+        return path
+
+    def up(self, timeout: float = 15.0, extra_args: list[str] | None = None) -> ServiceStatus:
+        if self.ready():
+            return self.status()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "redis.log"
+        argv = [
+            self.binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.dir),
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            *(extra_args or []),
+        ]
+        self._spawn(argv, log)
+        self._wait_ready(timeout, log)
+        return self.status()
+
+
+class KafkaService(_Service):
+    name = "kafka"
+
+    @property
+    def port(self) -> int:
+        return self.settings.kafka_port
+
+    @property
+    def libs(self) -> Path:
+        return self.settings.cache_dir / "kafka-libs"
+
+    def fetch_jars(self) -> None:
+        """Download the broker's jars from Maven Central (once) into the git-ignored cache."""
+        if self.libs.exists() and any(self.libs.glob("kafka_2.13-*.jar")):
+            return
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise InfraError("Maven (mvn) is needed to fetch the Kafka jars")
+        self.libs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [mvn, "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+             f"-DoutputDirectory={self.libs}"],
+            check=True,
+        )
+
+    def _java(self) -> str:
+        java = shutil.which("java")
+        if java is None:
+            raise InfraError("java is needed to run the Kafka broker")
+        return java
+
+    def _classpath(self) -> str:
+        return f"{self.libs}/*"
+
+    def write_config(self) -> Path:
+        data = self.dir / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.settings.kafka_controller_port}",
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.settings.kafka_controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "false",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+            "log.retention.check.interval.ms": "60000",
+        }
+        path = self.dir / "server.properties"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def _jvm_args(self) -> list[str]:
+        heap = self.settings.kafka_heap
+        return [
+            f"-Xmx{heap}", f"-Xms{min_heap(heap)}",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J2_CONFIG}",
+            f"-Dkafka.logs.dir={self.dir / 'logs'}",
+        ]
+
+    def format_storage(self, config: Path) -> None:
+        if (self.dir / "data" / "meta.properties").exists():
+            return
+        cluster_id = _kafka_cluster_id()
+        subprocess.run(
+            [self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.tools.StorageTool",
+             "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+
+    def ready(self) -> bool:
+        if not port_open(self.port):
+            return False
+        try:
+            from kafka import KafkaAdminClient
+
+            admin = KafkaAdminClient(
+                bootstrap_servers=f"127.0.0.1:{self.port}", request_timeout_ms=3000,
+                client_id="streamproc-infra",
+            )
+            try:
+                admin.list_topics()
+            finally:
+                admin.close()
+            return True
+        except Exception:
+            return False
+
+    def up(self, timeout: float = 90.0) -> ServiceStatus:
+        if self.ready():
+            return self.status()
+        self.fetch_jars()
+        config = self.write_config()
+        self.format_storage(config)
+        log = self.dir / "kafka.out"
+        self._spawn([self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.Kafka", str(config)], log)
+        self._wait_ready(timeout, log)
+        return self.status()
+
+
+def min_heap(heap: str) -> str:
+    return "256m" if heap.endswith("g") or int(heap.rstrip("m") or 0) >= 256 else heap
+
+
+def _kafka_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars)."""
+    import base64
+
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+class Infra:
+    def __init__(self, settings: Settings) -> None:
+        self.redis = RedisService(settings)
+        self.kafka = KafkaService(settings)
+
+    def up(self) -> list[ServiceStatus]:
+        return [self.redis.up(), self.kafka.up()]
+
+    def down(self) -> list[str]:
+        stopped = []
+        for svc in (self.kafka, self.redis):
+            if svc.down():
+                stopped.append(svc.name)
+        return stopped
+
+    def status(self) -> list[ServiceStatus]:
+        return [self.redis.status(), self.kafka.status()]

@@ -1,0 +1,80 @@
+"""One bundle of Prometheus metrics, built against an injected registry.
+
+Labels are bounded (topic, reason, outcome, partition); never a customer or product id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Measured: a batch of 1..2,000 events takes from ~0.5 ms to ~200 ms end to end.
+BATCH_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+EVENT_SECONDS_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
+REDIS_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "streamproc_events_consumed_total", "Input records consumed, by topic.", ["topic"], registry=r
+        )
+        self.events_processed = Counter(
+            "streamproc_events_processed_total",
+            "Input records by outcome: applied, duplicate (same event_id), replayed (below the offset "
+            "fence after a restart), erased (customer was forgotten), dead_lettered.",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.dlq_records = Counter(
+            "streamproc_dlq_records_total", "Records sent to the dead-letter topic, by reason.", ["reason"],
+            registry=r,
+        )
+        self.late_events = Counter(
+            "streamproc_late_events_total", "Events older than the watermark, by policy applied.", ["policy"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "streamproc_batch_processing_seconds", "Time to process one batch end to end.",
+            buckets=BATCH_SECONDS_BUCKETS, registry=r,
+        )
+        self.event_seconds = Histogram(
+            "streamproc_event_processing_seconds", "Batch time divided by its size (per-event cost).",
+            buckets=EVENT_SECONDS_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "streamproc_batch_size_events", "Events per processed batch.", buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.redis_seconds = Histogram(
+            "streamproc_redis_roundtrip_seconds", "Redis round-trip time, by operation.", ["operation"],
+            buckets=REDIS_SECONDS_BUCKETS, registry=r,
+        )
+        self.redis_errors = Counter(
+            "streamproc_redis_errors_total", "Redis errors (each retried with backoff).", registry=r
+        )
+        self.records_produced = Counter(
+            "streamproc_records_produced_total", "Output records produced, by topic.", ["topic"], registry=r
+        )
+        self.cas_conflicts = Counter(
+            "streamproc_state_conflicts_total",
+            "Customer saves rejected by the version check (another writer won) and retried.", registry=r,
+        )
+        self.watermark = Gauge(
+            "streamproc_watermark_seconds", "Event-time watermark (epoch seconds) of this worker.", registry=r
+        )
+        self.watermark_delay = Gauge(
+            "streamproc_watermark_delay_seconds", "Wall time minus the watermark.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "streamproc_consumer_lag_records", "Records behind the log end, by input partition.",
+            ["topic", "partition"], registry=r,
+        )
+        self.rebalances = Counter(
+            "streamproc_rebalances_total", "Consumer group rebalances seen by this worker.", registry=r
+        )
+        self.customers_erased = Counter(
+            "streamproc_customers_erased_total", "Customers erased through the API or CLI.", registry=r
+        )

@@ -1,0 +1,250 @@
+"""The batch step between Kafka and Redis: decode → load → fold (pure) → save, plus dead letters.
+
+No Faust here: the agent hands over raw records and gets back what to produce. The store and the
+metrics bundle are injected, so the whole step runs against the in-memory store in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from streamproc.adapters.feature_store import FeatureStore, Loaded, Update
+from streamproc.domain.customer import (
+    CustomerState,
+    FoldConfig,
+    FoldOutcome,
+    Positioned,
+    apply_events,
+    features,
+)
+from streamproc.domain.events import DecodeLimits, Event, Rejection, decode_event
+from streamproc.metrics import Metrics
+from streamproc.schemas import DeadLetter
+
+log = logging.getLogger(__name__)
+
+MAX_SAVE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One consumed Kafka record, as the agent saw it."""
+
+    topic: str  # physical topic name
+    kind: str  # declared input name: "clicks" or "transactions"
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind}:{self.partition}"
+
+
+@dataclass
+class BatchResult:
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    outcome: FoldOutcome = field(default_factory=FoldOutcome)  # (kind, outcome) counts
+
+    def total(self, outcome: str) -> int:
+        return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
+
+    def reject(self, record: RawRecord, reason: str, detail: str) -> None:
+        self.dead_letters.append(dead_letter(record, reason, detail))
+        self.outcome.count(record.source, "dead_lettered")
+
+
+def dead_letter(record: RawRecord, reason: str, detail: str) -> DeadLetter:
+    text: str | None
+    try:
+        text = record.value.decode("utf-8")[:1000] if record.value is not None else None
+    except UnicodeDecodeError:
+        text = None
+    return DeadLetter(
+        dlq_id=f"{record.topic}:{record.partition}:{record.offset}",
+        reason=reason,
+        detail=detail[:2000],
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        record_timestamp_ms=record.timestamp_ms,
+        key_b64=base64.b64encode(record.key).decode() if record.key is not None else None,
+        value_b64=base64.b64encode(record.value).decode() if record.value is not None else None,
+        value_preview=text,
+    )
+
+
+class Watermarks:
+    """Per input partition: the largest event time seen, and the watermark that trails it.
+
+    Advanced event by event (replayed events included), so lateness decisions depend only on each
+    partition's content, not on how records were batched or on the wall clock.
+    """
+
+    def __init__(self, allowed_lateness_ms: int) -> None:
+        self.lateness = allowed_lateness_ms
+        self.max_ts: dict[str, int] = {}
+
+    def watermark(self, source: str) -> int | None:
+        top = self.max_ts.get(source)
+        return None if top is None else top - self.lateness
+
+    def observe(self, source: str, ts: int) -> bool:
+        """Record an event time; True if the event was late (older than the watermark before it)."""
+        top = self.max_ts.get(source)
+        late = top is not None and ts < top - self.lateness
+        if top is None or ts > top:
+            self.max_ts[source] = ts
+        return late
+
+    def copy(self) -> Watermarks:
+        twin = Watermarks(self.lateness)
+        twin.max_ts = dict(self.max_ts)
+        return twin
+
+    def overall(self) -> int | None:
+        """The worker's watermark: the slowest of its partitions."""
+        return min(self.max_ts.values()) - self.lateness if self.max_ts else None
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        store: FeatureStore,
+        metrics: Metrics,
+        limits: DecodeLimits,
+        fold: FoldConfig,
+        allowed_lateness_ms: int,
+        late_policy: str = "apply",
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.limits = limits
+        self.fold = fold
+        self.late_policy = late_policy
+        self.watermarks = Watermarks(allowed_lateness_ms)
+
+    def _decode(
+        self, records: list[RawRecord], result: BatchResult, marks: Watermarks
+    ) -> list[tuple[RawRecord, Event]]:
+        valid: list[tuple[RawRecord, Event]] = []
+        for rec in records:
+            self.metrics.events_consumed.labels(rec.kind).inc()
+            decoded = decode_event(rec.kind, rec.value, self.limits, rec.timestamp_ms)
+            if isinstance(decoded, Rejection):
+                result.reject(rec, decoded.reason, decoded.detail)
+                continue
+            if marks.observe(rec.source, decoded.ts):
+                self.metrics.late_events.labels(self.late_policy).inc()
+                if self.late_policy == "dlq":
+                    wm = marks.watermark(rec.source)
+                    result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}")
+                    continue
+            valid.append((rec, decoded))
+        return valid
+
+    def _fold_customer(
+        self, cid: str, loaded: Loaded, items: list[tuple[RawRecord, Event]], result: BatchResult
+    ) -> tuple[CustomerState, FoldOutcome]:
+        """Fold one customer's events into their state; poison events go to ``result``."""
+        positioned = [Positioned(ev, rec.source, rec.offset) for rec, ev in items]
+        try:
+            return apply_events(loaded.pristine(cid), positioned, self.fold)
+        except Exception:
+            # A poison event: redo the fold one event at a time and dead-letter the ones that raise.
+            state = loaded.pristine(cid)
+            total = FoldOutcome()
+            for (rec, _ev), pos in zip(items, positioned, strict=True):
+                trial = copy.deepcopy(state)
+                try:
+                    trial, outcome = apply_events(trial, [pos], self.fold)
+                except Exception as exc:
+                    log.warning("poison event at %s:%s offset %s: %r", rec.topic, rec.partition, rec.offset, exc)
+                    result.reject(rec, "processing_error", f"{type(exc).__name__}: {exc}")
+                    # keep the fence moving past it so a replay does not reapply it
+                    state.offsets[pos.source] = max(state.offsets.get(pos.source, -1), pos.offset)
+                    continue
+                state = trial
+                total.merge(outcome)
+            return state, total
+
+    async def process(self, records: list[RawRecord]) -> BatchResult:
+        started = time.perf_counter()
+        result = BatchResult()
+        # watermarks advance only once the batch is saved, so a retried batch is judged the same way
+        marks = self.watermarks.copy()
+        valid = self._decode(records, result, marks)
+
+        by_customer: dict[str, list[tuple[RawRecord, Event]]] = defaultdict(list)
+        for rec, ev in valid:
+            by_customer[ev.customer_id].append((rec, ev))
+
+        pending = dict(by_customer)
+        for attempt in range(MAX_SAVE_ATTEMPTS):
+            if not pending:
+                break
+            t0 = time.perf_counter()
+            loaded = await self.store.load(list(pending))
+            self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
+            updates: list[Update] = []
+            outcomes: dict[str, FoldOutcome] = {}
+            customer_results: dict[str, BatchResult] = {}
+            for cid, items in pending.items():
+                row = loaded[cid]
+                customer_result = customer_results[cid] = BatchResult()
+                if row.erased:
+                    for rec, _ in items:
+                        customer_result.outcome.count(rec.source, "erased")
+                    continue
+                state, outcome = self._fold_customer(cid, row, items, customer_result)
+                outcomes[cid] = outcome
+                # a batch that was all replays changes nothing; anything else moves at least a fence
+                if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
+                    customer_result.dead_letters
+                ):
+                    updates.append(Update(cid, row.version, state, features(state)))
+            t0 = time.perf_counter()
+            failed = set(await self.store.save(updates))
+            self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
+            for cid, outcome in outcomes.items():
+                if cid not in failed:
+                    result.outcome.merge(outcome)
+            for cid, partial in customer_results.items():
+                if cid not in failed:
+                    result.outcome.merge(partial.outcome)
+                    result.dead_letters.extend(partial.dead_letters)
+            if failed:
+                self.metrics.cas_conflicts.inc(len(failed))
+                log.info("%d customer saves lost a version race (attempt %d); retrying", len(failed), attempt + 1)
+                pending = {cid: pending[cid] for cid in failed}
+                await asyncio.sleep(0.01 * (attempt + 1))
+            else:
+                pending = {}
+        if pending:
+            raise RuntimeError(f"{len(pending)} customers could not be saved after {MAX_SAVE_ATTEMPTS} attempts")
+
+        self.watermarks = marks
+        self._count(records, result)
+        elapsed = time.perf_counter() - started
+        self.metrics.batch_seconds.observe(elapsed)
+        self.metrics.batch_size.observe(len(records))
+        if records:
+            self.metrics.event_seconds.observe(elapsed / len(records))
+        wm = self.watermarks.overall()
+        if wm is not None:
+            self.metrics.watermark.set(wm / 1000)
+        return result
+
+    def _count(self, records: list[RawRecord], result: BatchResult) -> None:
+        for letter in result.dead_letters:
+            self.metrics.dlq_records.labels(letter.reason).inc()
+        for (kind, outcome), n in result.outcome.counts.items():
+            self.metrics.events_processed.labels(kind, outcome).inc(n)

@@ -1,0 +1,67 @@
+"""One typed settings object, read from the environment (prefix ``STREAMPROC_``) at the edge only.
+
+Everything below the CLI and the Faust app receives plain values or this object; nothing reads
+``os.environ`` on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMPROC_", extra="ignore")
+
+    # --- connections
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    redis_password: SecretStr | None = None
+
+    # --- local infrastructure (streamproc infra up)
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    redis_port: int = 16379
+    kafka_heap: str = "1g"
+    state_dir: Path = PROJECT_ROOT / ".local"
+    cache_dir: Path = PROJECT_ROOT / ".cache"
+
+    # --- worker
+    app_id: str = "streamproc"
+    topic_prefix: str = ""
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    batch_max_events: int = Field(default=2000, ge=1)
+    log_level: str = "INFO"
+
+    # --- input limits (bad input is data: anything beyond these goes to the DLQ)
+    max_payload_bytes: int = 64 * 1024
+    max_items_per_transaction: int = 200
+    max_future_skew_s: float = 24 * 3600.0
+    min_event_time_ms: int = 946_684_800_000  # 2000-01-01: older timestamps are absurd
+
+    # --- event time
+    allowed_lateness_s: float = 3600.0
+    late_event_policy: Literal["apply", "dlq"] = "apply"
+    dedup_horizon_s: float = 7 * 24 * 3600.0
+    dedup_max_ids: int = 64
+
+    def topic(self, name: str) -> str:
+        """Physical topic name for a declared topic (the prefix isolates tests and tenants)."""
+        return f"{self.topic_prefix}{name}"
+
+    def masked(self) -> dict[str, object]:
+        """Settings as a dict with secrets masked, for printing and logs."""
+        out = self.model_dump()
+        for key, value in out.items():
+            if isinstance(getattr(self, key), SecretStr) and value is not None:
+                out[key] = "**********"
+        if "@" in self.redis_url:
+            scheme, rest = self.redis_url.split("://", 1)
+            out["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return out

@@ -1,0 +1,129 @@
+"""Topics as code: declarations in ``topics/topics.toml``, applied to the broker with kafka-python."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from streamproc.settings import PROJECT_ROOT, Settings
+
+TOPICS_FILE = PROJECT_ROOT / "topics" / "topics.toml"
+SCHEMAS_DIR = PROJECT_ROOT / "topics" / "schemas"
+
+INPUT_TOPICS = ("clicks", "transactions")
+DLQ_TOPIC = "streamproc-dlq"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    retention_ms: int
+    cleanup_policy: str
+    schema: str
+    role: str
+
+    def configs(self) -> dict[str, str]:
+        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+
+
+def load_specs(path: Path = TOPICS_FILE) -> dict[str, TopicSpec]:
+    data = tomllib.loads(path.read_text())
+    return {name: TopicSpec(name=name, **entry) for name, entry in data["topics"].items()}
+
+
+@dataclass
+class ApplyReport:
+    created: list[str]
+    unchanged: list[str]
+    mismatched: list[str]  # human-readable differences
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def admin_client(settings: Settings) -> KafkaAdminClient:
+    return KafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, client_id="streamproc-topics", request_timeout_ms=15000,
+        **kafka_security_kwargs(settings),
+    )
+
+
+def kafka_security_kwargs(settings: Settings) -> dict[str, object]:
+    """SASL/SSL options for kafka-python clients (none by default)."""
+    return {}
+
+
+def apply_topics(
+    settings: Settings, specs: dict[str, TopicSpec] | None = None, partitions_override: int | None = None
+) -> ApplyReport:
+    """Create missing topics; report those whose partition count or cleanup policy differ."""
+    specs = specs or load_specs()
+    admin = admin_client(settings)
+    report = ApplyReport([], [], [])
+    try:
+        existing = set(admin.list_topics())
+        wanted = {settings.topic(name): spec for name, spec in specs.items()}
+        missing = [
+            NewTopic(
+                physical,
+                partitions_override or spec.partitions,
+                spec.replication,
+                topic_configs=spec.configs(),
+            )
+            for physical, spec in wanted.items()
+            if physical not in existing
+        ]
+        if missing:
+            try:
+                admin.create_topics(missing, timeout_ms=15000)
+            except TopicAlreadyExistsError:  # a concurrent apply won the race
+                pass
+            report.created = [t.name for t in missing]
+        present = [p for p in wanted if p not in report.created]
+        if present:
+            described = {d["name"]: d for d in admin.describe_topics(present)}
+            configs = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, p) for p in present], config_filter="all"
+            )["topic"]
+            for physical in present:
+                spec = wanted[physical]
+                expected_partitions = partitions_override or spec.partitions
+                problems = []
+                actual_partitions = len(described[physical]["partitions"])
+                if actual_partitions != expected_partitions:
+                    problems.append(f"partitions {actual_partitions} != declared {expected_partitions}")
+                policy = configs.get(physical, {}).get("cleanup.policy", {}).get("value")
+                if policy is not None and sorted(policy.split(",")) != sorted(spec.cleanup_policy.split(",")):
+                    problems.append(f"cleanup.policy {policy!r} != declared {spec.cleanup_policy!r}")
+                if problems:
+                    report.mismatched.append(f"{physical}: " + "; ".join(problems))
+                else:
+                    report.unchanged.append(physical)
+    finally:
+        admin.close()
+    return report
+
+
+def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
+    """Delete declared topics (by declared name) and wait until the broker no longer lists them."""
+    import time
+
+    admin = admin_client(settings)
+    try:
+        physical = [settings.topic(n) for n in names]
+        present = [p for p in physical if p in set(admin.list_topics())]
+        if present:
+            admin.delete_topics(present, timeout_ms=int(timeout_s * 1000))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and set(present) & set(admin.list_topics()):
+            time.sleep(0.2)
+    finally:
+        admin.close()

@@ -1,0 +1,164 @@
+"""Fixtures: the real Kafka broker and Redis (started through streamproc.infra), isolated per test by a
+unique topic prefix, consumer group and Redis database."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamproc.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+_redis_dbs = iter(range(2, 16))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def infra(base_settings: Settings) -> Iterator[Settings]:
+    """Start (or reuse) the local broker and Redis once per session."""
+    from streamproc.infra import Infra
+
+    Infra(base_settings).up()
+    yield base_settings
+
+
+@pytest.fixture
+def settings(infra: Settings, tmp_path: Path) -> Iterator[Settings]:
+    """Settings isolated for one test: own topics, consumer group, Redis db and web port."""
+    import redis
+
+    global _redis_dbs
+    try:
+        db = next(_redis_dbs)
+    except StopIteration:
+        _redis_dbs = iter(range(2, 16))
+        db = next(_redis_dbs)
+    base_url = infra.redis_url.rsplit("/", 1)[0]
+    tag = uuid.uuid4().hex[:8]
+    s = infra.model_copy(update={
+        "topic_prefix": f"t{tag}.",
+        "app_id": f"streamproc-test-{tag}",
+        "redis_url": f"{base_url}/{db}",
+        "web_port": free_port(),
+        "state_dir": tmp_path / "state",
+    })
+    client = redis.Redis.from_url(s.redis_url)
+    client.flushdb()
+    client.close()
+    yield s
+
+
+@pytest.fixture
+def topics(settings: Settings) -> Settings:
+    from streamproc.topics import apply_topics
+
+    report = apply_topics(settings, partitions_override=None)
+    assert report.ok, report.mismatched
+    return settings
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPROC_")}
+    env.update({
+        "STREAMPROC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "STREAMPROC_REDIS_URL": settings.redis_url,
+        "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix,
+        "STREAMPROC_APP_ID": settings.app_id,
+        "STREAMPROC_WEB_PORT": str(settings.web_port),
+        "STREAMPROC_STATE_DIR": str(settings.state_dir),
+        "STREAMPROC_LOG_LEVEL": "INFO",
+    })
+    return env
+
+
+class WorkerProcess:
+    """A real `streamproc worker` subprocess."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamproc.cli", "worker"], env=worker_env(self.settings),
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        from streamproc.demo import scrape
+
+        return scrape(self.settings.web_port)
+
+    def wait_processed(self, count: int, timeout: float = 60.0) -> dict[str, float]:
+        from streamproc.demo import processed_total
+
+        deadline = time.monotonic() + timeout
+        last: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            last = self.metrics()
+            if processed_total(last) >= count:
+                return last
+            time.sleep(0.2)
+        raise AssertionError(f"processed {processed_total(last)} of {count} in {timeout}s\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_tail()
+            if self.metrics():
+                return
+            time.sleep(0.2)
+        raise AssertionError("worker web endpoint never came up\n" + self.log_tail())
+
+    def stop(self, sig: int = 15, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def worker_factory(topics: Settings, tmp_path: Path) -> Iterator:
+    started: list[WorkerProcess] = []
+
+    def make(settings: Settings | None = None, name: str = "worker") -> WorkerProcess:
+        w = WorkerProcess(settings or topics, tmp_path / f"{name}-{len(started)}.log")
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.stop(9)

@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+from kafka.admin import NewTopic
+
+from streamproc.infra import Infra
+from streamproc.topics import admin_client, apply_topics, load_specs
+
+pytestmark = pytest.mark.integration
+
+
+def test_services_are_up_and_a_second_up_reuses_them(infra):
+    first = {s.name: s for s in Infra(infra).status()}
+    assert first["kafka"].running and first["redis"].running
+    again = {s.name: s for s in Infra(infra).up()}
+    assert again["kafka"].pid == first["kafka"].pid and again["redis"].pid == first["redis"].pid
+
+
+def test_apply_creates_every_declared_topic_then_is_idempotent(settings):
+    first = apply_topics(settings)
+    assert sorted(first.created) == sorted(settings.topic(n) for n in load_specs())
+    second = apply_topics(settings)
+    assert second.created == [] and second.ok
+    assert sorted(second.unchanged) == sorted(first.created)
+
+
+def test_apply_reports_a_topic_that_differs_from_its_declaration(settings):
+    admin = admin_client(settings)
+    try:
+        admin.create_topics([NewTopic(settings.topic("clicks"), 2, 1, topic_configs={"cleanup.policy": "compact"})])
+    finally:
+        admin.close()
+    report = apply_topics(settings)
+    assert not report.ok
+    (problem,) = report.mismatched
+    assert "partitions 2 != declared 4" in problem and "cleanup.policy" in problem
+    from tests.conftest import worker_env
+
+    out = subprocess.run([sys.executable, "-m", "streamproc.cli", "topics", "apply"], env=worker_env(settings),
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "MISMATCH" in out.stderr

@@ -1,0 +1,57 @@
+"""Topic declarations and generated schemas stay in step with the code."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from streamproc.schemas import MESSAGE_MODELS, stale_schemas
+from streamproc.settings import PROJECT_ROOT, Settings
+from streamproc.topics import INPUT_TOPICS, SCHEMAS_DIR, load_specs
+
+
+def test_schemas_in_topics_folder_are_not_stale():
+    assert stale_schemas(SCHEMAS_DIR) == [], "run `make schemas` and commit topics/schemas/"
+
+
+def test_stale_schema_is_detected(tmp_path):
+    from streamproc.schemas import write_schemas
+
+    write_schemas(tmp_path)
+    path = tmp_path / "click.schema.json"
+    path.write_text(path.read_text().replace("session_id", "session"))
+    assert stale_schemas(tmp_path) == ["click"]
+
+
+def test_every_declared_topic_has_a_known_schema_and_sane_config():
+    specs = load_specs()
+    for name in ("clicks", "transactions", "churn-alerts", "recommendations", "streamproc-dlq"):
+        assert name in specs
+    for spec in specs.values():
+        assert spec.schema in MESSAGE_MODELS
+        assert spec.partitions >= 1 and spec.replication >= 1 and spec.retention_ms > 0
+        assert spec.cleanup_policy in {"delete", "compact", "compact,delete"}
+    # a customer's clicks and transactions must share a partition number
+    assert len({specs[t].partitions for t in INPUT_TOPICS}) == 1
+
+
+def test_settings_from_environment_and_masking(monkeypatch):
+    monkeypatch.setenv("STREAMPROC_KAFKA_BOOTSTRAP", "broker:9092")
+    monkeypatch.setenv("STREAMPROC_REDIS_URL", "redis://user:hunter2@redis:6379/0")
+    monkeypatch.setenv("STREAMPROC_REDIS_PASSWORD", "s3cret")
+    s = Settings()
+    assert s.kafka_bootstrap == "broker:9092"
+    shown = str(s.masked())
+    assert "hunter2" not in shown and "s3cret" not in shown
+    assert s.redis_password is not None and s.redis_password.get_secret_value() == "s3cret"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None and shutil.which("docker") is None,
+                    reason="no docker compose client on this machine")
+def test_docker_compose_file_is_valid():
+    if shutil.which("docker-compose"):
+        cmd = ["docker-compose", "-f", "docker-compose.yml", "config", "-q"]
+    else:
+        cmd = ["docker", "compose", "-f", "docker-compose.yml", "config", "-q"]
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,128 @@
+import asyncio
+import base64
+
+import orjson
+import pytest
+
+from streamproc.adapters.feature_store import InMemoryFeatureStore, Update
+from streamproc.domain import customer as customer_domain
+from streamproc.domain.customer import FoldConfig
+from streamproc.domain.events import DecodeLimits
+from streamproc.metrics import Metrics
+from streamproc.processing import BatchProcessor, RawRecord
+
+T0 = 1_767_261_600_000
+
+
+def rec(kind, offset, value, partition=0):
+    payload = value if isinstance(value, bytes) else orjson.dumps(value)
+    return RawRecord(kind, kind, partition, offset, b"k", payload, T0)
+
+
+def click(i, cid="c1", ts=T0):
+    return {"event_id": f"e{i}", "customer_id": cid, "ts": ts, "session_id": "s", "action": "page_view"}
+
+
+def make(store=None, **kw):
+    store = store or InMemoryFeatureStore()
+    return store, BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(), 3_600_000, **kw)
+
+
+async def test_valid_events_are_saved_and_bad_ones_become_dead_letters():
+    store, proc = make()
+    result = await proc.process([rec("clicks", 0, click(0)), rec("clicks", 1, b"{bad"),
+                                 rec("clicks", 2, click(2, cid="c2"))])
+    assert result.total("applied") == 2
+    (letter,) = result.dead_letters
+    assert letter.reason == "invalid_json" and letter.offset == 1
+    assert base64.b64decode(letter.value_b64) == b"{bad"
+    assert (await store.features("c1"))["clicks"] == "1"
+    assert (await store.features("c2"))["clicks"] == "1"
+
+
+async def test_a_replayed_batch_changes_nothing():
+    store, proc = make()
+    batch = [rec("clicks", i, click(i)) for i in range(4)]
+    await proc.process(batch)
+    before = dict(store.rows)
+    result = await proc.process(batch)
+    assert result.total("replayed") == 4 and result.total("applied") == 0
+    assert store.rows == before  # not even a version bump
+
+
+async def test_late_events_follow_the_policy():
+    _, proc = make(late_policy="dlq")
+    result = await proc.process([rec("clicks", 0, click(0, ts=T0)),
+                                 rec("clicks", 1, click(1, ts=T0 - 2 * 3_600_000))])
+    assert [d.reason for d in result.dead_letters] == ["late_event"]
+    _store, proc = make(late_policy="apply")
+    result = await proc.process([rec("clicks", 0, click(0, ts=T0)),
+                                 rec("clicks", 1, click(1, ts=T0 - 2 * 3_600_000))])
+    assert result.total("applied") == 2
+    assert proc.metrics.late_events.labels("apply")._value.get() == 1
+
+
+async def test_erased_customers_are_not_brought_back():
+    store, proc = make()
+    await proc.process([rec("clicks", 0, click(0))])
+    assert await store.forget("c1")
+    result = await proc.process([rec("clicks", 1, click(1))])
+    assert result.total("erased") == 1
+    assert await store.features("c1") is None
+
+
+async def test_a_lost_version_race_is_retried_on_fresh_state():
+    class RacingStore(InMemoryFeatureStore):
+        raced = False
+
+        async def save(self, updates):
+            if not self.raced:  # another writer gets in between our load and save
+                self.raced = True
+                row = self.rows["c1"]
+                self.rows["c1"] = (row[0] + 1, row[1], row[2])
+            return await super().save(updates)
+
+    store, proc = make(RacingStore())
+    store.raced = True  # no race on the first save
+    await proc.process([rec("clicks", 0, click(0))])
+    store.raced = False
+    await proc.process([rec("clicks", 1, click(1))])
+    assert (await store.features("c1"))["clicks"] == "2"
+    assert proc.metrics.cas_conflicts._value.get() == 1
+
+
+async def test_poison_event_goes_to_the_dlq_and_the_rest_is_applied(monkeypatch):
+    original = customer_domain._apply_one
+
+    def explode_on_e13(state, event):
+        if event.event_id == "e13":
+            raise ZeroDivisionError("feature math blew up")
+        original(state, event)
+
+    monkeypatch.setattr(customer_domain, "_apply_one", explode_on_e13)
+    store, proc = make()
+    batch = [rec("clicks", i, click(10 + i)) for i in range(5)]
+    result = await proc.process(batch)
+    (letter,) = result.dead_letters
+    assert letter.reason == "processing_error" and "ZeroDivisionError" in letter.detail
+    assert (await store.features("c1"))["clicks"] == "4"
+    # a replay does not retry the poison event either
+    again = await proc.process(batch)
+    assert again.dead_letters == [] and again.total("replayed") == 5
+
+
+async def test_in_memory_store_version_check():
+    store = InMemoryFeatureStore()
+    state = customer_domain.CustomerState("c1")
+    assert await store.save([Update("c1", 0, state, {})]) == []
+    assert await store.save([Update("c1", 0, state, {})]) == ["c1"]
+
+
+@pytest.mark.parametrize("n", [1, 50])
+async def test_many_customers_in_one_batch(n):
+    store, proc = make()
+    batch = [rec("clicks", i, click(i, cid=f"c{i % n}")) for i in range(200)]
+    await proc.process(batch)
+    totals = [int((await store.features(f"c{i}"))["clicks"]) for i in range(n)]
+    assert sum(totals) == 200
+    await asyncio.sleep(0)
