@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -18,9 +18,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMPROC_", extra="ignore")
 
-    # --- connections
-    kafka_bootstrap: str = "127.0.0.1:19092"
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    # --- connections (default: the local services started by `streamproc infra up`)
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
     redis_password: SecretStr | None = None
 
     # --- local infrastructure (streamproc infra up)
@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     late_event_policy: Literal["apply", "dlq"] = "apply"
     dedup_horizon_s: float = 7 * 24 * 3600.0
     dedup_max_ids: int = 64
+
+    @model_validator(mode="after")
+    def _local_defaults(self) -> Settings:
+        if not self.kafka_bootstrap:
+            self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
+        if not self.redis_url:
+            self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        return self
 
     def topic(self, name: str) -> str:
         """Physical topic name for a declared topic (the prefix isolates tests and tenants)."""

@@ -39,9 +39,7 @@ def test_bad_and_duplicate_fractions_are_respected_and_bad_ones_are_rejected():
     cfg = SimulationConfig(customers=150, days=60, seed=5, bad_fraction=0.05, duplicate_fraction=0.03)
     sim = Simulator(cfg)
     rejected = 0
-    total = 0
     for topic, _key, payload in sim.payloads():
-        total += 1
         if isinstance(decode_event(topic, payload, DecodeLimits(), None), Rejection):
             rejected += 1
     assert rejected == sim.bad_events
