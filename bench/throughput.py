@@ -1,0 +1,161 @@
+"""Throughput benchmark: one worker draining a pre-filled topic, against the raw consumer ceiling.
+
+1. fills fresh `clicks`/`transactions` topics with N simulated events (not timed against the worker);
+2. ceiling: a raw aiokafka consumer doing `getmany` + JSON decode over the same records;
+3. starts one `streamproc worker` and measures from its first processed event to the last;
+4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
+
+Usage: python bench/throughput.py [--events 200000] [--customers 20000]. Not a test: `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamproc.demo import processed_total, scrape  # noqa: E402
+from streamproc.infra import Infra  # noqa: E402
+from streamproc.producer import EventProducer  # noqa: E402
+from streamproc.settings import Settings  # noqa: E402
+from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.topics import INPUT_TOPICS, apply_topics  # noqa: E402
+
+
+def fill(settings: Settings, events: int, customers: int) -> int:
+    sim = Simulator(SimulationConfig(customers=customers, days=180, seed=42))
+    producer = EventProducer(settings)
+    sent = 0
+    for topic, key, payload in sim.payloads():
+        producer.send(topic, key, payload)
+        sent += 1
+        if sent >= events:
+            break
+    producer.close()
+    return sent
+
+
+async def ceiling(settings: Settings, expected: int) -> float:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *(settings.topic(t) for t in INPUT_TOPICS), bootstrap_servers=settings.kafka_bootstrap,
+        group_id=f"bench-ceiling-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest", enable_auto_commit=False,
+    )
+    await consumer.start()
+    got = 0
+    started = None
+    try:
+        while got < expected:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            for records in batch.values():
+                if started is None:
+                    started = time.perf_counter()
+                for rec in records:
+                    orjson.loads(rec.value)
+                    got += 1
+    finally:
+        await consumer.stop()
+    return got / (time.perf_counter() - (started or time.perf_counter()))
+
+
+def rss_peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_worker(settings: Settings, expected: int, log: Path) -> dict[str, float]:
+    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
+           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
+           "STREAMPROC_LOG_LEVEL": "WARNING"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        first_at = None
+        first_count = 0.0
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            done = processed_total(scrape(settings.web_port))
+            now = time.perf_counter()
+            if first_at is None and done > 0:
+                first_at, first_count = now, done
+            if done >= expected:
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker died: see {log}")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("worker did not finish in time")
+        assert first_at is not None
+        rate = (done - first_count) / (now - first_at)
+        return {"events_per_s": rate, "rss_peak_mb": rss_peak_mb(proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=None)
+    args = parser.parse_args()
+
+    base = Settings()
+    Infra(base).up()
+    tag = uuid.uuid4().hex[:6]
+    settings = base.model_copy(update={
+        "topic_prefix": f"bench{tag}.", "app_id": f"bench-{tag}",
+        "redis_url": base.redis_url.rsplit("/", 1)[0] + "/15", "web_port": 6199,
+    })
+    r = redis.Redis.from_url(settings.redis_url)
+    r.flushdb()
+    apply_topics(settings, partitions_override=args.partitions)
+    t0 = time.perf_counter()
+    sent = fill(settings, args.events, args.customers)
+    produce_rate = sent / (time.perf_counter() - t0)
+    ceiling_rate = asyncio.run(ceiling(settings, sent))
+    mem_before = int(r.info("memory")["used_memory"])
+    log = ROOT / ".local" / f"bench-worker-{tag}.log"
+    log.parent.mkdir(exist_ok=True)
+    worker = run_worker(settings, sent, log)
+    customers_stored = sum(1 for _ in r.scan_iter("cust:*", count=1000))
+    mem_after = int(r.info("memory")["used_memory"])
+    result = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "events": sent,
+        "customers_stored": customers_stored,
+        "produce_events_per_s": round(produce_rate),
+        "ceiling_events_per_s": round(ceiling_rate),
+        "worker_events_per_s": round(worker["events_per_s"]),
+        "worker_vs_ceiling": round(worker["events_per_s"] / ceiling_rate, 3),
+        "worker_rss_peak_mb": round(worker["rss_peak_mb"], 1),
+        "redis_bytes_per_customer": round((mem_after - mem_before) / max(customers_stored, 1)),
+    }
+    print(json.dumps(result, indent=2))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"throughput-{tag}.json").write_text(json.dumps(result, indent=2))
+    r.flushdb()
+
+
+if __name__ == "__main__":
+    main()
