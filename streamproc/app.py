@@ -38,6 +38,25 @@ def decode_limits(settings: Settings) -> DecodeLimits:
     )
 
 
+def fold_config(settings: Settings) -> FoldConfig:
+    return FoldConfig(
+        dedup_horizon_ms=int(settings.dedup_horizon_s * 1000),
+        dedup_max_ids=settings.dedup_max_ids,
+        session_gap_ms=int(settings.session_gap_s * 1000),
+        allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
+        windows_days=tuple(settings.windows_days),
+        new_days=settings.lifecycle_new_days,
+        at_risk_days=settings.lifecycle_at_risk_days,
+        churned_days=settings.lifecycle_churned_days,
+        clv_period_days=settings.clv_period_days,
+        clv_periods=settings.clv_periods,
+        clv_discount_rate=settings.clv_discount_rate,
+        clv_retention_probability=settings.clv_retention_probability,
+        tier_high=settings.tier_high_spend,
+        tier_medium=settings.tier_medium_spend,
+    )
+
+
 class Worker:
     """Everything one worker process holds: the Faust app, the store, the processor, the metrics."""
 
@@ -51,11 +70,10 @@ class Worker:
             self.store,
             self.metrics,
             decode_limits(settings),
-            FoldConfig(
-                dedup_horizon_ms=int(settings.dedup_horizon_s * 1000), dedup_max_ids=settings.dedup_max_ids
-            ),
-            allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
+            fold_config(settings),
             late_policy=settings.late_event_policy,
+            expire_after_days=settings.expire_after_days,
+            sweep_interval_ms=int(settings.sweep_interval_s * 1000),
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
@@ -137,6 +155,7 @@ class Worker:
         while True:
             try:
                 result = await self.processor.process(records)
+                await self.processor.sweep()
                 for letter in result.dead_letters:
                     await self.dlq.send(
                         key=letter.dlq_id.encode(), value=orjson.dumps(letter.model_dump(mode="json"))

@@ -75,6 +75,10 @@ class Metrics:
         self.rebalances = Counter(
             "streamproc_rebalances_total", "Consumer group rebalances seen by this worker.", registry=r
         )
+        self.sweep_customers = Counter(
+            "streamproc_sweep_customers_total",
+            "Silent customers whose stored features the inactivity sweep refreshed.", registry=r,
+        )
         self.customers_erased = Counter(
             "streamproc_customers_erased_total", "Customers erased through the API or CLI.", registry=r
         )

@@ -14,14 +14,17 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from streamproc.adapters.feature_store import FeatureStore, Loaded, Update
+from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, Update
 from streamproc.domain.customer import (
+    DAY_MS,
     CustomerState,
     FoldConfig,
     FoldOutcome,
     Positioned,
     apply_events,
+    calendar_month,
     features,
+    month_label,
 )
 from streamproc.domain.events import DecodeLimits, Event, Rejection, decode_event
 from streamproc.metrics import Metrics
@@ -30,6 +33,10 @@ from streamproc.schemas import DeadLetter
 log = logging.getLogger(__name__)
 
 MAX_SAVE_ATTEMPTS = 5
+# Days of silence at which a silent customer's stored features are refreshed by the inactivity sweep
+# (window edges and lifecycle thresholds are added to these). Lookups always compute exactly as of now.
+SWEEP_BOUNDARIES_DAYS = (1, 2, 3, 7, 14, 21, 30, 45, 60, 90, 120, 180, 270, 365)
+SWEEP_CHUNK = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +118,16 @@ class Watermarks:
         return twin
 
     def overall(self) -> int | None:
-        """The worker's watermark: the slowest of its partitions."""
-        return min(self.max_ts.values()) - self.lateness if self.max_ts else None
+        """The worker's watermark: the largest event time it has seen, minus the allowed lateness."""
+        return max(self.max_ts.values()) - self.lateness if self.max_ts else None
+
+    def by_partition(self) -> dict[int, int]:
+        """Watermark per input partition number (its clicks and transactions sources together)."""
+        out: dict[int, int] = {}
+        for source, top in self.max_ts.items():
+            partition = int(source.rpartition(":")[2])
+            out[partition] = max(out.get(partition, top), top)
+        return {p: top - self.lateness for p, top in out.items()}
 
 
 class BatchProcessor:
@@ -122,15 +137,23 @@ class BatchProcessor:
         metrics: Metrics,
         limits: DecodeLimits,
         fold: FoldConfig,
-        allowed_lateness_ms: int,
         late_policy: str = "apply",
+        sweep_boundaries_days: tuple[int, ...] = SWEEP_BOUNDARIES_DAYS,
+        expire_after_days: int = 400,
+        sweep_interval_ms: int = 3_600_000,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.limits = limits
         self.fold = fold
         self.late_policy = late_policy
-        self.watermarks = Watermarks(allowed_lateness_ms)
+        self.watermarks = Watermarks(fold.allowed_lateness_ms)
+        self._watermarks_loaded = False
+        self.expire_after_days = expire_after_days
+        self.sweep_interval_ms = sweep_interval_ms
+        self.boundaries = sorted(
+            {*sweep_boundaries_days, *fold.windows_days, 60, fold.at_risk_days, fold.churned_days}
+        )
 
     def _decode(
         self, records: list[RawRecord], result: BatchResult, marks: Watermarks
@@ -178,6 +201,10 @@ class BatchProcessor:
 
     async def process(self, records: list[RawRecord]) -> BatchResult:
         started = time.perf_counter()
+        if not self._watermarks_loaded:
+            # resume each partition's watermark where the last run left it, so lateness is judged the same
+            self.watermarks.max_ts.update(await self.store.load_watermarks())
+            self._watermarks_loaded = True
         result = BatchResult()
         # watermarks advance only once the batch is saved, so a retried batch is judged the same way
         marks = self.watermarks.copy()
@@ -188,6 +215,7 @@ class BatchProcessor:
             by_customer[ev.customer_id].append((rec, ev))
 
         pending = dict(by_customer)
+        saved: dict[str, CustomerState] = {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
             if not pending:
                 break
@@ -197,6 +225,7 @@ class BatchProcessor:
             updates: list[Update] = []
             outcomes: dict[str, FoldOutcome] = {}
             customer_results: dict[str, BatchResult] = {}
+            states: dict[str, CustomerState] = {}
             for cid, items in pending.items():
                 row = loaded[cid]
                 customer_result = customer_results[cid] = BatchResult()
@@ -206,11 +235,12 @@ class BatchProcessor:
                     continue
                 state, outcome = self._fold_customer(cid, row, items, customer_result)
                 outcomes[cid] = outcome
+                states[cid] = state
                 # a batch that was all replays changes nothing; anything else moves at least a fence
                 if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
                     customer_result.dead_letters
                 ):
-                    updates.append(Update(cid, row.version, state, features(state)))
+                    updates.append(Update(cid, row.version, state, features(state, state.max_ts, self.fold)))
             t0 = time.perf_counter()
             failed = set(await self.store.save(updates))
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
@@ -221,6 +251,8 @@ class BatchProcessor:
                 if cid not in failed:
                     result.outcome.merge(partial.outcome)
                     result.dead_letters.extend(partial.dead_letters)
+                    if cid in states and outcomes[cid].total("applied"):
+                        saved[cid] = states[cid]
             if failed:
                 self.metrics.cas_conflicts.inc(len(failed))
                 log.info("%d customer saves lost a version race (attempt %d); retrying", len(failed), attempt + 1)
@@ -231,6 +263,9 @@ class BatchProcessor:
         if pending:
             raise RuntimeError(f"{len(pending)} customers could not be saved after {MAX_SAVE_ATTEMPTS} attempts")
 
+        t0 = time.perf_counter()
+        await self.store.after_batch(self._side_effects(by_customer, saved, marks))
+        self.metrics.redis_seconds.labels("after_batch").observe(time.perf_counter() - t0)
         self.watermarks = marks
         self._count(records, result)
         elapsed = time.perf_counter() - started
@@ -242,6 +277,80 @@ class BatchProcessor:
         if wm is not None:
             self.metrics.watermark.set(wm / 1000)
         return result
+
+    def _side_effects(
+        self, by_customer: dict[str, list[tuple[RawRecord, Event]]], saved: dict[str, CustomerState],
+        marks: Watermarks,
+    ) -> BatchSideEffects:
+        last_seen: dict[int, dict[str, int]] = defaultdict(dict)
+        hll: dict[str, set[str]] = defaultdict(set)
+        for cid, state in saved.items():
+            if state.last_event_ts is None:
+                continue
+            partition = by_customer[cid][-1][0].partition
+            last_seen[partition][cid] = state.last_event_ts
+            if state.purchases and state.first_purchase_ts is not None:
+                hll["sp:agg:buyers"].add(cid)
+                if state.purchases >= 2:
+                    hll["sp:agg:repeat"].add(cid)
+                cohort = calendar_month(state.first_purchase_ts)
+                for month in state.months:
+                    if month >= cohort:
+                        hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
+        return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
+
+    async def sweep(self) -> int:
+        """Bring silent customers' stored features up to date as the watermark passes silence boundaries.
+
+        For each partition, customers whose last event time plus a boundary fell in (last sweep mark,
+        watermark] are re-materialised as of that instant (never as of the wall clock), so the stored
+        features after a replay do not depend on when sweeps ran. Returns the number of customers touched.
+        """
+        marks = await self.store.sweep_marks()
+        touched = 0
+        for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
+            # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
+            wm = exact_wm - exact_wm % self.sweep_interval_ms
+            low = marks.get(partition, 0)  # never swept: every boundary up to the watermark is due
+            if wm <= low:
+                continue
+            spans = [d * DAY_MS for d in self.boundaries]
+            expire_span = self.expire_after_days * DAY_MS
+            found = await self.store.silent_in_ranges(
+                partition, [(low - span, wm - span) for span in [*spans, expire_span]]
+            )
+            due: set[str] = set().union(*found[:-1])
+            expired = found[-1]
+            if expired:
+                await self.store.expire(partition, expired)
+                due.difference_update(expired)
+            ordered = sorted(due)
+            for i in range(0, len(ordered), SWEEP_CHUNK):
+                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm)
+            await self.store.set_sweep_mark(partition, wm)
+        self.metrics.sweep_customers.inc(touched)
+        return touched
+
+    async def _refresh(self, customer_ids: list[str], wm: int) -> int:
+        for _ in range(MAX_SAVE_ATTEMPTS):
+            loaded = await self.store.load(customer_ids)
+            updates = []
+            for cid in customer_ids:
+                row = loaded[cid]
+                if row.blob is None or row.erased:
+                    continue
+                state = row.pristine(cid)
+                last = state.last_event_ts or 0
+                crossed = [d for d in self.boundaries if last + d * DAY_MS <= wm]
+                if not crossed:
+                    continue
+                as_of = last + crossed[-1] * DAY_MS
+                updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
+            failed = await self.store.save(updates)
+            if not failed:
+                return len(updates)
+            customer_ids = failed
+        raise RuntimeError(f"sweep could not save {len(customer_ids)} customers")
 
     def _count(self, records: list[RawRecord], result: BatchResult) -> None:
         for letter in result.dead_letters:

@@ -51,6 +51,21 @@ class Settings(BaseSettings):
     dedup_horizon_s: float = 7 * 24 * 3600.0
     dedup_max_ids: int = 64
 
+    # --- features
+    session_gap_s: float = 30 * 60.0
+    windows_days: tuple[int, ...] = (7, 30, 90)
+    lifecycle_new_days: int = 30
+    lifecycle_at_risk_days: int = 30
+    lifecycle_churned_days: int = 90
+    clv_period_days: int = 30
+    clv_periods: int = 12
+    clv_discount_rate: float = 0.01
+    clv_retention_probability: float = 0.8
+    tier_high_spend: float = 1000.0
+    tier_medium_spend: float = 500.0
+    sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
+    expire_after_days: int = 400  # event-time silence after which a customer's features are dropped
+
     @model_validator(mode="after")
     def _local_defaults(self) -> Settings:
         if not self.kafka_bootstrap:

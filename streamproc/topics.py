@@ -81,12 +81,12 @@ def apply_topics(
             for physical, spec in wanted.items()
             if physical not in existing
         ]
-        if missing:
+        for new_topic in missing:
             try:
-                admin.create_topics(missing, timeout_ms=15000)
-            except TopicAlreadyExistsError:  # a concurrent apply won the race
+                admin.create_topics([new_topic], timeout_ms=15000)
+                report.created.append(new_topic.name)
+            except TopicAlreadyExistsError:  # created meanwhile (metadata lag or a concurrent apply): verify it
                 pass
-            report.created = [t.name for t in missing]
         present = [p for p in wanted if p not in report.created]
         if present:
             described = {d["name"]: d for d in admin.describe_topics(present)}

@@ -4,6 +4,12 @@ Redis layout (one hash per customer, hash-tagged so a customer's keys share a cl
 
     cust:{<customer_id>}   hash   readable features (one field each) + ``_s`` (state blob) + ``_v`` (version)
     sp:erased              set    customer ids that were erased (a replay must not bring them back)
+    sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
+    sp:sweep               hash   partition -> watermark up to which the sweep has run
+    sp:wm                  hash   input source (kind:partition) -> largest event time seen
+    sp:agg:buyers          HLL    customers with at least one purchase
+    sp:agg:repeat          HLL    customers with at least two purchases
+    sp:cohort:<YYYY-MM>:<k> HLL   customers whose first purchase was in YYYY-MM and who bought k months later
 
 A save is a compare-and-set on ``_v``: it applies only if nobody wrote the customer since it was loaded
 (a zombie worker after a rebalance loses), and the state blob carries the offset fences, so state and
@@ -46,9 +52,44 @@ class Update:
     features: dict[str, str]
 
 
+@dataclass
+class BatchSideEffects:
+    """Population-level writes that follow a batch; each is idempotent, so a replay repeats them harmlessly."""
+
+    last_seen: dict[int, dict[str, int]]  # partition -> customer -> last event time
+    watermarks: dict[str, int]  # source -> largest event time seen
+    hll: dict[str, set[str]]  # HLL key -> customers to add
+
+
 class FeatureStore(abc.ABC):
     @abc.abstractmethod
     async def load(self, customer_ids: list[str]) -> dict[str, Loaded]: ...
+
+    @abc.abstractmethod
+    async def after_batch(self, effects: BatchSideEffects) -> None: ...
+
+    @abc.abstractmethod
+    async def load_watermarks(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def sweep_marks(self) -> dict[int, int]: ...
+
+    @abc.abstractmethod
+    async def set_sweep_mark(self, partition: int, watermark: int) -> None: ...
+
+    @abc.abstractmethod
+    async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
+        """For each (low, high]: the customers of a partition whose last event time falls in it."""
+
+    @abc.abstractmethod
+    async def expire(self, partition: int, customer_ids: list[str]) -> None:
+        """Drop long-silent customers (event-time expiry): their hash and their last-seen entry."""
+
+    @abc.abstractmethod
+    async def state_blob(self, customer_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def population(self) -> dict[str, float]: ...
 
     @abc.abstractmethod
     async def save(self, updates: list[Update]) -> list[str]:
@@ -89,7 +130,7 @@ return failed
 
 
 def _encode_state(state: CustomerState) -> bytes:
-    return orjson.dumps(state.to_dict())
+    return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
 
 
 class RedisFeatureStore(FeatureStore):
@@ -132,6 +173,68 @@ class RedisFeatureStore(FeatureStore):
         failed = await self._save(keys=keys, args=args)
         return [updates[int(i) - 1].customer_id for i in failed]
 
+    async def after_batch(self, effects: BatchSideEffects) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, seen in effects.last_seen.items():
+            if seen:
+                pipe.zadd(f"sp:lastseen:{partition}", seen, gt=True)
+        if effects.watermarks:
+            # only ever moves forward: HSET of the max is safe because one worker owns a partition
+            pipe.hset("sp:wm", mapping={k: str(v) for k, v in effects.watermarks.items()})
+        for key, members in effects.hll.items():
+            pipe.pfadd(key, *members)
+        await pipe.execute()
+
+    async def load_watermarks(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall("sp:wm")  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def sweep_marks(self) -> dict[int, int]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall("sp:sweep")  # type: ignore[assignment]
+        return {int(k): int(v) for k, v in raw.items()}
+
+    async def set_sweep_mark(self, partition: int, watermark: int) -> None:
+        await self.redis.hset("sp:sweep", str(partition), str(watermark))
+
+    async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for low, high in ranges:
+            pipe.zrangebyscore(f"sp:lastseen:{partition}", f"({low}", high)
+        return [[m.decode() for m in found] for found in await pipe.execute()]
+
+    async def expire(self, partition: int, customer_ids: list[str]) -> None:
+        if not customer_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for cid in customer_ids:
+            pipe.delete(customer_key(cid))
+        pipe.zrem(f"sp:lastseen:{partition}", *customer_ids)
+        await pipe.execute()
+
+    async def state_blob(self, customer_id: str) -> bytes | None:
+        blob: bytes | None = await self.redis.hget(customer_key(customer_id), "_s")  # type: ignore[assignment]
+        return blob or None
+
+    async def population(self) -> dict[str, float]:
+        buyers = await self.redis.pfcount("sp:agg:buyers")
+        repeat = await self.redis.pfcount("sp:agg:repeat")
+        out: dict[str, float] = {"buyers": buyers, "repeat_buyers": repeat,
+                                 "repeat_purchase_rate": repeat / buyers if buyers else 0.0}
+        sizes: dict[str, int] = {}
+        async for key in self.redis.scan_iter("sp:cohort:*", count=500):
+            name = key.decode()
+            _, _, month, k = name.split(":")
+            if k == "0":
+                sizes[month] = await self.redis.pfcount(name)
+        async for key in self.redis.scan_iter("sp:cohort:*", count=500):
+            name = key.decode()
+            _, _, month, k = name.split(":")
+            if k != "0" and sizes.get(month):
+                out[f"retention:{month}:{k}"] = await self.redis.pfcount(name) / sizes[month]
+        for month, size in sizes.items():
+            out[f"cohort_size:{month}"] = size
+        return out
+
     async def features(self, customer_id: str) -> dict[str, str] | None:
         raw: dict[bytes, bytes] = await self.redis.hgetall(customer_key(customer_id))  # type: ignore[assignment]
         if not raw:
@@ -139,10 +242,12 @@ class RedisFeatureStore(FeatureStore):
         return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"_")}
 
     async def forget(self, customer_id: str) -> bool:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(customer_key(customer_id))
+        deleted = await self.redis.delete(customer_key(customer_id))
+        pipe = self.redis.pipeline(transaction=False)
         pipe.sadd(ERASED_KEY, customer_id)
-        deleted, _ = await pipe.execute()
+        async for key in self.redis.scan_iter("sp:lastseen:*", count=100):
+            pipe.zrem(key, customer_id)
+        await pipe.execute()
         return bool(deleted)
 
     async def close(self) -> None:
@@ -155,6 +260,46 @@ class InMemoryFeatureStore(FeatureStore):
     def __init__(self) -> None:
         self.rows: dict[str, tuple[int, bytes, dict[str, str]]] = {}
         self.erased: set[str] = set()
+        self.last_seen: dict[int, dict[str, int]] = {}
+        self.watermarks: dict[str, int] = {}
+        self.marks: dict[int, int] = {}
+        self.hll: dict[str, set[str]] = {}
+
+    async def after_batch(self, effects: BatchSideEffects) -> None:
+        for partition, seen in effects.last_seen.items():
+            table = self.last_seen.setdefault(partition, {})
+            for cid, ts in seen.items():
+                table[cid] = max(ts, table.get(cid, ts))
+        self.watermarks.update(effects.watermarks)
+        for key, members in effects.hll.items():
+            self.hll.setdefault(key, set()).update(members)
+
+    async def load_watermarks(self) -> dict[str, int]:
+        return dict(self.watermarks)
+
+    async def sweep_marks(self) -> dict[int, int]:
+        return dict(self.marks)
+
+    async def set_sweep_mark(self, partition: int, watermark: int) -> None:
+        self.marks[partition] = watermark
+
+    async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
+        table = self.last_seen.get(partition, {})
+        return [sorted(c for c, ts in table.items() if low < ts <= high) for low, high in ranges]
+
+    async def expire(self, partition: int, customer_ids: list[str]) -> None:
+        for cid in customer_ids:
+            self.rows.pop(cid, None)
+            self.last_seen.get(partition, {}).pop(cid, None)
+
+    async def state_blob(self, customer_id: str) -> bytes | None:
+        row = self.rows.get(customer_id)
+        return row[1] if row else None
+
+    async def population(self) -> dict[str, float]:
+        buyers = len(self.hll.get("sp:agg:buyers", set()))
+        repeat = len(self.hll.get("sp:agg:repeat", set()))
+        return {"buyers": buyers, "repeat_buyers": repeat, "repeat_purchase_rate": repeat / buyers if buyers else 0.0}
 
     async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
         out = {}
@@ -179,4 +324,6 @@ class InMemoryFeatureStore(FeatureStore):
 
     async def forget(self, customer_id: str) -> bool:
         self.erased.add(customer_id)
+        for table in self.last_seen.values():
+            table.pop(customer_id, None)
         return self.rows.pop(customer_id, None) is not None

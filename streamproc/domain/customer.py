@@ -1,4 +1,5 @@
-"""Per-customer state as a pure fold: ``apply_events(state, events) -> (state, outcome)``.
+"""Per-customer state as a pure fold: ``apply_events(state, events, cfg) -> (state, outcome)``, and the
+readable features as a pure function of the state and an event-time instant: ``features(state, as_of)``.
 
 No Redis, no Faust, no clock. Exactly-once effect comes from two guards kept *inside* the state, so
 they are saved atomically with it:
@@ -7,22 +8,35 @@ they are saved atomically with it:
   its partition was applied already (a replay after a crash) and is skipped;
 * a bounded set of recent event ids (``recent_ids``): the same ``event_id`` arriving again at another
   offset (a producer retry) counts once.
+
+Everything else is a commutative aggregate (sums per UTC day, per month, per category; sessions merged
+by an inactivity gap), so the features do not depend on the order in which events arrive within the
+allowed lateness.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from streamproc.domain.events import Click, Event, Transaction
 
+DAY_MS = 86_400_000
+
+# day-bucket slots
+PURCHASES, SPEND, CLICKS, SESSIONS, VIEWS, CARTS = range(6)
+# closed-session aggregate slots
+S_COUNT, S_LENGTH_MS, S_EVENTS, S_CONVERTED, S_WITH_CART, S_ABANDONED = range(6)
+
 
 @dataclass(frozen=True, slots=True)
 class Positioned:
-    """An event with where it came from: ``source`` is ``topic:partition``."""
+    """An event with where it came from: ``source`` is ``kind:partition``."""
 
     event: Event
     source: str
@@ -31,60 +45,78 @@ class Positioned:
 
 @dataclass(frozen=True, slots=True)
 class FoldConfig:
-    dedup_horizon_ms: int = 7 * 24 * 3600 * 1000
+    dedup_horizon_ms: int = 7 * DAY_MS
     dedup_max_ids: int = 64
+    session_gap_ms: int = 30 * 60_000
+    allowed_lateness_ms: int = 3_600_000
+    windows_days: tuple[int, ...] = (7, 30, 90)
+    max_categories: int = 24
+    # lifecycle thresholds (days of event time)
+    new_days: int = 30
+    at_risk_days: int = 30
+    churned_days: int = 90
+    # CLV
+    clv_period_days: int = 30
+    clv_periods: int = 12
+    clv_discount_rate: float = 0.01  # per period
+    clv_retention_probability: float = 0.8
+    # value tiers by net spend
+    tier_high: float = 1000.0
+    tier_medium: float = 500.0
+
+    @property
+    def day_horizon(self) -> int:
+        """Days of buckets kept behind the newest event: the longest window, and 60 for the trend."""
+        return max(max(self.windows_days), 60) + math.ceil(self.allowed_lateness_ms / DAY_MS) + 1
 
 
 @dataclass
 class CustomerState:
     customer_id: str
     offsets: dict[str, int] = field(default_factory=dict)
-    recent_ids: dict[str, int] = field(default_factory=dict)  # short id -> event time (ms)
+    recent_ids: dict[str, int] = field(default_factory=dict)  # short event id -> event time (ms)
     clicks: int = 0
-    clicks_by_action: dict[str, int] = field(default_factory=dict)
     purchases: int = 0
     refunds: int = 0
-    spend_total: float = 0.0  # purchases minus refunds
-    refund_total: float = 0.0
+    spend_cents: int = 0  # gross purchases
+    refund_cents: int = 0
     first_event_ts: int | None = None
     last_event_ts: int | None = None
-    last_purchase_ts: int | None = None
     first_purchase_ts: int | None = None
+    last_purchase_ts: int | None = None
+    reactivated_ts: int | None = None  # last return after a silence of churned_days or more
+    days: dict[int, list[int]] = field(default_factory=dict)  # UTC day -> [purchases, cents, clicks, ...]
+    months: dict[int, int] = field(default_factory=dict)  # calendar month (UTC) -> net cents
+    open_sessions: list[list[int]] = field(default_factory=list)  # [start, end, events, cart, purchase]
+    closed: list[int] = field(default_factory=lambda: [0] * 6)
+    cat_views: dict[str, int] = field(default_factory=dict)
+    cat_spend: dict[str, int] = field(default_factory=dict)
+    max_ts: int = 0  # newest event time of this customer (drives session closing and pruning)
 
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.customer_id,
-            "o": self.offsets,
-            "r": self.recent_ids,
-            "c": self.clicks,
-            "ca": self.clicks_by_action,
-            "p": self.purchases,
-            "rf": self.refunds,
-            "s": round(self.spend_total, 6),
-            "rs": round(self.refund_total, 6),
-            "fe": self.first_event_ts,
-            "le": self.last_event_ts,
-            "lp": self.last_purchase_ts,
-            "fp": self.first_purchase_ts,
+            "id": self.customer_id, "o": self.offsets, "r": self.recent_ids,
+            "n": [self.clicks, self.purchases, self.refunds, self.spend_cents, self.refund_cents],
+            "t": [self.first_event_ts, self.last_event_ts, self.first_purchase_ts, self.last_purchase_ts,
+                  self.reactivated_ts, self.max_ts],
+            "d": {str(k): v for k, v in sorted(self.days.items())},
+            "m": {str(k): v for k, v in sorted(self.months.items())},
+            "s": sorted(self.open_sessions), "sc": self.closed,
+            "cv": self.cat_views, "cs": self.cat_spend,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:
+        n = data["n"]
+        t = data["t"]
         return cls(
-            customer_id=data["id"],
-            offsets=dict(data.get("o", {})),
-            recent_ids=dict(data.get("r", {})),
-            clicks=data.get("c", 0),
-            clicks_by_action=dict(data.get("ca", {})),
-            purchases=data.get("p", 0),
-            refunds=data.get("rf", 0),
-            spend_total=data.get("s", 0.0),
-            refund_total=data.get("rs", 0.0),
-            first_event_ts=data.get("fe"),
-            last_event_ts=data.get("le"),
-            last_purchase_ts=data.get("lp"),
-            first_purchase_ts=data.get("fp"),
+            customer_id=data["id"], offsets=data["o"], recent_ids=data["r"],
+            clicks=n[0], purchases=n[1], refunds=n[2], spend_cents=n[3], refund_cents=n[4],
+            first_event_ts=t[0], last_event_ts=t[1], first_purchase_ts=t[2], last_purchase_ts=t[3],
+            reactivated_ts=t[4], max_ts=t[5],
+            days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
+            open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
         )
 
 
@@ -110,36 +142,124 @@ def short_event_id(event_id: str) -> str:
     return hashlib.blake2b(event_id.encode(), digest_size=6).hexdigest()
 
 
-def _apply_one(state: CustomerState, event: Event) -> None:
+def calendar_month(ts: int) -> int:
+    """Months since 1970-01 (UTC) of an epoch-millisecond instant."""
+    d = datetime.fromtimestamp(ts / 1000, tz=UTC)
+    return (d.year - 1970) * 12 + d.month - 1
+
+
+def month_label(month: int) -> str:
+    return f"{1970 + month // 12:04d}-{month % 12 + 1:02d}"
+
+
+def cents(amount: float) -> int:
+    return round(amount * 100)
+
+
+def _bucket(state: CustomerState, ts: int) -> list[int]:
+    day = ts // DAY_MS
+    row = state.days.get(day)
+    if row is None:
+        row = state.days[day] = [0, 0, 0, 0, 0, 0]
+    return row
+
+
+def _touch_session(state: CustomerState, ts: int, cart: int, purchase: int, cfg: FoldConfig) -> None:
+    """Add activity at ``ts`` to the open sessions, merging sessions the gap now bridges."""
+    gap = cfg.session_gap_ms
+    sessions = state.open_sessions
+    hit = [s for s in sessions if s[0] - gap <= ts <= s[1] + gap]
+    if not hit:
+        sessions.append([ts, ts, 1, cart, purchase])
+        return
+    merged = [min(ts, *(s[0] for s in hit)), max(ts, *(s[1] for s in hit)), 1 + sum(s[2] for s in hit),
+              max(cart, *(s[3] for s in hit)), max(purchase, *(s[4] for s in hit))]
+    state.open_sessions = [s for s in sessions if all(s is not h for h in hit)] + [merged]
+
+
+def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
+    """Close sessions no on-time event can extend any more, folding them into the aggregates."""
+    horizon = state.max_ts - cfg.session_gap_ms - cfg.allowed_lateness_ms
+    keep = []
+    for s in state.open_sessions:
+        if s[1] < horizon:
+            start, end, events, cart, purchase = s
+            c = state.closed
+            c[S_COUNT] += 1
+            c[S_LENGTH_MS] += end - start
+            c[S_EVENTS] += events
+            c[S_CONVERTED] += purchase
+            c[S_WITH_CART] += cart
+            c[S_ABANDONED] += 1 if cart and not purchase else 0
+            _bucket(state, start)[SESSIONS] += 1
+        else:
+            keep.append(s)
+    state.open_sessions = keep
+
+
+def _prune(state: CustomerState, cfg: FoldConfig) -> None:
+    oldest_day = state.max_ts // DAY_MS - cfg.day_horizon
+    if state.days and min(state.days) < oldest_day:
+        state.days = {d: row for d, row in state.days.items() if d >= oldest_day}
+    if len(state.cat_views) > cfg.max_categories:
+        keep = sorted(state.cat_views.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.max_categories]
+        state.cat_views = dict(keep)
+    if len(state.cat_spend) > cfg.max_categories:
+        keep = sorted(state.cat_spend.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.max_categories]
+        state.cat_spend = dict(keep)
+    if state.recent_ids:
+        horizon = max(state.recent_ids.values()) - cfg.dedup_horizon_ms
+        kept = sorted(((ts, sid) for sid, ts in state.recent_ids.items() if ts >= horizon), reverse=True)
+        state.recent_ids = {sid: ts for ts, sid in kept[: cfg.dedup_max_ids]}
+
+
+def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
     ts = event.ts
+    previous_last = state.last_event_ts
+    if previous_last is not None and ts - previous_last >= cfg.churned_days * DAY_MS:
+        state.reactivated_ts = ts if state.reactivated_ts is None else max(state.reactivated_ts, ts)
     if state.first_event_ts is None or ts < state.first_event_ts:
         state.first_event_ts = ts
-    if state.last_event_ts is None or ts > state.last_event_ts:
+    if previous_last is None or ts > previous_last:
         state.last_event_ts = ts
+    state.max_ts = max(state.max_ts, ts)
+    row = _bucket(state, ts)
     if isinstance(event, Click):
         state.clicks += 1
-        state.clicks_by_action[event.action] = state.clicks_by_action.get(event.action, 0) + 1
-    elif isinstance(event, Transaction):
-        if event.type == "purchase":
-            state.purchases += 1
-            state.spend_total += event.amount
-            if state.last_purchase_ts is None or ts > state.last_purchase_ts:
-                state.last_purchase_ts = ts
-            if state.first_purchase_ts is None or ts < state.first_purchase_ts:
-                state.first_purchase_ts = ts
-        else:
-            state.refunds += 1
-            state.refund_total += event.amount
-            state.spend_total -= event.amount
-
-
-def _prune_ids(state: CustomerState, cfg: FoldConfig) -> None:
-    if not state.recent_ids:
+        row[CLICKS] += 1
+        if event.action == "product_view":
+            row[VIEWS] += 1
+            if event.category:
+                state.cat_views[event.category] = state.cat_views.get(event.category, 0) + 1
+        elif event.action == "add_to_cart":
+            row[CARTS] += 1
+        _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0, 0, cfg)
         return
-    newest = max(state.recent_ids.values())
-    horizon = newest - cfg.dedup_horizon_ms
-    kept = sorted(((ts, sid) for sid, ts in state.recent_ids.items() if ts >= horizon), reverse=True)
-    state.recent_ids = {sid: ts for ts, sid in kept[: cfg.dedup_max_ids]}
+    assert isinstance(event, Transaction)
+    amount = cents(event.amount)
+    month = calendar_month(ts)
+    if event.type == "purchase":
+        state.purchases += 1
+        state.spend_cents += amount
+        row[PURCHASES] += 1
+        row[SPEND] += amount
+        state.months[month] = state.months.get(month, 0) + amount
+        if state.last_purchase_ts is None or ts > state.last_purchase_ts:
+            state.last_purchase_ts = ts
+        if state.first_purchase_ts is None or ts < state.first_purchase_ts:
+            state.first_purchase_ts = ts
+        for item in event.items:
+            line = cents(item.unit_price * item.quantity)
+            state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
+        _touch_session(state, ts, 0, 1, cfg)
+    else:
+        state.refunds += 1
+        state.refund_cents += amount
+        row[SPEND] -= amount
+        state.months[month] = state.months.get(month, 0) - amount
+        for item in event.items:
+            line = cents(item.unit_price * item.quantity)
+            state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) - line
 
 
 def apply_events(
@@ -158,26 +278,150 @@ def apply_events(
             outcome.count(item.source, "duplicate")
             continue
         state.recent_ids[sid] = item.event.ts
-        _apply_one(state, item.event)
+        _apply_one(state, item.event, cfg)
         outcome.count(item.source, "applied")
-    _prune_ids(state, cfg)
+    _close_sessions(state, cfg)
+    _prune(state, cfg)
     return state, outcome
 
 
-def features(state: CustomerState) -> dict[str, str]:
-    """The customer's readable features, flat strings for a Redis hash (and the lookup)."""
+# --------------------------------------------------------------------------------------------------
+# Features: a pure function of (state, as_of). as_of is event time, never the wall clock.
+
+
+def lifecycle(state: CustomerState, as_of: int, cfg: FoldConfig) -> tuple[str, int]:
+    """(stage, since) on event time: new → active → at_risk → churned → reactivated."""
+    first = state.first_event_ts if state.first_event_ts is not None else as_of
+    last = state.last_event_ts if state.last_event_ts is not None else as_of
+    silent = as_of - last
+    if silent >= cfg.churned_days * DAY_MS:
+        return "churned", last + cfg.churned_days * DAY_MS
+    if silent >= cfg.at_risk_days * DAY_MS:
+        return "at_risk", last + cfg.at_risk_days * DAY_MS
+    if state.reactivated_ts is not None and as_of - state.reactivated_ts < cfg.new_days * DAY_MS:
+        return "reactivated", state.reactivated_ts
+    if as_of - first < cfg.new_days * DAY_MS:
+        return "new", first
+    became_active = first + cfg.new_days * DAY_MS
+    if state.reactivated_ts is not None:
+        became_active = max(became_active, state.reactivated_ts + cfg.new_days * DAY_MS)
+    return "active", became_active
+
+
+def value_tier(net_spend: float, cfg: FoldConfig) -> str:
+    if net_spend >= cfg.tier_high:
+        return "high"
+    if net_spend >= cfg.tier_medium:
+        return "medium"
+    return "low"
+
+
+def _window(state: CustomerState, as_of: int, days: int, slot: int, offset_days: int = 0) -> int:
+    end = as_of // DAY_MS - offset_days
+    start = end - days
+    total = sum(row[slot] for d, row in state.days.items() if start < d <= end)
+    if slot == SESSIONS:  # open sessions are not in the buckets yet
+        total += sum(1 for s in state.open_sessions if start < s[0] // DAY_MS <= end)
+    return total
+
+
+def _trend(recent: int, before: int) -> float:
+    return 0.0 if recent + before == 0 else (recent - before) / (recent + before)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+
+
+def session_totals(state: CustomerState) -> list[int]:
+    """Closed plus still-open sessions: [count, length ms, events, converted, with cart, abandoned]."""
+    totals = list(state.closed)
+    for start, end, events, cart, purchase in state.open_sessions:
+        totals[S_COUNT] += 1
+        totals[S_LENGTH_MS] += end - start
+        totals[S_EVENTS] += events
+        totals[S_CONVERTED] += purchase
+        totals[S_WITH_CART] += cart
+        totals[S_ABANDONED] += 1 if cart and not purchase else 0
+    return totals
+
+
+def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | None = None) -> tuple[float, float]:
+    """(predictive CLV, discounted CLV of observed history), both in currency units.
+
+    predictive = AOV × purchases per period × retention probability / (1 + discount rate)^periods, summed
+    over the next ``clv_periods`` periods (period p discounted by (1 + d)^p and retained with r^p);
+    observed = Σ over past calendar months k (k = 0 for the current one) of net revenue_k × (1 + d)^k.
+    """
+    r = cfg.clv_retention_probability if retention is None else retention
+    d = cfg.clv_discount_rate
+    net = (state.spend_cents - state.refund_cents) / 100
+    aov = net / state.purchases if state.purchases else 0.0
+    first = state.first_event_ts if state.first_event_ts is not None else as_of
+    tenure_periods = max((as_of - first) / (cfg.clv_period_days * DAY_MS), 1.0)
+    per_period = state.purchases / tenure_periods
+    predictive = sum(aov * per_period * r**p / (1 + d) ** p for p in range(1, cfg.clv_periods + 1))
+    now_month = calendar_month(as_of)
+    observed = sum(c / 100 * (1 + d) ** max(now_month - m, 0) for m, c in state.months.items())
+    return predictive, observed
+
+
+def features(state: CustomerState, as_of: int, cfg: FoldConfig) -> dict[str, str]:
+    """Every readable feature as of event time ``as_of``, as flat strings for a Redis hash."""
+    net = (state.spend_cents - state.refund_cents) / 100
     out: dict[str, str] = {
         "customer_id": state.customer_id,
-        "clicks": str(state.clicks),
-        "purchases": str(state.purchases),
+        "as_of_ts": str(as_of),
+        "frequency": str(state.purchases),
         "refunds": str(state.refunds),
-        "monetary_total": f"{state.spend_total:.2f}",
-        "events": str(state.clicks + state.purchases + state.refunds),
+        "clicks": str(state.clicks),
+        "monetary_total": f"{net:.2f}",
+        "monetary_avg": f"{net / state.purchases:.2f}" if state.purchases else "0.00",
+        "refund_total": f"{state.refund_cents / 100:.2f}",
     }
     if state.last_event_ts is not None:
         out["last_event_ts"] = str(state.last_event_ts)
+        out["days_since_last_event"] = _fmt(round(max(as_of - state.last_event_ts, 0) / DAY_MS, 4))
     if state.first_event_ts is not None:
         out["first_event_ts"] = str(state.first_event_ts)
-    if state.last_purchase_ts is not None:
+        out["tenure_days"] = _fmt(round(max(as_of - state.first_event_ts, 0) / DAY_MS, 4))
+    if state.last_purchase_ts is not None and state.first_purchase_ts is not None:
+        out["first_purchase_ts"] = str(state.first_purchase_ts)
         out["last_purchase_ts"] = str(state.last_purchase_ts)
+        out["recency_days"] = _fmt(round(max(as_of - state.last_purchase_ts, 0) / DAY_MS, 4))
+    for days in cfg.windows_days:
+        out[f"purchases_{days}d"] = str(_window(state, as_of, days, PURCHASES))
+        out[f"spend_{days}d"] = f"{_window(state, as_of, days, SPEND) / 100:.2f}"
+        out[f"clicks_{days}d"] = str(_window(state, as_of, days, CLICKS))
+        out[f"sessions_{days}d"] = str(_window(state, as_of, days, SESSIONS))
+        out[f"product_views_{days}d"] = str(_window(state, as_of, days, VIEWS))
+        out[f"add_to_carts_{days}d"] = str(_window(state, as_of, days, CARTS))
+    out["spend_trend_30d"] = _fmt(round(_trend(_window(state, as_of, 30, SPEND),
+                                                _window(state, as_of, 30, SPEND, 30)), 4))
+    out["clicks_trend_30d"] = _fmt(round(_trend(_window(state, as_of, 30, CLICKS),
+                                                 _window(state, as_of, 30, CLICKS, 30)), 4))
+    s = session_totals(state)
+    out["sessions"] = str(s[S_COUNT])
+    out["session_length_avg_s"] = _fmt(round(s[S_LENGTH_MS] / s[S_COUNT] / 1000, 2)) if s[S_COUNT] else "0"
+    out["events_per_session_avg"] = _fmt(round(s[S_EVENTS] / s[S_COUNT], 4)) if s[S_COUNT] else "0"
+    out["conversion_rate"] = _fmt(round(s[S_CONVERTED] / s[S_COUNT], 4)) if s[S_COUNT] else "0"
+    out["cart_abandonment_rate"] = _fmt(round(s[S_ABANDONED] / s[S_WITH_CART], 4)) if s[S_WITH_CART] else "0"
+    views = sum(state.cat_views.values())
+    spend = sum(v for v in state.cat_spend.values() if v > 0)
+    shares: dict[str, float] = {}
+    for cat, n in state.cat_views.items():
+        out[f"cat_view_share:{cat}"] = _fmt(round(n / views, 4))
+        shares[cat] = shares.get(cat, 0.0) + n / views / 2
+    for cat, c in state.cat_spend.items():
+        if spend and c > 0:
+            out[f"cat_spend_share:{cat}"] = _fmt(round(c / spend, 4))
+            shares[cat] = shares.get(cat, 0.0) + c / spend / 2
+    out["top_categories"] = ",".join(c for c, _ in sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+    predictive, observed = clv(state, as_of, cfg)
+    out["clv"] = f"{predictive:.2f}"
+    out["clv_observed_dcf"] = f"{observed:.2f}"
+    out["value_tier"] = value_tier(net, cfg)
+    stage, since = lifecycle(state, as_of, cfg)
+    out["lifecycle_stage"] = stage
+    out["lifecycle_since_ts"] = str(since)
     return out

@@ -16,7 +16,8 @@ T0 = 1_767_261_600_000
 
 def rec(kind, offset, value, partition=0):
     payload = value if isinstance(value, bytes) else orjson.dumps(value)
-    return RawRecord(kind, kind, partition, offset, b"k", payload, T0)
+    stamp = value["ts"] if isinstance(value, dict) else T0  # as if produced at event time
+    return RawRecord(kind, kind, partition, offset, b"k", payload, stamp)
 
 
 def click(i, cid="c1", ts=T0):
@@ -25,7 +26,7 @@ def click(i, cid="c1", ts=T0):
 
 def make(store=None, **kw):
     store = store or InMemoryFeatureStore()
-    return store, BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(), 3_600_000, **kw)
+    return store, BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(allowed_lateness_ms=3_600_000), **kw)
 
 
 async def test_valid_events_are_saved_and_bad_ones_become_dead_letters():
@@ -94,10 +95,10 @@ async def test_a_lost_version_race_is_retried_on_fresh_state():
 async def test_poison_event_goes_to_the_dlq_and_the_rest_is_applied(monkeypatch):
     original = customer_domain._apply_one
 
-    def explode_on_e13(state, event):
+    def explode_on_e13(state, event, cfg):
         if event.event_id == "e13":
             raise ZeroDivisionError("feature math blew up")
-        original(state, event)
+        original(state, event, cfg)
 
     monkeypatch.setattr(customer_domain, "_apply_one", explode_on_e13)
     store, proc = make()
@@ -126,3 +127,74 @@ async def test_many_customers_in_one_batch(n):
     totals = [int((await store.features(f"c{i}"))["clicks"]) for i in range(n)]
     assert sum(totals) == 200
     await asyncio.sleep(0)
+
+
+def sim_records(customers=40, days=120, seed=3):
+    from streamproc.simulate import SimulationConfig, Simulator
+
+    sim = Simulator(SimulationConfig(customers=customers, days=days, seed=seed))
+    offsets = {}
+    out = []
+    for topic, key, payload in sim.payloads():
+        partition = int(key[-1:]) % 2
+        off = offsets.get((topic, partition), 0)
+        offsets[(topic, partition)] = off + 1
+        out.append(RawRecord(topic, topic, partition, off, key, payload, None))
+    return out
+
+
+async def run_in_batches(records, sizes):
+    store, proc = make()
+    i = 0
+    k = 0
+    while i < len(records):
+        n = sizes[k % len(sizes)]
+        await proc.process(records[i : i + n])
+        await proc.sweep()
+        i += n
+        k += 1
+    return store
+
+
+def stored_features(store):
+    return {cid: row[2] for cid, row in store.rows.items()}, {cid: row[1] for cid, row in store.rows.items()}
+
+
+async def test_stored_features_do_not_depend_on_batching_or_sweep_timing():
+    records = sim_records()
+    one = await run_in_batches(records, [len(records)])
+    many = await run_in_batches(records, [1, 7, 300, 64])
+    assert stored_features(one) == stored_features(many)
+    assert one.last_seen == many.last_seen and one.hll == many.hll
+
+
+async def test_the_sweep_ages_silent_customers_on_event_time():
+    store, proc = make()
+    day = 86_400_000
+    await proc.process([rec("clicks", 0, click(0, cid="quiet", ts=T0)),
+                        rec("clicks", 1, click(1, cid="busy", ts=T0))])
+    await proc.sweep()
+    assert (await store.features("quiet"))["lifecycle_stage"] == "new"
+    # 40 days later, only "busy" sends events; the watermark passes quiet's 30-day at-risk boundary
+    await proc.process([rec("clicks", 2 + i, click(2 + i, cid="busy", ts=T0 + i * day)) for i in range(1, 41)])
+    touched = await proc.sweep()
+    assert touched >= 1
+    quiet = await store.features("quiet")
+    assert quiet["lifecycle_stage"] == "at_risk"
+    assert quiet["as_of_ts"] == str(T0 + 30 * day)  # materialised as of the boundary, not of "now"
+    assert quiet["clicks_7d"] == "0"
+
+
+async def test_population_aggregates_count_each_customer_once():
+    store, proc = make()
+
+    def buy(i, cid, ts):
+        return {"event_id": f"b{i}", "customer_id": cid, "ts": ts, "order_id": f"o{i}", "type": "purchase",
+                "amount": 10, "currency": "EUR", "items": []}
+
+    batch = [rec("transactions", 0, buy(0, "a", T0)), rec("transactions", 1, buy(1, "a", T0 + 1)),
+             rec("transactions", 2, buy(2, "b", T0))]
+    await proc.process(batch)
+    await proc.process(batch)  # a replay adds nothing
+    pop = await store.population()
+    assert pop["buyers"] == 2 and pop["repeat_buyers"] == 1 and pop["repeat_purchase_rate"] == 0.5
