@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     allowed_lateness_s: float = 3600.0
     late_event_policy: Literal["apply", "dlq"] = "apply"
     dedup_horizon_s: float = 7 * 24 * 3600.0
-    dedup_max_ids: int = 64
+    dedup_max_ids: int = 32
 
     # --- features
     session_gap_s: float = 30 * 60.0

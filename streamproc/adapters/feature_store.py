@@ -2,7 +2,7 @@
 
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
-    cust:{<customer_id>}   hash   readable features (one field each) + ``_s`` (state blob) + ``_v`` (version)
+    cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count)
     sp:erased              set    customer ids that were erased (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
     sp:sweep               hash   partition -> watermark up to which the sweep has run
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -49,7 +50,7 @@ class Update:
     customer_id: str
     expected_version: int
     state: CustomerState
-    features: dict[str, str]
+    features: dict[str, Any]
 
 
 @dataclass
@@ -96,7 +97,7 @@ class FeatureStore(abc.ABC):
         """Apply updates atomically per customer; return the ids whose version check failed."""
 
     @abc.abstractmethod
-    async def features(self, customer_id: str) -> dict[str, str] | None: ...
+    async def features(self, customer_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
     async def forget(self, customer_id: str) -> bool:
@@ -106,24 +107,17 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS: customer hashes. ARGV per key: expected version, field count, then field/value pairs.
+# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob.
 _SAVE_LUA = """
 local failed = {}
-local a = 1
 for i, key in ipairs(KEYS) do
-  local expected = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
+  local a = 3 * i - 2
   local current = redis.call('HGET', key, '_v') or '0'
-  if current == expected then
-    local args = {}
-    for j = 0, 2 * n - 1 do args[j + 1] = ARGV[a + j] end
-    redis.call('DEL', key)
-    redis.call('HSET', key, '_v', tostring(tonumber(current) + 1), unpack(args))
+  if current == ARGV[a] then
+    redis.call('HSET', key, '_v', tostring(tonumber(current) + 1), 'f', ARGV[a + 1], '_s', ARGV[a + 2])
   else
     failed[#failed + 1] = i
   end
-  a = a + 2 * n
 end
 return failed
 """
@@ -131,6 +125,10 @@ return failed
 
 def _encode_state(state: CustomerState) -> bytes:
     return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
+
+
+def _encode_features(features: dict[str, Any]) -> bytes:
+    return orjson.dumps(features, option=orjson.OPT_SORT_KEYS)
 
 
 class RedisFeatureStore(FeatureStore):
@@ -164,11 +162,7 @@ class RedisFeatureStore(FeatureStore):
         for up in updates:
             keys.append(customer_key(up.customer_id))
             args.append(str(up.expected_version))
-            args.append(str(len(up.features) + 1))
-            for name, value in up.features.items():
-                args.append(name)
-                args.append(value)
-            args.append("_s")
+            args.append(_encode_features(up.features))
             args.append(_encode_state(up.state))
         failed = await self._save(keys=keys, args=args)
         return [updates[int(i) - 1].customer_id for i in failed]
@@ -235,11 +229,9 @@ class RedisFeatureStore(FeatureStore):
             out[f"cohort_size:{month}"] = size
         return out
 
-    async def features(self, customer_id: str) -> dict[str, str] | None:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(customer_key(customer_id))  # type: ignore[assignment]
-        if not raw:
-            return None
-        return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"_")}
+    async def features(self, customer_id: str) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
+        return orjson.loads(raw) if raw else None
 
     async def forget(self, customer_id: str) -> bool:
         deleted = await self.redis.delete(customer_key(customer_id))
@@ -258,7 +250,7 @@ class InMemoryFeatureStore(FeatureStore):
     """The same contract in a dict, for domain-level tests of the processing step."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self.rows: dict[str, tuple[int, bytes, bytes]] = {}  # version, state blob, features JSON
         self.erased: set[str] = set()
         self.last_seen: dict[int, dict[str, int]] = {}
         self.watermarks: dict[str, int] = {}
@@ -311,16 +303,16 @@ class InMemoryFeatureStore(FeatureStore):
     async def save(self, updates: list[Update]) -> list[str]:
         failed = []
         for up in updates:
-            current = self.rows.get(up.customer_id, (0, b"", {}))[0]
+            current = self.rows.get(up.customer_id, (0, b"", b""))[0]
             if current != up.expected_version:
                 failed.append(up.customer_id)
                 continue
-            self.rows[up.customer_id] = (current + 1, _encode_state(up.state), dict(up.features))
+            self.rows[up.customer_id] = (current + 1, _encode_state(up.state), _encode_features(up.features))
         return failed
 
-    async def features(self, customer_id: str) -> dict[str, str] | None:
+    async def features(self, customer_id: str) -> dict[str, Any] | None:
         row = self.rows.get(customer_id)
-        return dict(row[2]) if row else None
+        return orjson.loads(row[2]) if row else None
 
     async def forget(self, customer_id: str) -> bool:
         self.erased.add(customer_id)

@@ -16,6 +16,7 @@ allowed lateness.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from collections import Counter
@@ -27,6 +28,7 @@ from typing import Any
 from streamproc.domain.events import Click, Event, Transaction
 
 DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
 
 # day-bucket slots
 PURCHASES, SPEND, CLICKS, SESSIONS, VIEWS, CARTS = range(6)
@@ -46,7 +48,7 @@ class Positioned:
 @dataclass(frozen=True, slots=True)
 class FoldConfig:
     dedup_horizon_ms: int = 7 * DAY_MS
-    dedup_max_ids: int = 64
+    dedup_max_ids: int = 32
     session_gap_ms: int = 30 * 60_000
     allowed_lateness_ms: int = 3_600_000
     windows_days: tuple[int, ...] = (7, 30, 90)
@@ -74,7 +76,7 @@ class FoldConfig:
 class CustomerState:
     customer_id: str
     offsets: dict[str, int] = field(default_factory=dict)
-    recent_ids: dict[str, int] = field(default_factory=dict)  # short event id -> event time (ms)
+    recent_ids: dict[str, int] = field(default_factory=dict)  # short event id -> event time (hours)
     clicks: int = 0
     purchases: int = 0
     refunds: int = 0
@@ -96,7 +98,7 @@ class CustomerState:
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.customer_id, "o": self.offsets, "r": self.recent_ids,
+            "id": self.customer_id, "o": self.offsets, "r": _group_ids(self.recent_ids),
             "n": [self.clicks, self.purchases, self.refunds, self.spend_cents, self.refund_cents],
             "t": [self.first_event_ts, self.last_event_ts, self.first_purchase_ts, self.last_purchase_ts,
                   self.reactivated_ts, self.max_ts],
@@ -111,13 +113,25 @@ class CustomerState:
         n = data["n"]
         t = data["t"]
         return cls(
-            customer_id=data["id"], offsets=data["o"], recent_ids=data["r"],
+            customer_id=data["id"], offsets=data["o"], recent_ids=_ungroup_ids(data["r"]),
             clicks=n[0], purchases=n[1], refunds=n[2], spend_cents=n[3], refund_cents=n[4],
             first_event_ts=t[0], last_event_ts=t[1], first_purchase_ts=t[2], last_purchase_ts=t[3],
             reactivated_ts=t[4], max_ts=t[5],
             days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
         )
+
+
+def _group_ids(ids: dict[str, int]) -> dict[str, str]:
+    """{hour: concatenated 8-char ids}: the compact stored form of the recent-id set."""
+    grouped: dict[int, list[str]] = {}
+    for sid, hour in ids.items():
+        grouped.setdefault(hour, []).append(sid)
+    return {str(hour): "".join(sorted(sids)) for hour, sids in grouped.items()}
+
+
+def _ungroup_ids(grouped: dict[str, str]) -> dict[str, int]:
+    return {ids[i : i + 8]: int(hour) for hour, ids in grouped.items() for i in range(0, len(ids), 8)}
 
 
 @dataclass
@@ -138,8 +152,8 @@ class FoldOutcome:
 
 
 def short_event_id(event_id: str) -> str:
-    """A 12-hex-char digest of an event id: enough to deduplicate within one customer, small in Redis."""
-    return hashlib.blake2b(event_id.encode(), digest_size=6).hexdigest()
+    """An 8-char digest of an event id (48 bits): enough to deduplicate within one customer, small in Redis."""
+    return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
 
 
 def calendar_month(ts: int) -> int:
@@ -208,7 +222,7 @@ def _prune(state: CustomerState, cfg: FoldConfig) -> None:
         keep = sorted(state.cat_spend.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.max_categories]
         state.cat_spend = dict(keep)
     if state.recent_ids:
-        horizon = max(state.recent_ids.values()) - cfg.dedup_horizon_ms
+        horizon = max(state.recent_ids.values()) - cfg.dedup_horizon_ms // HOUR_MS
         kept = sorted(((ts, sid) for sid, ts in state.recent_ids.items() if ts >= horizon), reverse=True)
         state.recent_ids = {sid: ts for ts, sid in kept[: cfg.dedup_max_ids]}
 
@@ -277,7 +291,7 @@ def apply_events(
         if sid in state.recent_ids:
             outcome.count(item.source, "duplicate")
             continue
-        state.recent_ids[sid] = item.event.ts
+        state.recent_ids[sid] = item.event.ts // HOUR_MS
         _apply_one(state, item.event, cfg)
         outcome.count(item.source, "applied")
     _close_sessions(state, cfg)
@@ -316,21 +330,30 @@ def value_tier(net_spend: float, cfg: FoldConfig) -> str:
     return "low"
 
 
-def _window(state: CustomerState, as_of: int, days: int, slot: int, offset_days: int = 0) -> int:
-    end = as_of // DAY_MS - offset_days
-    start = end - days
-    total = sum(row[slot] for d, row in state.days.items() if start < d <= end)
-    if slot == SESSIONS:  # open sessions are not in the buckets yet
-        total += sum(1 for s in state.open_sessions if start < s[0] // DAY_MS <= end)
-    return total
+def window_sums(state: CustomerState, as_of: int, windows: Iterable[int]) -> dict[int, list[int]]:
+    """Per window length (days, plus -30 for the 30 days before the last 30): summed day-bucket slots,
+    over UTC days in (as_of_day - w, as_of_day]. One pass over the buckets."""
+    today = as_of // DAY_MS
+    spans = {w: (today - w, today) for w in windows}
+    spans[-30] = (today - 60, today - 30)
+    sums = {w: [0, 0, 0, 0, 0, 0] for w in spans}
+    bounds = list(spans.items())
+    for day, row in state.days.items():
+        for w, (lo, hi) in bounds:
+            if lo < day <= hi:
+                acc = sums[w]
+                for i in range(6):
+                    acc[i] += row[i]
+    for sess in state.open_sessions:  # open sessions are not in the buckets yet
+        day = sess[0] // DAY_MS
+        for w, (lo, hi) in bounds:
+            if lo < day <= hi:
+                sums[w][SESSIONS] += 1
+    return sums
 
 
 def _trend(recent: int, before: int) -> float:
-    return 0.0 if recent + before == 0 else (recent - before) / (recent + before)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+    return 0.0 if recent + before == 0 else round((recent - before) / (recent + before), 4)
 
 
 def session_totals(state: CustomerState) -> list[int]:
@@ -366,62 +389,64 @@ def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | No
     return predictive, observed
 
 
-def features(state: CustomerState, as_of: int, cfg: FoldConfig) -> dict[str, str]:
-    """Every readable feature as of event time ``as_of``, as flat strings for a Redis hash."""
-    net = (state.spend_cents - state.refund_cents) / 100
-    out: dict[str, str] = {
+def features(state: CustomerState, as_of: int, cfg: FoldConfig) -> dict[str, Any]:
+    """Every readable feature as of event time ``as_of`` (JSON-ready: numbers, strings, dicts)."""
+    net_cents = state.spend_cents - state.refund_cents
+    out: dict[str, Any] = {
         "customer_id": state.customer_id,
-        "as_of_ts": str(as_of),
-        "frequency": str(state.purchases),
-        "refunds": str(state.refunds),
-        "clicks": str(state.clicks),
-        "monetary_total": f"{net:.2f}",
-        "monetary_avg": f"{net / state.purchases:.2f}" if state.purchases else "0.00",
-        "refund_total": f"{state.refund_cents / 100:.2f}",
+        "as_of_ts": as_of,
+        "frequency": state.purchases,
+        "refunds": state.refunds,
+        "clicks": state.clicks,
+        "monetary_total": net_cents / 100,
+        "monetary_avg": round(net_cents / state.purchases / 100, 2) if state.purchases else 0.0,
+        "refund_total": state.refund_cents / 100,
+        "last_event_ts": state.last_event_ts,
+        "first_event_ts": state.first_event_ts,
+        "first_purchase_ts": state.first_purchase_ts,
+        "last_purchase_ts": state.last_purchase_ts,
+        "days_since_last_event": None,
+        "tenure_days": None,
+        "recency_days": None,
     }
     if state.last_event_ts is not None:
-        out["last_event_ts"] = str(state.last_event_ts)
-        out["days_since_last_event"] = _fmt(round(max(as_of - state.last_event_ts, 0) / DAY_MS, 4))
+        out["days_since_last_event"] = round(max(as_of - state.last_event_ts, 0) / DAY_MS, 4)
     if state.first_event_ts is not None:
-        out["first_event_ts"] = str(state.first_event_ts)
-        out["tenure_days"] = _fmt(round(max(as_of - state.first_event_ts, 0) / DAY_MS, 4))
-    if state.last_purchase_ts is not None and state.first_purchase_ts is not None:
-        out["first_purchase_ts"] = str(state.first_purchase_ts)
-        out["last_purchase_ts"] = str(state.last_purchase_ts)
-        out["recency_days"] = _fmt(round(max(as_of - state.last_purchase_ts, 0) / DAY_MS, 4))
+        out["tenure_days"] = round(max(as_of - state.first_event_ts, 0) / DAY_MS, 4)
+    if state.last_purchase_ts is not None:
+        out["recency_days"] = round(max(as_of - state.last_purchase_ts, 0) / DAY_MS, 4)
+    sums = window_sums(state, as_of, cfg.windows_days)
     for days in cfg.windows_days:
-        out[f"purchases_{days}d"] = str(_window(state, as_of, days, PURCHASES))
-        out[f"spend_{days}d"] = f"{_window(state, as_of, days, SPEND) / 100:.2f}"
-        out[f"clicks_{days}d"] = str(_window(state, as_of, days, CLICKS))
-        out[f"sessions_{days}d"] = str(_window(state, as_of, days, SESSIONS))
-        out[f"product_views_{days}d"] = str(_window(state, as_of, days, VIEWS))
-        out[f"add_to_carts_{days}d"] = str(_window(state, as_of, days, CARTS))
-    out["spend_trend_30d"] = _fmt(round(_trend(_window(state, as_of, 30, SPEND),
-                                                _window(state, as_of, 30, SPEND, 30)), 4))
-    out["clicks_trend_30d"] = _fmt(round(_trend(_window(state, as_of, 30, CLICKS),
-                                                 _window(state, as_of, 30, CLICKS, 30)), 4))
+        row = sums[days]
+        out[f"purchases_{days}d"] = row[PURCHASES]
+        out[f"spend_{days}d"] = row[SPEND] / 100
+        out[f"clicks_{days}d"] = row[CLICKS]
+        out[f"sessions_{days}d"] = row[SESSIONS]
+        out[f"product_views_{days}d"] = row[VIEWS]
+        out[f"add_to_carts_{days}d"] = row[CARTS]
+    last30 = sums[30] if 30 in sums else window_sums(state, as_of, (30,))[30]
+    out["spend_trend_30d"] = _trend(last30[SPEND], sums[-30][SPEND])
+    out["clicks_trend_30d"] = _trend(last30[CLICKS], sums[-30][CLICKS])
     s = session_totals(state)
-    out["sessions"] = str(s[S_COUNT])
-    out["session_length_avg_s"] = _fmt(round(s[S_LENGTH_MS] / s[S_COUNT] / 1000, 2)) if s[S_COUNT] else "0"
-    out["events_per_session_avg"] = _fmt(round(s[S_EVENTS] / s[S_COUNT], 4)) if s[S_COUNT] else "0"
-    out["conversion_rate"] = _fmt(round(s[S_CONVERTED] / s[S_COUNT], 4)) if s[S_COUNT] else "0"
-    out["cart_abandonment_rate"] = _fmt(round(s[S_ABANDONED] / s[S_WITH_CART], 4)) if s[S_WITH_CART] else "0"
+    n = s[S_COUNT]
+    out["sessions"] = n
+    out["session_length_avg_s"] = round(s[S_LENGTH_MS] / n / 1000, 2) if n else 0.0
+    out["events_per_session_avg"] = round(s[S_EVENTS] / n, 4) if n else 0.0
+    out["conversion_rate"] = round(s[S_CONVERTED] / n, 4) if n else 0.0
+    out["cart_abandonment_rate"] = round(s[S_ABANDONED] / s[S_WITH_CART], 4) if s[S_WITH_CART] else 0.0
     views = sum(state.cat_views.values())
     spend = sum(v for v in state.cat_spend.values() if v > 0)
-    shares: dict[str, float] = {}
-    for cat, n in state.cat_views.items():
-        out[f"cat_view_share:{cat}"] = _fmt(round(n / views, 4))
-        shares[cat] = shares.get(cat, 0.0) + n / views / 2
-    for cat, c in state.cat_spend.items():
-        if spend and c > 0:
-            out[f"cat_spend_share:{cat}"] = _fmt(round(c / spend, 4))
-            shares[cat] = shares.get(cat, 0.0) + c / spend / 2
-    out["top_categories"] = ",".join(c for c, _ in sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+    view_share = {c: round(v / views, 4) for c, v in sorted(state.cat_views.items())} if views else {}
+    spend_share = {c: round(v / spend, 4) for c, v in sorted(state.cat_spend.items()) if v > 0} if spend else {}
+    out["category_view_share"] = view_share
+    out["category_spend_share"] = spend_share
+    combined = {c: view_share.get(c, 0.0) / 2 + spend_share.get(c, 0.0) / 2 for c in {*view_share, *spend_share}}
+    out["top_categories"] = [c for c, _ in sorted(combined.items(), key=lambda kv: (-kv[1], kv[0]))[:3]]
     predictive, observed = clv(state, as_of, cfg)
-    out["clv"] = f"{predictive:.2f}"
-    out["clv_observed_dcf"] = f"{observed:.2f}"
-    out["value_tier"] = value_tier(net, cfg)
+    out["clv"] = round(predictive, 2)
+    out["clv_observed_dcf"] = round(observed, 2)
+    out["value_tier"] = value_tier(net_cents / 100, cfg)
     stage, since = lifecycle(state, as_of, cfg)
     out["lifecycle_stage"] = stage
-    out["lifecycle_since_ts"] = str(since)
+    out["lifecycle_since_ts"] = since
     return out

@@ -53,14 +53,14 @@ def test_rfm_with_refunds_netted():
                        click(4, at(-3))])
     assert out.total("applied") == 4
     f = features(state, at(20), CFG)
-    assert f["frequency"] == "2" and f["refunds"] == "1"
-    assert f["monetary_total"] == "85.00"  # 40 + 60 - 15
-    assert f["monetary_avg"] == "42.50"  # net spend / purchases
-    assert f["refund_total"] == "15.00"
-    assert f["recency_days"] == "10"  # last purchase at day 10, as of day 20
-    assert f["days_since_last_event"] == "8"  # the refund at day 12 is activity
-    assert f["first_purchase_ts"] == str(at(0)) and f["last_purchase_ts"] == str(at(10))
-    assert f["first_event_ts"] == str(at(-3)) and f["tenure_days"] == "23"
+    assert f["frequency"] == 2 and f["refunds"] == 1
+    assert f["monetary_total"] == 85.0  # 40 + 60 - 15
+    assert f["monetary_avg"] == 42.5  # net spend / purchases
+    assert f["refund_total"] == 15.0
+    assert f["recency_days"] == 10  # last purchase at day 10, as of day 20
+    assert f["days_since_last_event"] == 8  # the refund at day 12 is activity
+    assert f["first_purchase_ts"] == at(0) and f["last_purchase_ts"] == at(10)
+    assert f["first_event_ts"] == at(-3) and f["tenure_days"] == 23
 
 
 def test_rolling_windows_and_trend_on_event_time():
@@ -69,16 +69,16 @@ def test_rolling_windows_and_trend_on_event_time():
               click(6, at(-100))]
     state, _ = fold(events)
     f = features(state, at(0), CFG)
-    assert (f["purchases_7d"], f["spend_7d"]) == ("1", "20.00")
-    assert (f["purchases_30d"], f["spend_30d"]) == ("2", "50.00")
-    assert (f["purchases_90d"], f["spend_90d"]) == ("3", "150.00")
-    assert f["clicks_7d"] == "2" and f["clicks_90d"] == "2"  # the click at day -100 is outside 90 days
-    assert f["product_views_7d"] == "1" and f["add_to_carts_7d"] == "1"
+    assert (f["purchases_7d"], f["spend_7d"]) == (1, 20.0)
+    assert (f["purchases_30d"], f["spend_30d"]) == (2, 50.0)
+    assert (f["purchases_90d"], f["spend_90d"]) == (3, 150.0)
+    assert f["clicks_7d"] == 2 and f["clicks_90d"] == 2  # the click at day -100 is outside 90 days
+    assert f["product_views_7d"] == 1 and f["add_to_carts_7d"] == 1
     # last 30 days spent 50, the 30 before spent 100: (50 - 100) / (50 + 100)
-    assert f["spend_trend_30d"] == "-0.3333"
+    assert f["spend_trend_30d"] == -0.3333
     # the same state seen 60 days later: everything has aged out of the 7- and 30-day windows
     later = features(state, at(60), CFG)
-    assert later["purchases_7d"] == "0" and later["spend_30d"] == "0.00" and later["purchases_90d"] == "2"
+    assert later["purchases_7d"] == 0 and later["spend_30d"] == 0 and later["purchases_90d"] == 2
 
 
 def test_sessions_from_an_inactivity_gap_including_one_across_midnight():
@@ -94,13 +94,13 @@ def test_sessions_from_an_inactivity_gap_including_one_across_midnight():
     ]
     state, _ = fold([*events[:3], txn(7, midnight + 16 * MIN, 25.0), *events[3:]])
     f = features(state, midnight + 2 * DAY_MS, CFG)
-    assert f["sessions"] == "3"
+    assert f["sessions"] == 3
     # lengths 26 min (23:50 → 00:16 with the purchase), 10 min, 0 → mean 12 min
-    assert f["session_length_avg_s"] == "720"
-    assert f["events_per_session_avg"] == "2.3333"  # (4 + 2 + 1) / 3
-    assert f["conversion_rate"] == "0.3333"
-    assert f["cart_abandonment_rate"] == "0.5"  # 2 sessions with a cart, one bought
-    assert f["sessions_7d"] == "3"
+    assert f["session_length_avg_s"] == 720
+    assert f["events_per_session_avg"] == 2.3333  # (4 + 2 + 1) / 3
+    assert f["conversion_rate"] == 0.3333
+    assert f["cart_abandonment_rate"] == 0.5  # 2 sessions with a cart, one bought
+    assert f["sessions_7d"] == 3
     # the session that crossed midnight counts on the day it started
     assert state.days[(midnight - 10 * MIN) // DAY_MS][3] == 1
 
@@ -108,9 +108,9 @@ def test_sessions_from_an_inactivity_gap_including_one_across_midnight():
 def test_a_gap_bridged_by_a_late_event_merges_two_sessions():
     cfg = FoldConfig(session_gap_ms=30 * MIN, allowed_lateness_ms=60 * MIN)
     a, _ = fold([click(1, at(0)), click(2, at(0, 50)), click(3, at(0, 25))], cfg)  # 25 arrives last
-    assert features(a, at(1), cfg)["sessions"] == "1"
+    assert features(a, at(1), cfg)["sessions"] == 1
     b, _ = fold([click(1, at(0)), click(2, at(0, 50))], cfg)
-    assert features(b, at(1), cfg)["sessions"] == "2"
+    assert features(b, at(1), cfg)["sessions"] == 2
 
 
 def test_category_affinity():
@@ -119,10 +119,10 @@ def test_category_affinity():
               txn(5, at(0, 4), 30.0, category="toys"), txn(6, at(0, 5), 10.0, category="home")]
     state, _ = fold(events)
     f = features(state, at(1), CFG)
-    assert f["cat_view_share:books"] == "0.5" and f["cat_view_share:toys"] == "0.25"
-    assert f["cat_spend_share:toys"] == "0.75" and f["cat_spend_share:home"] == "0.25"
+    assert f["category_view_share"] == {"books": 0.5, "toys": 0.25, "home": 0.25}
+    assert f["category_spend_share"] == {"toys": 0.75, "home": 0.25}
     # combined share: toys (0.125 + 0.375) > home (0.125 + 0.125) = books (0.25 + 0); ties by name
-    assert f["top_categories"] == "toys,books,home"
+    assert f["top_categories"] == ["toys", "books", "home"]
 
 
 def test_clv_formula_and_value_tier():
@@ -136,7 +136,7 @@ def test_clv_formula_and_value_tier():
     now = calendar_month(at(60))
     assert observed == pytest.approx(sum(600.0 * 1.1 ** (now - m) for m in months))
     f = features(state, at(60), cfg)
-    assert f["value_tier"] == "high" and f["clv"] == f"{expected:.2f}"
+    assert f["value_tier"] == "high" and f["clv"] == round(expected, 2)
     assert features(fold([txn(1, at(0), 700.0)])[0], at(1), CFG)["value_tier"] == "medium"
     assert features(fold([txn(1, at(0), 70.0)])[0], at(1), CFG)["value_tier"] == "low"
 
@@ -176,10 +176,14 @@ def test_fences_are_per_partition():
 
 
 def test_recent_ids_are_bounded_and_keep_the_newest():
-    cfg = FoldConfig(dedup_horizon_ms=100, dedup_max_ids=3)
-    state, _ = fold([click(i, T0 + i * 10) for i in range(20)], cfg)
+    hour = 60 * MIN
+    cfg = FoldConfig(dedup_horizon_ms=10 * hour, dedup_max_ids=3)
+    state, _ = fold([click(i, T0 + i * hour) for i in range(20)], cfg)
     assert len(state.recent_ids) == 3
-    assert max(state.recent_ids.values()) == T0 + 190
+    assert sorted(state.recent_ids.values()) == [(T0 + i * hour) // hour for i in (17, 18, 19)]
+    # within the horizon and the bound, a duplicate is still caught
+    _, out = fold([click(19, T0 + 19 * hour)], cfg, source="clicks:9", state=state)
+    assert out.total("duplicate") == 1
 
 
 def test_old_day_buckets_are_pruned():
