@@ -124,6 +124,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           quiet=args.quiet)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from streamproc.replay import run_replay
+
+    mapping = dict(item.split("=", 1) for item in args.map)
+    stats = run_replay(_settings(), Path(args.file), args.format, mapping, args.speed, args.topic, args.quiet)
+    return 0 if stats.sent else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamproc.demo import run_demo
 
@@ -178,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-file", default=None, help="write JSON lines here instead of producing to Kafka")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("replay", help="publish recorded events (JSON lines or CSV) in event-time order")
+    p.add_argument("file")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: from the file suffix")
+    p.add_argument("--map", action="append", default=[], metavar="COLUMN=FIELD", help="CSV column mapping")
+    p.add_argument("--speed", type=float, default=0.0, help="event time / wall time (0: as fast as possible)")
+    p.add_argument("--topic", choices=["clicks", "transactions"], default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=300)

@@ -149,6 +149,7 @@ class BatchProcessor:
         self.late_policy = late_policy
         self.watermarks = Watermarks(fold.allowed_lateness_ms)
         self._watermarks_loaded = False
+        self.swept: dict[int, int] = {}  # partition -> watermark the inactivity sweep has reached
         self.expire_after_days = expire_after_days
         self.sweep_interval_ms = sweep_interval_ms
         self.boundaries = sorted(
@@ -204,6 +205,7 @@ class BatchProcessor:
         if not self._watermarks_loaded:
             # resume each partition's watermark where the last run left it, so lateness is judged the same
             self.watermarks.max_ts.update(await self.store.load_watermarks())
+            self.swept.update(await self.store.sweep_marks())
             self._watermarks_loaded = True
         result = BatchResult()
         # watermarks advance only once the batch is saved, so a retried batch is judged the same way
@@ -240,7 +242,8 @@ class BatchProcessor:
                 if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
                     customer_result.dead_letters
                 ):
-                    updates.append(Update(cid, row.version, state, features(state, state.max_ts, self.fold)))
+                    as_of = self.as_of(state, self.swept.get(items[-1][0].partition, 0))
+                    updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
             t0 = time.perf_counter()
             failed = set(await self.store.save(updates))
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
@@ -299,6 +302,15 @@ class BatchProcessor:
                         hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
         return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
 
+    def as_of(self, state: CustomerState, swept_to: int) -> int:
+        """The event time stored features are computed as of: the customer's newest event, or the latest
+        silence boundary the sweep has already passed (an event the sweep overtook, e.g. on a topic that
+        lags the other one, is stored as the sweep would have stored it). Either way not batching-dependent.
+        """
+        last = state.last_event_ts or state.max_ts
+        crossed = [d for d in self.boundaries if last + d * DAY_MS <= swept_to]
+        return max(state.max_ts, last + crossed[-1] * DAY_MS) if crossed else state.max_ts
+
     async def sweep(self) -> int:
         """Bring silent customers' stored features up to date as the watermark passes silence boundaries.
 
@@ -311,7 +323,7 @@ class BatchProcessor:
         for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
             # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
             wm = exact_wm - exact_wm % self.sweep_interval_ms
-            low = marks.get(partition, 0)  # never swept: every boundary up to the watermark is due
+            low = max(marks.get(partition, 0), self.swept.get(partition, 0))  # 0: every boundary is due
             if wm <= low:
                 continue
             spans = [d * DAY_MS for d in self.boundaries]
@@ -328,6 +340,7 @@ class BatchProcessor:
             for i in range(0, len(ordered), SWEEP_CHUNK):
                 touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm)
             await self.store.set_sweep_mark(partition, wm)
+            self.swept[partition] = wm
         self.metrics.sweep_customers.inc(touched)
         return touched
 

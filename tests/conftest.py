@@ -40,9 +40,8 @@ def infra(base_settings: Settings) -> Iterator[Settings]:
     yield base_settings
 
 
-@pytest.fixture
-def settings(infra: Settings, tmp_path: Path) -> Iterator[Settings]:
-    """Settings isolated for one test: own topics, consumer group, Redis db and web port."""
+def isolated(infra: Settings, state_dir: Path) -> Settings:
+    """Settings of an isolated environment: own topics, consumer group, Redis db and web port."""
     import redis
 
     global _redis_dbs
@@ -58,12 +57,56 @@ def settings(infra: Settings, tmp_path: Path) -> Iterator[Settings]:
         "app_id": f"streamproc-test-{tag}",
         "redis_url": f"{base_url}/{db}",
         "web_port": free_port(),
-        "state_dir": tmp_path / "state",
+        "state_dir": state_dir / tag,
     })
     client = redis.Redis.from_url(s.redis_url)
     client.flushdb()
     client.close()
-    yield s
+    return s
+
+
+@pytest.fixture
+def settings(infra: Settings, tmp_path: Path) -> Settings:
+    return isolated(infra, tmp_path)
+
+
+@pytest.fixture
+def env_factory(infra: Settings, tmp_path: Path):
+    """More isolated environments in one test, topics applied."""
+    from streamproc.topics import apply_topics
+
+    def make() -> Settings:
+        s = isolated(infra, tmp_path)
+        report = apply_topics(s)
+        assert report.ok, report.mismatched
+        return s
+
+    return make
+
+
+def redis_snapshot(settings: Settings) -> dict[str, object]:
+    """Everything streamproc keeps in a Redis db, comparable across runs (write counts left out)."""
+    import redis
+
+    r = redis.Redis.from_url(settings.redis_url)
+    out: dict[str, object] = {}
+    try:
+        for key in sorted(r.scan_iter(count=1000)):
+            kind = r.type(key)
+            name = key.decode()
+            if kind == b"hash":
+                out[name] = {k: v for k, v in r.hgetall(key).items() if k != b"_v"}
+            elif kind == b"zset":
+                out[name] = r.zrange(key, 0, -1, withscores=True)
+            elif kind == b"set":
+                out[name] = sorted(r.smembers(key))
+            elif kind == b"string" and name.startswith(("sp:agg:", "sp:cohort:")):
+                out[name] = r.pfcount(key)
+            else:
+                out[name] = r.dump(key)
+    finally:
+        r.close()
+    return out
 
 
 @pytest.fixture

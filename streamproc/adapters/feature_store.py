@@ -3,7 +3,7 @@
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
     cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count)
-    sp:erased              set    customer ids that were erased (a replay must not bring them back)
+    sp:erased              set    digests of erased customer ids (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
     sp:sweep               hash   partition -> watermark up to which the sweep has run
     sp:wm                  hash   input source (kind:partition) -> largest event time seen
@@ -19,6 +19,7 @@ fence change in one atomic step.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,11 @@ ERASED_KEY = "sp:erased"
 
 def customer_key(customer_id: str) -> str:
     return f"cust:{{{customer_id}}}"
+
+
+def erasure_digest(customer_id: str) -> str:
+    """What the erasure list keeps: a digest, not the id itself."""
+    return hashlib.blake2b(customer_id.encode(), digest_size=16, person=b"sp-erased").hexdigest()
 
 
 @dataclass(slots=True)
@@ -146,7 +152,7 @@ class RedisFeatureStore(FeatureStore):
         pipe = self.redis.pipeline(transaction=False)
         for cid in customer_ids:
             pipe.hmget(customer_key(cid), "_v", "_s")
-        pipe.smismember(ERASED_KEY, customer_ids)
+        pipe.smismember(ERASED_KEY, [erasure_digest(cid) for cid in customer_ids])
         results = await pipe.execute()
         erased_flags = results[-1]
         out: dict[str, Loaded] = {}
@@ -236,7 +242,7 @@ class RedisFeatureStore(FeatureStore):
     async def forget(self, customer_id: str) -> bool:
         deleted = await self.redis.delete(customer_key(customer_id))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(ERASED_KEY, customer_id)
+        pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
         async for key in self.redis.scan_iter("sp:lastseen:*", count=100):
             pipe.zrem(key, customer_id)
         await pipe.execute()

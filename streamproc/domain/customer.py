@@ -9,9 +9,10 @@ they are saved atomically with it:
 * a bounded set of recent event ids (``recent_ids``): the same ``event_id`` arriving again at another
   offset (a producer retry) counts once.
 
-Everything else is a commutative aggregate (sums per UTC day, per month, per category; sessions merged
-by an inactivity gap), so the features do not depend on the order in which events arrive within the
-allowed lateness.
+Everything else is a commutative aggregate (sums per UTC day, per month, per category), or is driven
+by one input topic alone (sessions come from clicks; the duplicate filter is kept per topic), and every
+bounded structure is trimmed event by event. So the stored features depend neither on how records were
+batched nor on how the clicks and transactions topics interleave, which Kafka does not fix.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class FoldConfig:
 
     @property
     def day_horizon(self) -> int:
-        """Days of buckets kept behind the newest event: the longest window, and 60 for the trend."""
-        return max(max(self.windows_days), 60) + math.ceil(self.allowed_lateness_ms / DAY_MS) + 1
+        """Days of buckets kept behind the newest event: the longest window, 60 for the trend, and enough
+        to see a comeback (a silence of churned_days within the last new_days)."""
+        needed = max(max(self.windows_days), 60, self.churned_days + self.new_days)
+        return needed + math.ceil(self.allowed_lateness_ms / DAY_MS) + 1
 
 
 @dataclass
@@ -86,14 +89,14 @@ class CustomerState:
     last_event_ts: int | None = None
     first_purchase_ts: int | None = None
     last_purchase_ts: int | None = None
-    reactivated_ts: int | None = None  # last return after a silence of churned_days or more
     days: dict[int, list[int]] = field(default_factory=dict)  # UTC day -> [purchases, cents, clicks, ...]
     months: dict[int, int] = field(default_factory=dict)  # calendar month (UTC) -> net cents
-    open_sessions: list[list[int]] = field(default_factory=list)  # [start, end, events, cart, purchase]
+    open_sessions: list[list[int]] = field(default_factory=list)  # [start, end, clicks, cart, checkout]
     closed: list[int] = field(default_factory=lambda: [0] * 6)
     cat_views: dict[str, int] = field(default_factory=dict)
     cat_spend: dict[str, int] = field(default_factory=dict)
-    max_ts: int = 0  # newest event time of this customer (drives session closing and pruning)
+    max_ts: int = 0  # newest event time of this customer (drives pruning of day buckets)
+    max_click_ts: int = 0  # newest click (drives session closing: sessions come from clicks only)
 
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +104,7 @@ class CustomerState:
             "id": self.customer_id, "o": self.offsets, "r": _group_ids(self.recent_ids),
             "n": [self.clicks, self.purchases, self.refunds, self.spend_cents, self.refund_cents],
             "t": [self.first_event_ts, self.last_event_ts, self.first_purchase_ts, self.last_purchase_ts,
-                  self.reactivated_ts, self.max_ts],
+                  self.max_ts, self.max_click_ts],
             "d": {str(k): v for k, v in sorted(self.days.items())},
             "m": {str(k): v for k, v in sorted(self.months.items())},
             "s": sorted(self.open_sessions), "sc": self.closed,
@@ -116,14 +119,14 @@ class CustomerState:
             customer_id=data["id"], offsets=data["o"], recent_ids=_ungroup_ids(data["r"]),
             clicks=n[0], purchases=n[1], refunds=n[2], spend_cents=n[3], refund_cents=n[4],
             first_event_ts=t[0], last_event_ts=t[1], first_purchase_ts=t[2], last_purchase_ts=t[3],
-            reactivated_ts=t[4], max_ts=t[5],
+            max_ts=t[4], max_click_ts=t[5],
             days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
         )
 
 
 def _group_ids(ids: dict[str, int]) -> dict[str, str]:
-    """{hour: concatenated 8-char ids}: the compact stored form of the recent-id set."""
+    """{hour: concatenated 9-char ids (topic letter + digest)}: the compact stored form of the recent ids."""
     grouped: dict[int, list[str]] = {}
     for sid, hour in ids.items():
         grouped.setdefault(hour, []).append(sid)
@@ -131,7 +134,7 @@ def _group_ids(ids: dict[str, int]) -> dict[str, str]:
 
 
 def _ungroup_ids(grouped: dict[str, str]) -> dict[str, int]:
-    return {ids[i : i + 8]: int(hour) for hour, ids in grouped.items() for i in range(0, len(ids), 8)}
+    return {ids[i : i + 9]: int(hour) for hour, ids in grouped.items() for i in range(0, len(ids), 9)}
 
 
 @dataclass
@@ -178,63 +181,80 @@ def _bucket(state: CustomerState, ts: int) -> list[int]:
     return row
 
 
-def _touch_session(state: CustomerState, ts: int, cart: int, purchase: int, cfg: FoldConfig) -> None:
-    """Add activity at ``ts`` to the open sessions, merging sessions the gap now bridges."""
+def _touch_session(state: CustomerState, ts: int, cart: int, checkout: int, cfg: FoldConfig) -> None:
+    """Add a click at ``ts`` to the open sessions, merging sessions the gap now bridges."""
     gap = cfg.session_gap_ms
     sessions = state.open_sessions
     hit = [s for s in sessions if s[0] - gap <= ts <= s[1] + gap]
     if not hit:
-        sessions.append([ts, ts, 1, cart, purchase])
+        sessions.append([ts, ts, 1, cart, checkout])
         return
     merged = [min(ts, *(s[0] for s in hit)), max(ts, *(s[1] for s in hit)), 1 + sum(s[2] for s in hit),
-              max(cart, *(s[3] for s in hit)), max(purchase, *(s[4] for s in hit))]
+              max(cart, *(s[3] for s in hit)), max(checkout, *(s[4] for s in hit))]
     state.open_sessions = [s for s in sessions if all(s is not h for h in hit)] + [merged]
 
 
 def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
-    """Close sessions no on-time event can extend any more, folding them into the aggregates."""
-    horizon = state.max_ts - cfg.session_gap_ms - cfg.allowed_lateness_ms
+    """Close sessions no on-time click can extend any more, folding them into the aggregates."""
+    horizon = state.max_click_ts - cfg.session_gap_ms - cfg.allowed_lateness_ms
+    if not state.open_sessions or min(s[1] for s in state.open_sessions) >= horizon:
+        return
     keep = []
     for s in state.open_sessions:
         if s[1] < horizon:
-            start, end, events, cart, purchase = s
+            start, end, clicks, cart, checkout = s
             c = state.closed
             c[S_COUNT] += 1
             c[S_LENGTH_MS] += end - start
-            c[S_EVENTS] += events
-            c[S_CONVERTED] += purchase
+            c[S_EVENTS] += clicks
+            c[S_CONVERTED] += checkout
             c[S_WITH_CART] += cart
-            c[S_ABANDONED] += 1 if cart and not purchase else 0
+            c[S_ABANDONED] += 1 if cart and not checkout else 0
             _bucket(state, start)[SESSIONS] += 1
         else:
             keep.append(s)
     state.open_sessions = keep
 
 
-def _prune(state: CustomerState, cfg: FoldConfig) -> None:
+def _cap(counts: dict[str, int], limit: int) -> None:
+    """Keep at most ``limit`` entries, dropping the smallest (ties: the last name) one at a time."""
+    while len(counts) > limit:
+        del counts[min(counts, key=lambda k: (counts[k], [-ord(ch) for ch in k]))]
+
+
+def _remember(state: CustomerState, kind: str, sid: str, ts: int, cfg: FoldConfig) -> bool:
+    """Record an event id in its topic's recent set; False if it was already there (a duplicate)."""
+    key = kind[0] + sid
+    if key in state.recent_ids:
+        return False
+    hour = ts // HOUR_MS
+    ids = state.recent_ids
+    ids[key] = hour
+    same_kind = [k for k in ids if k[0] == key[0]]
+    newest = max(ids[k] for k in same_kind)
+    horizon = newest - cfg.dedup_horizon_ms // HOUR_MS
+    for k in same_kind:
+        if ids[k] < horizon:
+            del ids[k]
+    same_kind = [k for k in ids if k[0] == key[0]]
+    while len(same_kind) > cfg.dedup_max_ids:
+        oldest = min(same_kind, key=lambda k: (ids[k], k))
+        del ids[oldest]
+        same_kind.remove(oldest)
+    return True
+
+
+def _prune_days(state: CustomerState, cfg: FoldConfig) -> None:
     oldest_day = state.max_ts // DAY_MS - cfg.day_horizon
     if state.days and min(state.days) < oldest_day:
         state.days = {d: row for d, row in state.days.items() if d >= oldest_day}
-    if len(state.cat_views) > cfg.max_categories:
-        keep = sorted(state.cat_views.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.max_categories]
-        state.cat_views = dict(keep)
-    if len(state.cat_spend) > cfg.max_categories:
-        keep = sorted(state.cat_spend.items(), key=lambda kv: (-kv[1], kv[0]))[: cfg.max_categories]
-        state.cat_spend = dict(keep)
-    if state.recent_ids:
-        horizon = max(state.recent_ids.values()) - cfg.dedup_horizon_ms // HOUR_MS
-        kept = sorted(((ts, sid) for sid, ts in state.recent_ids.items() if ts >= horizon), reverse=True)
-        state.recent_ids = {sid: ts for ts, sid in kept[: cfg.dedup_max_ids]}
 
 
 def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
     ts = event.ts
-    previous_last = state.last_event_ts
-    if previous_last is not None and ts - previous_last >= cfg.churned_days * DAY_MS:
-        state.reactivated_ts = ts if state.reactivated_ts is None else max(state.reactivated_ts, ts)
     if state.first_event_ts is None or ts < state.first_event_ts:
         state.first_event_ts = ts
-    if previous_last is None or ts > previous_last:
+    if state.last_event_ts is None or ts > state.last_event_ts:
         state.last_event_ts = ts
     state.max_ts = max(state.max_ts, ts)
     row = _bucket(state, ts)
@@ -245,9 +265,13 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
             row[VIEWS] += 1
             if event.category:
                 state.cat_views[event.category] = state.cat_views.get(event.category, 0) + 1
+                _cap(state.cat_views, cfg.max_categories)
         elif event.action == "add_to_cart":
             row[CARTS] += 1
-        _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0, 0, cfg)
+        state.max_click_ts = max(state.max_click_ts, ts)
+        _close_sessions(state, cfg)
+        _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0,
+                       1 if event.action == "checkout" else 0, cfg)
         return
     assert isinstance(event, Transaction)
     amount = cents(event.amount)
@@ -265,7 +289,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
         for item in event.items:
             line = cents(item.unit_price * item.quantity)
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
-        _touch_session(state, ts, 0, 1, cfg)
+        _cap(state.cat_spend, cfg.max_categories)
     else:
         state.refunds += 1
         state.refund_cents += amount
@@ -274,6 +298,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
         for item in event.items:
             line = cents(item.unit_price * item.quantity)
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) - line
+        _cap(state.cat_spend, cfg.max_categories)
 
 
 def apply_events(
@@ -287,15 +312,12 @@ def apply_events(
             outcome.count(item.source, "replayed")
             continue
         state.offsets[item.source] = item.offset
-        sid = short_event_id(item.event.event_id)
-        if sid in state.recent_ids:
+        if not _remember(state, item.source, short_event_id(item.event.event_id), item.event.ts, cfg):
             outcome.count(item.source, "duplicate")
             continue
-        state.recent_ids[sid] = item.event.ts // HOUR_MS
         _apply_one(state, item.event, cfg)
         outcome.count(item.source, "applied")
-    _close_sessions(state, cfg)
-    _prune(state, cfg)
+    _prune_days(state, cfg)
     return state, outcome
 
 
@@ -312,14 +334,32 @@ def lifecycle(state: CustomerState, as_of: int, cfg: FoldConfig) -> tuple[str, i
         return "churned", last + cfg.churned_days * DAY_MS
     if silent >= cfg.at_risk_days * DAY_MS:
         return "at_risk", last + cfg.at_risk_days * DAY_MS
-    if state.reactivated_ts is not None and as_of - state.reactivated_ts < cfg.new_days * DAY_MS:
-        return "reactivated", state.reactivated_ts
+    comeback = reactivation(state, as_of, cfg)
+    if comeback is not None and as_of - comeback < cfg.new_days * DAY_MS:
+        return "reactivated", comeback
     if as_of - first < cfg.new_days * DAY_MS:
         return "new", first
     became_active = first + cfg.new_days * DAY_MS
-    if state.reactivated_ts is not None:
-        became_active = max(became_active, state.reactivated_ts + cfg.new_days * DAY_MS)
+    if comeback is not None:
+        became_active = max(became_active, comeback + cfg.new_days * DAY_MS)
     return "active", became_active
+
+
+def reactivation(state: CustomerState, as_of: int, cfg: FoldConfig) -> int | None:
+    """Start (UTC day) of the latest comeback: an active day after churned_days without activity, found
+    in the day buckets, so it does not depend on the order events arrived in."""
+    today = as_of // DAY_MS
+    active = sorted(d for d, row in state.days.items() if d <= today and (row[PURCHASES] or row[CLICKS]
+                                                                        or row[SPEND]))
+    first_day = state.first_event_ts // DAY_MS if state.first_event_ts is not None else None
+    for prev, day in zip(reversed(active[:-1]), reversed(active), strict=False):
+        if day - prev > cfg.churned_days:
+            return day * DAY_MS
+        if today - day > cfg.new_days + cfg.churned_days:
+            break
+    if active and first_day is not None and active[0] - first_day > cfg.churned_days:
+        return active[0] * DAY_MS
+    return None
 
 
 def value_tier(net_spend: float, cfg: FoldConfig) -> str:
@@ -357,15 +397,15 @@ def _trend(recent: int, before: int) -> float:
 
 
 def session_totals(state: CustomerState) -> list[int]:
-    """Closed plus still-open sessions: [count, length ms, events, converted, with cart, abandoned]."""
+    """Closed plus still-open sessions: [count, length ms, clicks, with checkout, with cart, abandoned]."""
     totals = list(state.closed)
-    for start, end, events, cart, purchase in state.open_sessions:
+    for start, end, clicks, cart, checkout in state.open_sessions:
         totals[S_COUNT] += 1
         totals[S_LENGTH_MS] += end - start
-        totals[S_EVENTS] += events
-        totals[S_CONVERTED] += purchase
+        totals[S_EVENTS] += clicks
+        totals[S_CONVERTED] += checkout
         totals[S_WITH_CART] += cart
-        totals[S_ABANDONED] += 1 if cart and not purchase else 0
+        totals[S_ABANDONED] += 1 if cart and not checkout else 0
     return totals
 
 
@@ -432,7 +472,8 @@ def features(state: CustomerState, as_of: int, cfg: FoldConfig) -> dict[str, Any
     out["sessions"] = n
     out["session_length_avg_s"] = round(s[S_LENGTH_MS] / n / 1000, 2) if n else 0.0
     out["events_per_session_avg"] = round(s[S_EVENTS] / n, 4) if n else 0.0
-    out["conversion_rate"] = round(s[S_CONVERTED] / n, 4) if n else 0.0
+    out["conversion_rate"] = round(s[S_CONVERTED] / n, 4) if n else 0.0  # sessions reaching checkout
+    out["purchases_per_session"] = round(state.purchases / n, 4) if n else 0.0
     out["cart_abandonment_rate"] = round(s[S_ABANDONED] / s[S_WITH_CART], 4) if s[S_WITH_CART] else 0.0
     views = sum(state.cat_views.values())
     spend = sum(v for v in state.cat_spend.values() if v > 0)

@@ -198,3 +198,14 @@ async def test_population_aggregates_count_each_customer_once():
     await proc.process(batch)  # a replay adds nothing
     pop = await store.population()
     assert pop["buyers"] == 2 and pop["repeat_buyers"] == 1 and pop["repeat_purchase_rate"] == 0.5
+
+
+async def test_stored_features_do_not_depend_on_how_the_two_input_topics_interleave():
+    records = sim_records(customers=30, days=120, seed=8)
+    clicks = [r for r in records if r.kind == "clicks"]
+    txns = [r for r in records if r.kind == "transactions"]
+    interleaved = await run_in_batches(records, [50])
+    # the transactions topic lags far behind the clicks topic (as in a fast replay), and the other way round
+    clicks_first = await run_in_batches(clicks + txns, [50])
+    txns_first = await run_in_batches(txns + clicks, [333])
+    assert stored_features(interleaved) == stored_features(clicks_first) == stored_features(txns_first)
