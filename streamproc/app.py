@@ -96,6 +96,8 @@ class Worker:
             datadir=str(s.state_dir / "faust" / s.app_id),
             producer_acks=-1,
             broker_commit_every=1000,
+            broker_session_timeout=s.kafka_session_timeout_s,
+            broker_heartbeat_interval=s.kafka_heartbeat_interval_s,
             broker_commit_interval=1.0,
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     batch_max_events: int = Field(default=2000, ge=1)
+    # a killed worker's partitions move to the survivors after this long
+    kafka_session_timeout_s: float = 10.0
+    kafka_heartbeat_interval_s: float = 2.0
     log_level: str = "INFO"
 
     # --- input limits (bad input is data: anything beyond these goes to the DLQ)

@@ -128,6 +128,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "STREAMPROC_WEB_PORT": str(settings.web_port),
         "STREAMPROC_STATE_DIR": str(settings.state_dir),
         "STREAMPROC_LOG_LEVEL": "INFO",
+        "STREAMPROC_KAFKA_SESSION_TIMEOUT_S": "6",
+        "STREAMPROC_KAFKA_HEARTBEAT_INTERVAL_S": "1",
     })
     return env
 
