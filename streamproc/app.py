@@ -104,6 +104,7 @@ class Worker:
         self.dlq = app.topic(s.topic(DLQ_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         app.timer(5.0, name="lag")(self.update_lag)
+        app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
         worker = self
 
@@ -177,6 +178,28 @@ class Worker:
                             type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def update_population(self) -> None:
+        """Population gauges from Redis: every worker reports the same totals (use max() across workers)."""
+        try:
+            census = await self.store.census()
+            population = await self.store.population()
+        except Exception as exc:  # Redis down: keep the last values, the batch loop reports the error
+            log.debug("population gauges not updated: %s", exc)
+            return
+        self.metrics.customers.clear()
+        for key, n in census.items():
+            stage, _, tier = key.partition("|")
+            self.metrics.customers.labels(stage, tier).set(n)
+        self.metrics.buyers.set(population.get("buyers", 0))
+        self.metrics.repeat_purchase_rate.set(population.get("repeat_purchase_rate", 0.0))
+        self.metrics.cohort_retention.clear()
+        cohorts = sorted({k.split(":")[1] for k in population if k.startswith("retention:")})[-6:]
+        for key, value in population.items():
+            if key.startswith("retention:"):
+                _, cohort, months = key.split(":")
+                if cohort in cohorts and int(months) <= 6:
+                    self.metrics.cohort_retention.labels(cohort, months).set(value)
 
     async def update_lag(self) -> None:
         consumer = self.app.consumer

@@ -79,6 +79,25 @@ class Metrics:
             "streamproc_sweep_customers_total",
             "Silent customers whose stored features the inactivity sweep refreshed.", registry=r,
         )
+        # --- business
+        self.orders = Counter("streamproc_orders_total", "Purchases applied.", registry=r)
+        self.revenue = Counter(
+            "streamproc_revenue_total", "Purchase amounts applied (currency units, any currency).", registry=r
+        )
+        self.refunds = Counter("streamproc_refunded_total", "Refund amounts applied (currency units).", registry=r)
+        self.customers = Gauge(
+            "streamproc_customers", "Customers by lifecycle stage and value tier (all partitions).",
+            ["lifecycle_stage", "value_tier"], registry=r,
+        )
+        self.buyers = Gauge("streamproc_buyers", "Customers with at least one purchase (HyperLogLog).", registry=r)
+        self.repeat_purchase_rate = Gauge(
+            "streamproc_repeat_purchase_rate", "Buyers with two or more purchases / buyers.", registry=r
+        )
+        self.cohort_retention = Gauge(
+            "streamproc_cohort_retention_ratio",
+            "Share of a first-purchase cohort buying again k months later (recent cohorts).",
+            ["cohort", "months_after"], registry=r,
+        )
         self.customers_erased = Counter(
             "streamproc_customers_erased_total", "Customers erased through the API or CLI.", registry=r
         )

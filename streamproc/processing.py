@@ -218,6 +218,7 @@ class BatchProcessor:
 
         pending = dict(by_customer)
         saved: dict[str, CustomerState] = {}
+        census: dict[int, dict[str, int]] = {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
             if not pending:
                 break
@@ -245,7 +246,13 @@ class BatchProcessor:
                     as_of = self.as_of(state, self.swept.get(items[-1][0].partition, 0))
                     updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
             t0 = time.perf_counter()
-            failed = set(await self.store.save(updates))
+            saved_result = await self.store.save(updates)
+            failed = set(saved_result.failed)
+            for up in updates:
+                if up.customer_id not in failed:
+                    partition = pending[up.customer_id][-1][0].partition
+                    self._census_delta(census, partition, saved_result.previous_census.get(up.customer_id),
+                                       up.census_key)
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
             for cid, outcome in outcomes.items():
                 if cid not in failed:
@@ -267,7 +274,9 @@ class BatchProcessor:
             raise RuntimeError(f"{len(pending)} customers could not be saved after {MAX_SAVE_ATTEMPTS} attempts")
 
         t0 = time.perf_counter()
-        await self.store.after_batch(self._side_effects(by_customer, saved, marks))
+        effects = self._side_effects(by_customer, saved, marks)
+        effects.census = census
+        await self.store.after_batch(effects)
         self.metrics.redis_seconds.labels("after_batch").observe(time.perf_counter() - t0)
         self.watermarks = marks
         self._count(records, result)
@@ -301,6 +310,15 @@ class BatchProcessor:
                     if month >= cohort:
                         hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
         return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
+
+    @staticmethod
+    def _census_delta(census: dict[int, dict[str, int]], partition: int, old: str | None, new: str) -> None:
+        if old == new:
+            return
+        table = census.setdefault(partition, {})
+        if old:
+            table[old] = table.get(old, 0) - 1
+        table[new] = table.get(new, 0) + 1
 
     def as_of(self, state: CustomerState, swept_to: int) -> int:
         """The event time stored features are computed as of: the customer's newest event, or the latest
@@ -337,14 +355,19 @@ class BatchProcessor:
                 await self.store.expire(partition, expired)
                 due.difference_update(expired)
             ordered = sorted(due)
+            census: dict[int, dict[str, int]] = {}
             for i in range(0, len(ordered), SWEEP_CHUNK):
-                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm)
+                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, census)
+            if census:
+                await self.store.after_batch(BatchSideEffects({}, {}, {}, census))
             await self.store.set_sweep_mark(partition, wm)
             self.swept[partition] = wm
         self.metrics.sweep_customers.inc(touched)
         return touched
 
-    async def _refresh(self, customer_ids: list[str], wm: int) -> int:
+    async def _refresh(
+        self, customer_ids: list[str], wm: int, partition: int, census: dict[int, dict[str, int]]
+    ) -> int:
         for _ in range(MAX_SAVE_ATTEMPTS):
             loaded = await self.store.load(customer_ids)
             updates = []
@@ -359,13 +382,20 @@ class BatchProcessor:
                     continue
                 as_of = last + crossed[-1] * DAY_MS
                 updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
-            failed = await self.store.save(updates)
-            if not failed:
+            result = await self.store.save(updates)
+            for up in updates:
+                if up.customer_id not in result.failed:
+                    self._census_delta(census, partition, result.previous_census.get(up.customer_id),
+                                       up.census_key)
+            if not result.failed:
                 return len(updates)
-            customer_ids = failed
+            customer_ids = result.failed
         raise RuntimeError(f"sweep could not save {len(customer_ids)} customers")
 
     def _count(self, records: list[RawRecord], result: BatchResult) -> None:
+        self.metrics.orders.inc(result.outcome.orders)
+        self.metrics.revenue.inc(result.outcome.revenue_cents / 100)
+        self.metrics.refunds.inc(result.outcome.refund_cents / 100)
         for letter in result.dead_letters:
             self.metrics.dlq_records.labels(letter.reason).inc()
         for (kind, outcome), n in result.outcome.counts.items():

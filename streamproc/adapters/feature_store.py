@@ -2,7 +2,9 @@
 
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
-    cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count)
+    cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count),
+                                  ``k`` census key "lifecycle_stage|value_tier"
+    sp:census:<p>          hash   census key -> customers, per input partition (deltas from saves)
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
     sp:sweep               hash   partition -> watermark up to which the sweep has run
@@ -58,6 +60,16 @@ class Update:
     state: CustomerState
     features: dict[str, Any]
 
+    @property
+    def census_key(self) -> str:
+        return f"{self.features.get('lifecycle_stage', '')}|{self.features.get('value_tier', '')}"
+
+
+@dataclass
+class SaveResult:
+    failed: list[str]  # lost the version check
+    previous_census: dict[str, str | None]  # saved customer -> census key before the save
+
 
 @dataclass
 class BatchSideEffects:
@@ -66,6 +78,7 @@ class BatchSideEffects:
     last_seen: dict[int, dict[str, int]]  # partition -> customer -> last event time
     watermarks: dict[str, int]  # source -> largest event time seen
     hll: dict[str, set[str]]  # HLL key -> customers to add
+    census: dict[int, dict[str, int]] | None = None  # partition -> census key -> delta
 
 
 class FeatureStore(abc.ABC):
@@ -74,6 +87,10 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def after_batch(self, effects: BatchSideEffects) -> None: ...
+
+    @abc.abstractmethod
+    async def census(self) -> dict[str, int]:
+        """Customers by "lifecycle_stage|value_tier", summed over partitions."""
 
     @abc.abstractmethod
     async def load_watermarks(self) -> dict[str, int]: ...
@@ -99,8 +116,8 @@ class FeatureStore(abc.ABC):
     async def population(self) -> dict[str, float]: ...
 
     @abc.abstractmethod
-    async def save(self, updates: list[Update]) -> list[str]:
-        """Apply updates atomically per customer; return the ids whose version check failed."""
+    async def save(self, updates: list[Update]) -> SaveResult:
+        """Apply updates atomically per customer; say which lost the version check."""
 
     @abc.abstractmethod
     async def features(self, customer_id: str) -> dict[str, Any] | None: ...
@@ -113,19 +130,23 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob.
+# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob, census key.
+# Returns, per key, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
-local failed = {}
+local out = {}
 for i, key in ipairs(KEYS) do
-  local a = 3 * i - 2
-  local current = redis.call('HGET', key, '_v') or '0'
-  if current == ARGV[a] then
-    redis.call('HSET', key, '_v', tostring(tonumber(current) + 1), 'f', ARGV[a + 1], '_s', ARGV[a + 2])
+  local a = 4 * i - 3
+  local current = redis.call('HMGET', key, '_v', 'k')
+  local version = current[1] or '0'
+  if version == ARGV[a] then
+    redis.call('HSET', key, '_v', tostring(tonumber(version) + 1), 'f', ARGV[a + 1], '_s', ARGV[a + 2],
+               'k', ARGV[a + 3])
+    out[i] = current[2] or ''
   else
-    failed[#failed + 1] = i
+    out[i] = false
   end
 end
-return failed
+return out
 """
 
 
@@ -160,9 +181,9 @@ class RedisFeatureStore(FeatureStore):
             out[cid] = Loaded(int(version or 0), blob or None, bool(erased))
         return out
 
-    async def save(self, updates: list[Update]) -> list[str]:
+    async def save(self, updates: list[Update]) -> SaveResult:
         if not updates:
-            return []
+            return SaveResult([], {})
         keys: list[str] = []
         args: list[str | bytes] = []
         for up in updates:
@@ -170,8 +191,15 @@ class RedisFeatureStore(FeatureStore):
             args.append(str(up.expected_version))
             args.append(_encode_features(up.features))
             args.append(_encode_state(up.state))
-        failed = await self._save(keys=keys, args=args)
-        return [updates[int(i) - 1].customer_id for i in failed]
+            args.append(up.census_key)
+        replies = await self._save(keys=keys, args=args)
+        result = SaveResult([], {})
+        for up, reply in zip(updates, replies, strict=True):
+            if reply is None:
+                result.failed.append(up.customer_id)
+            else:
+                result.previous_census[up.customer_id] = reply.decode() or None
+        return result
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -183,7 +211,19 @@ class RedisFeatureStore(FeatureStore):
             pipe.hset("sp:wm", mapping={k: str(v) for k, v in effects.watermarks.items()})
         for key, members in effects.hll.items():
             pipe.pfadd(key, *members)
+        for partition, deltas in (effects.census or {}).items():
+            for census_key, delta in deltas.items():
+                if delta:
+                    pipe.hincrby(f"sp:census:{partition}", census_key, delta)
         await pipe.execute()
+
+    async def census(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        async for key in self.redis.scan_iter("sp:census:*", count=100):
+            raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[assignment]
+            for k, v in raw.items():
+                totals[k.decode()] = totals.get(k.decode(), 0) + int(v)
+        return {k: v for k, v in totals.items() if v}
 
     async def load_watermarks(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await self.redis.hgetall("sp:wm")  # type: ignore[assignment]
@@ -207,7 +247,13 @@ class RedisFeatureStore(FeatureStore):
             return
         pipe = self.redis.pipeline(transaction=False)
         for cid in customer_ids:
+            pipe.hget(customer_key(cid), "k")
+        previous = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for cid, census_key in zip(customer_ids, previous, strict=True):
             pipe.delete(customer_key(cid))
+            if census_key:
+                pipe.hincrby(f"sp:census:{partition}", census_key.decode(), -1)
         pipe.zrem(f"sp:lastseen:{partition}", *customer_ids)
         await pipe.execute()
 
@@ -240,8 +286,15 @@ class RedisFeatureStore(FeatureStore):
         return orjson.loads(raw) if raw else None
 
     async def forget(self, customer_id: str) -> bool:
+        census_key: bytes | None = await self.redis.hget(customer_key(customer_id), "k")  # type: ignore[assignment]
         deleted = await self.redis.delete(customer_key(customer_id))
         pipe = self.redis.pipeline(transaction=False)
+        if deleted and census_key:
+            # the census is read as a sum over partitions: take the customer off any partition holding the key
+            async for key in self.redis.scan_iter("sp:census:*", count=100):
+                if await self.redis.hget(key, census_key.decode()):
+                    pipe.hincrby(key, census_key.decode(), -1)
+                    break
         pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
         async for key in self.redis.scan_iter("sp:lastseen:*", count=100):
             pipe.zrem(key, customer_id)
@@ -262,6 +315,8 @@ class InMemoryFeatureStore(FeatureStore):
         self.watermarks: dict[str, int] = {}
         self.marks: dict[int, int] = {}
         self.hll: dict[str, set[str]] = {}
+        self.census_keys: dict[str, str] = {}
+        self.census_counts: dict[int, dict[str, int]] = {}
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
         for partition, seen in effects.last_seen.items():
@@ -271,6 +326,10 @@ class InMemoryFeatureStore(FeatureStore):
         self.watermarks.update(effects.watermarks)
         for key, members in effects.hll.items():
             self.hll.setdefault(key, set()).update(members)
+        for partition, deltas in (effects.census or {}).items():
+            table = self.census_counts.setdefault(partition, {})
+            for k, v in deltas.items():
+                table[k] = table.get(k, 0) + v
 
     async def load_watermarks(self) -> dict[str, int]:
         return dict(self.watermarks)
@@ -288,6 +347,10 @@ class InMemoryFeatureStore(FeatureStore):
     async def expire(self, partition: int, customer_ids: list[str]) -> None:
         for cid in customer_ids:
             self.rows.pop(cid, None)
+            old = self.census_keys.pop(cid, None)
+            if old:
+                table = self.census_counts.setdefault(partition, {})
+                table[old] = table.get(old, 0) - 1
             self.last_seen.get(partition, {}).pop(cid, None)
 
     async def state_blob(self, customer_id: str) -> bytes | None:
@@ -306,15 +369,24 @@ class InMemoryFeatureStore(FeatureStore):
             out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased)
         return out
 
-    async def save(self, updates: list[Update]) -> list[str]:
-        failed = []
+    async def save(self, updates: list[Update]) -> SaveResult:
+        result = SaveResult([], {})
         for up in updates:
             current = self.rows.get(up.customer_id, (0, b"", b""))[0]
             if current != up.expected_version:
-                failed.append(up.customer_id)
+                result.failed.append(up.customer_id)
                 continue
+            result.previous_census[up.customer_id] = self.census_keys.get(up.customer_id)
+            self.census_keys[up.customer_id] = up.census_key
             self.rows[up.customer_id] = (current + 1, _encode_state(up.state), _encode_features(up.features))
-        return failed
+        return result
+
+    async def census(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for deltas in self.census_counts.values():
+            for k, v in deltas.items():
+                totals[k] = totals.get(k, 0) + v
+        return {k: v for k, v in totals.items() if v}
 
     async def features(self, customer_id: str) -> dict[str, Any] | None:
         row = self.rows.get(customer_id)
@@ -322,6 +394,11 @@ class InMemoryFeatureStore(FeatureStore):
 
     async def forget(self, customer_id: str) -> bool:
         self.erased.add(customer_id)
+        old = self.census_keys.pop(customer_id, None)
+        for table in self.census_counts.values():
+            if old and table.get(old):
+                table[old] -= 1
+                break
         for table in self.last_seen.values():
             table.pop(customer_id, None)
         return self.rows.pop(customer_id, None) is not None

@@ -143,6 +143,9 @@ class FoldOutcome:
     partition's fence: applied before a crash)."""
 
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    orders: int = 0  # purchases applied
+    revenue_cents: int = 0  # purchase amounts applied
+    refund_cents: int = 0
 
     def count(self, source: str, outcome: str) -> None:
         self.counts[(source.partition(":")[0], outcome)] += 1
@@ -152,6 +155,9 @@ class FoldOutcome:
 
     def merge(self, other: FoldOutcome) -> None:
         self.counts.update(other.counts)
+        self.orders += other.orders
+        self.revenue_cents += other.revenue_cents
+        self.refund_cents += other.refund_cents
 
 
 def short_event_id(event_id: str) -> str:
@@ -317,6 +323,12 @@ def apply_events(
             continue
         _apply_one(state, item.event, cfg)
         outcome.count(item.source, "applied")
+        if isinstance(item.event, Transaction):
+            if item.event.type == "purchase":
+                outcome.orders += 1
+                outcome.revenue_cents += cents(item.event.amount)
+            else:
+                outcome.refund_cents += cents(item.event.amount)
     _prune_days(state, cfg)
     return state, outcome
 

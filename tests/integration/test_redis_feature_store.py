@@ -17,15 +17,16 @@ async def store(settings):
 
 async def test_save_is_a_compare_and_set_on_the_version(store):
     state = CustomerState("a", clicks=3)
-    assert await store.save([Update("a", 0, state, {"clicks": 3})]) == []
+    assert (await store.save([Update("a", 0, state, {"clicks": 3})])).failed == []
     loaded = (await store.load(["a", "b"]))
     assert loaded["a"].version == 1 and loaded["a"].pristine("a").clicks == 3
     assert loaded["b"].version == 0 and loaded["b"].blob is None
     # a writer holding the old version loses; one holding the new one wins
     state.clicks = 4
-    assert await store.save([Update("a", 0, state, {"clicks": 4}), Update("b", 0, state, {"x": 1})]) == ["a"]
+    result = await store.save([Update("a", 0, state, {"clicks": 4}), Update("b", 0, state, {"x": 1})])
+    assert result.failed == ["a"] and result.previous_census == {"b": None}
     assert (await store.features("a")) == {"clicks": 3}
-    assert await store.save([Update("a", 1, state, {"clicks": 4})]) == []
+    assert (await store.save([Update("a", 1, state, {"clicks": 4})])).previous_census == {"a": "|"}
     assert (await store.features("a")) == {"clicks": 4}
     assert await store.redis.hget(customer_key("a"), "_v") == b"2"
 

@@ -115,8 +115,8 @@ async def test_poison_event_goes_to_the_dlq_and_the_rest_is_applied(monkeypatch)
 async def test_in_memory_store_version_check():
     store = InMemoryFeatureStore()
     state = customer_domain.CustomerState("c1")
-    assert await store.save([Update("c1", 0, state, {})]) == []
-    assert await store.save([Update("c1", 0, state, {})]) == ["c1"]
+    assert (await store.save([Update("c1", 0, state, {})])).failed == []
+    assert (await store.save([Update("c1", 0, state, {})])).failed == ["c1"]
 
 
 @pytest.mark.parametrize("n", [1, 50])
@@ -209,3 +209,15 @@ async def test_stored_features_do_not_depend_on_how_the_two_input_topics_interle
     clicks_first = await run_in_batches(clicks + txns, [50])
     txns_first = await run_in_batches(txns + clicks, [333])
     assert stored_features(interleaved) == stored_features(clicks_first) == stored_features(txns_first)
+
+
+async def test_census_counts_customers_by_stage_and_tier_as_they_move():
+    store, proc = make()
+    day = 86_400_000
+    await proc.process([rec("clicks", 0, click(0, cid="a", ts=T0)), rec("clicks", 1, click(1, cid="b", ts=T0))])
+    assert await store.census() == {"new|low": 2}
+    await proc.process([rec("clicks", 2 + i, click(2 + i, cid="b", ts=T0 + i * day)) for i in range(1, 41)])
+    await proc.sweep()
+    assert await store.census() == {"at_risk|low": 1, "active|low": 1}
+    await store.forget("a")
+    assert await store.census() == {"active|low": 1}
