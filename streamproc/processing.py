@@ -9,12 +9,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, Update
+from streamproc.domain.churn import (
+    ChurnConfig,
+    ModelState,
+    churn_inputs,
+    grid_points,
+    inputs_at,
+    mature_labels,
+    retention_action,
+    risk_level,
+    segment_inputs,
+    should_alert,
+    take_snapshots,
+    top_reasons,
+)
 from streamproc.domain.customer import (
     DAY_MS,
     CustomerState,
@@ -27,6 +44,7 @@ from streamproc.domain.customer import (
     month_label,
 )
 from streamproc.domain.events import DecodeLimits, Event, Rejection, decode_event
+from streamproc.domain.models import ModelBundle
 from streamproc.metrics import Metrics
 from streamproc.schemas import DeadLetter
 
@@ -60,6 +78,16 @@ class RawRecord:
 class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     outcome: FoldOutcome = field(default_factory=FoldOutcome)  # (kind, outcome) counts
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    segment_moves: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # for the training topic
+
+    def absorb(self, other: BatchResult) -> None:
+        self.outcome.merge(other.outcome)
+        self.dead_letters.extend(other.dead_letters)
+        self.alerts.extend(other.alerts)
+        self.segment_moves.extend(other.segment_moves)
+        self.examples.extend(other.examples)
 
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
@@ -96,9 +124,11 @@ class Watermarks:
     partition's content, not on how records were batched or on the wall clock.
     """
 
-    def __init__(self, allowed_lateness_ms: int) -> None:
+    def __init__(self, allowed_lateness_ms: int, kinds: tuple[str, ...] = ("clicks", "transactions")) -> None:
         self.lateness = allowed_lateness_ms
+        self.kinds = kinds
         self.max_ts: dict[str, int] = {}
+        self.partition_marks: dict[int, int] = {}
 
     def watermark(self, source: str) -> int | None:
         top = self.max_ts.get(source)
@@ -113,21 +143,39 @@ class Watermarks:
         return late
 
     def copy(self) -> Watermarks:
-        twin = Watermarks(self.lateness)
+        twin = Watermarks(self.lateness, self.kinds)
         twin.max_ts = dict(self.max_ts)
+        twin.partition_marks = dict(self.partition_marks)
         return twin
 
     def overall(self) -> int | None:
         """The worker's watermark: the largest event time it has seen, minus the allowed lateness."""
         return max(self.max_ts.values()) - self.lateness if self.max_ts else None
 
-    def by_partition(self) -> dict[int, int]:
-        """Watermark per input partition number (its clicks and transactions sources together)."""
-        out: dict[int, int] = {}
+    def by_partition(self, idle: set[str] | frozenset[str] = frozenset()) -> dict[int, int]:
+        """Watermark per input partition number: the slowest of its input topics (clicks, transactions),
+        so time-driven work (sweep, snapshots, labels) waits for both; a topic listed in ``idle`` (no new
+        events for a while) does not hold the partition back. Never moves backwards."""
+        tops: dict[int, dict[str, int]] = {}
         for source, top in self.max_ts.items():
-            partition = int(source.rpartition(":")[2])
-            out[partition] = max(out.get(partition, top), top)
-        return {p: top - self.lateness for p, top in out.items()}
+            kind, _, partition = source.rpartition(":")
+            tops.setdefault(int(partition), {})[kind] = top
+        out: dict[int, int] = {}
+        for partition, by_kind in tops.items():
+            active = [top for kind, top in by_kind.items() if f"{kind}:{partition}" not in idle]
+            missing = [k for k in self.kinds if k not in by_kind and f"{k}:{partition}" not in idle]
+            if missing:
+                candidate = None  # a topic we have not heard from yet may still bring older events
+            elif active:
+                candidate = min(active) - self.lateness
+            else:  # everything idle: nothing is in flight
+                candidate = max(by_kind.values()) - self.lateness
+            previous = self.partition_marks.get(partition)
+            best = max(v for v in (candidate, previous) if v is not None) if (candidate or previous) else None
+            if best is not None:
+                self.partition_marks[partition] = best
+                out[partition] = best
+        return out
 
 
 class BatchProcessor:
@@ -141,6 +189,10 @@ class BatchProcessor:
         sweep_boundaries_days: tuple[int, ...] = SWEEP_BOUNDARIES_DAYS,
         expire_after_days: int = 400,
         sweep_interval_ms: int = 3_600_000,
+        churn: ChurnConfig | None = None,
+        idle_source_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        action_table: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -150,6 +202,13 @@ class BatchProcessor:
         self.watermarks = Watermarks(fold.allowed_lateness_ms)
         self._watermarks_loaded = False
         self.swept: dict[int, int] = {}  # partition -> watermark the inactivity sweep has reached
+        self.churn = churn or ChurnConfig()
+        self.bundle: ModelBundle | None = None  # the checkpoint this worker scores with
+        self.idle_source_s = idle_source_s
+        self.clock = clock
+        self.action_table = action_table
+        self.source_seen: dict[str, float] = {}
+        self.partition_seen: dict[int, float] = {}
         self.expire_after_days = expire_after_days
         self.sweep_interval_ms = sweep_interval_ms
         self.boundaries = sorted(
@@ -160,7 +219,10 @@ class BatchProcessor:
         self, records: list[RawRecord], result: BatchResult, marks: Watermarks
     ) -> list[tuple[RawRecord, Event]]:
         valid: list[tuple[RawRecord, Event]] = []
+        now = self.clock()
         for rec in records:
+            self.source_seen[rec.source] = now
+            self.partition_seen.setdefault(rec.partition, now)
             self.metrics.events_consumed.labels(rec.kind).inc()
             decoded = decode_event(rec.kind, rec.value, self.limits, rec.timestamp_ms)
             if isinstance(decoded, Rejection):
@@ -216,6 +278,7 @@ class BatchProcessor:
         for rec, ev in valid:
             by_customer[ev.customer_id].append((rec, ev))
 
+        marks_wm = marks.by_partition(self._idle())
         pending = dict(by_customer)
         saved: dict[str, CustomerState] = {}
         census: dict[int, dict[str, int]] = {}
@@ -239,12 +302,16 @@ class BatchProcessor:
                 state, outcome = self._fold_customer(cid, row, items, customer_result)
                 outcomes[cid] = outcome
                 states[cid] = state
+                partition = items[-1][0].partition
                 # a batch that was all replays changes nothing; anything else moves at least a fence
                 if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
                     customer_result.dead_letters
                 ):
-                    as_of = self.as_of(state, self.swept.get(items[-1][0].partition, 0))
-                    updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
+                    as_of = self.as_of(state, self.swept.get(partition, 0))
+                    feats = features(state, as_of, self.fold)
+                    model = self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
+                                             customer_result)
+                    updates.append(Update(cid, row.version, state, feats, model))
             t0 = time.perf_counter()
             saved_result = await self.store.save(updates)
             failed = set(saved_result.failed)
@@ -259,8 +326,7 @@ class BatchProcessor:
                     result.outcome.merge(outcome)
             for cid, partial in customer_results.items():
                 if cid not in failed:
-                    result.outcome.merge(partial.outcome)
-                    result.dead_letters.extend(partial.dead_letters)
+                    result.absorb(partial)
                     if cid in states and outcomes[cid].total("applied"):
                         saved[cid] = states[cid]
             if failed:
@@ -311,6 +377,85 @@ class BatchProcessor:
                         hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
         return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
 
+    def _idle(self) -> set[str]:
+        """Input sources that have been quiet for idle_source_s (wall time: liveness only)."""
+        now = self.clock()
+        idle = {src for src, seen in self.source_seen.items() if now - seen > self.idle_source_s}
+        for partition, seen in self.partition_seen.items():
+            if now - seen > self.idle_source_s:
+                for kind in self.watermarks.kinds:
+                    if f"{kind}:{partition}" not in self.source_seen:
+                        idle.add(f"{kind}:{partition}")
+        return idle
+
+    def _model_step(
+        self, cid: str, state: CustomerState, model_blob: bytes | None, feats: dict[str, Any], as_of: int,
+        watermark: int | None, out: BatchResult,
+    ) -> dict[str, Any]:
+        """Snapshots, matured labels, scores, segment and alerts for one customer. Mutates ``state``'s
+        snapshot bookkeeping (deterministic) and returns the model outputs to store (checkpoint-dependent)."""
+        import orjson
+
+        mstate = ModelState.from_dict(orjson.loads(model_blob) if model_blob else None)
+        bundle = self.bundle
+        version = bundle.version if bundle else None
+        digest = hashlib.blake2b(cid.encode(), digest_size=8).hexdigest()
+        if watermark is not None:
+            for point, values in take_snapshots(state, watermark, self.churn):
+                x = churn_inputs(values)
+                p = bundle.churn_probability(x) if bundle else None
+                state.pending.append(point)
+                mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
+                out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
+                                     "x": segment_inputs(values)})
+            state.pending = state.pending[-self.churn.max_pending :]
+            # silence labels mature on the snapshot grid, where every live customer is visited
+            step = self.churn.cadence_days * DAY_MS
+            for point, label in mature_labels(state, watermark - watermark % step, self.churn):
+                values = inputs_at(state, point)
+                scored = mstate.scored_at.pop(str(point), [None, None])
+                if values is None:
+                    continue
+                out.examples.append({"kind": "churn", "id": f"{digest}:{point}", "ts": point, "label": label,
+                                     "x": churn_inputs(values), "p": scored[0], "v": scored[1]})
+            live = {str(p) for p in state.pending}
+            mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
+        if bundle is None:
+            return mstate.to_dict()
+        now_values = inputs_at(state, as_of + 1, exact=True)
+        if now_values is None:
+            return mstate.to_dict()
+        x = churn_inputs(now_values)
+        p = bundle.churn_probability(x)
+        segment = bundle.segment(segment_inputs(now_values))
+        names = self.segment_names
+        if segment is not None and mstate.segment is not None and segment != mstate.segment:
+            out.segment_moves.append({"customer_id": cid, "ts": as_of, "from_segment": mstate.segment,
+                                      "to_segment": segment, "to_name": names.get(segment), "model_version": version})
+        mstate.segment, mstate.churn_p, mstate.model_version = segment, round(p, 4), version
+        if bundle.churn_examples and should_alert(mstate, p, as_of, self.churn):
+            level = risk_level(p, self.churn)
+            tier = feats["value_tier"]
+            out.alerts.append({
+                "alert_id": f"{cid}:{as_of}", "customer_id": cid, "ts": as_of, "probability": round(p, 4),
+                "risk_level": level, "segment": names.get(segment) if segment is not None else None,
+                "value_tier": tier, "clv": feats["clv"], "lifecycle_stage": feats["lifecycle_stage"],
+                "model_version": version, "reasons": top_reasons(bundle.contributions(x), x),
+                "action": retention_action(tier, level, self.action_table),
+            })
+        return mstate.to_dict()
+
+    @property
+    def segment_names(self) -> dict[int, str]:
+        if self.bundle is None:
+            return {}
+        cached = getattr(self, "_names_cache", None)
+        if cached is None or cached[0] != self.bundle.version:
+            profiles = self.bundle.segment_profiles()
+            cached = (self.bundle.version, {cid: p["name"] for cid, p in profiles.items()})
+            self._names_cache = cached
+        return cached[1]
+
     @staticmethod
     def _census_delta(census: dict[int, dict[str, int]], partition: int, old: str | None, new: str) -> None:
         if old == new:
@@ -330,6 +475,11 @@ class BatchProcessor:
         return max(state.max_ts, last + crossed[-1] * DAY_MS) if crossed else state.max_ts
 
     async def sweep(self) -> int:
+        """Run the inactivity sweep; its outputs (alerts, examples) wait in ``self.sweep_outputs``."""
+        self.sweep_outputs = BatchResult()
+        return await self._sweep(self.sweep_outputs)
+
+    async def _sweep(self, outputs: BatchResult) -> int:
         """Bring silent customers' stored features up to date as the watermark passes silence boundaries.
 
         For each partition, customers whose last event time plus a boundary fell in (last sweep mark,
@@ -338,7 +488,7 @@ class BatchProcessor:
         """
         marks = await self.store.sweep_marks()
         touched = 0
-        for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
+        for partition, exact_wm in sorted(self.watermarks.by_partition(self._idle()).items()):
             # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
             wm = exact_wm - exact_wm % self.sweep_interval_ms
             low = max(marks.get(partition, 0), self.swept.get(partition, 0))  # 0: every boundary is due
@@ -346,9 +496,14 @@ class BatchProcessor:
                 continue
             spans = [d * DAY_MS for d in self.boundaries]
             expire_span = self.expire_after_days * DAY_MS
-            found = await self.store.silent_in_ranges(
-                partition, [(low - span, wm - span) for span in [*spans, expire_span]]
-            )
+            live = self.churn.silent_horizons * self.churn.horizon_days * DAY_MS
+            ranges = [(low - span, wm - span) for span in spans]
+            # every live customer at each snapshot instant the watermark passed (also those whose later
+            # events were already applied: a topic can run ahead of the other)
+            points = grid_points(low, wm, self.churn)
+            if points:
+                ranges.append((points[0] - live, 2**62))
+            found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
             due: set[str] = set().union(*found[:-1])
             expired = found[-1]
             if expired:
@@ -357,7 +512,7 @@ class BatchProcessor:
             ordered = sorted(due)
             census: dict[int, dict[str, int]] = {}
             for i in range(0, len(ordered), SWEEP_CHUNK):
-                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, census)
+                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, census, outputs)
             if census:
                 await self.store.after_batch(BatchSideEffects({}, {}, {}, census))
             await self.store.set_sweep_mark(partition, wm)
@@ -366,11 +521,13 @@ class BatchProcessor:
         return touched
 
     async def _refresh(
-        self, customer_ids: list[str], wm: int, partition: int, census: dict[int, dict[str, int]]
+        self, customer_ids: list[str], wm: int, partition: int, census: dict[int, dict[str, int]],
+        outputs: BatchResult,
     ) -> int:
         for _ in range(MAX_SAVE_ATTEMPTS):
             loaded = await self.store.load(customer_ids)
             updates = []
+            partials: dict[str, BatchResult] = {}
             for cid in customer_ids:
                 row = loaded[cid]
                 if row.blob is None or row.erased:
@@ -378,11 +535,15 @@ class BatchProcessor:
                 state = row.pristine(cid)
                 last = state.last_event_ts or 0
                 crossed = [d for d in self.boundaries if last + d * DAY_MS <= wm]
-                if not crossed:
-                    continue
-                as_of = last + crossed[-1] * DAY_MS
-                updates.append(Update(cid, row.version, state, features(state, as_of, self.fold)))
+                as_of = last + crossed[-1] * DAY_MS if crossed else state.max_ts
+                feats = features(state, as_of, self.fold)
+                partial = partials[cid] = BatchResult()
+                model = self._model_step(cid, state, row.model, feats, as_of, wm, partial)
+                updates.append(Update(cid, row.version, state, feats, model))
             result = await self.store.save(updates)
+            for cid, partial in partials.items():
+                if cid not in result.failed:
+                    outputs.absorb(partial)
             for up in updates:
                 if up.customer_id not in result.failed:
                     self._census_delta(census, partition, result.previous_census.get(up.customer_id),

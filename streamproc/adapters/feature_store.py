@@ -3,7 +3,8 @@
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
     cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count),
-                                  ``k`` census key "lifecycle_stage|value_tier"
+                                  ``k`` census key "lifecycle_stage|value_tier", ``m`` model outputs (JSON:
+                                  segment, churn probability, alert hysteresis; depend on the checkpoint)
     sp:census:<p>          hash   census key -> customers, per input partition (deltas from saves)
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
@@ -47,6 +48,7 @@ class Loaded:
     version: int
     blob: bytes | None  # the stored state blob (None: a new customer)
     erased: bool = False
+    model: bytes | None = None  # the stored model outputs
 
     def pristine(self, customer_id: str) -> CustomerState:
         """A fresh copy of the loaded state (or a new customer), safe to fold into."""
@@ -59,6 +61,7 @@ class Update:
     expected_version: int
     state: CustomerState
     features: dict[str, Any]
+    model: dict[str, Any] | None = None
 
     @property
     def census_key(self) -> str:
@@ -123,6 +126,9 @@ class FeatureStore(abc.ABC):
     async def features(self, customer_id: str) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
+    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
     async def forget(self, customer_id: str) -> bool:
         """Erase a customer and remember the erasure. True if there was anything to erase."""
 
@@ -130,17 +136,17 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob, census key.
+# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob, census key, model JSON.
 # Returns, per key, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  local a = 4 * i - 3
+  local a = 5 * i - 4
   local current = redis.call('HMGET', key, '_v', 'k')
   local version = current[1] or '0'
   if version == ARGV[a] then
     redis.call('HSET', key, '_v', tostring(tonumber(version) + 1), 'f', ARGV[a + 1], '_s', ARGV[a + 2],
-               'k', ARGV[a + 3])
+               'k', ARGV[a + 3], 'm', ARGV[a + 4])
     out[i] = current[2] or ''
   else
     out[i] = false
@@ -172,13 +178,13 @@ class RedisFeatureStore(FeatureStore):
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for cid in customer_ids:
-            pipe.hmget(customer_key(cid), "_v", "_s")
+            pipe.hmget(customer_key(cid), "_v", "_s", "m")
         pipe.smismember(ERASED_KEY, [erasure_digest(cid) for cid in customer_ids])
         results = await pipe.execute()
         erased_flags = results[-1]
         out: dict[str, Loaded] = {}
-        for cid, (version, blob), erased in zip(customer_ids, results[:-1], erased_flags, strict=True):
-            out[cid] = Loaded(int(version or 0), blob or None, bool(erased))
+        for cid, (version, blob, model), erased in zip(customer_ids, results[:-1], erased_flags, strict=True):
+            out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None)
         return out
 
     async def save(self, updates: list[Update]) -> SaveResult:
@@ -192,6 +198,7 @@ class RedisFeatureStore(FeatureStore):
             args.append(_encode_features(up.features))
             args.append(_encode_state(up.state))
             args.append(up.census_key)
+            args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
         replies = await self._save(keys=keys, args=args)
         result = SaveResult([], {})
         for up, reply in zip(updates, replies, strict=True):
@@ -285,6 +292,10 @@ class RedisFeatureStore(FeatureStore):
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
         return orjson.loads(raw) if raw else None
 
+    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
+        return orjson.loads(raw) if raw else None
+
     async def forget(self, customer_id: str) -> bool:
         census_key: bytes | None = await self.redis.hget(customer_key(customer_id), "k")  # type: ignore[assignment]
         deleted = await self.redis.delete(customer_key(customer_id))
@@ -316,6 +327,7 @@ class InMemoryFeatureStore(FeatureStore):
         self.marks: dict[int, int] = {}
         self.hll: dict[str, set[str]] = {}
         self.census_keys: dict[str, str] = {}
+        self.models: dict[str, bytes] = {}
         self.census_counts: dict[int, dict[str, int]] = {}
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
@@ -347,6 +359,7 @@ class InMemoryFeatureStore(FeatureStore):
     async def expire(self, partition: int, customer_ids: list[str]) -> None:
         for cid in customer_ids:
             self.rows.pop(cid, None)
+            self.models.pop(cid, None)
             old = self.census_keys.pop(cid, None)
             if old:
                 table = self.census_counts.setdefault(partition, {})
@@ -366,7 +379,7 @@ class InMemoryFeatureStore(FeatureStore):
         out = {}
         for cid in customer_ids:
             row = self.rows.get(cid)
-            out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased)
+            out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased, self.models.get(cid))
         return out
 
     async def save(self, updates: list[Update]) -> SaveResult:
@@ -378,6 +391,7 @@ class InMemoryFeatureStore(FeatureStore):
                 continue
             result.previous_census[up.customer_id] = self.census_keys.get(up.customer_id)
             self.census_keys[up.customer_id] = up.census_key
+            self.models[up.customer_id] = orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS)
             self.rows[up.customer_id] = (current + 1, _encode_state(up.state), _encode_features(up.features))
         return result
 
@@ -392,8 +406,13 @@ class InMemoryFeatureStore(FeatureStore):
         row = self.rows.get(customer_id)
         return orjson.loads(row[2]) if row else None
 
+    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
+        raw = self.models.get(customer_id)
+        return orjson.loads(raw) if raw else None
+
     async def forget(self, customer_id: str) -> bool:
         self.erased.add(customer_id)
+        self.models.pop(customer_id, None)
         old = self.census_keys.pop(customer_id, None)
         for table in self.census_counts.values():
             if old and table.get(old):

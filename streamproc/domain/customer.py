@@ -66,12 +66,14 @@ class FoldConfig:
     # value tiers by net spend
     tier_high: float = 1000.0
     tier_medium: float = 500.0
+    # churn snapshots are re-read from the buckets when their label matures: horizon + cadence + 60 days
+    model_history_days: int = 130
 
     @property
     def day_horizon(self) -> int:
         """Days of buckets kept behind the newest event: the longest window, 60 for the trend, and enough
         to see a comeback (a silence of churned_days within the last new_days)."""
-        needed = max(max(self.windows_days), 60, self.churned_days + self.new_days)
+        needed = max(max(self.windows_days), 60, self.churned_days + self.new_days, self.model_history_days)
         return needed + math.ceil(self.allowed_lateness_ms / DAY_MS) + 1
 
 
@@ -97,6 +99,9 @@ class CustomerState:
     cat_spend: dict[str, int] = field(default_factory=dict)
     max_ts: int = 0  # newest event time of this customer (drives pruning of day buckets)
     max_click_ts: int = 0  # newest click (drives session closing: sessions come from clicks only)
+    # churn labels: the last snapshot instant and the snapshots whose label is still unknown
+    snapshot_ts: int = 0
+    pending: list[int] = field(default_factory=list)
 
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +114,7 @@ class CustomerState:
             "m": {str(k): v for k, v in sorted(self.months.items())},
             "s": sorted(self.open_sessions), "sc": self.closed,
             "cv": self.cat_views, "cs": self.cat_spend,
+            "ch": self.snapshot_ts, "pd": self.pending,
         }
 
     @classmethod
@@ -122,6 +128,7 @@ class CustomerState:
             max_ts=t[4], max_click_ts=t[5],
             days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
+            snapshot_ts=data.get("ch", 0), pending=data.get("pd", []),
         )
 
 

@@ -169,7 +169,7 @@ async def test_stored_features_do_not_depend_on_batching_or_sweep_timing():
 
 
 async def test_the_sweep_ages_silent_customers_on_event_time():
-    store, proc = make()
+    store, proc = make(idle_source_s=-1)  # only clicks here: the transactions topic counts as idle
     day = 86_400_000
     await proc.process([rec("clicks", 0, click(0, cid="quiet", ts=T0)),
                         rec("clicks", 1, click(1, cid="busy", ts=T0))])
@@ -212,7 +212,7 @@ async def test_stored_features_do_not_depend_on_how_the_two_input_topics_interle
 
 
 async def test_census_counts_customers_by_stage_and_tier_as_they_move():
-    store, proc = make()
+    store, proc = make(idle_source_s=-1)
     day = 86_400_000
     await proc.process([rec("clicks", 0, click(0, cid="a", ts=T0)), rec("clicks", 1, click(1, cid="b", ts=T0))])
     assert await store.census() == {"new|low": 2}

@@ -1,0 +1,239 @@
+"""Churn snapshots, delayed labels, model inputs, alert hysteresis and explanations: pure functions.
+
+Snapshots are taken on a fixed event-time grid (every ``cadence_days`` from the epoch, at UTC midnight)
+for every live customer, so training sees the situations scoring sees, long silences included. A
+snapshot at instant D is labelled *churned* if the customer makes no purchase in [D, D + horizon), and
+*retained* as soon as such a purchase is known; otherwise it waits (pending, bounded) until the
+watermark passes D + horizon. Everything is read from the day buckets of the customer state, so a
+snapshot's inputs only depend on events before D, whatever order the events arrived in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamproc.domain.customer import (
+    CARTS,
+    CLICKS,
+    DAY_MS,
+    PURCHASES,
+    SESSIONS,
+    SPEND,
+    VIEWS,
+    CustomerState,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnConfig:
+    horizon_days: int = 60
+    cadence_days: int = 7
+    silent_horizons: int = 3  # no snapshots once silent this many horizons
+    max_pending: int = 12
+    label_on: str = "purchase"  # or "activity": any event counts as not churned
+    alert_threshold: float = 0.7
+    rearm_threshold: float = 0.5  # hysteresis: below this a customer can be alerted again
+    cooldown_days: float = 14.0
+    high_risk: float = 0.8
+    critical_risk: float = 0.9
+
+
+CHURN_FEATURES = (
+    "log_recency_days", "log_frequency", "log_monetary_avg", "log_tenure_days", "purchase_rate_30d",
+    "recency_over_gap", "log_days_since_event", "log_clicks_30d", "log_purchases_30d", "log_sessions_30d",
+    "click_trend_30d",
+)
+SEGMENT_FEATURES = (
+    "log_monetary_total", "log_frequency", "log_monetary_avg", "log_recency_days", "log_clicks_30d",
+    "log_views_30d", "cart_rate_30d", "purchase_rate_30d",
+)
+
+
+def _sum_days(state: CustomerState, lo: int, hi: int, slot: int) -> int:
+    """Sum of a bucket slot over UTC days in [lo, hi)."""
+    return sum(row[slot] for d, row in state.days.items() if lo <= d < hi)
+
+
+def _last_day_with(state: CustomerState, before_day: int, slots: tuple[int, ...]) -> int | None:
+    days = [d for d, row in state.days.items() if d < before_day and any(row[s] for s in slots)]
+    return max(days) if days else None
+
+
+def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, float] | None:
+    """Model inputs as of instant ``at`` from the day buckets: events on days before the one ``at`` ends
+    (for a snapshot at a UTC midnight: strictly before it). Times of the last purchase and event come
+    from the buckets too (mid-day), so a snapshot's inputs read later are what they were when taken;
+    ``exact`` uses the exact timestamps instead (scoring now). None if nothing happened before ``at``."""
+    if state.first_event_ts is None or state.first_event_ts >= at:
+        return None
+    end_day = -(-at // DAY_MS)  # days >= end_day are after ``at``
+    after = {d: row for d, row in state.days.items() if d >= end_day}
+    purchases = state.purchases - sum(r[PURCHASES] for r in after.values())
+    net_cents = state.spend_cents - state.refund_cents - sum(r[SPEND] for r in after.values())
+    last_purchase: float | None
+    if exact and state.last_purchase_ts is not None and state.last_purchase_ts < at:
+        last_purchase = state.last_purchase_ts
+    else:
+        day = _last_day_with(state, end_day, (PURCHASES,))
+        last_purchase = (day + 0.5) * DAY_MS if day is not None else None
+    last_event: float
+    if exact and state.last_event_ts is not None and state.last_event_ts < at:
+        last_event = state.last_event_ts
+    else:
+        day = _last_day_with(state, end_day, (PURCHASES, CLICKS, SPEND))
+        last_event = (day + 0.5) * DAY_MS if day is not None else state.first_event_ts
+    tenure = max((at - state.first_event_ts) / DAY_MS, 0.0)
+    recency = max((at - last_purchase) / DAY_MS, 0.0) if last_purchase is not None else tenure
+    since_event = max((at - last_event) / DAY_MS, 0.0)
+    purchases = max(purchases, 0)
+    aov = max(net_cents, 0) / 100 / purchases if purchases else 0.0
+    mean_gap = (tenure + 1.0) / (purchases + 1)
+    clicks_30 = _sum_days(state, end_day - 30, end_day, CLICKS)
+    clicks_prev = _sum_days(state, end_day - 60, end_day - 30, CLICKS)
+    purchases_30 = _sum_days(state, end_day - 30, end_day, PURCHASES)
+    views_30 = _sum_days(state, end_day - 30, end_day, VIEWS)
+    carts_30 = _sum_days(state, end_day - 30, end_day, CARTS)
+    return {
+        "log_recency_days": math.log1p(recency),
+        "log_frequency": math.log1p(purchases),
+        "log_monetary_avg": math.log1p(aov),
+        "log_monetary_total": math.log1p(max(net_cents, 0) / 100),
+        "log_tenure_days": math.log1p(tenure),
+        "purchase_rate_30d": purchases / (tenure + 30.0) * 30.0,
+        "recency_over_gap": min(recency / mean_gap, 50.0),
+        "log_days_since_event": math.log1p(since_event),
+        "log_clicks_30d": math.log1p(clicks_30),
+        "log_views_30d": math.log1p(views_30),
+        "cart_rate_30d": carts_30 / views_30 if views_30 else 0.0,
+        "log_purchases_30d": math.log1p(purchases_30),
+        "log_sessions_30d": math.log1p(_sum_days(state, end_day - 30, end_day, SESSIONS)),
+        "click_trend_30d": (clicks_30 - clicks_prev) / (clicks_30 + clicks_prev) if clicks_30 + clicks_prev else 0.0,
+    }
+
+
+def churn_inputs(values: dict[str, float]) -> dict[str, float]:
+    return {k: values[k] for k in CHURN_FEATURES}
+
+
+def segment_inputs(values: dict[str, float]) -> dict[str, float]:
+    return {k: values[k] for k in SEGMENT_FEATURES}
+
+
+# ---------------------------------------------------------------- snapshots and labels
+@dataclass
+class ModelState:
+    """What the models said about a customer: depends on which checkpoint scored, so it is kept apart from
+    the (replay-deterministic) features and state."""
+
+    segment: int | None = None
+    churn_p: float | None = None
+    model_version: int | None = None
+    alert_armed: bool = True
+    last_alert_ts: int | None = None
+    scored_at: dict[str, list[Any]] = field(default_factory=dict)  # snapshot D -> [p, version]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"segment": self.segment, "churn_p": self.churn_p, "model_version": self.model_version,
+                "armed": self.alert_armed, "last_alert_ts": self.last_alert_ts, "scored": self.scored_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ModelState:
+        if not data:
+            return cls()
+        return cls(data.get("segment"), data.get("churn_p"), data.get("model_version"), data.get("armed", True),
+                   data.get("last_alert_ts"), data.get("scored", {}))
+
+
+# pending snapshots are instants D in state.pending; their inputs are re-read from the buckets when the
+# label matures (they only depend on events before D)
+
+
+def grid_points(after: int, upto: int, cfg: ChurnConfig) -> list[int]:
+    """Snapshot instants in (after, upto]: UTC midnights every cadence_days from the epoch."""
+    step = cfg.cadence_days * DAY_MS
+    first = (after // step + 1) * step
+    return list(range(first, upto + 1, step))
+
+
+def take_snapshots(state: CustomerState, upto: int, cfg: ChurnConfig) -> list[tuple[int, dict[str, float]]]:
+    """Snapshots due up to instant ``upto`` (a watermark) that were not taken yet: (D, all inputs).
+    Marks them taken; the caller scores them and adds them to ``state.pending``."""
+    taken: list[tuple[int, dict[str, float]]] = []
+    start = state.snapshot_ts if state.snapshot_ts else (state.first_event_ts or upto) - 1
+    for point in grid_points(start, upto, cfg):
+        last = state.last_event_ts or 0
+        if point - last > cfg.silent_horizons * cfg.horizon_days * DAY_MS and last < point:
+            state.snapshot_ts = point
+            continue
+        values = inputs_at(state, point)
+        state.snapshot_ts = point
+        if values is not None:
+            taken.append((point, values))
+    return taken
+
+
+def _bought_in(state: CustomerState, lo: int, hi: int, cfg: ChurnConfig) -> bool:
+    slots = (PURCHASES,) if cfg.label_on == "purchase" else (PURCHASES, CLICKS, SPEND)
+    lo_day, hi_day = lo // DAY_MS, hi // DAY_MS
+    return any(any(row[s] for s in slots) for d, row in state.days.items() if lo_day <= d < hi_day)
+
+
+def mature_labels(state: CustomerState, watermark: int, cfg: ChurnConfig) -> list[tuple[int, int]]:
+    """Pending snapshots whose label is now known: (D, label) with 1 = churned. Removes them."""
+    horizon = cfg.horizon_days * DAY_MS
+    done: list[tuple[int, int]] = []
+    keep = []
+    for point in state.pending:
+        if _bought_in(state, point, point + horizon, cfg):
+            done.append((point, 0))
+        elif watermark >= point + horizon:
+            done.append((point, 1))
+        else:
+            keep.append(point)
+    state.pending = keep[-cfg.max_pending :]
+    return done
+
+
+# ---------------------------------------------------------------- alerts
+
+
+def risk_level(p: float, cfg: ChurnConfig) -> str:
+    if p >= cfg.critical_risk:
+        return "critical"
+    if p >= cfg.high_risk:
+        return "high"
+    return "medium"
+
+
+DEFAULT_ACTIONS: dict[str, dict[str, str]] = {
+    "high": {"critical": "personal call from an account manager", "high": "VIP offer with a personal note",
+             "medium": "exclusive early access offer"},
+    "medium": {"critical": "20% win-back coupon", "high": "10% coupon", "medium": "free shipping on next order"},
+    "low": {"critical": "win-back email with coupon", "high": "reminder email", "medium": "newsletter nudge"},
+}
+
+
+def retention_action(tier: str, level: str, table: dict[str, dict[str, str]] | None = None) -> str:
+    return (table or DEFAULT_ACTIONS).get(tier, DEFAULT_ACTIONS["low"]).get(level, "reminder email")
+
+
+def should_alert(state: ModelState, p: float, at: int, cfg: ChurnConfig) -> bool:
+    """Hysteresis and cooldown: alert once when p crosses the threshold; re-arm below the lower one."""
+    if p < cfg.rearm_threshold:
+        state.alert_armed = True
+        return False
+    if p < cfg.alert_threshold or not state.alert_armed:
+        return False
+    if state.last_alert_ts is not None and at - state.last_alert_ts < cfg.cooldown_days * DAY_MS:
+        return False
+    state.alert_armed = False
+    state.last_alert_ts = at
+    return True
+
+
+def top_reasons(contributions: dict[str, float], values: dict[str, float], n: int = 3) -> list[dict[str, float]]:
+    """The features that pushed the score up most (largest positive contribution first)."""
+    ranked = sorted(contributions.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    return [{"feature": k, "value": round(values.get(k, 0.0), 4), "contribution": round(c, 4)} for k, c in ranked]

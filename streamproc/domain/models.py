@@ -1,0 +1,243 @@
+"""The global online models (River) and their prequential evaluation, as one picklable bundle.
+
+One trainer owns the bundle and learns from the single-partition training topic; every worker scores
+with the newest checkpoint of it. Nothing here touches Redis, Kafka or the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import cluster, drift, forest, linear_model, metrics, optim, preprocessing, tree, utils
+
+from streamproc.domain.churn import SEGMENT_FEATURES
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    segmenter: str = "kmeans"  # or "streamkmeans"
+    n_segments: int = 5
+    kmeans_halflife: float = 0.1
+    classifier: str = "logreg"  # or "hat" (Hoeffding adaptive tree) or "arf" (adaptive random forest)
+    seed: int = 42
+    alert_threshold: float = 0.7
+    rolling_window: int = 2000
+
+
+def make_segmenter(cfg: ModelConfig) -> Any:
+    if cfg.segmenter == "streamkmeans":
+        model: Any = cluster.STREAMKMeans(chunk_size=100, n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife,
+                                          seed=cfg.seed)
+    elif cfg.segmenter == "kmeans":
+        model = cluster.KMeans(n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife, seed=cfg.seed)
+    else:
+        raise ValueError(f"unknown segmenter {cfg.segmenter!r}")
+    return preprocessing.StandardScaler() | model
+
+
+def make_classifier(cfg: ModelConfig) -> Any:
+    if cfg.classifier == "logreg":
+        model: Any = linear_model.LogisticRegression(optimizer=optim.SGD(0.02), l2=1e-4)
+        return preprocessing.StandardScaler() | model
+    if cfg.classifier == "hat":
+        return preprocessing.StandardScaler() | tree.HoeffdingAdaptiveTreeClassifier(grace_period=100, seed=cfg.seed)
+    if cfg.classifier == "arf":
+        return preprocessing.StandardScaler() | forest.ARFClassifier(n_models=5, seed=cfg.seed)
+    raise ValueError(f"unknown classifier {cfg.classifier!r}")
+
+
+@dataclass
+class Prequential:
+    """Test-then-train scores of predictions made at snapshot time, once their labels matured."""
+
+    threshold: float
+    window: int
+    auc: Any = field(default_factory=metrics.ROCAUC)
+    logloss: Any = field(default_factory=metrics.LogLoss)
+    precision: Any = field(default_factory=metrics.Precision)
+    recall: Any = field(default_factory=metrics.Recall)
+    rolling_auc: Any = None
+    rolling_precision: Any = None
+    rolling_recall: Any = None
+    positives: int = 0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.rolling_auc = utils.Rolling(metrics.ROCAUC(), window_size=self.window)
+        self.rolling_precision = utils.Rolling(metrics.Precision(), window_size=self.window)
+        self.rolling_recall = utils.Rolling(metrics.Recall(), window_size=self.window)
+
+    def update(self, label: int, p: float) -> None:
+        y = bool(label)
+        p = min(max(p, 1e-6), 1 - 1e-6)
+        self.auc.update(y, p)
+        self.rolling_auc.update(y, p)
+        self.logloss.update(y, p)
+        hit = p >= self.threshold
+        for metric in (self.precision, self.recall, self.rolling_precision, self.rolling_recall):
+            metric.update(y, hit)
+        self.n += 1
+        self.positives += int(y)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "roc_auc": self.auc.get(), "log_loss": self.logloss.get(), "precision": self.precision.get(),
+            "recall": self.recall.get(), "rolling_roc_auc": self.rolling_auc.get(),
+            "rolling_precision": self.rolling_precision.get(), "rolling_recall": self.rolling_recall.get(),
+            "labels": self.n, "positive_rate": self.positives / self.n if self.n else 0.0,
+        }
+
+
+@dataclass
+class ModelBundle:
+    cfg: ModelConfig
+    version: int = 0
+    segmenter: Any = None
+    classifier: Any = None
+    prequential: Prequential | None = None
+    drift_detector: Any = field(default_factory=drift.ADWIN)
+    drift_detections: int = 0
+    churn_examples: int = 0
+    segment_examples: int = 0
+    class_counts: list[int] = field(default_factory=lambda: [0, 0])
+    training_offset: int = -1  # last applied offset of the training topic
+    event_time: int = 0  # newest example time learned from
+
+    def __post_init__(self) -> None:
+        if self.segmenter is None:
+            self.segmenter = make_segmenter(self.cfg)
+        if self.classifier is None:
+            self.classifier = make_classifier(self.cfg)
+        if self.prequential is None:
+            self.prequential = Prequential(self.cfg.alert_threshold, self.cfg.rolling_window)
+
+    # ------------------------------------------------------------ learning (the trainer only)
+    def learn_segment(self, x: dict[str, float]) -> None:
+        self.segmenter.learn_one(x)
+        self.segment_examples += 1
+
+    def learn_churn(self, x: dict[str, float], label: int, p_at_snapshot: float | None) -> bool:
+        """Learn one matured example; score the prediction made at snapshot time first. True on drift."""
+        assert self.prequential is not None
+        p_now = self.churn_probability(x)
+        self.prequential.update(label, p_at_snapshot if p_at_snapshot is not None else p_now)
+        self.drift_detector.update(abs(label - p_now))
+        drifted = bool(self.drift_detector.drift_detected)
+        self.drift_detections += int(drifted)
+        self.class_counts[label] += 1
+        total = sum(self.class_counts)
+        weight = total / (2 * self.class_counts[label])  # balanced class weights, as counted so far
+        if self.cfg.classifier == "arf":
+            self.classifier.learn_one(x, bool(label))
+        else:
+            self.classifier.learn_one(x, bool(label), w=min(weight, 10.0))
+        self.churn_examples += 1
+        return drifted
+
+    # ------------------------------------------------------------ scoring (every worker)
+    def churn_probability(self, x: dict[str, float]) -> float:
+        if self.churn_examples == 0:
+            return 0.0
+        proba = self.classifier.predict_proba_one(x)
+        return float(proba.get(True, 0.0))
+
+    def contributions(self, x: dict[str, float]) -> dict[str, float]:
+        """Per feature: how much it pushed the score up. Linear model: weight × scaled value; otherwise the
+        scaled value's distance from the mean signed by its correlation with churn is not known, so use
+        the drop in probability when the feature is set to its mean."""
+        scaler = self.classifier["StandardScaler"]
+        scaled = scaler.transform_one(x)
+        final = self.classifier[list(self.classifier.steps)[-1]]
+        if isinstance(final, linear_model.LogisticRegression):
+            return {k: final.weights.get(k, 0.0) * v for k, v in scaled.items()}
+        base = self.churn_probability(x)
+        out = {}
+        for k in x:
+            probe = dict(x)
+            probe[k] = scaler.means.get(k, x[k])
+            out[k] = base - self.churn_probability(probe)
+        return out
+
+    def segment(self, x: dict[str, float]) -> int | None:
+        if self.segment_examples < self.cfg.n_segments:
+            return None
+        return int(self.segmenter.predict_one(x))
+
+    def segment_profiles(self) -> dict[int, dict[str, Any]]:
+        """Centroids in original units (the inputs are log1p-scaled: shown back through expm1) and names."""
+        if self.segment_examples < self.cfg.n_segments:
+            return {}
+        scaler = self.segmenter["StandardScaler"]
+        centers = self.segmenter[list(self.segmenter.steps)[-1]].centers
+        profiles: dict[int, dict[str, Any]] = {}
+        for cid, center in centers.items():
+            raw = {}
+            for k in SEGMENT_FEATURES:
+                mean = scaler.means.get(k, 0.0)
+                std = math.sqrt(scaler.vars.get(k, 0.0)) or 1.0
+                value = center.get(k, 0.0) * std + mean
+                raw[k] = value
+            profiles[int(cid)] = {"centroid": _original_units(raw), "scaled": {k: center.get(k, 0.0)
+                                                                                for k in SEGMENT_FEATURES}}
+        names = name_segments({c: p["scaled"] for c, p in profiles.items()})
+        for cid, name in names.items():
+            profiles[cid]["name"] = name
+        return profiles
+
+    # ------------------------------------------------------------ checkpoints
+    def dumps(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(blob: bytes) -> ModelBundle:
+        bundle = pickle.loads(blob)
+        if not isinstance(bundle, ModelBundle):
+            raise TypeError("not a model bundle")
+        return bundle
+
+    def summary(self) -> dict[str, Any]:
+        assert self.prequential is not None
+        return {
+            "version": self.version, "classifier": self.cfg.classifier, "segmenter": self.cfg.segmenter,
+            "churn_examples": self.churn_examples, "segment_examples": self.segment_examples,
+            "drift_detections": self.drift_detections, "event_time": self.event_time,
+            **self.prequential.summary(),
+        }
+
+
+def _original_units(raw: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for k, v in raw.items():
+        if k.startswith("log_"):
+            out[k[4:]] = round(math.expm1(max(v, 0.0)), 2)
+        else:
+            out[k] = round(v, 4)
+    return out
+
+
+SEGMENT_NAMES = (
+    # (name, score function over scaled centroid values)
+    ("high-value loyal", lambda c: c["log_monetary_total"] + c["log_frequency"] - c["log_recency_days"]),
+    ("dormant", lambda c: c["log_recency_days"] - c["log_clicks_30d"]),
+    ("price-sensitive", lambda c: c["log_frequency"] - c["log_monetary_avg"] + c["cart_rate_30d"]),
+    ("browsers", lambda c: c["log_views_30d"] + c["log_clicks_30d"] - c["log_frequency"]),
+    ("premium occasional", lambda c: c["log_monetary_avg"] - c["log_frequency"]),
+)
+
+
+def name_segments(scaled: dict[int, dict[str, float]]) -> dict[int, str]:
+    """Give each centroid the name it fits best; each name at most once (greedy, best fits first)."""
+    pairs = sorted(((fn(c), name, cid) for cid, c in scaled.items() for name, fn in SEGMENT_NAMES), reverse=True)
+    names: dict[int, str] = {}
+    used: set[str] = set()
+    for _, name, cid in pairs:
+        if cid in names or name in used:
+            continue
+        names[cid] = name
+        used.add(name)
+    for cid in scaled:
+        names.setdefault(cid, f"segment {cid}")
+    return names
