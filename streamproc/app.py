@@ -16,13 +16,20 @@ from faust.web import Request, Response, View
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
+from streamproc.adapters.model_store import ModelStore, RedisModelStore
 from streamproc.batching import ack_batch, drain_batches
+from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
+from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor, RawRecord
+from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS
+
+ALERTS_TOPIC = "churn-alerts"
+MOVES_TOPIC = "segment-moves"
+TRAINING_TOPIC = "streamproc-training"
 
 log = logging.getLogger("streamproc.worker")
 
@@ -57,6 +64,22 @@ def fold_config(settings: Settings) -> FoldConfig:
     )
 
 
+def churn_config(settings: Settings) -> ChurnConfig:
+    return ChurnConfig(
+        horizon_days=settings.churn_horizon_days, cadence_days=settings.snapshot_cadence_days,
+        label_on=settings.churn_label_on, alert_threshold=settings.alert_threshold,
+        rearm_threshold=settings.alert_rearm_threshold, cooldown_days=settings.alert_cooldown_days,
+        high_risk=settings.risk_high, critical_risk=settings.risk_critical,
+    )
+
+
+def model_config(settings: Settings) -> ModelConfig:
+    return ModelConfig(
+        segmenter=settings.segmenter, n_segments=settings.n_segments, kmeans_halflife=settings.kmeans_halflife,
+        classifier=settings.classifier, seed=settings.model_seed, alert_threshold=settings.alert_threshold,
+    )
+
+
 class Worker:
     """Everything one worker process holds: the Faust app, the store, the processor, the metrics."""
 
@@ -66,6 +89,15 @@ class Worker:
         self.metrics = Metrics(registry)
         password = settings.redis_password.get_secret_value() if settings.redis_password else None
         self.store = store or RedisFeatureStore.from_url(settings.redis_url, password)
+        self.models: ModelStore = RedisModelStore(
+            self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
+                settings.redis_url, password).redis
+        )
+        self.trainer: ModelBundle | None = None  # set on the worker that owns the training partition
+        self.trainer_acks: list[EventT] = []
+        self.trainer_dirty = False
+        self.trainer_stream: faust.StreamT | None = None
+        self.last_checkpoint = 0.0
         self.processor = BatchProcessor(
             self.store,
             self.metrics,
@@ -74,6 +106,9 @@ class Worker:
             late_policy=settings.late_event_policy,
             expire_after_days=settings.expire_after_days,
             sweep_interval_ms=int(settings.sweep_interval_s * 1000),
+            churn=churn_config(settings),
+            idle_source_s=settings.idle_source_s,
+            action_table=settings.retention_actions,
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
@@ -102,7 +137,13 @@ class Worker:
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")
         self.dlq = app.topic(s.topic(DLQ_TOPIC), value_serializer="raw", key_serializer="raw")
+        self.alerts = app.topic(s.topic(ALERTS_TOPIC), value_serializer="raw", key_serializer="raw")
+        self.moves = app.topic(s.topic(MOVES_TOPIC), value_serializer="raw", key_serializer="raw")
+        self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
+        app.agent(self.training, name="trainer", concurrency=1)(self.train)
+        app.timer(s.model_reload_s, name="models")(self.reload_model)
+        app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
@@ -116,7 +157,9 @@ class Worker:
         @app.page("/customers/{customer_id}")
         class CustomerView(View):
             async def get(self, request: Request, customer_id: str) -> Response:
-                found = await worker.store.features(customer_id)
+                from streamproc.lookup import lookup
+
+                found = await lookup(worker.store, worker.models, worker.settings, customer_id)
                 if found is None:
                     return self.json({"error": "not found"}, status=404)
                 return self.json(found)
@@ -159,13 +202,8 @@ class Worker:
             try:
                 result = await self.processor.process(records)
                 await self.processor.sweep()
-                for letter in result.dead_letters:
-                    await self.dlq.send(
-                        key=letter.dlq_id.encode(), value=orjson.dumps(letter.model_dump(mode="json"))
-                    )
-                if result.dead_letters:
-                    await self.app.producer.flush()
-                    self.metrics.records_produced.labels(DLQ_TOPIC).inc(len(result.dead_letters))
+                result.absorb(self.processor.sweep_outputs)
+                await self.emit(result)
                 wm = self.processor.watermarks.overall()
                 if wm is not None:
                     self.metrics.watermark_delay.set(time.time() - wm / 1000)
@@ -188,9 +226,20 @@ class Worker:
             log.debug("population gauges not updated: %s", exc)
             return
         self.metrics.customers.clear()
+        by_stage_tier: dict[tuple[str, str], int] = {}
+        by_segment: dict[str, int] = {}
+        names = self.processor.segment_names
         for key, n in census.items():
-            stage, _, tier = key.partition("|")
+            stage, tier, segment = ([*key.split("|"), "", ""])[:3]
+            by_stage_tier[(stage, tier)] = by_stage_tier.get((stage, tier), 0) + n
+            if segment:
+                label = names.get(int(segment), f"segment {segment}")
+                by_segment[label] = by_segment.get(label, 0) + n
+        for (stage, tier), n in by_stage_tier.items():
             self.metrics.customers.labels(stage, tier).set(n)
+        self.metrics.segment_size.clear()
+        for label, n in by_segment.items():
+            self.metrics.segment_size.labels(label).set(n)
         self.metrics.buyers.set(population.get("buyers", 0))
         self.metrics.repeat_purchase_rate.set(population.get("repeat_purchase_rate", 0.0))
         self.metrics.cohort_retention.clear()
@@ -200,6 +249,100 @@ class Worker:
                 _, cohort, months = key.split(":")
                 if cohort in cohorts and int(months) <= 6:
                     self.metrics.cohort_retention.labels(cohort, months).set(value)
+
+    async def emit(self, result: BatchResult) -> None:
+        """Produce a batch's outputs and wait until the broker has them (before its offsets are acked)."""
+        for letter in result.dead_letters:
+            await self.dlq.send(key=letter.dlq_id.encode(), value=orjson.dumps(letter.model_dump(mode="json")))
+        for alert in result.alerts:
+            await self.alerts.send(key=alert["customer_id"].encode(), value=orjson.dumps(alert))
+            self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
+        for move in result.segment_moves:
+            await self.moves.send(key=move["customer_id"].encode(), value=orjson.dumps(move))
+        for example in result.examples:
+            await self.training.send(key=example["id"].encode(), value=orjson.dumps(example))
+            self.metrics.training_examples.labels(example["kind"]).inc()
+        self.metrics.segment_moves.inc(len(result.segment_moves))
+        produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
+                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples)}
+        if any(produced.values()):
+            await self.app.producer.flush()
+            for topic, n in produced.items():
+                if n:
+                    self.metrics.records_produced.labels(topic).inc(n)
+
+    # ------------------------------------------------------------------ the single trainer
+    async def train(self, stream: faust.StreamT) -> None:
+        """Learn from the single-partition training topic; checkpoint, then ack what the checkpoint holds."""
+        self.trainer_stream = stream
+        async for batch in drain_batches(stream, 5000):
+            if self.trainer is None:
+                self.trainer = await self.models.load() or ModelBundle(model_config(self.settings))
+            bundle = self.trainer
+            for event in batch:
+                offset = event.message.offset
+                if offset <= bundle.training_offset:  # already in the checkpoint we resumed from
+                    continue
+                try:
+                    example = orjson.loads(event.value)
+                    if example["kind"] == "churn":
+                        if bundle.learn_churn(example["x"], int(example["label"]), example.get("p")):
+                            log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
+                    else:
+                        bundle.learn_segment(example["x"])
+                    self.metrics.examples_learned.labels(example["kind"]).inc()
+                    bundle.event_time = max(bundle.event_time, int(example["ts"]))
+                except Exception as exc:  # a malformed example must not stop learning
+                    log.warning("skipping a bad training example at offset %s: %s", offset, exc)
+                bundle.training_offset = offset
+            self.trainer_acks.extend(batch)
+            self.trainer_dirty = True
+            await self.checkpoint_if_due()
+
+    async def checkpoint_if_due(self) -> None:
+        if self.trainer is None or not self.trainer_dirty or self.trainer_stream is None:
+            return
+        if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_interval_s:
+            return
+        current = await self.models.current_version()
+        if current is not None and current != self.trainer.version and current not in (None, 0):
+            rolled = await self.models.load(current)
+            if rolled is not None and rolled.version < self.trainer.version:  # someone rolled back: follow
+                rolled.training_offset = self.trainer.training_offset
+                self.trainer = rolled
+        acks, self.trainer_acks = self.trainer_acks, []
+        self.trainer_dirty = False
+        version = await self.models.save(self.trainer, self.settings.checkpoint_keep)
+        self.last_checkpoint = time.monotonic()
+        self.metrics.checkpoints.inc()
+        log.info("model checkpoint v%d (%d churn, %d segment examples)", version, self.trainer.churn_examples,
+                 self.trainer.segment_examples)
+        await ack_batch(self.trainer_stream, acks)
+
+    async def reload_model(self) -> None:
+        """Score with the newest checkpoint: every worker, the trainer's own included."""
+        try:
+            current = await self.models.current_version()
+            loaded = self.processor.bundle
+            if current is not None and (loaded is None or loaded.version != current):
+                bundle = await self.models.load(current)
+                if bundle is not None:
+                    self.processor.bundle = bundle
+                    self.metrics.model_version.set(bundle.version)
+            summary = await self.models.summary()
+        except Exception as exc:
+            log.debug("model reload failed: %s", exc)
+            return
+        if summary:
+            for metric in ("roc_auc", "log_loss", "precision", "recall"):
+                self.metrics.model_quality.labels(metric, "overall").set(summary.get(metric, 0.0))
+                if f"rolling_{metric}" in summary:
+                    self.metrics.model_quality.labels(metric, "rolling").set(summary[f"rolling_{metric}"])
+            self.metrics.labels_matured.set(summary.get("labels", 0))
+            self.metrics.label_positive_rate.set(summary.get("positive_rate", 0.0))
+            self.metrics.drift_detections.set(summary.get("drift_detections", 0))
+            if summary.get("saved_at"):
+                self.metrics.checkpoint_age.set(max(0.0, time.time() - summary["saved_at"]))
 
     async def update_lag(self) -> None:
         consumer = self.app.consumer

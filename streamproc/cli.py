@@ -79,6 +79,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_customer(args: argparse.Namespace) -> int:
     from streamproc.adapters.feature_store import RedisFeatureStore
+    from streamproc.adapters.model_store import RedisModelStore
+    from streamproc.lookup import lookup
 
     settings = _settings()
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
@@ -87,16 +89,20 @@ def cmd_customer(args: argparse.Namespace) -> int:
         store = RedisFeatureStore.from_url(settings.redis_url, password)
         try:
             if args.action == "show":
-                found = await store.features(args.customer_id)
+                found = await lookup(store, RedisModelStore(store.redis), settings, args.customer_id)
                 if found is None:
                     print(f"no customer {args.customer_id!r}", file=sys.stderr)
                     return 1
                 if args.json:
                     print(json.dumps(found, indent=2, sort_keys=True))
                 else:
-                    width = max(len(k) for k in found)
-                    for key in sorted(found):
-                        print(f"{key:<{width}}  {found[key]}")
+                    feats = found["features"]
+                    width = max(len(k) for k in feats)
+                    for key in sorted(feats):
+                        print(f"{key:<{width}}  {feats[key]}")
+                    seg = found["segment"]
+                    print(f"{'segment':<{width}}  {seg.get('name', seg['id']) if seg else '-'}")
+                    print(f"{'churn_probability':<{width}}  {found['churn']['probability']}")
                 return 0
             erased = await store.forget(args.customer_id)
             print("erased" if erased else "no stored features; the erasure is recorded anyway")
@@ -105,6 +111,55 @@ def cmd_customer(args: argparse.Namespace) -> int:
             await store.close()
 
     return asyncio.run(run())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from streamproc.adapters.feature_store import RedisFeatureStore
+    from streamproc.adapters.model_store import RedisModelStore
+
+    settings = _settings()
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+
+    async def run() -> int:
+        store = RedisFeatureStore.from_url(settings.redis_url, password)
+        models = RedisModelStore(store.redis)
+        try:
+            if args.action == "rollback":
+                await models.set_current(args.version)
+                print(f"current model version is now {args.version}")
+                return 0
+            summary = await models.summary()
+            versions = await models.versions()
+            if summary is None:
+                print("no model checkpoint yet")
+                return 1
+            if args.json:
+                print(json.dumps({**summary, "versions": versions}, indent=2, sort_keys=True))
+                return 0
+            print(f"current version {summary['version']} (kept: {versions}); classifier {summary['classifier']}, "
+                  f"segmenter {summary['segmenter']}")
+            print(f"churn examples {summary['churn_examples']}, segment examples {summary['segment_examples']}, "
+                  f"drift detections {summary['drift_detections']}")
+            print("prequential (scored at snapshot time, once labels matured):")
+            for key in ("roc_auc", "log_loss", "precision", "recall", "rolling_roc_auc", "rolling_precision",
+                        "rolling_recall", "labels", "positive_rate"):
+                print(f"  {key:<18} {summary.get(key, 0):.4f}" if isinstance(summary.get(key), float)
+                      else f"  {key:<18} {summary.get(key)}")
+            print("segments:")
+            for sid, profile in sorted(summary.get("segments", {}).items()):
+                centroid = ", ".join(f"{k}={v}" for k, v in profile["centroid"].items())
+                print(f"  {sid} {profile['name']:<20} {centroid}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from streamproc.tail import follow_alerts
+
+    return follow_alerts(_settings(), args.risk, args.tier, args.json, args.timeout, args.max)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -168,6 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("customer_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_customer)
+
+    p = sub.add_parser("models", help="show the global models (quality, segments) or roll back a version")
+    p.add_argument("action", nargs="?", choices=["show", "rollback"], default="show")
+    p.add_argument("version", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("alerts", help="follow churn alerts: streamproc alerts tail [--risk high] [--tier high]")
+    p.add_argument("action", choices=["tail"])
+    p.add_argument("--risk", choices=["medium", "high", "critical"], default=None)
+    p.add_argument("--tier", choices=["low", "medium", "high"], default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
+    p.add_argument("--max", type=int, default=None)
+    p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("tail", help="print records of a topic (dlq, churn-alerts, recommendations, ...)")
     p.add_argument("topic")

@@ -79,6 +79,58 @@ class Metrics:
             "streamproc_sweep_customers_total",
             "Silent customers whose stored features the inactivity sweep refreshed.", registry=r,
         )
+        # --- models
+        self.model_quality = Gauge(
+            "streamproc_model_quality",
+            "Prequential churn model quality of predictions made at snapshot time, scored when labels "
+            "matured (metric: roc_auc, log_loss, precision, recall; window: overall or rolling).",
+            ["metric", "window"], registry=r,
+        )
+        self.labels_matured = Gauge(
+            "streamproc_model_labels_matured", "Matured churn labels the current model has learned from.",
+            registry=r,
+        )
+        self.label_positive_rate = Gauge(
+            "streamproc_model_label_positive_rate", "Share of matured labels that were churn.", registry=r
+        )
+        self.model_version = Gauge(
+            "streamproc_model_version", "Model checkpoint version this worker scores with.", registry=r
+        )
+        self.checkpoint_age = Gauge(
+            "streamproc_model_checkpoint_age_seconds", "Wall time since the current checkpoint was written.",
+            registry=r,
+        )
+        self.drift_detections = Gauge(
+            "streamproc_model_drift_detections", "ADWIN drift detections on the churn model's error so far.",
+            registry=r,
+        )
+        self.segment_size = Gauge(
+            "streamproc_segment_customers", "Customers by segment (scored customers, all partitions).",
+            ["segment"], registry=r,
+        )
+        self.segment_moves = Counter(
+            "streamproc_segment_moves_total", "Customers who changed segment.", registry=r
+        )
+        self.alerts = Counter(
+            "streamproc_churn_alerts_total", "Churn alerts published, by risk level and value tier.",
+            ["risk_level", "value_tier"], registry=r,
+        )
+        self.training_examples = Counter(
+            "streamproc_training_examples_total", "Examples sent to the trainer, by kind.", ["kind"], registry=r
+        )
+        self.examples_learned = Counter(
+            "streamproc_examples_learned_total", "Examples the trainer learned from, by kind.", ["kind"],
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "streamproc_model_checkpoints_total", "Model checkpoints written by this worker's trainer.",
+            registry=r,
+        )
+        self.churn_probability = Histogram(
+            "streamproc_churn_probability", "Churn probability of scored customers.",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
+        )
+
         # --- business
         self.orders = Counter("streamproc_orders_total", "Purchases applied.", registry=r)
         self.revenue = Counter(

@@ -158,8 +158,8 @@ class Watermarks:
         events for a while) does not hold the partition back. Never moves backwards."""
         tops: dict[int, dict[str, int]] = {}
         for source, top in self.max_ts.items():
-            kind, _, partition = source.rpartition(":")
-            tops.setdefault(int(partition), {})[kind] = top
+            kind, _, number = source.rpartition(":")
+            tops.setdefault(int(number), {})[kind] = top
         out: dict[int, int] = {}
         for partition, by_kind in tops.items():
             active = [top for kind, top in by_kind.items() if f"{kind}:{partition}" not in idle]
@@ -412,12 +412,12 @@ class BatchProcessor:
             # silence labels mature on the snapshot grid, where every live customer is visited
             step = self.churn.cadence_days * DAY_MS
             for point, label in mature_labels(state, watermark - watermark % step, self.churn):
-                values = inputs_at(state, point)
+                then = inputs_at(state, point)
                 scored = mstate.scored_at.pop(str(point), [None, None])
-                if values is None:
+                if then is None:
                     continue
                 out.examples.append({"kind": "churn", "id": f"{digest}:{point}", "ts": point, "label": label,
-                                     "x": churn_inputs(values), "p": scored[0], "v": scored[1]})
+                                     "x": churn_inputs(then), "p": scored[0], "v": scored[1]})
             live = {str(p) for p in state.pending}
             mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
         if bundle is None:

@@ -76,6 +76,33 @@ class Recommendation(BaseModel):
     strategy_version: str
 
 
+class TrainingExample(BaseModel):
+    """A matured churn label or a segmentation snapshot, for the single trainer (no customer id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["churn", "segment"]
+    id: str = Field(description="digest of the customer id : snapshot instant; unique per example")
+    ts: int = Field(description="Snapshot instant (event time, epoch ms)")
+    x: dict[str, float]
+    label: int | None = Field(default=None, description="1: churned within the horizon, 0: bought again")
+    p: float | None = Field(default=None, description="Churn probability predicted at snapshot time")
+    v: int | None = Field(default=None, description="Model version of that prediction")
+
+
+class SegmentMove(BaseModel):
+    """A customer's segment changed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str
+    ts: int
+    from_segment: int
+    to_segment: int
+    to_name: str | None = None
+    model_version: int | None = None
+
+
 # schema name -> model; names are referenced from topics/topics.toml
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "click": Click,
@@ -83,6 +110,8 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "dead_letter": DeadLetter,
     "churn_alert": ChurnAlert,
     "recommendation": Recommendation,
+    "training_example": TrainingExample,
+    "segment_move": SegmentMove,
 }
 
 

@@ -67,6 +67,26 @@ class Settings(BaseSettings):
     tier_high_spend: float = 1000.0
     tier_medium_spend: float = 500.0
     sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
+    idle_source_s: float = 10.0  # an input topic silent this long (wall time) stops holding the watermark
+
+    # --- models
+    churn_horizon_days: int = 60
+    snapshot_cadence_days: int = 7
+    churn_label_on: Literal["purchase", "activity"] = "purchase"
+    alert_threshold: float = 0.7
+    alert_rearm_threshold: float = 0.5
+    alert_cooldown_days: float = 14.0
+    risk_high: float = 0.8
+    risk_critical: float = 0.9
+    retention_actions: dict[str, dict[str, str]] | None = None  # value tier -> risk level -> action
+    classifier: Literal["logreg", "hat", "arf"] = "logreg"
+    segmenter: Literal["kmeans", "streamkmeans"] = "kmeans"
+    n_segments: int = 5
+    kmeans_halflife: float = 0.1
+    model_seed: int = 42
+    checkpoint_interval_s: float = 5.0
+    checkpoint_keep: int = 10
+    model_reload_s: float = 2.0
     expire_after_days: int = 400  # event-time silence after which a customer's features are dropped
 
     @model_validator(mode="after")

@@ -49,3 +49,36 @@ def tail_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s:
         else:
             print(json.dumps(value, sort_keys=True))
     return 0
+
+
+def format_alert(alert: dict) -> str:
+    reasons = ", ".join(f"{r['feature']}={r['value']}" for r in alert.get("reasons", []))
+    return (f"[{alert['risk_level'].upper():<8}] {alert['customer_id']}  p={alert['probability']:.2f}  "
+            f"tier={alert['value_tier']}  segment={alert.get('segment') or '-'}  "
+            f"stage={alert.get('lifecycle_stage')}  clv={alert.get('clv')}  → {alert['action']}  (why: {reasons})")
+
+
+def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_json: bool,
+                  idle_timeout_s: float | None, max_records: int | None) -> int:
+    """Print churn alerts as they arrive (from the beginning of the topic), filtered."""
+    consumer = KafkaConsumer(
+        settings.topic("churn-alerts"), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, group_id=None,
+        consumer_timeout_ms=int(idle_timeout_s * 1000) if idle_timeout_s else float("inf"),
+        **kafka_security_kwargs(settings),
+    )
+    shown = 0
+    try:
+        for record in consumer:
+            alert = json.loads(record.value)
+            if (risk and alert["risk_level"] != risk) or (tier and alert["value_tier"] != tier):
+                continue
+            print(json.dumps(alert, sort_keys=True) if as_json else format_alert(alert), flush=True)
+            shown += 1
+            if max_records and shown >= max_records:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    return 0

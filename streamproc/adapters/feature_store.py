@@ -3,7 +3,7 @@
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
     cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count),
-                                  ``k`` census key "lifecycle_stage|value_tier", ``m`` model outputs (JSON:
+                                  ``k`` census key "stage|tier|segment", ``m`` model outputs (JSON:
                                   segment, churn probability, alert hysteresis; depend on the checkpoint)
     sp:census:<p>          hash   census key -> customers, per input partition (deltas from saves)
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
@@ -65,7 +65,10 @@ class Update:
 
     @property
     def census_key(self) -> str:
-        return f"{self.features.get('lifecycle_stage', '')}|{self.features.get('value_tier', '')}"
+        """lifecycle_stage|value_tier|segment: what the population gauges count customers by."""
+        segment = (self.model or {}).get("segment")
+        return (f"{self.features.get('lifecycle_stage', '')}|{self.features.get('value_tier', '')}|"
+                f"{'' if segment is None else segment}")
 
 
 @dataclass

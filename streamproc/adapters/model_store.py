@@ -40,8 +40,10 @@ class ModelStore(abc.ABC):
 
 
 def _summary(bundle: ModelBundle) -> bytes:
+    import time
+
     profiles = {str(k): v for k, v in bundle.segment_profiles().items()}
-    return orjson.dumps({**bundle.summary(), "segments": profiles})
+    return orjson.dumps({**bundle.summary(), "segments": profiles, "saved_at": time.time()})
 
 
 class RedisModelStore(ModelStore):
@@ -68,7 +70,7 @@ class RedisModelStore(ModelStore):
         version = version if version is not None else await self.current_version()
         if version is None:
             return None
-        blob = await self.redis.get(f"sp:model:v:{version}")
+        blob: bytes | None = await self.redis.get(f"sp:model:v:{version}")  # type: ignore[assignment]
         return ModelBundle.loads(blob) if blob else None
 
     async def versions(self) -> list[int]:

@@ -233,7 +233,7 @@ def should_alert(state: ModelState, p: float, at: int, cfg: ChurnConfig) -> bool
     return True
 
 
-def top_reasons(contributions: dict[str, float], values: dict[str, float], n: int = 3) -> list[dict[str, float]]:
+def top_reasons(contributions: dict[str, float], values: dict[str, float], n: int = 3) -> list[dict[str, Any]]:
     """The features that pushed the score up most (largest positive contribution first)."""
     ranked = sorted(contributions.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
     return [{"feature": k, "value": round(values.get(k, 0.0), 4), "contribution": round(c, 4)} for k, c in ranked]

@@ -1,0 +1,46 @@
+"""One customer's full picture, for the HTTP endpoint and `streamproc customer show`.
+
+Features are recomputed from the stored state as of the stream's current watermark (never the wall
+clock), so a silent customer's recency and windows are exact even between two inactivity sweeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from streamproc.adapters.feature_store import FeatureStore
+from streamproc.adapters.model_store import ModelStore
+from streamproc.domain.customer import CustomerState, features
+from streamproc.settings import Settings
+
+
+async def lookup(
+    store: FeatureStore, models: ModelStore, settings: Settings, customer_id: str
+) -> dict[str, Any] | None:
+    from streamproc.app import fold_config
+
+    blob = await store.state_blob(customer_id)
+    if blob is None:
+        return None
+    state = CustomerState.from_dict(orjson.loads(blob))
+    cfg = fold_config(settings)
+    marks = await store.load_watermarks()
+    watermark = max(marks.values()) - cfg.allowed_lateness_ms if marks else state.max_ts
+    as_of = max(watermark, state.max_ts)
+    out: dict[str, Any] = {
+        "features": features(state, as_of, cfg), "stored_features": await store.features(customer_id),
+    }
+    model = await store.model_outputs(customer_id) or {}
+    summary = await models.summary() or {}
+    segment = model.get("segment")
+    profiles = summary.get("segments", {})
+    out["segment"] = None if segment is None else {"id": segment, **profiles.get(str(segment), {})}
+    if out["segment"]:
+        out["segment"].pop("scaled", None)
+    out["churn"] = {
+        "probability": model.get("churn_p"), "model_version": model.get("model_version"),
+        "last_alert_ts": model.get("last_alert_ts"), "pending_snapshots": len(state.pending),
+    }
+    return out
