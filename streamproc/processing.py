@@ -400,8 +400,10 @@ class BatchProcessor:
         bundle = self.bundle
         version = bundle.version if bundle else None
         digest = hashlib.blake2b(cid.encode(), digest_size=8).hexdigest()
+        snapshotted = False
         if watermark is not None:
             for point, values in take_snapshots(state, watermark, self.churn):
+                snapshotted = True
                 x = churn_inputs(values)
                 p = bundle.churn_probability(x) if bundle else None
                 state.pending.append(point)
@@ -427,7 +429,11 @@ class BatchProcessor:
             return mstate.to_dict()
         x = churn_inputs(now_values)
         p = bundle.churn_probability(x)
-        segment = bundle.segment(segment_inputs(now_values))
+        # the segment is re-assigned at snapshot instants (weekly), under a new model version, or if unknown:
+        # segments stay stable between those, and the k-means distance computations stay off the hot path
+        segment = mstate.segment
+        if segment is None or snapshotted or mstate.model_version != version:
+            segment = bundle.segment(segment_inputs(now_values))
         names = self.segment_names
         if segment is not None and mstate.segment is not None and segment != mstate.segment:
             out.segment_moves.append({"customer_id": cid, "ts": as_of, "from_segment": mstate.segment,

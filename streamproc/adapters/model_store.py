@@ -43,7 +43,7 @@ def _summary(bundle: ModelBundle) -> bytes:
     import time
 
     profiles = {str(k): v for k, v in bundle.segment_profiles().items()}
-    return orjson.dumps({**bundle.summary(), "segments": profiles, "saved_at": time.time()})
+    return orjson.dumps({**bundle.summary(), "segments": profiles, "saved_at": time.time()}, default=float)
 
 
 class RedisModelStore(ModelStore):

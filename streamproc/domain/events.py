@@ -6,7 +6,6 @@ so that bad input becomes data (a dead-letter record) instead of a crashed worke
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Literal
@@ -118,18 +117,6 @@ def _summarise(exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def _has_non_finite(value: object, depth: int = 0) -> bool:
-    if depth > 8:
-        return False
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_non_finite(v, depth + 1) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_non_finite(v, depth + 1) for v in value)
-    return False
-
-
 def decode_event(
     kind: str, payload: bytes | None, limits: DecodeLimits, now_ms: int | None
 ) -> Event | Rejection:
@@ -153,8 +140,6 @@ def decode_event(
         return Rejection("invalid_json", f"not valid UTF-8 JSON: {exc}"[:300])
     if not isinstance(data, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(data).__name__}")
-    if _has_non_finite(data):
-        return Rejection("validation", "non-finite number (NaN or Infinity)")
     try:
         event = model.model_validate(data)
     except ValidationError as exc:

@@ -26,7 +26,7 @@ async def test_save_is_a_compare_and_set_on_the_version(store):
     result = await store.save([Update("a", 0, state, {"clicks": 4}), Update("b", 0, state, {"x": 1})])
     assert result.failed == ["a"] and result.previous_census == {"b": None}
     assert (await store.features("a")) == {"clicks": 3}
-    assert (await store.save([Update("a", 1, state, {"clicks": 4})])).previous_census == {"a": "|"}
+    assert (await store.save([Update("a", 1, state, {"clicks": 4})])).previous_census == {"a": "||"}
     assert (await store.features("a")) == {"clicks": 4}
     assert await store.redis.hget(customer_key("a"), "_v") == b"2"
 

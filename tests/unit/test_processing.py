@@ -215,9 +215,9 @@ async def test_census_counts_customers_by_stage_and_tier_as_they_move():
     store, proc = make(idle_source_s=-1)
     day = 86_400_000
     await proc.process([rec("clicks", 0, click(0, cid="a", ts=T0)), rec("clicks", 1, click(1, cid="b", ts=T0))])
-    assert await store.census() == {"new|low": 2}
+    assert await store.census() == {"new|low|": 2}
     await proc.process([rec("clicks", 2 + i, click(2 + i, cid="b", ts=T0 + i * day)) for i in range(1, 41)])
     await proc.sweep()
-    assert await store.census() == {"at_risk|low": 1, "active|low": 1}
+    assert await store.census() == {"at_risk|low|": 1, "active|low|": 1}
     await store.forget("a")
-    assert await store.census() == {"active|low": 1}
+    assert await store.census() == {"active|low|": 1}
