@@ -22,10 +22,16 @@ async def drain_batches(stream: StreamT, max_events: int) -> AsyncIterator[list[
     acking_topics = app.topics.acking_topics
     on_message_in = stream._on_message_in  # type: ignore[attr-defined]
     while not stream.should_stop:
-        first: Any = await queue.get()
+        try:
+            first: Any = await queue.get()
+        except StopAsyncIteration:  # the channel was closed: the worker is stopping
+            return
         raw: list[Any] = [first]
-        while len(raw) < max_events and not queue.empty():
-            raw.append(queue.get_nowait())
+        try:
+            while len(raw) < max_events and not queue.empty():
+                raw.append(queue.get_nowait())
+        except StopAsyncIteration:
+            pass  # closing: process what we have, the next get() ends the loop
         batch: list[EventT] = []
         generation = app.consumer_generation_id
         active = app.flow_control.is_active()

@@ -84,8 +84,15 @@ def env_factory(infra: Settings, tmp_path: Path):
     return make
 
 
+# What depends on when model checkpoints happened to be written (asynchronously, by the trainer) is not
+# replay-deterministic and is left out: the model outputs per customer (m), the census key that includes
+# the segment (k), the census counts and the checkpoints themselves. Write counts (_v) are left out too.
+MODEL_DEPENDENT_FIELDS = {b"_v", b"m", b"k"}
+MODEL_DEPENDENT_KEYS = ("sp:model:", "sp:census:")
+
+
 def redis_snapshot(settings: Settings) -> dict[str, object]:
-    """Everything streamproc keeps in a Redis db, comparable across runs (write counts left out)."""
+    """Everything streamproc keeps in a Redis db that must be identical across replays."""
     import redis
 
     r = redis.Redis.from_url(settings.redis_url)
@@ -94,8 +101,10 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
         for key in sorted(r.scan_iter(count=1000)):
             kind = r.type(key)
             name = key.decode()
+            if name.startswith(MODEL_DEPENDENT_KEYS):
+                continue
             if kind == b"hash":
-                out[name] = {k: v for k, v in r.hgetall(key).items() if k != b"_v"}
+                out[name] = {k: v for k, v in r.hgetall(key).items() if k not in MODEL_DEPENDENT_FIELDS}
             elif kind == b"zset":
                 out[name] = r.zrange(key, 0, -1, withscores=True)
             elif kind == b"set":

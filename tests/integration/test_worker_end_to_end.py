@@ -89,7 +89,7 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/customers/cust0") as resp:
-        assert json.loads(resp.read())["frequency"] == 1
+        assert json.loads(resp.read())["features"]["frequency"] == 1
 
 
 def test_restarting_the_worker_does_not_reprocess_committed_events(topics, worker_factory):
