@@ -139,6 +139,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "STREAMPROC_LOG_LEVEL": "INFO",
         "STREAMPROC_KAFKA_SESSION_TIMEOUT_S": "6",
         "STREAMPROC_KAFKA_HEARTBEAT_INTERVAL_S": "1",
+        "STREAMPROC_IDLE_SOURCE_S": "3",
     })
     return env
 
