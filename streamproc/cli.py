@@ -189,6 +189,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if stats.sent else 1
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from streamproc.evaluate import run_evaluate
+
+    run_evaluate(_settings(), Path(args.run), Path(args.out) if args.out else None)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamproc.demo import run_demo
 
@@ -267,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", choices=["clicks", "transactions"], default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("evaluate", help="score a simulated run's outputs against its ground truth")
+    p.add_argument("--run", default="runs/latest", help="the simulation's output folder (ground truth)")
+    p.add_argument("--out", default=None, help="write the scores as JSON here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=300)
