@@ -283,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
-    p.add_argument("--customers", type=int, default=300)
-    p.add_argument("--days", type=int, default=120)
+    p.add_argument("--customers", type=int, default=1000)
+    p.add_argument("--days", type=int, default=150)
     p.add_argument("--rate", type=float, default=0.0)
     p.set_defaults(func=cmd_demo)
 

@@ -110,19 +110,32 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
 
         print("== 5/5 what came out")
+        time.sleep(max(settings.checkpoint_interval_s, settings.model_reload_s) + 1)  # a last checkpoint
         metrics = scrape(settings.web_port)
         for name in sorted(metrics):
-            if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total")):
+            if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total",
+                                "streamproc_churn_alerts_total", "streamproc_segment_customers{",
+                                "streamproc_customers{")):
                 print(f"   {name} = {int(metrics[name])}")
-        _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
-        print("   dead-letter topic (first 3):")
-        from streamproc.tail import read_topic
+        print("   --- models (streamproc models)")
+        env_cli = {**env}
+        subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env_cli)
+        print("   --- churn alerts (streamproc alerts tail), first 5")
+        from streamproc.tail import format_alert, read_topic
 
+        for alert in read_topic(settings, "churn-alerts", 5, 2.0):
+            print("   " + format_alert(alert))
+        print("   --- three customers (streamproc customer show ID)")
+        _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
+        print("   --- dead-letter topic (streamproc tail dlq), first 3")
         for rec in read_topic(settings, "streamproc-dlq", 3, 2.0):
             print(f"     {rec['dlq_id']}  {rec['reason']}: {rec['detail'][:90]}")
+        print("   --- against the simulator's ground truth (streamproc evaluate)")
+        subprocess.run([sys.executable, "-m", "streamproc.cli", "evaluate", "--run", str(run_dir / "truth")],
+                       env=env_cli)
         print("\nThe demo's data stays in Redis db 1 and the demo.* topics, e.g.:\n"
               "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 streamproc customer show c0000001\n"
-              "  STREAMPROC_TOPIC_PREFIX=demo. streamproc tail dlq")
+              "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
         return 0 if got >= sent else 1
     finally:
         worker.terminate()
@@ -135,12 +148,17 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
 def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:
     import asyncio
 
+    keys = ("lifecycle_stage", "value_tier", "frequency", "monetary_total", "recency_days", "sessions",
+            "conversion_rate", "clv", "top_categories")
+
     async def show() -> None:
         store = store_cls.from_url(settings.redis_url)
         try:
             for cid in ids:
-                found = await store.features(cid)
-                print(f"   customer {cid}: {json.dumps(found, sort_keys=True)}")
+                found = await store.features(cid) or {}
+                model = await store.model_outputs(cid) or {}
+                brief = {k: found.get(k) for k in keys}
+                print(f"   {cid}: {json.dumps(brief)} segment={model.get('segment')} churn_p={model.get('churn_p')}")
         finally:
             await store.close()
 

@@ -180,16 +180,32 @@ def _bought_in(state: CustomerState, lo: int, hi: int, cfg: ChurnConfig) -> bool
     return any(any(row[s] for s in slots) for d, row in state.days.items() if lo_day <= d < hi_day)
 
 
+def known_label(state: CustomerState, point: int, watermark: int, cfg: ChurnConfig) -> int | None:
+    """The label of the snapshot at ``point`` if it is known yet: 0 as soon as a purchase in
+    [point, point + horizon) is known, 1 once the watermark passed point + horizon without one."""
+    horizon = cfg.horizon_days * DAY_MS
+    if _bought_in(state, point, point + horizon, cfg):
+        return 0
+    if watermark >= point + horizon:
+        return 1
+    return None
+
+
 def mature_labels(state: CustomerState, watermark: int, cfg: ChurnConfig) -> list[tuple[int, int]]:
-    """Pending snapshots whose label is now known: (D, label) with 1 = churned. Removes them."""
+    """Pending snapshots released for learning: (D, label) with 1 = churned. Removes them.
+
+    A "retained" label is often known early (the customer came back), but examples of both classes are
+    released when the watermark passes D + horizon: releasing the retained ones early feeds the model
+    negatives from recent snapshots and positives only from old ones (right-censoring), and it learns
+    "long tenure means retained" instead of the behaviour (measured on the simulator: churn ROC AUC 0.29
+    against the ground truth with early release)."""
     horizon = cfg.horizon_days * DAY_MS
     done: list[tuple[int, int]] = []
     keep = []
     for point in state.pending:
-        if _bought_in(state, point, point + horizon, cfg):
-            done.append((point, 0))
-        elif watermark >= point + horizon:
-            done.append((point, 1))
+        if watermark >= point + horizon:
+            label = known_label(state, point, watermark, cfg)
+            done.append((point, 1 if label is None else label))
         else:
             keep.append(point)
     state.pending = keep[-cfg.max_pending :]

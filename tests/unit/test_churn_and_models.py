@@ -15,6 +15,7 @@ from streamproc.domain.churn import (
     churn_inputs,
     grid_points,
     inputs_at,
+    known_label,
     mature_labels,
     retention_action,
     risk_level,
@@ -68,10 +69,13 @@ def test_label_rule_return_before_the_horizon_is_not_churn():
     state = fold([buy(0, 0)])
     state.pending = [p for p, _ in take_snapshots(state, T0 + 30 * DAY_MS, CFG)]
     first = state.pending[0]
-    assert mature_labels(state, T0 + 30 * DAY_MS, CFG) == []  # nothing known yet
+    assert known_label(state, first, T0 + 30 * DAY_MS, CFG) is None  # nothing known yet
     state = fold([buy(1, (first - T0) / DAY_MS + 20)], state=state, start=5)
-    matured = mature_labels(state, T0 + 31 * DAY_MS, CFG)
-    assert (first, 0) in matured  # the return was within 60 days of the snapshot: retained, known early
+    # the return was within 60 days of the snapshot: retained, known at once ...
+    assert known_label(state, first, T0 + 31 * DAY_MS, CFG) == 0
+    # ... and released for learning with the churned ones, once the horizon has passed (no censoring bias)
+    assert mature_labels(state, T0 + 31 * DAY_MS, CFG) == []
+    assert (first, 0) in mature_labels(state, first + 60 * DAY_MS, CFG)
 
 
 def test_label_rule_silence_past_the_horizon_is_churn_and_only_then():
