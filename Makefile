@@ -82,6 +82,7 @@ lint: $(STAMP) ## ruff and mypy
 .PHONY: bench
 bench: infra-up ## run the benchmarks in bench/ (not tests); results in bench/README.md
 	$(PY) bench/throughput.py
+	$(PY) bench/latency.py
 
 .PHONY: clean
 clean: infra-down ## stop services and remove local state (keeps the jar cache and venv)

@@ -48,6 +48,12 @@ class Metrics:
             "streamproc_batch_size_events", "Events per processed batch.", buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
+        self.end_to_end = Histogram(
+            "streamproc_end_to_end_latency_seconds",
+            "From an input record's broker timestamp (produce time) to its features being written.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
         self.redis_seconds = Histogram(
             "streamproc_redis_roundtrip_seconds", "Redis round-trip time, by operation.", ["operation"],
             buckets=REDIS_SECONDS_BUCKETS, registry=r,

@@ -346,6 +346,11 @@ class BatchProcessor:
         self.metrics.redis_seconds.labels("after_batch").observe(time.perf_counter() - t0)
         self.watermarks = marks
         self._count(records, result)
+        now_ms = time.time() * 1000  # wall clock: only for the latency metric
+        observe = self.metrics.end_to_end.observe
+        for rec in records:
+            if rec.timestamp_ms:
+                observe(max(now_ms - rec.timestamp_ms, 0.0) / 1000)
         elapsed = time.perf_counter() - started
         self.metrics.batch_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(records))
