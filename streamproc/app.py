@@ -130,6 +130,9 @@ class Worker:
             web_port=s.web_port,
             datadir=str(s.state_dir / "faust" / s.app_id),
             producer_acks=-1,
+            # do not wait for unacked records on shutdown or rebalance: they are re-read and fenced,
+            # and the trainer deliberately holds acks until a checkpoint contains them
+            stream_wait_empty=False,
             broker_commit_every=1000,
             broker_session_timeout=s.kafka_session_timeout_s,
             broker_heartbeat_interval=s.kafka_heartbeat_interval_s,
