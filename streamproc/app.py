@@ -191,7 +191,7 @@ class Worker:
         )
 
     async def ingest(self, stream: faust.StreamT) -> None:
-        async for batch in drain_batches(stream, self.settings.batch_max_events):
+        async for batch in drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s):
             records = [self.to_raw(ev) for ev in batch]
             await self.apply_with_retry(records)
             await ack_batch(stream, batch)

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     batch_max_events: int = Field(default=2000, ge=1)
+    batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
     # a killed worker's partitions move to the survivors after this long
     kafka_session_timeout_s: float = 10.0
     kafka_heartbeat_interval_s: float = 2.0
