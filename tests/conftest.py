@@ -140,6 +140,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "STREAMPROC_KAFKA_SESSION_TIMEOUT_S": "6",
         "STREAMPROC_KAFKA_HEARTBEAT_INTERVAL_S": "1",
         "STREAMPROC_IDLE_SOURCE_S": "3",
+        "STREAMPROC_CHECKPOINT_INTERVAL_S": "1",
+        "STREAMPROC_MODEL_RELOAD_S": "1",
     })
     return env
 

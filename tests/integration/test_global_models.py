@@ -1,0 +1,58 @@
+"""Models are global: two workers in one group score with the same checkpoint, and the one trainer learns
+from the examples of both workers' partitions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from streamproc.demo import processed_total
+from streamproc.producer import EventProducer
+from streamproc.simulate import SimulationConfig, Simulator
+
+pytestmark = pytest.mark.integration
+
+
+def total(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def test_two_workers_share_one_model(topics, worker_factory):
+    settings = topics
+    payloads = list(Simulator(SimulationConfig(customers=150, days=120, seed=13)).payloads())
+    a = worker_factory(settings, "a").start()
+    b_settings = settings.model_copy(update={"web_port": settings.web_port + 1})
+    b = worker_factory(b_settings, "b").start()
+    a.wait_ready()
+    b.wait_ready()
+    time.sleep(8)  # both in the group before traffic, so partitions are split between them
+    producer = EventProducer(settings)
+    for topic, key, value in payloads:
+        producer.send(topic, key, value)
+    producer.close()
+
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        ma, mb = a.metrics(), b.metrics()
+        done = processed_total(ma) + processed_total(mb) >= len(payloads)
+        sent = total(ma, "streamproc_training_examples_total") + total(mb, "streamproc_training_examples_total")
+        learned = total(ma, "streamproc_examples_learned_total") + total(mb, "streamproc_examples_learned_total")
+        versions = {ma.get("streamproc_model_version"), mb.get("streamproc_model_version")}
+        checkpointed = total(ma, "streamproc_model_checkpoints_total") + total(mb, "streamproc_model_checkpoints_total")
+        if done and sent and learned >= sent and len(versions) == 1 and checkpointed and None not in versions:
+            break
+        time.sleep(1.0)
+    ma, mb = a.metrics(), b.metrics()
+    # the work was split: each worker processed a share of the events
+    assert processed_total(ma) > 0 and processed_total(mb) > 0
+    # both sent examples from their own partitions, and one trainer learned all of them
+    sent_a = total(ma, "streamproc_training_examples_total")
+    sent_b = total(mb, "streamproc_training_examples_total")
+    assert sent_a > 0 and sent_b > 0
+    learned = total(ma, "streamproc_examples_learned_total") + total(mb, "streamproc_examples_learned_total")
+    assert learned >= sent_a + sent_b
+    trainers = [m for m in (ma, mb) if total(m, "streamproc_model_checkpoints_total") > 0]
+    assert len(trainers) == 1, "exactly one worker owns the training partition"
+    # and both score with the same checkpoint version
+    assert ma["streamproc_model_version"] == mb["streamproc_model_version"] > 0
