@@ -167,6 +167,13 @@ class Worker:
                     return self.json({"error": "not found"}, status=404)
                 return self.json(found)
 
+            async def delete(self, request: Request, customer_id: str) -> Response:
+                """Erase the customer (GDPR): features, state, model outputs; the erasure is remembered."""
+                erased = await worker.store.forget(customer_id)
+                worker.metrics.customers_erased.inc()
+                log.info("a customer was erased through the API")  # no id at info level
+                return self.json({"erased": erased})
+
         @app.page("/healthz")
         class HealthView(View):
             async def get(self, request: Request) -> Response:
@@ -176,6 +183,9 @@ class Worker:
 
     async def _on_rebalance(self, sender: object = None, **kwargs: object) -> None:
         self.metrics.rebalances.inc()
+        # partitions may have moved: report lag only for what this worker owns now
+        self.metrics.consumer_lag.clear()
+        self.last_offsets.clear()
 
     def to_raw(self, event: EventT) -> RawRecord:
         msg = event.message
@@ -197,6 +207,7 @@ class Worker:
             await ack_batch(stream, batch)
             for rec in records:
                 self.last_offsets[(rec.topic, rec.partition)] = rec.offset
+            self.metrics.last_batch.set(time.time())
 
     async def apply_with_retry(self, records: list[RawRecord]) -> None:
         """Apply a batch; on a Redis or Kafka error back off and retry, never acking what failed."""

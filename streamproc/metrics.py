@@ -78,6 +78,10 @@ class Metrics:
             "streamproc_consumer_lag_records", "Records behind the log end, by input partition.",
             ["topic", "partition"], registry=r,
         )
+        self.last_batch = Gauge(
+            "streamproc_last_batch_timestamp_seconds", "Wall time when this worker last applied a batch.",
+            registry=r,
+        )
         self.rebalances = Counter(
             "streamproc_rebalances_total", "Consumer group rebalances seen by this worker.", registry=r
         )

@@ -91,6 +91,13 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/customers/cust0") as resp:
         assert json.loads(resp.read())["features"]["frequency"] == 1
 
+    # erasure through the API
+    req = urllib.request.Request(f"http://127.0.0.1:{settings.web_port}/customers/cust19", method="DELETE")
+    with urllib.request.urlopen(req) as resp:
+        assert json.loads(resp.read()) == {"erased": True}
+    assert not r.exists(customer_key("cust19"))
+    assert worker.metrics()["streamproc_customers_erased_total"] == 1
+
 
 def test_restarting_the_worker_does_not_reprocess_committed_events(topics, worker_factory):
     settings = topics
