@@ -1,12 +1,18 @@
-"""A real Prometheus scraping a real worker: every dashboard query and alert rule evaluates, every panel has data."""
+"""A real Prometheus scraping a real worker: every dashboard query and alert rule evaluates, every panel has data.
+
+The worker runs with short churn horizons and snapshot cadences (environment, as in production) so that churn
+labels mature, the models train and checkpoint, and alerts and segment moves happen within a minute of wall time.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -22,16 +28,48 @@ from streamproc.demo import processed_total
 from streamproc.producer import EventProducer
 from streamproc.settings import Settings
 from streamproc.simulate import SimulationConfig, Simulator
-from tests.unit.test_dashboards import load_dashboards, panel_targets
+from tests.conftest import WorkerProcess, worker_env
+from tests.unit.test_dashboards import load_dashboards, metric_names, panel_targets
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES_GLOB = ROOT / "prometheus" / "rules" / "*.yml"
-# what Grafana would put in for its interval variables; 30 s holds many samples at a 1 s scrape interval
-GRAFANA_INTERVALS = re.compile(r"\$\{?__(?:rate_interval|interval|range)(?:_s|_ms)?\}?")
+# what Grafana would put in for its interval variables: $__range is the time since the traffic started (the
+# dashboard's time range), the others 30 s (many samples at a 1 s scrape interval)
+GRAFANA_RANGE = re.compile(r"\$\{?__range\}?")
+GRAFANA_INTERVALS = re.compile(r"\$\{?__(?:rate_interval|interval)\}?")
 WINDOW = "30s"
-EXPECTED_ALERTS = {"StreamprocConsumerLagGrowing", "StreamprocDeadLetterRateHigh", "StreamprocNoEventsProcessed"}
+EXPECTED_ALERTS = {"StreamprocConsumerLagGrowing", "StreamprocDeadLetterRateHigh", "StreamprocNoEventsProcessed",
+                   "StreamprocWorkerStalled", "StreamprocRedisErrors", "StreamprocChurnModelAucLow",
+                   "StreamprocModelCheckpointStale", "StreamprocChurnModelDrift"}
+# Event time runs ~100,000 times faster than wall time here: churn labels mature 14 days after snapshots taken every
+# 2 days (production: 60 and 7), the low alert threshold makes alerts happen with a young model, and the trainer
+# checkpoints and every worker reloads the model every second.
+MODEL_ENV = {
+    "STREAMPROC_CHURN_HORIZON_DAYS": "14",
+    "STREAMPROC_SNAPSHOT_CADENCE_DAYS": "2",
+    "STREAMPROC_ALERT_THRESHOLD": "0.3",
+    "STREAMPROC_ALERT_REARM_THRESHOLD": "0.2",
+    "STREAMPROC_CHECKPOINT_INTERVAL_S": "1",
+    "STREAMPROC_MODEL_RELOAD_S": "1",
+    "STREAMPROC_IDLE_SOURCE_S": "2",
+}
+# Beyond "some series": these must have counted something after this traffic (the model panels are not just zeros)
+MUST_BE_POSITIVE = {
+    "churn alerts": "sum(streamproc_churn_alerts_total)",
+    "segment moves": "sum(streamproc_segment_moves_total)",
+    "customers with a segment": "sum(max by (segment) (streamproc_segment_customers))",
+    "churn examples sent": 'sum(streamproc_training_examples_total{kind="churn"})',
+    "segment examples sent": 'sum(streamproc_training_examples_total{kind="segment"})',
+    "churn examples learned": 'sum(streamproc_examples_learned_total{kind="churn"})',
+    "segment examples learned": 'sum(streamproc_examples_learned_total{kind="segment"})',
+    "checkpoints": "sum(streamproc_model_checkpoints_total)",
+    "model version": "max(streamproc_model_version)",
+    "labels matured": "max(streamproc_model_labels_matured)",
+    "rolling ROC AUC": 'max(streamproc_model_quality{metric="roc_auc", window="rolling"})',
+    "churn probabilities observed": "sum(streamproc_churn_probability_count)",
+}
 
 
 def free_port() -> int:
@@ -57,6 +95,9 @@ class Prometheus:
 
     def query(self, expr: str) -> dict[str, Any]:
         return self.get("/api/v1/query", query=expr)
+
+    def query_range(self, expr: str, start: float, end: float, step: str = "1s") -> dict[str, Any]:
+        return self.get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)
 
     def log_tail(self, n: int = 3000) -> str:
         try:
@@ -113,73 +154,170 @@ def prometheus(topics: Settings, tmp_path: Path, request: pytest.FixtureRequest)
     yield prom
 
 
-def grafana_to_promql(expr: str) -> str:
-    out = GRAFANA_INTERVALS.sub(WINDOW, expr)
+def grafana_to_promql(expr: str, range_s: int) -> str:
+    out = GRAFANA_INTERVALS.sub(WINDOW, GRAFANA_RANGE.sub(f"{range_s}s", expr))
     assert "$" not in out, f"unknown Grafana variable in {expr!r}"
     return out
 
 
-def dashboard_queries() -> dict[str, str]:
-    queries = {}
+def dashboard_targets() -> dict[str, tuple[str, bool]]:
+    """Every panel query: (Grafana expression, instant?) by "dashboard / panel / refId"."""
+    targets = {}
     for name, board in load_dashboards().items():
         for panel, target in panel_targets(board):
-            queries[f"{name} / {panel['title']} / {target['refId']}"] = grafana_to_promql(target["expr"])
-    return queries
+            targets[f"{name} / {panel['title']} / {target['refId']}"] = (target["expr"], bool(target.get("instant")))
+    return targets
 
 
-def send_traffic(settings: Settings) -> int:
-    """Simulated traffic with malformed and duplicate records, then a few events later than the watermark."""
-    sim = Simulator(SimulationConfig(customers=150, days=60, seed=11, bad_fraction=0.01, duplicate_fraction=0.02))
-    producer = EventProducer(settings)
-    sent = 0
-    for topic, key, payload in sim.payloads():
-        producer.send(topic, key, payload)
-        sent += 1
+def numbers(result: dict[str, Any]) -> list[float]:
+    """Every sample value of an instant or range query result (NaN included)."""
+    out = []
+    for series in result["data"]["result"]:
+        samples = series["values"] if "values" in series else [series["value"]]
+        out.extend(float(value) for _, value in samples)
+    return out
+
+
+def has_data(result: dict[str, Any]) -> bool:
+    """What Grafana would draw: at least one sample that is a number (NaN, e.g. a quantile of nothing, is not)."""
+    return any(not math.isnan(v) for v in numbers(result))
+
+
+def selectors(expr: str) -> set[str]:
+    """The series selectors of a PromQL expression (metric name and label matchers), except inside absent()."""
+    expr = re.sub(r"absent\([^()]*\)", " ", expr)
+    return {m.group(0) for name in metric_names(expr)
+            for m in re.finditer(rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?", expr)}
+
+
+class ModelWorker(WorkerProcess):
+    """A `streamproc worker` subprocess with extra settings in its environment (WorkerProcess forwards only the
+    connection and isolation settings)."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str]) -> None:
+        super().__init__(settings, log_path)
+        self.extra_env = extra_env
+
+    def start(self) -> ModelWorker:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamproc.cli", "worker"], env={**worker_env(self.settings), **self.extra_env},
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        return self
+
+    def value(self, prefix: str) -> float:
+        """Sum of the scraped samples whose name and labels start with ``prefix``."""
+        return sum(v for k, v in self.metrics().items() if k.startswith(prefix) and "_created" not in k)
+
+
+@pytest.fixture
+def model_worker(topics: Settings, tmp_path: Path) -> Iterator[ModelWorker]:
+    worker = ModelWorker(topics, tmp_path / "worker.log", MODEL_ENV)
+    yield worker
+    worker.stop(9)
+
+
+def traffic() -> tuple[list[tuple[str, bytes, bytes]], list[tuple[str, bytes, bytes]]]:
+    """Simulated traffic (400 customers, 120 days, malformed and duplicate records mixed in) in two parts: the
+    first ~100 days, and the rest followed by a few events later than the watermark."""
+    sim = Simulator(SimulationConfig(customers=400, days=120, seed=11, bad_fraction=0.01, duplicate_fraction=0.02))
+    records = list(sim.payloads())
     assert sim.bad_events and sim.duplicate_events
-    # an hour after the simulation's start, when each partition is already ~2 months ahead (allowed lateness: 1 h)
+    split = len(records) * 4 // 5
+    first, rest = records[:split], records[split:]
+    # an hour after the simulation's start, when each partition is already months ahead (allowed lateness: 1 h)
     late_ts = sim.cfg.start_ms + 3_600_000
     for i, truth in enumerate(sim.truth()[:12]):
         cid = truth.customer_id
-        producer.send("clicks", cid.encode(), orjson.dumps({
+        rest.append(("clicks", cid.encode(), orjson.dumps({
             "event_id": f"{cid}-late{i}", "customer_id": cid, "ts": late_ts + i, "session_id": f"{cid}-late",
             "action": "page_view",
-        }))
-        sent += 1
+        })))
+    return first, rest
+
+
+def send(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> int:
+    producer = EventProducer(settings)
+    for topic, key, payload in records:
+        producer.send(topic, key, payload)
     producer.close()
-    return sent
+    return len(records)
 
 
-def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, worker_factory, prometheus):
-    queries = dashboard_queries()
-    assert len(queries) >= 30
-    sent = send_traffic(topics)
-    worker = worker_factory().start()
+def wait_for_trained_model(worker: ModelWorker, timeout: float = 40.0) -> None:
+    """Until the model every worker scores with has learned every churn label sent so far (the trainer caught
+    up, checkpointed, and the worker reloaded the checkpoint)."""
+    deadline = time.monotonic() + timeout
+    sent = learned = 0.0
+    while time.monotonic() < deadline:
+        sent = worker.value('streamproc_training_examples_total{kind="churn"}')
+        learned = worker.value("streamproc_model_labels_matured")
+        if sent > 0 and learned >= sent:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the model learned {learned} of {sent} matured churn labels in {timeout}s\n"
+                         + worker.log_tail())
+
+
+def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, model_worker, prometheus):
+    targets = dashboard_targets()
+    assert len(targets) >= 65
+    first, rest = traffic()
+    started = time.time()
+    sent = send(topics, first)
+    worker = model_worker.start()
     worker.wait_processed(sent, timeout=45)
+    # the rest is scored by a model that has learned matured labels: churn alerts, segment moves
+    wait_for_trained_model(worker)
+    sent += send(topics, rest)
+    worker.wait_processed(sent, timeout=30)
 
-    # the lag gauges come every 5 s and the population gauges every 10 s: poll until every query has series
+    # lag gauges come every 5 s, population and segment gauges every 10 s: poll until every panel has had data
+    # (a panel counts once it has data: an instant query can miss a scrape that timed out while the worker was busy)
+    with_data: set[str] = set()
+    positive: set[str] = set()
     deadline = time.monotonic() + 40
     while True:
-        results = {key: prometheus.query(expr) for key, expr in queries.items()}
+        end = time.time()
+        range_s = int(end - started) + 1
+        queries = {key: grafana_to_promql(expr, range_s) for key, (expr, _) in targets.items()}
+        results = {
+            key: prometheus.query(queries[key]) if instant else prometheus.query_range(queries[key], started, end)
+            for key, (_, instant) in targets.items()
+        }
         errors = {key: r.get("error") for key, r in results.items() if r.get("status") != "success"}
         assert not errors, f"queries rejected by Prometheus: {json.dumps(errors, indent=2)}"
-        empty = sorted(key for key, r in results.items() if not r["data"]["result"])
+        with_data.update(key for key, r in results.items() if has_data(r))
+        counted = {what: numbers(prometheus.query(expr)) for what, expr in MUST_BE_POSITIVE.items()}
+        positive.update(what for what, values in counted.items() if any(v > 0 for v in values))
+        empty, zero = sorted(set(targets) - with_data), sorted(set(MUST_BE_POSITIVE) - positive)
         rules = [rule for group in prometheus.get("/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
         unevaluated = [rule["name"] for rule in rules if rule["health"] != "ok"]
-        if (not empty and rules and not unevaluated) or time.monotonic() > deadline:
+        if (not empty and not zero and rules and not unevaluated) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
+    exposed = sorted({key.split("{")[0] for key in worker.metrics()})
     assert not empty, (
-        "dashboard queries without any series:\n" + "\n".join(f"  {key}: {queries[key]}" for key in empty)
-        + f"\nseries the worker exposes: {sorted({key.split('{')[0] for key in worker.metrics()})}"
+        "dashboard queries without data (no series, or only NaN):\n"
+        + "\n".join(f"  {key}: {queries[key]}" for key in empty) + f"\nseries the worker exposes: {exposed}"
+    )
+    assert not zero, (
+        "nothing counted for: " + ", ".join(f"{what} ({MUST_BE_POSITIVE[what]} = {counted[what]})" for what in zero)
+        + "\n" + worker.log_tail()
     )
 
-    # the alert rules Prometheus loaded from prometheus/rules/ evaluate (no alert is expected to fire here)
+    # the alert rules Prometheus loaded from prometheus/rules/ evaluate (none is expected to fire here: they need
+    # minutes of their condition, or data from 30 minutes ago), and every series they select exists
     assert {rule["name"] for rule in rules} >= EXPECTED_ALERTS, rules
     bad = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not bad, f"alert rules failing in Prometheus: {bad}\n{prometheus.log_tail()}"
     for rule in rules:
         result = prometheus.query(rule["query"])
         assert result["status"] == "success", f"{rule['name']}: {result.get('error')}"
+        for selector in selectors(rule["query"]):
+            assert prometheus.query(selector)["data"]["result"], f"{rule['name']}: no series for {selector}"
 
     # Prometheus saw what the worker counted
     scraped = prometheus.query("sum(streamproc_events_processed_total)")["data"]["result"]

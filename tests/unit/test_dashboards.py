@@ -25,6 +25,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PANEL_TYPES = {"timeseries", "stat", "bargauge"}
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
             "gauge": ("",)}
+ALERTS = ("StreamprocConsumerLagGrowing", "StreamprocDeadLetterRateHigh", "StreamprocNoEventsProcessed",
+          "StreamprocWorkerStalled", "StreamprocRedisErrors", "StreamprocChurnModelAucLow",
+          "StreamprocModelCheckpointStale", "StreamprocChurnModelDrift")
 # PromQL words that look like metric names but are not (binary operators, modifiers)
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
                    "group_right", "inf", "nan", "atan2"}
@@ -172,20 +175,51 @@ def test_dashboards_cover_the_requested_signals():
         assert needle in pipeline, needle
     for needle in ("sum by (lifecycle_stage)", "sum by (value_tier)", "streamproc_orders_total",
                    "streamproc_revenue_total", "streamproc_refunded_total", "streamproc_buyers",
-                   "streamproc_repeat_purchase_rate", "streamproc_cohort_retention_ratio"):
+                   "streamproc_repeat_purchase_rate", "streamproc_cohort_retention_ratio",
+                   # segments
+                   "max by (segment) (streamproc_segment_customers)", "rate(streamproc_segment_moves_total",
+                   # churn risk and alerts
+                   "sum by (risk_level) (rate(streamproc_churn_alerts_total",
+                   "sum by (value_tier) (rate(streamproc_churn_alerts_total",
+                   "sum by (le) (increase(streamproc_churn_probability_bucket",
+                   "histogram_quantile(0.9, sum by (le) (rate(streamproc_churn_probability_bucket",
+                   # model quality
+                   'streamproc_model_quality{metric="roc_auc", window="rolling"}',
+                   'streamproc_model_quality{metric="roc_auc"}', 'streamproc_model_quality{metric="log_loss"}',
+                   'streamproc_model_quality{metric=~"precision|recall"}', "streamproc_model_labels_matured",
+                   "streamproc_model_label_positive_rate", "streamproc_model_version",
+                   "streamproc_model_checkpoint_age_seconds", "streamproc_model_drift_detections",
+                   "rate(streamproc_training_examples_total", "rate(streamproc_examples_learned_total",
+                   "rate(streamproc_model_checkpoints_total"):
         assert needle in customers, needle
 
 
+def test_customers_dashboard_rows():
+    board = load_dashboards()["customers-and-churn.json"]
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows == ["Customers", "Orders and revenue", "Buyers and retention", "Segments", "Churn risk and alerts",
+                    "Model quality"]
+
+
+# Gauges every worker reports identically (read from Redis: the census, the population, the model summary)
+SHARED_GAUGES = ("streamproc_customers", "streamproc_buyers", "streamproc_repeat_purchase_rate",
+                 "streamproc_cohort_retention_ratio", "streamproc_segment_customers", "streamproc_model_quality",
+                 "streamproc_model_labels_matured", "streamproc_model_label_positive_rate", "streamproc_model_version",
+                 "streamproc_model_checkpoint_age_seconds", "streamproc_model_drift_detections")
+
+
 def test_population_gauges_are_not_summed_across_workers():
-    """Every worker reports the same census and population values: summing them would multiply by the workers."""
-    for name, board in load_dashboards().items():
-        for panel, target in panel_targets(board):
-            expr = target["expr"]
-            for gauge in ("streamproc_customers", "streamproc_buyers", "streamproc_repeat_purchase_rate",
-                          "streamproc_cohort_retention_ratio"):
-                for m in re.finditer(rf"\b{gauge}\b", expr):
-                    before = expr[: m.start()].rstrip()
-                    assert re.search(r"max(\s+by\s*\([^)]*\))?\s*\($", before), f"{name} {panel['title']}: {expr}"
+    """Every worker reports the same census, population and model values: summing them would multiply by the
+    workers (in the dashboards and in the alert rules)."""
+    exprs = [(f"{name} {panel['title']}", target["expr"])
+             for name, board in load_dashboards().items() for panel, target in panel_targets(board)]
+    exprs += list(rule_expressions().items())
+    assert set(SHARED_GAUGES) <= set().union(*(metric_names(expr) for _, expr in exprs))
+    for where, expr in exprs:
+        for gauge in SHARED_GAUGES:
+            for m in re.finditer(rf"\b{gauge}\b", expr):
+                before = expr[: m.start()].rstrip()
+                assert re.search(r"max(\s+by\s*\([^)]*\))?\s*\($", before), f"{where}: {expr}"
 
 
 # --------------------------------------------------------------------------- metric names
@@ -214,7 +248,7 @@ def test_every_metric_used_by_dashboards_is_exported_by_the_worker():
 def test_every_metric_used_by_alert_rules_is_exported_by_the_worker():
     exported = exported_names()
     rules = rule_expressions()
-    assert {"StreamprocConsumerLagGrowing", "StreamprocDeadLetterRateHigh", "StreamprocNoEventsProcessed"} <= set(rules)
+    assert set(ALERTS) <= set(rules)
     unknown = {alert: sorted(metric_names(expr) - exported) for alert, expr in rules.items()
                if metric_names(expr) - exported}
     assert not unknown, f"not exported by streamproc.metrics.Metrics: {unknown}"
@@ -238,6 +272,14 @@ def test_promtool_check_rules():
 def test_promtool_rule_unit_tests():
     done = _promtool("test", "rules", str(RULE_TESTS))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_rule_has_a_promtool_unit_test_that_fires_it():
+    yaml = pytest.importorskip("yaml")
+    doc = yaml.safe_load(RULE_TESTS.read_text())
+    fired = {case["alertname"] for test in doc["tests"] for case in test.get("alert_rule_test", [])
+             if case.get("exp_alerts")}
+    assert set(rule_expressions()) <= fired, sorted(set(rule_expressions()) - fired)
 
 
 def test_promtool_check_docker_config_loads_the_rules():
