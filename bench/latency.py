@@ -70,7 +70,7 @@ def main() -> None:
     Infra(base).up()
     tag = uuid.uuid4().hex[:6]
     settings = base.model_copy(update={"topic_prefix": f"lat{tag}.", "app_id": f"lat-{tag}",
-                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/15", "web_port": 6198})
+                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14", "web_port": 6198})
     r = redis.Redis.from_url(settings.redis_url)
     r.flushdb()
     apply_topics(settings)

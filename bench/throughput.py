@@ -123,7 +123,7 @@ def main() -> None:
     tag = uuid.uuid4().hex[:6]
     settings = base.model_copy(update={
         "topic_prefix": f"bench{tag}.", "app_id": f"bench-{tag}",
-        "redis_url": base.redis_url.rsplit("/", 1)[0] + "/15", "web_port": 6199,
+        "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14", "web_port": 6199,
     })
     r = redis.Redis.from_url(settings.redis_url)
     r.flushdb()

@@ -17,7 +17,7 @@ import pytest
 from streamproc.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-_redis_dbs = iter(range(2, 16))
+_redis_dbs = iter(range(2, 14))
 
 
 def free_port() -> int:
@@ -48,7 +48,7 @@ def isolated(infra: Settings, state_dir: Path) -> Settings:
     try:
         db = next(_redis_dbs)
     except StopIteration:
-        _redis_dbs = iter(range(2, 16))
+        _redis_dbs = iter(range(2, 14))
         db = next(_redis_dbs)
     base_url = infra.redis_url.rsplit("/", 1)[0]
     tag = uuid.uuid4().hex[:8]
