@@ -410,7 +410,8 @@ class BatchProcessor:
             for point, values in take_snapshots(state, watermark, self.churn):
                 snapshotted = True
                 x = churn_inputs(values)
-                p = bundle.churn_probability(x) if bundle else None
+                # an untrained model says nothing: its 0.0 must not be scored later as a confident answer
+                p = bundle.churn_probability(x) if bundle and bundle.churn_examples else None
                 state.pending.append(point)
                 mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
                 out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
@@ -434,6 +435,8 @@ class BatchProcessor:
             return mstate.to_dict()
         x = churn_inputs(now_values)
         p = bundle.churn_probability(x)
+        if bundle.churn_examples:
+            self.metrics.churn_probability.observe(p)
         # the segment is re-assigned at snapshot instants (weekly), under a new model version, or if unknown:
         # segments stay stable between those, and the k-means distance computations stay off the hot path
         segment = mstate.segment
