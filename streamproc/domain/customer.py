@@ -215,18 +215,22 @@ def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
     keep = []
     for s in state.open_sessions:
         if s[1] < horizon:
-            start, end, clicks, cart, checkout = s
-            c = state.closed
-            c[S_COUNT] += 1
-            c[S_LENGTH_MS] += end - start
-            c[S_EVENTS] += clicks
-            c[S_CONVERTED] += checkout
-            c[S_WITH_CART] += cart
-            c[S_ABANDONED] += 1 if cart and not checkout else 0
-            _bucket(state, start)[SESSIONS] += 1
+            _add_session(state.closed, s)
+            _bucket(state, s[0])[SESSIONS] += 1
         else:
             keep.append(s)
     state.open_sessions = keep
+
+
+def _add_session(totals: list[int], session: list[int]) -> None:
+    """Fold one session [start, end, clicks, cart, checkout] into the aggregate slots."""
+    start, end, clicks, cart, checkout = session
+    totals[S_COUNT] += 1
+    totals[S_LENGTH_MS] += end - start
+    totals[S_EVENTS] += clicks
+    totals[S_CONVERTED] += checkout
+    totals[S_WITH_CART] += cart
+    totals[S_ABANDONED] += 1 if cart and not checkout else 0
 
 
 def _cap(counts: dict[str, int], limit: int) -> None:
@@ -418,13 +422,8 @@ def _trend(recent: int, before: int) -> float:
 def session_totals(state: CustomerState) -> list[int]:
     """Closed plus still-open sessions: [count, length ms, clicks, with checkout, with cart, abandoned]."""
     totals = list(state.closed)
-    for start, end, clicks, cart, checkout in state.open_sessions:
-        totals[S_COUNT] += 1
-        totals[S_LENGTH_MS] += end - start
-        totals[S_EVENTS] += clicks
-        totals[S_CONVERTED] += checkout
-        totals[S_WITH_CART] += cart
-        totals[S_ABANDONED] += 1 if cart and not checkout else 0
+    for session in state.open_sessions:
+        _add_session(totals, session)
     return totals
 
 
