@@ -6,6 +6,7 @@ Agent concurrency stays 1: with more, offsets could be committed past an event s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 
@@ -157,11 +158,20 @@ class Worker:
             async def get(self, request: Request) -> Response:
                 return self.bytes(generate_latest(worker.metrics.registry), content_type="text/plain; version=0.0.4")
 
+        def authorized(request: Request) -> bool:
+            token = worker.settings.http_token
+            if token is None:
+                return True
+            expected = f"Bearer {token.get_secret_value()}"
+            return hmac.compare_digest(request.headers.get("Authorization", ""), expected)
+
         @app.page("/customers/{customer_id}")
         class CustomerView(View):
             async def get(self, request: Request, customer_id: str) -> Response:
                 from streamproc.lookup import lookup
 
+                if not authorized(request):
+                    return self.json({"error": "unauthorized"}, status=401)
                 found = await lookup(worker.store, worker.models, worker.settings, customer_id)
                 if found is None:
                     return self.json({"error": "not found"}, status=404)
@@ -169,6 +179,8 @@ class Worker:
 
             async def delete(self, request: Request, customer_id: str) -> Response:
                 """Erase the customer (GDPR): features, state, model outputs; the erasure is remembered."""
+                if not authorized(request):
+                    return self.json({"error": "unauthorized"}, status=401)
                 erased = await worker.store.forget(customer_id)
                 worker.metrics.customers_erased.inc()
                 log.info("a customer was erased through the API")  # no id at info level

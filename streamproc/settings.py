@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     # --- worker
     app_id: str = "streamproc"
     topic_prefix: str = ""
-    web_host: str = "127.0.0.1"
+    web_host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 (with a token) to serve others
     web_port: int = 6066
+    http_token: SecretStr | None = None  # when set, /customers/* requires "Authorization: Bearer <token>"
     batch_max_events: int = Field(default=2000, ge=1)
     batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
     # a killed worker's partitions move to the survivors after this long

@@ -153,12 +153,13 @@ class WorkerProcess:
         self.settings = settings
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamproc.cli", "worker"], env=worker_env(self.settings),
+                [sys.executable, "-m", "streamproc.cli", "worker"], env={**worker_env(self.settings), **self.extra_env},
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )
         return self

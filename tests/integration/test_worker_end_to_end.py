@@ -128,3 +128,29 @@ def test_restarting_the_worker_does_not_reprocess_committed_events(topics, worke
     assert orjson.loads(r.hget(customer_key("c0"), "f"))["clicks"] == 13
     # nobody else's counts moved (the sweep may refresh time-driven features, never counts)
     assert {c: clicks(c) for c in range(1, 10)} == {c: before[c] for c in range(1, 10)}
+
+
+def test_the_lookup_endpoint_can_require_a_bearer_token(topics, worker_factory):
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pydantic import SecretStr
+
+    settings = topics.model_copy(update={"http_token": SecretStr("s3cret-token")})
+    produce(settings, [("clicks", b"c1", orjson.dumps(click(0, "c1")))])
+    worker = worker_factory(settings)
+    worker.extra_env = {"STREAMPROC_HTTP_TOKEN": "s3cret-token"}
+    worker.start()
+    worker.wait_processed(1)
+    url = f"http://127.0.0.1:{settings.web_port}/customers/c1"
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(url)
+    assert denied.value.code == 401
+    wrong = urllib.request.Request(url, headers={"Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(wrong)
+    ok = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret-token"})
+    with urllib.request.urlopen(ok) as resp:
+        assert json.loads(resp.read())["features"]["clicks"] == 1
+    assert "s3cret-token" not in worker.log_tail(100_000)
