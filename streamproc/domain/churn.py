@@ -51,16 +51,6 @@ SEGMENT_FEATURES = (
 )
 
 
-def _sum_days(state: CustomerState, lo: int, hi: int, slot: int) -> int:
-    """Sum of a bucket slot over UTC days in [lo, hi)."""
-    return sum(row[slot] for d, row in state.days.items() if lo <= d < hi)
-
-
-def _last_day_with(state: CustomerState, before_day: int, slots: tuple[int, ...]) -> int | None:
-    days = [d for d, row in state.days.items() if d < before_day and any(row[s] for s in slots)]
-    return max(days) if days else None
-
-
 def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, float] | None:
     """Model inputs as of instant ``at`` from the day buckets: events on days before the one ``at`` ends
     (for a snapshot at a UTC midnight: strictly before it). Times of the last purchase and event come
@@ -69,32 +59,45 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, f
     if state.first_event_ts is None or state.first_event_ts >= at:
         return None
     end_day = -(-at // DAY_MS)  # days >= end_day are after ``at``
-    after = {d: row for d, row in state.days.items() if d >= end_day}
-    purchases = state.purchases - sum(r[PURCHASES] for r in after.values())
-    net_cents = state.spend_cents - state.refund_cents - sum(r[SPEND] for r in after.values())
+    # one pass over the buckets: what happened after, in the last 30 days, in the 30 before, and when
+    after_purchases = after_spend = 0
+    clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = 0
+    last_purchase_day = last_active_day = -1
+    for d, row in state.days.items():
+        if d >= end_day:
+            after_purchases += row[PURCHASES]
+            after_spend += row[SPEND]
+            continue
+        if row[PURCHASES] and d > last_purchase_day:
+            last_purchase_day = d
+        if (row[PURCHASES] or row[CLICKS] or row[SPEND]) and d > last_active_day:
+            last_active_day = d
+        if d >= end_day - 30:
+            clicks_30 += row[CLICKS]
+            purchases_30 += row[PURCHASES]
+            views_30 += row[VIEWS]
+            carts_30 += row[CARTS]
+            sessions_30 += row[SESSIONS]
+        elif d >= end_day - 60:
+            clicks_prev += row[CLICKS]
+    purchases = state.purchases - after_purchases
+    net_cents = state.spend_cents - state.refund_cents - after_spend
     last_purchase: float | None
     if exact and state.last_purchase_ts is not None and state.last_purchase_ts < at:
         last_purchase = state.last_purchase_ts
     else:
-        day = _last_day_with(state, end_day, (PURCHASES,))
-        last_purchase = (day + 0.5) * DAY_MS if day is not None else None
+        last_purchase = (last_purchase_day + 0.5) * DAY_MS if last_purchase_day >= 0 else None
     last_event: float
     if exact and state.last_event_ts is not None and state.last_event_ts < at:
         last_event = state.last_event_ts
     else:
-        day = _last_day_with(state, end_day, (PURCHASES, CLICKS, SPEND))
-        last_event = (day + 0.5) * DAY_MS if day is not None else state.first_event_ts
+        last_event = (last_active_day + 0.5) * DAY_MS if last_active_day >= 0 else state.first_event_ts
     tenure = max((at - state.first_event_ts) / DAY_MS, 0.0)
     recency = max((at - last_purchase) / DAY_MS, 0.0) if last_purchase is not None else tenure
     since_event = max((at - last_event) / DAY_MS, 0.0)
     purchases = max(purchases, 0)
     aov = max(net_cents, 0) / 100 / purchases if purchases else 0.0
     mean_gap = (tenure + 1.0) / (purchases + 1)
-    clicks_30 = _sum_days(state, end_day - 30, end_day, CLICKS)
-    clicks_prev = _sum_days(state, end_day - 60, end_day - 30, CLICKS)
-    purchases_30 = _sum_days(state, end_day - 30, end_day, PURCHASES)
-    views_30 = _sum_days(state, end_day - 30, end_day, VIEWS)
-    carts_30 = _sum_days(state, end_day - 30, end_day, CARTS)
     return {
         "log_recency_days": math.log1p(recency),
         "log_frequency": math.log1p(purchases),
@@ -108,7 +111,7 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, f
         "log_views_30d": math.log1p(views_30),
         "cart_rate_30d": carts_30 / views_30 if views_30 else 0.0,
         "log_purchases_30d": math.log1p(purchases_30),
-        "log_sessions_30d": math.log1p(_sum_days(state, end_day - 30, end_day, SESSIONS)),
+        "log_sessions_30d": math.log1p(sessions_30),
         "click_trend_30d": (clicks_30 - clicks_prev) / (clicks_30 + clicks_prev) if clicks_30 + clicks_prev else 0.0,
     }
 
