@@ -371,6 +371,8 @@ def lifecycle(state: CustomerState, as_of: int, cfg: FoldConfig) -> tuple[str, i
 def reactivation(state: CustomerState, as_of: int, cfg: FoldConfig) -> int | None:
     """Start (UTC day) of the latest comeback: an active day after churned_days without activity, found
     in the day buckets, so it does not depend on the order events arrived in."""
+    if state.first_event_ts is None or as_of - state.first_event_ts <= cfg.churned_days * DAY_MS:
+        return None  # too young to have come back from a churn-length silence
     today = as_of // DAY_MS
     active = sorted(d for d, row in state.days.items() if d <= today and (row[PURCHASES] or row[CLICKS]
                                                                         or row[SPEND]))
@@ -393,25 +395,42 @@ def value_tier(net_spend: float, cfg: FoldConfig) -> str:
     return "low"
 
 
+def _add_row(acc: list[int], row: list[int]) -> None:
+    acc[0] += row[0]
+    acc[1] += row[1]
+    acc[2] += row[2]
+    acc[3] += row[3]
+    acc[4] += row[4]
+    acc[5] += row[5]
+
+
 def window_sums(state: CustomerState, as_of: int, windows: Iterable[int]) -> dict[int, list[int]]:
     """Per window length (days, plus -30 for the 30 days before the last 30): summed day-bucket slots,
     over UTC days in (as_of_day - w, as_of_day]. One pass over the buckets."""
     today = as_of // DAY_MS
-    spans = {w: (today - w, today) for w in windows}
-    spans[-30] = (today - 60, today - 30)
-    sums = {w: [0, 0, 0, 0, 0, 0] for w in spans}
-    bounds = list(spans.items())
+    lengths = sorted(set(windows))
+    sums = {w: [0, 0, 0, 0, 0, 0] for w in lengths}
+    before = sums[-30] = [0, 0, 0, 0, 0, 0]
+    targets = [(w, sums[w]) for w in lengths]
+    horizon = max(lengths[-1], 60)
     for day, row in state.days.items():
-        for w, (lo, hi) in bounds:
-            if lo < day <= hi:
-                acc = sums[w]
-                for i in range(6):
-                    acc[i] += row[i]
+        age = today - day
+        if age < 0 or age >= horizon:
+            continue
+        for w, acc in targets:
+            if age < w:
+                _add_row(acc, row)
+        if 30 <= age < 60:
+            _add_row(before, row)
     for sess in state.open_sessions:  # open sessions are not in the buckets yet
-        day = sess[0] // DAY_MS
-        for w, (lo, hi) in bounds:
-            if lo < day <= hi:
-                sums[w][SESSIONS] += 1
+        age = today - sess[0] // DAY_MS
+        if age < 0:
+            continue
+        for w, acc in targets:
+            if age < w:
+                acc[SESSIONS] += 1
+        if 30 <= age < 60:
+            before[SESSIONS] += 1
     return sums
 
 
