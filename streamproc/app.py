@@ -110,6 +110,7 @@ class Worker:
             churn=churn_config(settings),
             idle_source_s=settings.idle_source_s,
             action_table=settings.retention_actions,
+            models_enabled=settings.models_enabled,
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
@@ -120,6 +121,8 @@ class Worker:
         app = faust.App(
             s.app_id,
             broker=f"kafka://{s.kafka_bootstrap}",
+            # our consumer subclass (streamproc/transport.py): less per-record machinery, same semantics
+            broker_consumer=f"{'streamproc' if s.fast_consumer else 'kafka'}://{s.kafka_bootstrap}",
             store="memory://",
             value_serializer="raw",
             key_serializer="raw",
@@ -145,9 +148,10 @@ class Worker:
         self.moves = app.topic(s.topic(MOVES_TOPIC), value_serializer="raw", key_serializer="raw")
         self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
-        app.agent(self.training, name="trainer", concurrency=1)(self.train)
-        app.timer(s.model_reload_s, name="models")(self.reload_model)
-        app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
+        if s.models_enabled:
+            app.agent(self.training, name="trainer", concurrency=1)(self.train)
+            app.timer(s.model_reload_s, name="models")(self.reload_model)
+            app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]

@@ -193,6 +193,7 @@ class BatchProcessor:
         idle_source_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         action_table: dict[str, dict[str, str]] | None = None,
+        models_enabled: bool = True,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -207,6 +208,7 @@ class BatchProcessor:
         self.idle_source_s = idle_source_s
         self.clock = clock
         self.action_table = action_table
+        self.models_enabled = models_enabled
         self.source_seen: dict[str, float] = {}
         self.partition_seen: dict[int, float] = {}
         self.expire_after_days = expire_after_days
@@ -309,8 +311,11 @@ class BatchProcessor:
                 ):
                     as_of = self.as_of(state, self.swept.get(partition, 0))
                     feats = features(state, as_of, self.fold)
-                    model = self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
-                                             customer_result)
+                    model = (
+                        self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
+                                         customer_result)
+                        if self.models_enabled else None
+                    )
                     updates.append(Update(cid, row.version, state, feats, model))
             t0 = time.perf_counter()
             saved_result = await self.store.save(updates)
@@ -514,7 +519,7 @@ class BatchProcessor:
             ranges = [(low - span, wm - span) for span in spans]
             # every live customer at each snapshot instant the watermark passed (also those whose later
             # events were already applied: a topic can run ahead of the other)
-            points = grid_points(low, wm, self.churn)
+            points = grid_points(low, wm, self.churn) if self.models_enabled else []
             if points:
                 ranges.append((points[0] - live, 2**62))
             found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
@@ -552,7 +557,10 @@ class BatchProcessor:
                 as_of = last + crossed[-1] * DAY_MS if crossed else state.max_ts
                 feats = features(state, as_of, self.fold)
                 partial = partials[cid] = BatchResult()
-                model = self._model_step(cid, state, row.model, feats, as_of, wm, partial)
+                model = (
+                    self._model_step(cid, state, row.model, feats, as_of, wm, partial)
+                    if self.models_enabled else None
+                )
                 updates.append(Update(cid, row.version, state, feats, model))
             result = await self.store.save(updates)
             for cid, partial in partials.items():

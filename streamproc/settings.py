@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     web_port: int = 6066
     http_token: SecretStr | None = None  # when set, /customers/* requires "Authorization: Bearer <token>"
     batch_max_events: int = Field(default=2000, ge=1)
+    fast_consumer: bool = True  # streamproc/transport.py; false: Faust's stock consumer
     batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
     # a killed worker's partitions move to the survivors after this long
     kafka_session_timeout_s: float = 10.0
@@ -71,7 +72,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
     idle_source_s: float = 10.0  # an input topic silent this long (wall time) stops holding the watermark
 
-    # --- models
+    # --- models (off: a pure feature-store worker, no snapshots, scores, alerts or trainer)
+    models_enabled: bool = True
     churn_horizon_days: int = 60
     snapshot_cadence_days: int = 7
     churn_label_on: Literal["purchase", "activity"] = "purchase"

@@ -1,0 +1,85 @@
+"""A Faust transport whose consumer hands records to the streams with less per-record machinery.
+
+Faust's ``Consumer._drain_messages`` awaits ``wait_first(callback(message), suspend_flow.wait())`` for
+every record: two tasks and an ``asyncio.wait`` each. This consumer awaits the callback directly while
+the flow is not suspended and keeps ``wait_first`` only when it is (a rebalance in progress), so group
+membership, offsets, gaps and acks stay Faust's own. Registered as the ``streamproc://`` transport
+(entry point ``faust.transports``) and used for the consumer only (``broker_consumer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import ConsumerT
+from mode import Service, ServiceT
+
+
+class Consumer(aiokafka_driver.Consumer):
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - exercised end to end
+        # Faust's loop (faust/transport/consumer.py), with the per-record wait_first made conditional.
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+        suspended = self.suspend_flow.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        sleep = asyncio.sleep
+        yield_every = 100
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # already read (Faust drops it the same way)
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if suspended():
+                        await self.wait_first(callback(message), self.suspend_flow.wait())
+                    else:
+                        await callback(message)
+                    set_read_offset(tp, offset)
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+
+class Transport(aiokafka_driver.Transport):
+    Consumer: type[ConsumerT] = Consumer  # type: ignore[misc]
