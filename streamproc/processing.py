@@ -222,10 +222,11 @@ class BatchProcessor:
     ) -> list[tuple[RawRecord, Event]]:
         valid: list[tuple[RawRecord, Event]] = []
         now = self.clock()
+        consumed: dict[str, int] = defaultdict(int)
         for rec in records:
+            consumed[rec.kind] += 1
             self.source_seen[rec.source] = now
             self.partition_seen.setdefault(rec.partition, now)
-            self.metrics.events_consumed.labels(rec.kind).inc()
             decoded = decode_event(rec.kind, rec.value, self.limits, rec.timestamp_ms)
             if isinstance(decoded, Rejection):
                 result.reject(rec, decoded.reason, decoded.detail)
@@ -237,6 +238,8 @@ class BatchProcessor:
                     result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}")
                     continue
             valid.append((rec, decoded))
+        for kind, n in consumed.items():
+            self.metrics.events_consumed.labels(kind).inc(n)
         return valid
 
     def _fold_customer(
