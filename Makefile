@@ -74,6 +74,10 @@ test-unit: $(STAMP) ## pure tests only (no services)
 test-integration: infra-up ## integration tests on the real broker and Redis
 	$(PY) -m pytest -q tests/integration
 
+.PHONY: test-faults
+test-faults: infra-up ## the fault tests only (kill -9, Redis restart); also part of `make test`
+	$(PY) -m pytest -q -m faults tests
+
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check streamproc tests bench

@@ -306,8 +306,14 @@ class Worker:
         """Learn from the single-partition training topic; checkpoint, then ack what the checkpoint holds."""
         self.trainer_stream = stream
         async for batch in drain_batches(stream, 5000):
-            if self.trainer is None:
-                self.trainer = await self.models.load() or ModelBundle(model_config(self.settings))
+            while self.trainer is None:
+                try:
+                    self.trainer = await self.models.load() or ModelBundle(model_config(self.settings))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # Redis down: wait, the batch stays unacked
+                    log.warning("cannot load the model checkpoint (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
             bundle = self.trainer
             for event in batch:
                 offset = event.message.offset
@@ -330,6 +336,16 @@ class Worker:
             await self.checkpoint_if_due()
 
     async def checkpoint_if_due(self) -> None:
+        """Timer and trainer entry: a Redis outage must not crash the worker (acks simply wait)."""
+        try:
+            await self._checkpoint_if_due()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("model checkpoint failed (%s: %s); will retry", type(exc).__name__, exc)
+
+    async def _checkpoint_if_due(self) -> None:
         if self.trainer is None or not self.trainer_dirty or self.trainer_stream is None:
             return
         if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_interval_s:
@@ -342,7 +358,12 @@ class Worker:
                 self.trainer = rolled
         acks, self.trainer_acks = self.trainer_acks, []
         self.trainer_dirty = False
-        version = await self.models.save(self.trainer, self.settings.checkpoint_keep)
+        try:
+            version = await self.models.save(self.trainer, self.settings.checkpoint_keep)
+        except BaseException:
+            self.trainer_acks = acks + self.trainer_acks  # not checkpointed: not acked
+            self.trainer_dirty = True
+            raise
         self.last_checkpoint = time.monotonic()
         self.metrics.checkpoints.inc()
         log.info("model checkpoint v%d (%d churn, %d segment examples)", version, self.trainer.churn_examples,

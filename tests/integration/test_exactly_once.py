@@ -71,6 +71,7 @@ def test_replaying_a_file_is_deterministic_and_equals_producing_directly(env_fac
     assert states[0] == states[2], "a replay differs from producing the same events directly"
 
 
+@pytest.mark.faults
 def test_kill_9_mid_stream_leaves_redis_as_an_uninterrupted_run(env_factory, worker_factory):
     payloads = sim_payloads(customers=200, days=90, seed=21, duplicate_fraction=0.01)
     baseline, crashed = env_factory(), env_factory()

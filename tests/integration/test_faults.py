@@ -1,0 +1,67 @@
+"""Faults for real: Redis goes away under a running worker, and comes back."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+import redis
+
+from streamproc.demo import processed_total
+from streamproc.infra import RedisService
+from streamproc.producer import EventProducer
+from streamproc.simulate import SimulationConfig, Simulator
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def applied_events(url: str) -> int:
+    r = redis.Redis.from_url(url)
+    try:
+        total = 0
+        for key in r.scan_iter("cust:*", count=1000):
+            f = orjson.loads(r.hget(key, "f"))
+            total += f["clicks"] + f["frequency"] + f["refunds"]
+        return total
+    finally:
+        r.close()
+
+
+def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_factory, tmp_path):
+    # a Redis of this test's own, so it can be stopped without disturbing the other tests
+    port = free_port()
+    own = topics.model_copy(update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0",
+                                    "state_dir": tmp_path / "own"})
+    service = RedisService(own)
+    service.up()
+    try:
+        payloads = list(Simulator(SimulationConfig(customers=120, days=60, seed=17)).payloads())
+        first, second = payloads[: len(payloads) // 2], payloads[len(payloads) // 2 :]
+        producer = EventProducer(own)
+        for topic, key, value in first:
+            producer.send(topic, key, value)
+        producer.flush()
+        worker = worker_factory(own).start()
+        worker.wait_processed(len(first) // 2)
+
+        service.down()  # graceful: Redis writes its append-only file
+        for topic, key, value in second:
+            producer.send(topic, key, value)
+        producer.close()
+        time.sleep(6)  # the worker keeps failing, backing off and not acking
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker must stay up"
+        errors = worker.metrics().get("streamproc_redis_errors_total", 0)
+        assert errors >= 1
+
+        service.up()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if applied_events(own.redis_url) == len(payloads):
+                break
+            time.sleep(1)
+        assert applied_events(own.redis_url) == len(payloads)  # nothing lost, nothing twice
+        assert processed_total(worker.metrics()) >= len(payloads)
+    finally:
+        service.down()
