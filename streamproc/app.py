@@ -26,7 +26,7 @@ from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.metrics import Metrics
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
-from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS
+from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 
 ALERTS_TOPIC = "churn-alerts"
 MOVES_TOPIC = "segment-moves"
@@ -88,11 +88,10 @@ class Worker:
                  store: FeatureStore | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(registry)
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
-        self.store = store or RedisFeatureStore.from_url(settings.redis_url, password)
+        self.store = store or RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         self.models: ModelStore = RedisModelStore(
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
-                settings.redis_url, password).redis
+                settings.redis_url, **settings.redis_kwargs()).redis
         )
         self.trainer: ModelBundle | None = None  # set on the worker that owns the training partition
         self.trainer_acks: list[EventT] = []
@@ -134,6 +133,7 @@ class Worker:
             web_port=s.web_port,
             datadir=str(s.state_dir / "faust" / s.app_id),
             producer_acks=-1,
+            broker_credentials=faust_credentials(s),
             # do not wait for unacked records on shutdown or rebalance: they are re-read and fenced,
             # and the trainer deliberately holds acks until a checkpoint contains them
             stream_wait_empty=False,

@@ -83,10 +83,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
     from streamproc.lookup import lookup
 
     settings = _settings()
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-
     async def run() -> int:
-        store = RedisFeatureStore.from_url(settings.redis_url, password)
+        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         try:
             if args.action == "show":
                 found = await lookup(store, RedisModelStore(store.redis), settings, args.customer_id)
@@ -118,10 +116,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from streamproc.adapters.model_store import RedisModelStore
 
     settings = _settings()
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-
     async def run() -> int:
-        store = RedisFeatureStore.from_url(settings.redis_url, password)
+        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         models = RedisModelStore(store.redis)
         try:
             if args.action == "rollback":

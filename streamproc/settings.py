@@ -7,7 +7,7 @@ Everything below the CLI and the Faust app receives plain values or this object;
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +22,16 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = ""
     redis_url: str = ""
     redis_password: SecretStr | None = None
+    redis_username: str | None = None  # an ACL user (with redis_password)
+    redis_ssl_ca_certs: Path | None = None  # with a rediss:// URL: the CA to verify the server
+    # Kafka security, passed through to Faust (broker_credentials) and kafka-python
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
 
     # --- local infrastructure (streamproc infra up)
     kafka_port: int = 19092
@@ -104,6 +114,21 @@ class Settings(BaseSettings):
     def topic(self, name: str) -> str:
         """Physical topic name for a declared topic (the prefix isolates tests and tenants)."""
         return f"{self.topic_prefix}{name}"
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Connection options for redis-py besides the URL."""
+        out: dict[str, Any] = {}
+        if self.redis_password is not None:
+            out["password"] = self.redis_password.get_secret_value()
+        if self.redis_username:
+            out["username"] = self.redis_username
+        if self.redis_ssl_ca_certs is not None:
+            out["ssl_ca_certs"] = str(self.redis_ssl_ca_certs)
+        return out
+
+    def __repr_args__(self) -> Any:
+        # repr() and str() show the masked values: a URL's password included
+        return list(self.masked().items())
 
     def masked(self) -> dict[str, object]:
         """Settings as a dict with secrets masked, for printing and logs."""

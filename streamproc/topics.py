@@ -57,8 +57,48 @@ def admin_client(settings: Settings) -> KafkaAdminClient:
 
 
 def kafka_security_kwargs(settings: Settings) -> dict[str, object]:
-    """SASL/SSL options for kafka-python clients (none by default)."""
-    return {}
+    """SASL/SSL options for kafka-python clients (none for PLAINTEXT)."""
+    out: dict[str, object] = {}
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return out
+    out["security_protocol"] = settings.kafka_security_protocol
+    if settings.kafka_security_protocol.startswith("SASL"):
+        out["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        out["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            out["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    for name in ("cafile", "certfile", "keyfile"):
+        value = getattr(settings, f"kafka_ssl_{name}")
+        if value is not None:
+            out[f"ssl_{name}"] = str(value)
+    return out
+
+
+def faust_credentials(settings: Settings) -> object | None:
+    """The same options as Faust ``broker_credentials`` (None for PLAINTEXT)."""
+    import faust
+
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if protocol.endswith("SSL"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+        if settings.kafka_ssl_certfile:
+            ssl_context.load_cert_chain(str(settings.kafka_ssl_certfile),
+                                        str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None
+    if settings.kafka_sasl_mechanism == "PLAIN":
+        return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
+                                     ssl_context=ssl_context)
+    return faust.SASLCredentials(username=settings.kafka_sasl_username, password=password,
+                                 mechanism=settings.kafka_sasl_mechanism, ssl_context=ssl_context)
 
 
 def apply_topics(

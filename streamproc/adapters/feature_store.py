@@ -173,8 +173,8 @@ class RedisFeatureStore(FeatureStore):
         self._save = client.register_script(_SAVE_LUA)
 
     @classmethod
-    def from_url(cls, url: str, password: str | None = None) -> RedisFeatureStore:
-        return cls(aioredis.from_url(url, password=password, decode_responses=False))
+    def from_url(cls, url: str, password: str | None = None, **kwargs: Any) -> RedisFeatureStore:
+        return cls(aioredis.from_url(url, password=password, decode_responses=False, **kwargs))
 
     async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
         if not customer_ids:

@@ -65,3 +65,31 @@ def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_fac
         assert processed_total(worker.metrics()) >= len(payloads)
     finally:
         service.down()
+
+
+def test_a_password_protected_redis_with_an_acl_user(topics, worker_factory, tmp_path):
+    port = free_port()
+    own = topics.model_copy(update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0",
+                                    "state_dir": tmp_path / "acl"})
+    service = RedisService(own)
+    service.up(extra_args=["--requirepass", "admin-pw", "--user", "streamproc", "on", ">worker-pw", "~*", "&*",
+                           "+@all"])
+    try:
+        plain = redis.Redis(port=port)
+        with pytest.raises(redis.AuthenticationError):
+            plain.ping()
+        plain.close()
+        payloads = list(Simulator(SimulationConfig(customers=20, days=10, seed=3)).payloads())
+        producer = EventProducer(own)
+        for topic, key, value in payloads:
+            producer.send(topic, key, value)
+        producer.close()
+        worker = worker_factory(own)
+        worker.extra_env = {"STREAMPROC_REDIS_USERNAME": "streamproc", "STREAMPROC_REDIS_PASSWORD": "worker-pw"}
+        worker.start()
+        worker.wait_processed(len(payloads))
+        authed = f"redis://streamproc:worker-pw@127.0.0.1:{port}/0"
+        assert applied_events(authed) == len(payloads)
+        assert "worker-pw" not in worker.log_tail(1_000_000)
+    finally:
+        service.down()
