@@ -110,6 +110,7 @@ class Worker:
             idle_source_s=settings.idle_source_s,
             action_table=settings.retention_actions,
             models_enabled=settings.models_enabled,
+            pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
@@ -176,7 +177,8 @@ class Worker:
 
                 if not authorized(request):
                     return self.json({"error": "unauthorized"}, status=401)
-                found = await lookup(worker.store, worker.models, worker.settings, customer_id)
+                found = await lookup(worker.store, worker.models, worker.settings,
+                                     worker.settings.customer_key(customer_id))
                 if found is None:
                     return self.json({"error": "not found"}, status=404)
                 return self.json(found)
@@ -185,7 +187,7 @@ class Worker:
                 """Erase the customer (GDPR): features, state, model outputs; the erasure is remembered."""
                 if not authorized(request):
                     return self.json({"error": "unauthorized"}, status=401)
-                erased = await worker.store.forget(customer_id)
+                erased = await worker.store.forget(worker.settings.customer_key(customer_id))
                 worker.metrics.customers_erased.inc()
                 log.info("a customer was erased through the API")  # no id at info level
                 return self.json({"erased": erased})

@@ -87,7 +87,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
         store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         try:
             if args.action == "show":
-                found = await lookup(store, RedisModelStore(store.redis), settings, args.customer_id)
+                found = await lookup(store, RedisModelStore(store.redis), settings,
+                                     settings.customer_key(args.customer_id))
                 if found is None:
                     print(f"no customer {args.customer_id!r}", file=sys.stderr)
                     return 1
@@ -102,7 +103,7 @@ def cmd_customer(args: argparse.Namespace) -> int:
                     print(f"{'segment':<{width}}  {seg.get('name', seg['id']) if seg else '-'}")
                     print(f"{'churn_probability':<{width}}  {found['churn']['probability']}")
                 return 0
-            erased = await store.forget(args.customer_id)
+            erased = await store.forget(settings.customer_key(args.customer_id))
             print("erased" if erased else "no stored features; the erasure is recorded anyway")
             return 0
         finally:

@@ -194,6 +194,7 @@ class BatchProcessor:
         clock: Callable[[], float] = time.monotonic,
         action_table: dict[str, dict[str, str]] | None = None,
         models_enabled: bool = True,
+        pseudonymize: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -209,6 +210,7 @@ class BatchProcessor:
         self.clock = clock
         self.action_table = action_table
         self.models_enabled = models_enabled
+        self.pseudonymize = pseudonymize
         self.source_seen: dict[str, float] = {}
         self.partition_seen: dict[int, float] = {}
         self.expire_after_days = expire_after_days
@@ -237,6 +239,8 @@ class BatchProcessor:
                     wm = marks.watermark(rec.source)
                     result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}")
                     continue
+            if self.pseudonymize is not None:
+                decoded = decoded.model_copy(update={"customer_id": self.pseudonymize(decoded.customer_id)})
             valid.append((rec, decoded))
         for kind, n in consumed.items():
             self.metrics.events_consumed.labels(kind).inc(n)

@@ -15,6 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def pseudonym(key: str, customer_id: str) -> str:
+    """Keyed, stable pseudonym of a customer id (HMAC-SHA256, 32 hex characters)."""
+    import hashlib
+    import hmac
+
+    return "p" + hmac.new(key.encode(), customer_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMPROC_", extra="ignore")
 
@@ -46,7 +54,10 @@ class Settings(BaseSettings):
     topic_prefix: str = ""
     web_host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 (with a token) to serve others
     web_port: int = 6066
-    http_token: SecretStr | None = None  # when set, /customers/* requires "Authorization: Bearer <token>"
+    http_token: SecretStr | None = None
+    # when set, customer ids are replaced at the edge by HMAC-SHA256(key, id): raw ids never reach Redis or
+    # the output topics (the dead-letter topic keeps the original bytes of what it could not read)
+    pseudonymize_key: SecretStr | None = None  # when set, /customers/* requires "Authorization: Bearer <token>"
     batch_max_events: int = Field(default=2000, ge=1)
     fast_consumer: bool = True  # streamproc/transport.py; false: Faust's stock consumer
     batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
@@ -125,6 +136,12 @@ class Settings(BaseSettings):
         if self.redis_ssl_ca_certs is not None:
             out["ssl_ca_certs"] = str(self.redis_ssl_ca_certs)
         return out
+
+    def customer_key(self, customer_id: str) -> str:
+        """The id streamproc stores a customer under: the raw id, or its keyed pseudonym."""
+        if self.pseudonymize_key is None:
+            return customer_id
+        return pseudonym(self.pseudonymize_key.get_secret_value(), customer_id)
 
     def __repr_args__(self) -> Any:
         # repr() and str() show the masked values: a URL's password included

@@ -139,3 +139,34 @@ def test_forget_erases_every_trace_and_a_replay_does_not_bring_the_customer_back
                  if k.startswith("streamproc_events_processed_total") and 'outcome="erased"' in k)
     assert erased == victims
     assert traces() == []
+
+
+def test_pseudonymised_ids_never_reach_redis_or_alerts_and_erasure_still_works(topics, worker_factory):
+    import json
+    import urllib.request
+
+    from pydantic import SecretStr
+
+    settings = topics.model_copy(update={"pseudonymize_key": SecretStr("pepper")})
+    payloads = sim_payloads(customers=25, days=20, seed=6)
+    raw_ids = {p[1].decode() for p in payloads}
+    produce(settings, payloads)
+    worker = worker_factory(settings)
+    worker.extra_env = {"STREAMPROC_PSEUDONYMIZE_KEY": "pepper"}
+    worker.start()
+    worker.wait_processed(len(payloads))
+
+    r = redis.Redis.from_url(settings.redis_url)
+    stored = b"".join(k + b"".join(r.hvals(k)) for k in r.scan_iter("cust:*"))
+    assert stored and not any(cid.encode() in stored for cid in raw_ids)
+    victim = sorted(raw_ids)[0]
+    assert r.exists(f"cust:{{{settings.customer_key(victim)}}}")
+    # lookups and erasure take the raw id and map it the same way
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/customers/{victim}") as resp:
+        assert json.loads(resp.read())["features"]["customer_id"] == settings.customer_key(victim)
+    env = {**worker_env(settings), "STREAMPROC_PSEUDONYMIZE_KEY": "pepper"}
+    out = subprocess.run([sys.executable, "-m", "streamproc.cli", "customer", "forget", victim], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert not r.exists(f"cust:{{{settings.customer_key(victim)}}}")
+    r.close()

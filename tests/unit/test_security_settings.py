@@ -53,3 +53,12 @@ def test_secrets_are_masked_when_printed():
     shown = repr(s.masked()) + repr(s) + str(s)
     for secret in ("kafka-secret", "redis-secret", "token-secret", "url-secret"):
         assert secret not in shown
+
+
+def test_pseudonyms_are_keyed_stable_and_not_the_id():
+    from streamproc.settings import pseudonym
+
+    a = Settings(pseudonymize_key=SecretStr("k1"))
+    assert a.customer_key("c1") == a.customer_key("c1") == pseudonym("k1", "c1")
+    assert a.customer_key("c1") != Settings(pseudonymize_key=SecretStr("k2")).customer_key("c1")
+    assert "c1" not in a.customer_key("c1") and Settings().customer_key("c1") == "c1"
