@@ -89,7 +89,7 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
 
     import redis
 
-    from streamproc.adapters.feature_store import RedisFeatureStore
+    from streamproc.adapters.feature_store import RedisFeatureStore, customer_key
     from streamproc.adapters.model_store import RedisModelStore
     from streamproc.tail import read_topic
 
@@ -103,7 +103,7 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
         for i in range(0, len(ids), 1000):
             pipe = client.pipeline(transaction=False)
             for cid in ids[i : i + 1000]:
-                pipe.hmget(f"cust:{{{cid}}}", "m", "f")
+                pipe.hmget(customer_key(cid), "m", "f")
             for cid, (model, feats) in zip(ids[i : i + 1000], pipe.execute(), strict=True):
                 if model:
                     m = json.loads(model)

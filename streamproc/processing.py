@@ -357,7 +357,7 @@ class BatchProcessor:
         await self.store.after_batch(effects)
         self.metrics.redis_seconds.labels("after_batch").observe(time.perf_counter() - t0)
         self.watermarks = marks
-        self._count(records, result)
+        self._count(result)
         now_ms = time.time() * 1000  # wall clock: only for the latency metric
         observe = self.metrics.end_to_end.observe
         for rec in records:
@@ -582,7 +582,7 @@ class BatchProcessor:
             customer_ids = result.failed
         raise RuntimeError(f"sweep could not save {len(customer_ids)} customers")
 
-    def _count(self, records: list[RawRecord], result: BatchResult) -> None:
+    def _count(self, result: BatchResult) -> None:
         self.metrics.orders.inc(result.outcome.orders)
         self.metrics.revenue.inc(result.outcome.revenue_cents / 100)
         self.metrics.refunds.inc(result.outcome.refund_cents / 100)

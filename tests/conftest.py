@@ -127,6 +127,16 @@ def topics(settings: Settings) -> Settings:
     return settings
 
 
+def produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
+    """Send (topic, key, value) records to the declared topics and wait until the broker has them."""
+    from streamproc.producer import EventProducer
+
+    producer = EventProducer(settings)
+    for topic, key, value in records:
+        producer.send(topic, key, value)
+    producer.close()
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPROC_")}
     env.update({

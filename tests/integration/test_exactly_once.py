@@ -11,22 +11,15 @@ import time
 import pytest
 import redis
 
-from streamproc.producer import EventProducer
+from streamproc.adapters.feature_store import customer_key
 from streamproc.simulate import SimulationConfig, Simulator
-from tests.conftest import redis_snapshot, worker_env
+from tests.conftest import produce, redis_snapshot, worker_env
 
 pytestmark = pytest.mark.integration
 
 
 def sim_payloads(customers=150, days=70, seed=9, **kw):
     return list(Simulator(SimulationConfig(customers=customers, days=days, seed=seed, **kw)).payloads())
-
-
-def produce(settings, payloads):
-    producer = EventProducer(settings)
-    for topic, key, value in payloads:
-        producer.send(topic, key, value)
-    producer.close()
 
 
 def run_to_end(worker_factory, settings, count):
@@ -160,7 +153,7 @@ def test_pseudonymised_ids_never_reach_redis_or_alerts_and_erasure_still_works(t
     stored = b"".join(k + b"".join(r.hvals(k)) for k in r.scan_iter("cust:*"))
     assert stored and not any(cid.encode() in stored for cid in raw_ids)
     victim = sorted(raw_ids)[0]
-    assert r.exists(f"cust:{{{settings.customer_key(victim)}}}")
+    assert r.exists(customer_key(settings.customer_key(victim)))
     # lookups and erasure take the raw id and map it the same way
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/customers/{victim}") as resp:
         assert json.loads(resp.read())["features"]["customer_id"] == settings.customer_key(victim)
@@ -168,5 +161,5 @@ def test_pseudonymised_ids_never_reach_redis_or_alerts_and_erasure_still_works(t
     out = subprocess.run([sys.executable, "-m", "streamproc.cli", "customer", "forget", victim], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert not r.exists(f"cust:{{{settings.customer_key(victim)}}}")
+    assert not r.exists(customer_key(settings.customer_key(victim)))
     r.close()

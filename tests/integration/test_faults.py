@@ -12,7 +12,7 @@ from streamproc.demo import processed_total
 from streamproc.infra import RedisService
 from streamproc.producer import EventProducer
 from streamproc.simulate import SimulationConfig, Simulator
-from tests.conftest import free_port
+from tests.conftest import free_port, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -29,12 +29,17 @@ def applied_events(url: str) -> int:
         r.close()
 
 
-def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_factory, tmp_path):
-    # a Redis of this test's own, so it can be stopped without disturbing the other tests
+def own_redis(settings, state_dir):
+    """Settings pointing at a Redis of the test's own (so it can be stopped or locked down without
+    disturbing the other tests), and its service handle (not started)."""
     port = free_port()
-    own = topics.model_copy(update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0",
-                                    "state_dir": tmp_path / "own"})
-    service = RedisService(own)
+    own = settings.model_copy(update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0",
+                                      "state_dir": state_dir})
+    return own, RedisService(own)
+
+
+def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_factory, tmp_path):
+    own, service = own_redis(topics, tmp_path / "own")
     service.up()
     try:
         payloads = list(Simulator(SimulationConfig(customers=120, days=60, seed=17)).payloads())
@@ -68,27 +73,21 @@ def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_fac
 
 
 def test_a_password_protected_redis_with_an_acl_user(topics, worker_factory, tmp_path):
-    port = free_port()
-    own = topics.model_copy(update={"redis_port": port, "redis_url": f"redis://127.0.0.1:{port}/0",
-                                    "state_dir": tmp_path / "acl"})
-    service = RedisService(own)
+    own, service = own_redis(topics, tmp_path / "acl")
     service.up(extra_args=["--requirepass", "admin-pw", "--user", "streamproc", "on", ">worker-pw", "~*", "&*",
                            "+@all"])
     try:
-        plain = redis.Redis(port=port)
+        plain = redis.Redis(port=own.redis_port)
         with pytest.raises(redis.AuthenticationError):
             plain.ping()
         plain.close()
         payloads = list(Simulator(SimulationConfig(customers=20, days=10, seed=3)).payloads())
-        producer = EventProducer(own)
-        for topic, key, value in payloads:
-            producer.send(topic, key, value)
-        producer.close()
+        produce(own, payloads)
         worker = worker_factory(own)
         worker.extra_env = {"STREAMPROC_REDIS_USERNAME": "streamproc", "STREAMPROC_REDIS_PASSWORD": "worker-pw"}
         worker.start()
         worker.wait_processed(len(payloads))
-        authed = f"redis://streamproc:worker-pw@127.0.0.1:{port}/0"
+        authed = f"redis://streamproc:worker-pw@127.0.0.1:{own.redis_port}/0"
         assert applied_events(authed) == len(payloads)
         assert "worker-pw" not in worker.log_tail(1_000_000)
     finally:

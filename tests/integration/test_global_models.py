@@ -8,8 +8,8 @@ import time
 import pytest
 
 from streamproc.demo import processed_total
-from streamproc.producer import EventProducer
 from streamproc.simulate import SimulationConfig, Simulator
+from tests.conftest import produce
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +27,7 @@ def test_two_workers_share_one_model(topics, worker_factory):
     a.wait_ready()
     b.wait_ready()
     time.sleep(8)  # both in the group before traffic, so partitions are split between them
-    producer = EventProducer(settings)
-    for topic, key, value in payloads:
-        producer.send(topic, key, value)
-    producer.close()
+    produce(settings, payloads)
 
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:

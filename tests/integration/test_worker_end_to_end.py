@@ -8,8 +8,8 @@ import redis
 
 from streamproc.adapters.feature_store import customer_key
 from streamproc.demo import processed_total
-from streamproc.producer import EventProducer
 from streamproc.tail import read_topic
+from tests.conftest import produce
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_261_600_000
@@ -35,13 +35,6 @@ BAD = {  # reason -> (topic, payload)
     "future_timestamp": ("clicks", orjson.dumps({**click(97, "bad"), "ts": 4_102_444_800_000})),
     "absurd_timestamp": ("clicks", orjson.dumps({**click(96, "bad"), "ts": 5})),
 }
-
-
-def produce(settings, records):
-    producer = EventProducer(settings)
-    for topic, key, value in records:
-        producer.send(topic, key, value)
-    producer.close()
 
 
 def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_factory):
