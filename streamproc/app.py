@@ -23,12 +23,14 @@ from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.domain.models import ModelBundle, ModelConfig
+from streamproc.domain.recommend import RecConfig
 from streamproc.metrics import Metrics
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 
 ALERTS_TOPIC = "churn-alerts"
+RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
 TRAINING_TOPIC = "streamproc-training"
 
@@ -74,10 +76,22 @@ def churn_config(settings: Settings) -> ChurnConfig:
     )
 
 
+def rec_config(settings: Settings) -> RecConfig:
+    return RecConfig(
+        k=settings.rec_k, halflife_days=settings.rec_halflife_days, max_items=settings.rec_max_items,
+        max_pairs=settings.rec_max_pairs, min_pair_count=settings.rec_min_pair_count,
+        exclude_bought_days=settings.rec_exclude_bought_days, viewed_days=settings.rec_viewed_days,
+        catalogue_days=settings.rec_catalogue_days, weight_bought_together=settings.rec_weight_bought_together,
+        weight_viewed_not_bought=settings.rec_weight_viewed_not_bought,
+        weight_popular_in_segment=settings.rec_weight_popular_in_segment,
+    )
+
+
 def model_config(settings: Settings) -> ModelConfig:
     return ModelConfig(
         segmenter=settings.segmenter, n_segments=settings.n_segments, kmeans_halflife=settings.kmeans_halflife,
         classifier=settings.classifier, seed=settings.model_seed, alert_threshold=settings.alert_threshold,
+        rec=rec_config(settings),
     )
 
 
@@ -111,9 +125,11 @@ class Worker:
             action_table=settings.retention_actions,
             models_enabled=settings.models_enabled,
             pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
+            excluded_products=frozenset(settings.rec_excluded_products),
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
+        self.outbox_checked: set[int] = set()  # partitions whose outbox this worker has re-sent since it got them
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -147,6 +163,7 @@ class Worker:
         self.dlq = app.topic(s.topic(DLQ_TOPIC), value_serializer="raw", key_serializer="raw")
         self.alerts = app.topic(s.topic(ALERTS_TOPIC), value_serializer="raw", key_serializer="raw")
         self.moves = app.topic(s.topic(MOVES_TOPIC), value_serializer="raw", key_serializer="raw")
+        self.recs = app.topic(s.topic(RECOMMENDATIONS_TOPIC), value_serializer="raw", key_serializer="raw")
         self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         if s.models_enabled:
@@ -204,6 +221,7 @@ class Worker:
         # partitions may have moved: report lag only for what this worker owns now
         self.metrics.consumer_lag.clear()
         self.last_offsets.clear()
+        self.outbox_checked.clear()
 
     def to_raw(self, event: EventT) -> RawRecord:
         msg = event.message
@@ -232,6 +250,13 @@ class Worker:
         delay = 0.1
         while True:
             try:
+                for partition in sorted({rec.partition for rec in records} - self.outbox_checked):
+                    recovered = await self.processor.recover_outbox(partition)
+                    if recovered.outbox:
+                        log.info("re-sending %d parked outputs of partition %d", len(recovered.outbox[partition]),
+                                 partition)
+                        await self.emit(recovered)
+                    self.outbox_checked.add(partition)
                 result = await self.processor.process(records)
                 await self.processor.sweep()
                 result.absorb(self.processor.sweep_outputs)
@@ -291,17 +316,22 @@ class Worker:
             self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
         for move in result.segment_moves:
             await self.moves.send(key=move["customer_id"].encode(), value=orjson.dumps(move))
+        for rec in result.recommendations:
+            await self.recs.send(key=rec["customer_id"].encode(), value=orjson.dumps(rec))
         for example in result.examples:
             await self.training.send(key=example["id"].encode(), value=orjson.dumps(example))
             self.metrics.training_examples.labels(example["kind"]).inc()
         self.metrics.segment_moves.inc(len(result.segment_moves))
         produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
-                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples)}
+                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples),
+                    RECOMMENDATIONS_TOPIC: len(result.recommendations)}
         if any(produced.values()):
             await self.app.producer.flush()
             for topic, n in produced.items():
                 if n:
                     self.metrics.records_produced.labels(topic).inc(n)
+        if result.outbox:  # the broker has them: the parked copies can go
+            await self.store.clear_outbox(result.outbox)
 
     # ------------------------------------------------------------------ the single trainer
     async def train(self, stream: faust.StreamT) -> None:
@@ -326,6 +356,8 @@ class Worker:
                     if example["kind"] == "churn":
                         if bundle.learn_churn(example["x"], int(example["label"]), example.get("p")):
                             log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
+                    elif example["kind"] == "basket":
+                        bundle.learn_basket(example)
                     else:
                         bundle.learn_segment(example["x"])
                     self.metrics.examples_learned.labels(example["kind"]).inc()
@@ -394,6 +426,11 @@ class Worker:
             self.metrics.labels_matured.set(summary.get("labels", 0))
             self.metrics.label_positive_rate.set(summary.get("positive_rate", 0.0))
             self.metrics.drift_detections.set(summary.get("drift_detections", 0))
+            if "rec_hit_rate" in summary:
+                for metric in ("hit_rate", "precision"):
+                    self.metrics.rec_quality.labels(metric, "streamproc").set(summary[f"rec_{metric}"])
+                    self.metrics.rec_quality.labels(metric, "popularity").set(summary[f"rec_baseline_{metric}"])
+                self.metrics.rec_purchases.set(summary.get("rec_purchases", 0))
             if summary.get("saved_at"):
                 self.metrics.checkpoint_age.set(max(0.0, time.time() - summary["saved_at"]))
 

@@ -140,6 +140,23 @@ class Metrics:
             "streamproc_churn_probability", "Churn probability of scored customers.",
             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r,
         )
+        # --- recommendations
+        self.recommendations = Counter(
+            "streamproc_recommendations_total",
+            "Recommendations published, by trigger (purchase, product_view, add_to_cart, churn_alert).",
+            ["trigger"], registry=r,
+        )
+        self.rec_quality = Gauge(
+            "streamproc_recommendation_quality",
+            "Online recommendation quality, scored by the trainer on each purchase against the last "
+            "recommendation shown before it (metric: hit_rate, precision at k; strategy: streamproc or the "
+            "popularity baseline, top-k best sellers at that instant).",
+            ["metric", "strategy"], registry=r,
+        )
+        self.rec_purchases = Gauge(
+            "streamproc_recommendation_scored_purchases",
+            "Purchases made after a recommendation, scored for hit-rate so far (current checkpoint).", registry=r,
+        )
 
         # --- business
         self.orders = Counter("streamproc_orders_total", "Purchases applied.", registry=r)

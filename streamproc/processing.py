@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, Update
 from streamproc.domain.churn import (
     ChurnConfig,
@@ -38,6 +40,7 @@ from streamproc.domain.customer import (
     FoldConfig,
     FoldOutcome,
     Positioned,
+    Trigger,
     apply_events,
     calendar_month,
     features,
@@ -45,6 +48,7 @@ from streamproc.domain.customer import (
 )
 from streamproc.domain.events import DecodeLimits, Event, Rejection, decode_event
 from streamproc.domain.models import ModelBundle
+from streamproc.domain.recommend import CustomerView, recommend
 from streamproc.metrics import Metrics
 from streamproc.schemas import DeadLetter
 
@@ -81,6 +85,8 @@ class BatchResult:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     segment_moves: list[dict[str, Any]] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)  # for the training topic
+    recommendations: list[dict[str, Any]] = field(default_factory=list)
+    outbox: dict[int, list[str]] = field(default_factory=dict)  # outbox entries these outputs were parked in
 
     def absorb(self, other: BatchResult) -> None:
         self.outcome.merge(other.outcome)
@@ -88,6 +94,23 @@ class BatchResult:
         self.alerts.extend(other.alerts)
         self.segment_moves.extend(other.segment_moves)
         self.examples.extend(other.examples)
+        self.recommendations.extend(other.recommendations)
+        for partition, fields in other.outbox.items():
+            self.outbox.setdefault(partition, []).extend(fields)
+
+    def outputs_blob(self) -> bytes:
+        """What the outbox keeps of these outputs ("" when there are none)."""
+        if not (self.dead_letters or self.alerts or self.segment_moves or self.examples or self.recommendations):
+            return b""
+        return orjson.dumps({"a": self.alerts, "s": self.segment_moves, "e": self.examples,
+                             "r": self.recommendations, "d": [d.model_dump(mode="json") for d in self.dead_letters]})
+
+    @classmethod
+    def from_outbox(cls, blob: bytes) -> BatchResult:
+        data = orjson.loads(blob)
+        return cls(dead_letters=[DeadLetter.model_validate(d) for d in data.get("d", [])], alerts=data.get("a", []),
+                   segment_moves=data.get("s", []), examples=data.get("e", []),
+                   recommendations=data.get("r", []))
 
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
@@ -195,7 +218,9 @@ class BatchProcessor:
         action_table: dict[str, dict[str, str]] | None = None,
         models_enabled: bool = True,
         pseudonymize: Callable[[str], str] | None = None,
+        excluded_products: frozenset[str] = frozenset(),
     ) -> None:
+        self.excluded_products = excluded_products
         self.store = store
         self.metrics = metrics
         self.limits = limits
@@ -290,7 +315,6 @@ class BatchProcessor:
         marks_wm = marks.by_partition(self._idle())
         pending = dict(by_customer)
         saved: dict[str, CustomerState] = {}
-        census: dict[int, dict[str, int]] = {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
             if not pending:
                 break
@@ -320,18 +344,17 @@ class BatchProcessor:
                     feats = features(state, as_of, self.fold)
                     model = (
                         self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
-                                         customer_result)
+                                         customer_result, outcome.triggers)
                         if self.models_enabled else None
                     )
-                    updates.append(Update(cid, row.version, state, feats, model))
+                    updates.append(Update(cid, row.version, state, feats, model, partition,
+                                          customer_result.outputs_blob()))
             t0 = time.perf_counter()
             saved_result = await self.store.save(updates)
             failed = set(saved_result.failed)
             for up in updates:
-                if up.customer_id not in failed:
-                    partition = pending[up.customer_id][-1][0].partition
-                    self._census_delta(census, partition, saved_result.previous_census.get(up.customer_id),
-                                       up.census_key)
+                if up.outputs and up.customer_id not in failed:
+                    customer_results[up.customer_id].outbox[up.partition] = [up.outbox_field]
             self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
             for cid, outcome in outcomes.items():
                 if cid not in failed:
@@ -339,7 +362,8 @@ class BatchProcessor:
             for cid, partial in customer_results.items():
                 if cid not in failed:
                     result.absorb(partial)
-                    if cid in states and outcomes[cid].total("applied"):
+                    if cid in states:
+                        # replays included: a crash may have come between their save and the side effects
                         saved[cid] = states[cid]
             if failed:
                 self.metrics.cas_conflicts.inc(len(failed))
@@ -353,7 +377,6 @@ class BatchProcessor:
 
         t0 = time.perf_counter()
         effects = self._side_effects(by_customer, saved, marks)
-        effects.census = census
         await self.store.after_batch(effects)
         self.metrics.redis_seconds.labels("after_batch").observe(time.perf_counter() - t0)
         self.watermarks = marks
@@ -407,12 +430,11 @@ class BatchProcessor:
 
     def _model_step(
         self, cid: str, state: CustomerState, model_blob: bytes | None, feats: dict[str, Any], as_of: int,
-        watermark: int | None, out: BatchResult,
+        watermark: int | None, out: BatchResult, triggers: list[Trigger] | None = None,
     ) -> dict[str, Any]:
-        """Snapshots, matured labels, scores, segment and alerts for one customer. Mutates ``state``'s
-        snapshot bookkeeping (deterministic) and returns the model outputs to store (checkpoint-dependent)."""
-        import orjson
-
+        """Snapshots, matured labels, scores, segment, alerts and recommendations for one customer. Mutates
+        ``state``'s snapshot bookkeeping (deterministic) and returns the model outputs to store
+        (checkpoint-dependent)."""
         mstate = ModelState.from_dict(orjson.loads(model_blob) if model_blob else None)
         bundle = self.bundle
         version = bundle.version if bundle else None
@@ -440,6 +462,8 @@ class BatchProcessor:
                                      "x": churn_inputs(then), "p": scored[0], "v": scored[1]})
             live = {str(p) for p in state.pending}
             mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
+        if triggers:
+            self._recommend_on(cid, digest, state, mstate, feats, triggers, out)
         if bundle is None:
             return mstate.to_dict()
         now_values = inputs_at(state, as_of + 1, exact=True)
@@ -462,14 +486,61 @@ class BatchProcessor:
         if bundle.churn_examples and should_alert(mstate, p, as_of, self.churn):
             level = risk_level(p, self.churn)
             tier = feats["value_tier"]
+            # next best action: the retention action plus the items most likely to bring them back
+            win_back = self._recommendation(cid, state, mstate, feats, as_of, "churn_alert", f"{as_of}", ())
+            if win_back is not None:
+                out.recommendations.append(win_back)
             out.alerts.append({
                 "alert_id": f"{cid}:{as_of}", "customer_id": cid, "ts": as_of, "probability": round(p, 4),
                 "risk_level": level, "segment": names.get(segment) if segment is not None else None,
                 "value_tier": tier, "clv": feats["clv"], "lifecycle_stage": feats["lifecycle_stage"],
                 "model_version": version, "reasons": top_reasons(bundle.contributions(x), x),
                 "action": retention_action(tier, level, self.action_table),
+                "recommended_items": win_back["items"] if win_back else [],
             })
         return mstate.to_dict()
+
+    def _recommend_on(
+        self, cid: str, digest: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any],
+        triggers: list[Trigger], out: BatchResult,
+    ) -> None:
+        """Each trigger in event-time order: a purchase first goes to the trainer as a basket, with the
+        recommendation shown before it (for hit-rate@k), then every trigger gets a fresh recommendation."""
+        for trig in sorted(triggers, key=lambda t: (t.ts, t.kind != "purchase", t.event_id)):
+            if trig.kind == "purchase":
+                shown = mstate.last_rec
+                before = shown["items"] if shown and shown["ts"] <= trig.ts else None
+                out.examples.append({
+                    "kind": "basket", "id": f"{digest}:{trig.event_id}", "ts": trig.ts,
+                    "items": [[p, c, q] for p, c, q in zip(trig.items, trig.categories, trig.quantities, strict=True)],
+                    "segment": mstate.segment, "rec": before,
+                })
+            rec = self._recommendation(cid, state, mstate, feats, trig.ts, trig.kind, trig.event_id, trig.items)
+            if rec is not None:
+                out.recommendations.append(rec)
+
+    def _recommendation(
+        self, cid: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any], at: int, trigger: str,
+        event_id: str, context: tuple[str, ...],
+    ) -> dict[str, Any] | None:
+        bundle = self.bundle
+        if bundle is None:
+            return None
+        index = bundle.rec_index()
+        view = CustomerView(
+            bought={p: ts for p, ts in state.bought.items() if ts <= at},
+            viewed={p: (v[0], v[1]) for p, v in state.viewed.items() if v[0] <= at},
+            top_categories=feats.get("top_categories", []), segment=mstate.segment,
+        )
+        items = recommend(index, view, at, list(context), self.excluded_products)
+        if not items:
+            return None
+        rec_id = f"{cid}:{trigger}:{event_id}"
+        mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
+        self.metrics.recommendations.labels(trigger).inc()
+        return {"recommendation_id": rec_id, "customer_id": cid, "ts": at, "trigger": trigger, "items": items,
+                "strategy_version": index.cfg.version, "model_version": bundle.version,
+                "segment": self.segment_names.get(mstate.segment) if mstate.segment is not None else None}
 
     @property
     def segment_names(self) -> dict[int, str]:
@@ -482,14 +553,14 @@ class BatchProcessor:
             self._names_cache = cached
         return cached[1]
 
-    @staticmethod
-    def _census_delta(census: dict[int, dict[str, int]], partition: int, old: str | None, new: str) -> None:
-        if old == new:
-            return
-        table = census.setdefault(partition, {})
-        if old:
-            table[old] = table.get(old, 0) - 1
-        table[new] = table.get(new, 0) + 1
+    async def recover_outbox(self, partition: int) -> BatchResult:
+        """Outputs a previous owner of the partition saved but may not have sent (it crashed in between)."""
+        recovered = BatchResult()
+        for name, blob in sorted((await self.store.outbox(partition)).items()):
+            parked = BatchResult.from_outbox(blob)
+            parked.outbox = {partition: [name]}
+            recovered.absorb(parked)
+        return recovered
 
     def as_of(self, state: CustomerState, swept_to: int) -> int:
         """The event time stored features are computed as of: the customer's newest event, or the latest
@@ -536,20 +607,14 @@ class BatchProcessor:
                 await self.store.expire(partition, expired)
                 due.difference_update(expired)
             ordered = sorted(due)
-            census: dict[int, dict[str, int]] = {}
             for i in range(0, len(ordered), SWEEP_CHUNK):
-                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, census, outputs)
-            if census:
-                await self.store.after_batch(BatchSideEffects({}, {}, {}, census))
+                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, outputs)
             await self.store.set_sweep_mark(partition, wm)
             self.swept[partition] = wm
         self.metrics.sweep_customers.inc(touched)
         return touched
 
-    async def _refresh(
-        self, customer_ids: list[str], wm: int, partition: int, census: dict[int, dict[str, int]],
-        outputs: BatchResult,
-    ) -> int:
+    async def _refresh(self, customer_ids: list[str], wm: int, partition: int, outputs: BatchResult) -> int:
         for _ in range(MAX_SAVE_ATTEMPTS):
             loaded = await self.store.load(customer_ids)
             updates = []
@@ -568,15 +633,14 @@ class BatchProcessor:
                     self._model_step(cid, state, row.model, feats, as_of, wm, partial)
                     if self.models_enabled else None
                 )
-                updates.append(Update(cid, row.version, state, feats, model))
+                updates.append(Update(cid, row.version, state, feats, model, partition, partial.outputs_blob()))
             result = await self.store.save(updates)
-            for cid, partial in partials.items():
-                if cid not in result.failed:
-                    outputs.absorb(partial)
             for up in updates:
                 if up.customer_id not in result.failed:
-                    self._census_delta(census, partition, result.previous_census.get(up.customer_id),
-                                       up.census_key)
+                    partial = partials[up.customer_id]
+                    if up.outputs:
+                        partial.outbox[partition] = [up.outbox_field]
+                    outputs.absorb(partial)
             if not result.failed:
                 return len(updates)
             customer_ids = result.failed

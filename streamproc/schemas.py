@@ -55,12 +55,14 @@ class ChurnAlert(BaseModel):
     model_version: int
     reasons: list[Reason] = Field(default_factory=list)
     action: str = Field(description="Recommended retention action")
+    recommended_items: list[RecommendedItem] = Field(
+        default_factory=list, description="Next best action: the items most likely to bring them back")
 
 
 class RecommendedItem(BaseModel):
     product_id: str
     score: float
-    reason: Literal["bought_together", "popular_in_segment", "viewed_not_bought", "win_back"]
+    reason: Literal["bought_together", "popular_in_segment", "viewed_not_bought"]
 
 
 class Recommendation(BaseModel):
@@ -68,12 +70,14 @@ class Recommendation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    recommendation_id: str
+    recommendation_id: str = Field(description="customer : trigger : triggering event id (stable across replays)")
     customer_id: str
     ts: int = Field(description="Event time, epoch milliseconds")
     trigger: Literal["purchase", "product_view", "add_to_cart", "churn_alert"]
-    items: list[RecommendedItem]
+    items: list[RecommendedItem] = Field(description="Best first, at most k")
     strategy_version: str
+    model_version: int | None = Field(default=None, description="Checkpoint whose rules and favourites ranked them")
+    segment: str | None = None
 
 
 class TrainingExample(BaseModel):
@@ -81,10 +85,15 @@ class TrainingExample(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["churn", "segment"]
-    id: str = Field(description="digest of the customer id : snapshot instant; unique per example")
-    ts: int = Field(description="Snapshot instant (event time, epoch ms)")
-    x: dict[str, float]
+    kind: Literal["churn", "segment", "basket"]
+    id: str = Field(description="digest of the customer id : snapshot instant or event id; unique per example")
+    ts: int = Field(description="Snapshot instant or purchase time (event time, epoch ms)")
+    x: dict[str, float] | None = Field(default=None, description="Model inputs (churn and segment examples)")
+    items: list[tuple[str, str, int]] | None = Field(
+        default=None, description="basket: [product id, category, quantity] per line")
+    segment: int | None = Field(default=None, description="basket: the buyer's segment when they bought")
+    rec: list[str] | None = Field(
+        default=None, description="basket: items of the last recommendation shown before the purchase")
     label: int | None = Field(default=None, description="1: churned within the horizon, 0: bought again")
     p: float | None = Field(default=None, description="Churn probability predicted at snapshot time")
     v: int | None = Field(default=None, description="Model version of that prediction")

@@ -114,6 +114,20 @@ class Settings(BaseSettings):
     model_reload_s: float = 2.0
     expire_after_days: int = 400  # event-time silence after which a customer's features are dropped
 
+    # --- recommendations (need models_enabled: the co-purchase model is learned by the trainer)
+    rec_k: int = Field(default=10, ge=1, le=100)
+    rec_halflife_days: float = 30.0  # co-purchase and best-seller counts halve every this many event days
+    rec_max_pairs: int = 200_000  # memory bound of the co-purchase pair counts
+    rec_max_items: int = 20_000
+    rec_min_pair_count: float = 2.0
+    rec_exclude_bought_days: int = 30
+    rec_viewed_days: int = 14
+    rec_catalogue_days: int = 90  # not sold for this long: treated as out of the catalogue
+    rec_weight_bought_together: float = 1.0
+    rec_weight_viewed_not_bought: float = 0.8
+    rec_weight_popular_in_segment: float = 0.4
+    rec_excluded_products: frozenset[str] = frozenset()  # withdrawn from the catalogue: never recommended
+
     @model_validator(mode="after")
     def _local_defaults(self) -> Settings:
         if not self.kafka_bootstrap:

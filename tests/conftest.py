@@ -86,9 +86,10 @@ def env_factory(infra: Settings, tmp_path: Path):
 
 # What depends on when model checkpoints happened to be written (asynchronously, by the trainer) is not
 # replay-deterministic and is left out: the model outputs per customer (m), the census key that includes
-# the segment (k), the census counts and the checkpoints themselves. Write counts (_v) are left out too.
+# the segment (k) and the checkpoints themselves; the census is compared by stage and tier only. Write
+# counts (_v) are left out too.
 MODEL_DEPENDENT_FIELDS = {b"_v", b"m", b"k"}
-MODEL_DEPENDENT_KEYS = ("sp:model:", "sp:census:")
+MODEL_DEPENDENT_KEYS = ("sp:model:",)
 
 
 def redis_snapshot(settings: Settings) -> dict[str, object]:
@@ -102,6 +103,15 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
             kind = r.type(key)
             name = key.decode()
             if name.startswith(MODEL_DEPENDENT_KEYS):
+                continue
+            if name.startswith("sp:census:"):  # customers by stage|tier (the segment part is model-dependent)
+                census = out.setdefault("census by stage and tier", {})
+                assert isinstance(census, dict)
+                for k, v in r.hgetall(key).items():
+                    stage_tier = k.decode().rsplit("|", 1)[0]
+                    census[stage_tier] = census.get(stage_tier, 0) + int(v)
+                    if not census[stage_tier]:
+                        del census[stage_tier]
                 continue
             if kind == b"hash":
                 out[name] = {k: v for k, v in r.hgetall(key).items() if k not in MODEL_DEPENDENT_FIELDS}

@@ -5,7 +5,8 @@ Redis layout (one hash per customer, hash-tagged so a customer's keys share a cl
     cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count),
                                   ``k`` census key "stage|tier|segment", ``m`` model outputs (JSON:
                                   segment, churn probability, alert hysteresis; depend on the checkpoint)
-    sp:census:<p>          hash   census key -> customers, per input partition (deltas from saves)
+    sp:census:<p>          hash   census key -> customers, per input partition (moved inside the save itself)
+    sp:outbox:<p>          hash   "<customer>:<version>" -> outputs of that save not yet confirmed by the broker
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
     sp:sweep               hash   partition -> watermark up to which the sweep has run
@@ -16,7 +17,10 @@ Redis layout (one hash per customer, hash-tagged so a customer's keys share a cl
 
 A save is a compare-and-set on ``_v``: it applies only if nobody wrote the customer since it was loaded
 (a zombie worker after a rebalance loses), and the state blob carries the offset fences, so state and
-fence change in one atomic step.
+fence change in one atomic step. The same script moves the customer between census keys and parks the
+save's outputs (alerts, recommendations, training examples) in a transactional outbox: a worker killed
+after the save but before the broker had the outputs re-sends them from the outbox on restart, because
+the replayed events themselves are fenced and would produce nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ class Update:
     state: CustomerState
     features: dict[str, Any]
     model: dict[str, Any] | None = None
+    partition: int = 0  # input partition the customer belongs to (census and outbox live per partition)
+    outputs: bytes = b""  # JSON outputs to park in the outbox with this save ("" for none)
+
+    @property
+    def outbox_field(self) -> str:
+        return f"{self.customer_id}:{self.expected_version + 1}"
 
     @property
     def census_key(self) -> str:
@@ -84,7 +94,6 @@ class BatchSideEffects:
     last_seen: dict[int, dict[str, int]]  # partition -> customer -> last event time
     watermarks: dict[str, int]  # source -> largest event time seen
     hll: dict[str, set[str]]  # HLL key -> customers to add
-    census: dict[int, dict[str, int]] | None = None  # partition -> census key -> delta
 
 
 class FeatureStore(abc.ABC):
@@ -93,6 +102,14 @@ class FeatureStore(abc.ABC):
 
     @abc.abstractmethod
     async def after_batch(self, effects: BatchSideEffects) -> None: ...
+
+    @abc.abstractmethod
+    async def outbox(self, partition: int) -> dict[str, bytes]:
+        """Outputs saved with customer state but not yet confirmed sent: field -> JSON."""
+
+    @abc.abstractmethod
+    async def clear_outbox(self, fields: dict[int, list[str]]) -> None:
+        """Forget outbox entries the broker has confirmed (partition -> fields)."""
 
     @abc.abstractmethod
     async def census(self) -> dict[str, int]:
@@ -139,18 +156,29 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS: customer hashes. ARGV per key: expected version, features JSON, state blob, census key, model JSON.
-# Returns, per key, the previous census key ("" if none) or false when the version check failed.
+# KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash.
+# ARGV per update: expected version, features JSON, state blob, census key, model JSON, outputs JSON ("" none).
+# Returns, per update, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  local a = 5 * i - 4
+for i = 1, #KEYS / 3 do
+  local key, census, outbox = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local a = 6 * i - 5
   local current = redis.call('HMGET', key, '_v', 'k')
   local version = current[1] or '0'
   if version == ARGV[a] then
-    redis.call('HSET', key, '_v', tostring(tonumber(version) + 1), 'f', ARGV[a + 1], '_s', ARGV[a + 2],
+    local next_version = tostring(tonumber(version) + 1)
+    redis.call('HSET', key, '_v', next_version, 'f', ARGV[a + 1], '_s', ARGV[a + 2],
                'k', ARGV[a + 3], 'm', ARGV[a + 4])
-    out[i] = current[2] or ''
+    local old = current[2] or ''
+    if old ~= ARGV[a + 3] then
+      if old ~= '' then redis.call('HINCRBY', census, old, -1) end
+      redis.call('HINCRBY', census, ARGV[a + 3], 1)
+    end
+    if ARGV[a + 5] ~= '' then
+      redis.call('HSET', outbox, string.sub(key, 7, -2) .. ':' .. next_version, ARGV[a + 5])
+    end
+    out[i] = old
   else
     out[i] = false
   end
@@ -197,11 +225,14 @@ class RedisFeatureStore(FeatureStore):
         args: list[str | bytes] = []
         for up in updates:
             keys.append(customer_key(up.customer_id))
+            keys.append(f"sp:census:{up.partition}")
+            keys.append(f"sp:outbox:{up.partition}")
             args.append(str(up.expected_version))
             args.append(_encode_features(up.features))
             args.append(_encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
+            args.append(up.outputs)
         replies = await self._save(keys=keys, args=args)
         result = SaveResult([], {})
         for up, reply in zip(updates, replies, strict=True):
@@ -221,10 +252,17 @@ class RedisFeatureStore(FeatureStore):
             pipe.hset("sp:wm", mapping={k: str(v) for k, v in effects.watermarks.items()})
         for key, members in effects.hll.items():
             pipe.pfadd(key, *members)
-        for partition, deltas in (effects.census or {}).items():
-            for census_key, delta in deltas.items():
-                if delta:
-                    pipe.hincrby(f"sp:census:{partition}", census_key, delta)
+        await pipe.execute()
+
+    async def outbox(self, partition: int) -> dict[str, bytes]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(f"sp:outbox:{partition}")  # type: ignore[assignment]
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def clear_outbox(self, fields: dict[int, list[str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, names in fields.items():
+            if names:
+                pipe.hdel(f"sp:outbox:{partition}", *names)
         await pipe.execute()
 
     async def census(self) -> dict[str, int]:
@@ -312,6 +350,9 @@ class RedisFeatureStore(FeatureStore):
         pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
         async for key in self.redis.scan_iter("sp:lastseen:*", count=100):
             pipe.zrem(key, customer_id)
+        async for key in self.redis.scan_iter("sp:outbox:*", count=100):  # unsent outputs about them
+            async for name, _ in self.redis.hscan_iter(key, match=f"{customer_id}:*"):
+                pipe.hdel(key, name)
         await pipe.execute()
         return bool(deleted)
 
@@ -332,6 +373,15 @@ class InMemoryFeatureStore(FeatureStore):
         self.census_keys: dict[str, str] = {}
         self.models: dict[str, bytes] = {}
         self.census_counts: dict[int, dict[str, int]] = {}
+        self.outboxes: dict[int, dict[str, bytes]] = {}
+
+    async def outbox(self, partition: int) -> dict[str, bytes]:
+        return dict(self.outboxes.get(partition, {}))
+
+    async def clear_outbox(self, fields: dict[int, list[str]]) -> None:
+        for partition, names in fields.items():
+            for name in names:
+                self.outboxes.get(partition, {}).pop(name, None)
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
         for partition, seen in effects.last_seen.items():
@@ -341,10 +391,6 @@ class InMemoryFeatureStore(FeatureStore):
         self.watermarks.update(effects.watermarks)
         for key, members in effects.hll.items():
             self.hll.setdefault(key, set()).update(members)
-        for partition, deltas in (effects.census or {}).items():
-            table = self.census_counts.setdefault(partition, {})
-            for k, v in deltas.items():
-                table[k] = table.get(k, 0) + v
 
     async def load_watermarks(self) -> dict[str, int]:
         return dict(self.watermarks)
@@ -392,7 +438,15 @@ class InMemoryFeatureStore(FeatureStore):
             if current != up.expected_version:
                 result.failed.append(up.customer_id)
                 continue
-            result.previous_census[up.customer_id] = self.census_keys.get(up.customer_id)
+            old = self.census_keys.get(up.customer_id)
+            result.previous_census[up.customer_id] = old
+            if old != up.census_key:
+                table = self.census_counts.setdefault(up.partition, {})
+                if old:
+                    table[old] = table.get(old, 0) - 1
+                table[up.census_key] = table.get(up.census_key, 0) + 1
+            if up.outputs:
+                self.outboxes.setdefault(up.partition, {})[up.outbox_field] = up.outputs
             self.census_keys[up.customer_id] = up.census_key
             self.models[up.customer_id] = orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS)
             self.rows[up.customer_id] = (current + 1, _encode_state(up.state), _encode_features(up.features))
@@ -423,4 +477,7 @@ class InMemoryFeatureStore(FeatureStore):
                 break
         for table in self.last_seen.values():
             table.pop(customer_id, None)
+        for box in self.outboxes.values():
+            for name in [n for n in box if n.startswith(f"{customer_id}:")]:
+                del box[name]
         return self.rows.pop(customer_id, None) is not None

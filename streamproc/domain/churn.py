@@ -136,17 +136,19 @@ class ModelState:
     alert_armed: bool = True
     last_alert_ts: int | None = None
     scored_at: dict[str, list[Any]] = field(default_factory=dict)  # snapshot D -> [p, version]
+    last_rec: dict[str, Any] | None = None  # the latest recommendation: {id, ts, trigger, items}
 
     def to_dict(self) -> dict[str, Any]:
         return {"segment": self.segment, "churn_p": self.churn_p, "model_version": self.model_version,
-                "armed": self.alert_armed, "last_alert_ts": self.last_alert_ts, "scored": self.scored_at}
+                "armed": self.alert_armed, "last_alert_ts": self.last_alert_ts, "scored": self.scored_at,
+                "rec": self.last_rec}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ModelState:
         if not data:
             return cls()
         return cls(data.get("segment"), data.get("churn_p"), data.get("model_version"), data.get("armed", True),
-                   data.get("last_alert_ts"), data.get("scored", {}))
+                   data.get("last_alert_ts"), data.get("scored", {}), data.get("rec"))
 
 
 # pending snapshots are instants D in state.pending; their inputs are re-read from the buckets when the

@@ -68,6 +68,9 @@ class FoldConfig:
     tier_medium: float = 500.0
     # churn snapshots are re-read from the buckets when their label matures: horizon + cadence + 60 days
     model_history_days: int = 130
+    # recommendations: recent purchases (exclusions) and views (viewed, not bought) kept per customer
+    max_bought_items: int = 50
+    max_viewed_items: int = 30
 
     @property
     def day_horizon(self) -> int:
@@ -93,7 +96,8 @@ class CustomerState:
     last_purchase_ts: int | None = None
     days: dict[int, list[int]] = field(default_factory=dict)  # UTC day -> [purchases, cents, clicks, ...]
     months: dict[int, int] = field(default_factory=dict)  # calendar month (UTC) -> net cents
-    open_sessions: list[list[int]] = field(default_factory=list)  # [start, end, clicks, cart, checkout]
+    # [start, end, clicks, cart, checkout, recommended]; recommended: a view-triggered recommendation went out
+    open_sessions: list[list[int]] = field(default_factory=list)
     closed: list[int] = field(default_factory=lambda: [0] * 6)
     cat_views: dict[str, int] = field(default_factory=dict)
     cat_spend: dict[str, int] = field(default_factory=dict)
@@ -102,6 +106,8 @@ class CustomerState:
     # churn labels: the last snapshot instant and the snapshots whose label is still unknown
     snapshot_ts: int = 0
     pending: list[int] = field(default_factory=list)
+    bought: dict[str, int] = field(default_factory=dict)  # product -> newest purchase time
+    viewed: dict[str, list[Any]] = field(default_factory=dict)  # product -> [newest view time, category]
 
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +120,7 @@ class CustomerState:
             "m": {str(k): v for k, v in sorted(self.months.items())},
             "s": sorted(self.open_sessions), "sc": self.closed,
             "cv": self.cat_views, "cs": self.cat_spend,
-            "ch": self.snapshot_ts, "pd": self.pending,
+            "ch": self.snapshot_ts, "pd": self.pending, "b": self.bought, "v": self.viewed,
         }
 
     @classmethod
@@ -128,7 +134,8 @@ class CustomerState:
             max_ts=t[4], max_click_ts=t[5],
             days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
-            snapshot_ts=data.get("ch", 0), pending=data.get("pd", []),
+            snapshot_ts=data.get("ch", 0), pending=data.get("pd", []), bought=data.get("b", {}),
+            viewed=data.get("v", {}),
         )
 
 
@@ -144,6 +151,16 @@ def _ungroup_ids(grouped: dict[str, str]) -> dict[str, int]:
     return {ids[i : i + 9]: int(hour) for hour, ids in grouped.items() for i in range(0, len(ids), 9)}
 
 
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    ts: int
+    kind: str  # "purchase", "product_view" or "add_to_cart"
+    event_id: str
+    items: tuple[str, ...]  # products bought, or the product looked at
+    categories: tuple[str, ...] = ()
+    quantities: tuple[int, ...] = ()
+
+
 @dataclass
 class FoldOutcome:
     """Counts by (input kind, outcome); outcome is applied, duplicate or replayed (at or below the
@@ -153,6 +170,9 @@ class FoldOutcome:
     orders: int = 0  # purchases applied
     revenue_cents: int = 0  # purchase amounts applied
     refund_cents: int = 0
+    # moments that call for a recommendation, in fold order: a purchase, or the first product view or
+    # add-to-cart of a session
+    triggers: list[Trigger] = field(default_factory=list)
 
     def count(self, source: str, outcome: str) -> None:
         self.counts[(source.partition(":")[0], outcome)] += 1
@@ -165,6 +185,7 @@ class FoldOutcome:
         self.orders += other.orders
         self.revenue_cents += other.revenue_cents
         self.refund_cents += other.refund_cents
+        self.triggers.extend(other.triggers)
 
 
 def short_event_id(event_id: str) -> str:
@@ -194,17 +215,20 @@ def _bucket(state: CustomerState, ts: int) -> list[int]:
     return row
 
 
-def _touch_session(state: CustomerState, ts: int, cart: int, checkout: int, cfg: FoldConfig) -> None:
-    """Add a click at ``ts`` to the open sessions, merging sessions the gap now bridges."""
+def _touch_session(state: CustomerState, ts: int, cart: int, checkout: int, cfg: FoldConfig) -> list[int]:
+    """Add a click at ``ts`` to the open sessions, merging sessions the gap now bridges; returns its session."""
     gap = cfg.session_gap_ms
     sessions = state.open_sessions
     hit = [s for s in sessions if s[0] - gap <= ts <= s[1] + gap]
     if not hit:
-        sessions.append([ts, ts, 1, cart, checkout])
-        return
+        fresh = [ts, ts, 1, cart, checkout, 0]
+        sessions.append(fresh)
+        return fresh
     merged = [min(ts, *(s[0] for s in hit)), max(ts, *(s[1] for s in hit)), 1 + sum(s[2] for s in hit),
-              max(cart, *(s[3] for s in hit)), max(checkout, *(s[4] for s in hit))]
+              max(cart, *(s[3] for s in hit)), max(checkout, *(s[4] for s in hit)),
+              max(s[5] if len(s) > 5 else 0 for s in hit)]
     state.open_sessions = [s for s in sessions if all(s is not h for h in hit)] + [merged]
+    return merged
 
 
 def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
@@ -224,7 +248,7 @@ def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
 
 def _add_session(totals: list[int], session: list[int]) -> None:
     """Fold one session [start, end, clicks, cart, checkout] into the aggregate slots."""
-    start, end, clicks, cart, checkout = session
+    start, end, clicks, cart, checkout = session[:5]
     totals[S_COUNT] += 1
     totals[S_LENGTH_MS] += end - start
     totals[S_EVENTS] += clicks
@@ -267,7 +291,14 @@ def _prune_days(state: CustomerState, cfg: FoldConfig) -> None:
         state.days = {d: row for d, row in state.days.items() if d >= oldest_day}
 
 
-def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
+def _keep_newest(table: dict[str, Any], limit: int, ts_of: Any) -> None:
+    """Drop the oldest entries beyond ``limit`` (ties: the smallest key), so the result is order-free."""
+    while len(table) > limit:
+        del table[min(table, key=lambda k: (ts_of(table[k]), k))]
+
+
+def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger | None:
+    """Apply one event; returns the recommendation trigger it is, if any."""
     ts = event.ts
     if state.first_event_ts is None or ts < state.first_event_ts:
         state.first_event_ts = ts
@@ -287,9 +318,18 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
             row[CARTS] += 1
         state.max_click_ts = max(state.max_click_ts, ts)
         _close_sessions(state, cfg)
-        _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0,
-                       1 if event.action == "checkout" else 0, cfg)
-        return
+        session = _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0,
+                                 1 if event.action == "checkout" else 0, cfg)
+        if event.product_id is None or event.action not in ("product_view", "add_to_cart"):
+            return None
+        seen = state.viewed.get(event.product_id)
+        state.viewed[event.product_id] = [max(ts, seen[0]) if seen else ts, event.category]
+        _keep_newest(state.viewed, cfg.max_viewed_items, lambda v: v[0])
+        if len(session) > 5 and session[5]:
+            return None  # this session had its recommendation
+        session[5] = 1
+        return Trigger(ts, event.action, event.event_id, (event.product_id,),
+                       (event.category,) if event.category else ())
     assert isinstance(event, Transaction)
     amount = cents(event.amount)
     month = calendar_month(ts)
@@ -306,7 +346,11 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
         for item in event.items:
             line = cents(item.unit_price * item.quantity)
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
+            state.bought[item.product_id] = max(ts, state.bought.get(item.product_id, ts))
         _cap(state.cat_spend, cfg.max_categories)
+        _keep_newest(state.bought, cfg.max_bought_items, lambda v: v)
+        return Trigger(ts, "purchase", event.event_id, tuple(i.product_id for i in event.items),
+                       tuple(i.category for i in event.items), tuple(i.quantity for i in event.items))
     else:
         state.refunds += 1
         state.refund_cents += amount
@@ -316,6 +360,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> None:
             line = cents(item.unit_price * item.quantity)
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) - line
         _cap(state.cat_spend, cfg.max_categories)
+    return None
 
 
 def apply_events(
@@ -332,7 +377,9 @@ def apply_events(
         if not _remember(state, item.source, short_event_id(item.event.event_id), item.event.ts, cfg):
             outcome.count(item.source, "duplicate")
             continue
-        _apply_one(state, item.event, cfg)
+        trigger = _apply_one(state, item.event, cfg)
+        if trigger is not None:
+            outcome.triggers.append(trigger)
         outcome.count(item.source, "applied")
         if isinstance(item.event, Transaction):
             if item.event.type == "purchase":

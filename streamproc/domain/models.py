@@ -14,6 +14,7 @@ from typing import Any
 from river import cluster, drift, forest, linear_model, metrics, optim, preprocessing, tree, utils
 
 from streamproc.domain.churn import SEGMENT_FEATURES
+from streamproc.domain.recommend import CoPurchaseModel, RecConfig, RecIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class ModelConfig:
     seed: int = 42
     alert_threshold: float = 0.7
     rolling_window: int = 2000
+    rec: RecConfig = field(default_factory=RecConfig)
 
 
 def make_segmenter(cfg: ModelConfig) -> Any:
@@ -105,8 +107,12 @@ class ModelBundle:
     class_counts: list[int] = field(default_factory=lambda: [0, 0])
     training_offset: int = -1  # last applied offset of the training topic
     event_time: int = 0  # newest example time learned from
+    recs: CoPurchaseModel | None = None  # co-purchase rules, segment favourites, online hit-rate
 
     def __post_init__(self) -> None:
+        if self.recs is None:
+            self.recs = CoPurchaseModel(self.cfg.rec)
+            self.recs.hits.k = self.cfg.rec.k
         if self.segmenter is None:
             self.segmenter = make_segmenter(self.cfg)
         if self.classifier is None:
@@ -136,6 +142,25 @@ class ModelBundle:
             self.classifier.learn_one(x, bool(label), w=min(weight, 10.0))
         self.churn_examples += 1
         return drifted
+
+    def learn_basket(self, example: dict[str, Any]) -> None:
+        """A purchase: first score the recommendation shown before it (and the popularity baseline at this
+        instant) on what was bought, then learn the basket."""
+        assert self.recs is not None
+        bought = {line[0] for line in example["items"]}
+        if example.get("rec") is not None:
+            self.recs.hits.update(bought, list(example["rec"]), self.recs.popular())
+        lines = [(str(pid), str(cat), int(qty)) for pid, cat, qty in example["items"]]
+        self.recs.learn_basket(int(example["ts"]), lines, example.get("segment"))
+
+    def rec_index(self) -> RecIndex:
+        """The scoring view of the co-purchase model; built once per loaded checkpoint."""
+        cached: RecIndex | None = self.__dict__.get("_rec_index")
+        if cached is None:
+            assert self.recs is not None
+            cached = self.recs.index()
+            self.__dict__["_rec_index"] = cached
+        return cached
 
     # ------------------------------------------------------------ scoring (every worker)
     def churn_probability(self, x: dict[str, float]) -> float:
@@ -189,7 +214,12 @@ class ModelBundle:
 
     # ------------------------------------------------------------ checkpoints
     def dumps(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        cached = self.__dict__.pop("_rec_index", None)  # derived: not part of the checkpoint
+        try:
+            return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            if cached is not None:
+                self.__dict__["_rec_index"] = cached
 
     @staticmethod
     def loads(blob: bytes) -> ModelBundle:
@@ -204,7 +234,7 @@ class ModelBundle:
             "version": self.version, "classifier": self.cfg.classifier, "segmenter": self.cfg.segmenter,
             "churn_examples": self.churn_examples, "segment_examples": self.segment_examples,
             "drift_detections": self.drift_detections, "event_time": self.event_time,
-            **self.prequential.summary(),
+            **self.prequential.summary(), **(self.recs.summary() if self.recs else {}),
         }
 
 

@@ -112,6 +112,55 @@ async def test_poison_event_goes_to_the_dlq_and_the_rest_is_applied(monkeypatch)
     assert again.dead_letters == [] and again.total("replayed") == 5
 
 
+def purchase(i, cid="c1", ts=T0, amount=10.0):
+    return {"event_id": f"t{i}", "customer_id": cid, "ts": ts, "order_id": f"o{i}", "type": "purchase",
+            "amount": amount, "currency": "EUR",
+            "items": [{"product_id": "p1", "category": "books", "quantity": 1, "unit_price": amount}]}
+
+
+async def test_a_crash_between_the_save_and_the_side_effects_loses_nothing(monkeypatch):
+    """kill -9 after the customer save but before the population writes: the redelivered batch is all
+    replays, yet last-seen times, HLLs and census end as in an uninterrupted run, and outputs parked in the
+    outbox by the lost run are there to re-send."""
+    original = customer_domain._apply_one
+
+    def explode_on_e3(state, event, cfg):
+        if event.event_id == "e3":
+            raise ZeroDivisionError("boom")
+        original(state, event, cfg)
+
+    monkeypatch.setattr(customer_domain, "_apply_one", explode_on_e3)
+    batch = [rec("clicks", 0, click(0)), rec("clicks", 1, click(1, cid="c2")), rec("clicks", 3, click(3)),
+             rec("transactions", 0, purchase(0, cid="c2"))]
+
+    baseline_store, baseline = make()
+    await baseline.process(batch)
+
+    class CrashingStore(InMemoryFeatureStore):
+        crash = True
+
+        async def after_batch(self, effects):
+            if self.crash:
+                raise KeyboardInterrupt("killed")  # the process dies here
+            await super().after_batch(effects)
+
+    store, first = make(CrashingStore())
+    with pytest.raises(KeyboardInterrupt):
+        await first.process(batch)
+    assert store.last_seen == {} and store.hll == {}
+    store.crash = False
+    _, restarted = make(store)  # a new process: nothing in memory
+    parked = await restarted.recover_outbox(0)
+    assert [d.reason for d in parked.dead_letters] == ["processing_error"]
+    again = await restarted.process(batch)
+    assert again.total("replayed") == 4 and again.dead_letters == []
+    assert store.last_seen == baseline_store.last_seen
+    assert store.hll == baseline_store.hll
+    assert await store.census() == await baseline_store.census() == {"new|low|": 2}
+    await store.clear_outbox(parked.outbox)
+    assert await store.outbox(0) == {}
+
+
 async def test_in_memory_store_version_check():
     store = InMemoryFeatureStore()
     state = customer_domain.CustomerState("c1")

@@ -1,0 +1,305 @@
+"""Recommendations as pure functions: what was bought together, what sells in a segment, what a customer
+looked at and did not buy, blended into one ranked list where every item carries its reason.
+
+Two halves, like the churn model:
+
+* :class:`CoPurchaseModel` is global and learned by the single trainer from the baskets workers send on
+  the training topic (so adding a worker does not change what it learns). It keeps *forward-decayed*
+  counts: an observation at event time ``t`` adds ``2 ** ((t - ref) / halflife)``; reading divides by the
+  same factor for "now", so every count fades with the configured half-life without touching all
+  entries. Support, confidence and lift are ratios of counts on the same scale. Memory is bounded: when
+  pairs exceed ``max_pairs`` the weakest are pruned down to ``prune_to`` of the bound (likewise items and
+  the per-segment favourites).
+* :func:`recommend` ranks candidates for one customer at one instant from a read-only view of the model
+  (:class:`RecIndex`, built once per checkpoint) and the customer's own recent views and purchases.
+
+No Redis, no Kafka, no clock: every instant is event time handed in by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+DAY_MS = 86_400_000
+
+BOUGHT_TOGETHER = "bought_together"
+POPULAR_IN_SEGMENT = "popular_in_segment"
+VIEWED_NOT_BOUGHT = "viewed_not_bought"
+ALL_SEGMENTS = -1  # the population-wide favourites (cold start: no segment yet)
+
+
+@dataclass(frozen=True, slots=True)
+class RecConfig:
+    k: int = 10
+    halflife_days: float = 30.0
+    max_items: int = 20_000  # items with counts kept by the co-purchase model
+    max_pairs: int = 200_000  # item pairs kept
+    max_per_segment: int = 200  # favourites kept per segment
+    prune_to: float = 0.8  # on overflow, prune down to this fraction of the bound
+    min_pair_count: float = 2.0  # decayed co-occurrences below this are not used as rules
+    min_lift: float = 1.0  # a rule must beat chance
+    neighbours: int = 20  # related items kept per item in the scoring index
+    exclude_bought_days: int = 30  # never recommend what the customer bought within this horizon
+    viewed_days: int = 14  # views older than this are not "viewed, not bought" candidates
+    catalogue_days: int = 90  # an item not sold for this long counts as out of the catalogue
+    # blending weights: score = Σ weight(source) × source score in [0, 1]
+    weight_bought_together: float = 1.0
+    weight_viewed_not_bought: float = 0.8
+    weight_popular_in_segment: float = 0.4
+    version: str = "blend-v1"
+
+    def weights(self) -> dict[str, float]:
+        return {BOUGHT_TOGETHER: self.weight_bought_together, VIEWED_NOT_BOUGHT: self.weight_viewed_not_bought,
+                POPULAR_IN_SEGMENT: self.weight_popular_in_segment}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """An association rule antecedent → consequent, as of some instant."""
+
+    antecedent: str
+    consequent: str
+    support: float  # share of baskets holding both
+    confidence: float  # P(consequent | antecedent)
+    lift: float  # confidence / P(consequent)
+
+
+@dataclass
+class HitStats:
+    """Online quality: for each purchase after a recommendation, was a bought item among the k shown?
+    The popularity baseline (top-k best sellers at that instant) is scored on the same purchases."""
+
+    purchases: int = 0
+    hits: int = 0
+    items_hit: int = 0  # bought items that were recommended (for precision@k)
+    baseline_hits: int = 0
+    baseline_items_hit: int = 0
+    k: int = 10
+
+    def update(self, bought: set[str], recommended: list[str], popular: list[str]) -> None:
+        self.purchases += 1
+        shown = set(recommended[: self.k])
+        top = set(popular[: self.k])
+        self.hits += bool(bought & shown)
+        self.items_hit += len(bought & shown)
+        self.baseline_hits += bool(bought & top)
+        self.baseline_items_hit += len(bought & top)
+
+    def summary(self) -> dict[str, float]:
+        n = self.purchases
+        return {
+            "rec_purchases": n,
+            "rec_hit_rate": self.hits / n if n else 0.0,
+            "rec_precision": self.items_hit / (n * self.k) if n else 0.0,
+            "rec_baseline_hit_rate": self.baseline_hits / n if n else 0.0,
+            "rec_baseline_precision": self.baseline_items_hit / (n * self.k) if n else 0.0,
+        }
+
+
+@dataclass
+class CoPurchaseModel:
+    cfg: RecConfig = field(default_factory=RecConfig)
+    ref_ts: int | None = None  # forward-decay landmark (event time)
+    baskets: float = 0.0
+    items: dict[str, float] = field(default_factory=dict)  # item -> decayed baskets holding it
+    pairs: dict[tuple[str, str], float] = field(default_factory=dict)  # (a, b), a < b -> decayed co-occurrences
+    segments: dict[int, dict[str, float]] = field(default_factory=dict)  # segment -> item -> decayed units sold
+    category: dict[str, str] = field(default_factory=dict)  # item -> category
+    last_sold: dict[str, int] = field(default_factory=dict)  # item -> newest purchase time
+    now: int = 0  # newest basket time learned
+    hits: HitStats = field(default_factory=HitStats)
+
+    # ------------------------------------------------------------ decay
+    def _weight(self, ts: int) -> float:
+        if self.ref_ts is None:
+            self.ref_ts = ts
+        exponent = (ts - self.ref_ts) / (self.cfg.halflife_days * DAY_MS)
+        if exponent > 60:  # rebase before the weights overflow: divide everything by the same factor
+            self._rebase(ts)
+            exponent = 0.0
+        return float(2.0**exponent)
+
+    def _rebase(self, ts: int) -> None:
+        assert self.ref_ts is not None
+        factor = 2.0 ** ((ts - self.ref_ts) / (self.cfg.halflife_days * DAY_MS))
+        self.baskets /= factor
+        self.items = {k: v / factor for k, v in self.items.items()}
+        self.pairs = {k: v / factor for k, v in self.pairs.items()}
+        self.segments = {s: {k: v / factor for k, v in t.items()} for s, t in self.segments.items()}
+        self.ref_ts = ts
+
+    def scale(self, ts: int | None = None) -> float:
+        """Divide a stored count by this to get its decayed value as of ``ts`` (default: newest basket)."""
+        if self.ref_ts is None:
+            return 1.0
+        at = self.now if ts is None else ts
+        return float(2.0 ** ((at - self.ref_ts) / (self.cfg.halflife_days * DAY_MS)))
+
+    # ------------------------------------------------------------ learning (the trainer only)
+    def learn_basket(self, ts: int, items: list[tuple[str, str, int]], segment: int | None) -> None:
+        """One purchase: (product, category, quantity) lines, and the buyer's segment (None: unknown)."""
+        w = self._weight(ts)
+        self.now = max(self.now, ts)
+        distinct = sorted({pid for pid, _, _ in items})
+        self.baskets += w
+        for pid, cat, qty in items:
+            self.category[pid] = cat
+            self.last_sold[pid] = max(self.last_sold.get(pid, ts), ts)
+            for seg in (ALL_SEGMENTS, segment):
+                if seg is None:
+                    continue
+                table = self.segments.setdefault(seg, {})
+                table[pid] = table.get(pid, 0.0) + w * qty
+        for pid in distinct:
+            self.items[pid] = self.items.get(pid, 0.0) + w
+        for i, a in enumerate(distinct):
+            for b in distinct[i + 1 :]:
+                self.pairs[(a, b)] = self.pairs.get((a, b), 0.0) + w
+        self._bound()
+
+    def _bound(self) -> None:
+        cfg = self.cfg
+        if len(self.pairs) > cfg.max_pairs:
+            self.pairs = _top(self.pairs, int(cfg.max_pairs * cfg.prune_to))
+        if len(self.items) > cfg.max_items:
+            self.items = _top(self.items, int(cfg.max_items * cfg.prune_to))
+            kept = self.items
+            self.pairs = {p: v for p, v in self.pairs.items() if p[0] in kept and p[1] in kept}
+            self.category = {k: v for k, v in self.category.items() if k in kept}
+            self.last_sold = {k: v for k, v in self.last_sold.items() if k in kept}
+        for seg, table in self.segments.items():
+            if len(table) > cfg.max_per_segment:
+                self.segments[seg] = _top(table, int(cfg.max_per_segment * cfg.prune_to))
+
+    # ------------------------------------------------------------ reading
+    def rule(self, a: str, b: str) -> Rule | None:
+        """The rule a → b from the current counts (None if either item or the pair is unknown)."""
+        pair = self.pairs.get((a, b) if a < b else (b, a))
+        if not pair or not self.items.get(a) or not self.items.get(b) or not self.baskets:
+            return None
+        confidence = pair / self.items[a]
+        return Rule(a, b, support=pair / self.baskets, confidence=confidence,
+                    lift=confidence / (self.items[b] / self.baskets))
+
+    def index(self) -> RecIndex:
+        """A read-only scoring view (built once per checkpoint by each worker)."""
+        cfg = self.cfg
+        scale = self.scale()
+        related: dict[str, list[tuple[str, float]]] = {}
+        for (a, b), count in self.pairs.items():
+            if count / scale < cfg.min_pair_count:
+                continue
+            for x, y in ((a, b), (b, a)):
+                rule = self.rule(x, y)
+                if rule is not None and rule.lift > cfg.min_lift:
+                    related.setdefault(x, []).append((y, rule.confidence))
+        for found in related.values():
+            found.sort(key=lambda kv: (-kv[1], kv[0]))
+            del found[cfg.neighbours :]
+        favourites: dict[int, list[tuple[str, float]]] = {}
+        for seg, table in self.segments.items():
+            ranked = sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[: max(cfg.k * 5, 50)]
+            top = ranked[0][1] if ranked else 1.0
+            favourites[seg] = [(pid, count / top) for pid, count in ranked]
+        return RecIndex(cfg, related, favourites, dict(self.category), dict(self.last_sold), self.now)
+
+    def popular(self, k: int | None = None) -> list[str]:
+        """The popularity baseline: the best sellers over the whole population (decayed), top k."""
+        table = self.segments.get(ALL_SEGMENTS, {})
+        return [pid for pid, _ in sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[: k or self.cfg.k]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"rec_items": len(self.items), "rec_pairs": len(self.pairs), "rec_baskets": round(
+            self.baskets / self.scale(), 2), **self.hits.summary()}
+
+
+def _top(table: dict[Any, float], keep: int) -> dict[Any, float]:
+    """The ``keep`` largest entries (ties broken by key, so pruning is deterministic)."""
+    return dict(sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:keep])
+
+
+@dataclass(frozen=True)
+class RecIndex:
+    cfg: RecConfig
+    related: dict[str, list[tuple[str, float]]]  # item -> (item, confidence), best first
+    favourites: dict[int, list[tuple[str, float]]]  # segment -> (item, share of the top seller), best first
+    category: dict[str, str]
+    last_sold: dict[str, int]
+    now: int
+
+    def in_catalogue(self, pid: str, at: int, excluded: frozenset[str] = frozenset()) -> bool:
+        """Sold within catalogue_days of ``at`` and not explicitly withdrawn."""
+        sold = self.last_sold.get(pid)
+        return pid not in excluded and sold is not None and at - sold <= self.cfg.catalogue_days * DAY_MS
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerView:
+    """What the recommender needs to know about one customer at one instant."""
+
+    bought: dict[str, int]  # item -> last purchase time
+    viewed: dict[str, tuple[int, str | None]]  # item -> (last view time, category)
+    top_categories: list[str]
+    segment: int | None
+
+
+def recommend(
+    index: RecIndex, customer: CustomerView, at: int, context: list[str], excluded: frozenset[str] = frozenset(),
+    k: int | None = None, sources: tuple[str, ...] = (BOUGHT_TOGETHER, VIEWED_NOT_BOUGHT, POPULAR_IN_SEGMENT),
+) -> list[dict[str, Any]]:
+    """Up to k items for ``customer`` at event time ``at``: [{product_id, score, reason}], best first.
+
+    ``context`` holds the items that triggered it (the basket just bought, the product just viewed);
+    related items of the customer's recent purchases are candidates too. Each source scores in [0, 1]:
+    bought_together by rule confidence, viewed_not_bought by recency of the view (halving per week),
+    halved outside the customer's top categories, popular_in_segment by sales relative to the
+    segment's best seller. Scores are blended with the configured weights; an item's reason is the source
+    that contributed most. Bought within exclude_bought_days, in the context, or out of the catalogue:
+    never shown.
+    """
+    cfg = index.cfg
+    k = k or cfg.k
+    weights = cfg.weights()
+    horizon = cfg.exclude_bought_days * DAY_MS
+    # what they bought lately, and what they are looking at right now, is not news to them
+    blocked = {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at} | set(context)
+    contributions: dict[str, dict[str, float]] = {}
+
+    def add(pid: str, source: str, score: float) -> None:
+        if pid in blocked or not index.in_catalogue(pid, at, excluded):
+            return
+        slot = contributions.setdefault(pid, {})
+        slot[source] = max(slot.get(source, 0.0), weights[source] * score)
+
+    if BOUGHT_TOGETHER in sources:
+        recent = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)[-5:]
+        anchors = list(dict.fromkeys([*context, *(pid for _, pid in reversed(recent))]))
+        for rank, anchor in enumerate(anchors):
+            damp = 1.0 if anchor in context else 0.5 / (1 + rank)
+            for pid, confidence in index.related.get(anchor, []):
+                add(pid, BOUGHT_TOGETHER, confidence * damp)
+    if VIEWED_NOT_BOUGHT in sources:
+        tops = set(customer.top_categories)
+        for pid, (ts, cat) in customer.viewed.items():
+            age = at - ts
+            if 0 <= age <= cfg.viewed_days * DAY_MS:
+                score = 0.5 ** (age / (7 * DAY_MS)) * (1.0 if cat in tops else 0.5)
+                add(pid, VIEWED_NOT_BOUGHT, score)
+    if POPULAR_IN_SEGMENT in sources:
+        seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
+        for pid, share in index.favourites.get(seg, [])[: k * 3]:
+            add(pid, POPULAR_IN_SEGMENT, share)
+
+    ranked = sorted(((sum(c.values()), pid) for pid, c in contributions.items()), key=lambda sp: (-sp[0], sp[1]))
+    out = []
+    for score, pid in ranked[:k]:
+        parts = contributions[pid]
+        reason = max(parts, key=lambda s: (parts[s], s))
+        out.append({"product_id": pid, "score": round(score, 4), "reason": reason})
+    return out
+
+
+def precision_at_k(bought: set[str], recommended: list[str], k: int) -> float:
+    return len(bought & set(recommended[:k])) / k if k else math.nan
