@@ -43,4 +43,5 @@ async def lookup(
         "probability": model.get("churn_p"), "model_version": model.get("model_version"),
         "last_alert_ts": model.get("last_alert_ts"), "pending_snapshots": len(state.pending),
     }
+    out["last_recommendation"] = model.get("rec")  # {id, ts, trigger, items}: the full record is on its topic
     return out

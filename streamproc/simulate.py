@@ -77,6 +77,9 @@ class SimulationConfig:
     return_gap_days: tuple[float, float] = (45.0, 110.0)
     bundles: int = 40
     bundle_probability: float = 0.35  # chance that an order containing a bundle item takes the bundle
+    # a bundle item bought without its bundle puts the missing pieces on the customer's mind: each later
+    # order adds one of them with this probability (the cross-sell that co-purchase rules exist for)
+    follow_up_probability: float = 0.5
 
     @property
     def start_ms(self) -> int:
@@ -110,6 +113,7 @@ class _Customer:
     return_ts: int | None
     seq: int = 0
     cart: list[Product] = field(default_factory=list)
+    follow_ups: list[Product] = field(default_factory=list)  # bundle pieces still to buy
 
 
 class Catalogue:
@@ -265,12 +269,18 @@ class Simulator:
                 click("page_view", duration_s=round(rng.uniform(2, 40), 1))
         if rng.random() < p.conversion:
             basket = list(cart)
+            if c.follow_ups and rng.random() < self.cfg.follow_up_probability:
+                basket.append(c.follow_ups.pop(0))
             while len(basket) < max(1, round(rng.gauss(p.basket_size, 0.8))):
                 basket.append(self._choose_product(_pick(c.cat_cdf, rng.random()), p.price_bias))
             for product in list(basket):
                 bundle = self.catalogue.bundle_of.get(product.product_id)
                 if bundle and rng.random() < self.cfg.bundle_probability:
                     basket.extend(self.catalogue.by_id[pid] for pid in bundle if pid != product.product_id)
+                elif bundle:
+                    have = {b.product_id for b in basket} | {f.product_id for f in c.follow_ups}
+                    c.follow_ups.extend(self.catalogue.by_id[pid] for pid in bundle if pid not in have)
+                    del c.follow_ups[:-5]
             basket = list({b.product_id: b for b in basket}.values())[:20]
             t += int(rng.uniform(10, 60) * 1000)
             click("checkout")

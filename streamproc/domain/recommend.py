@@ -253,7 +253,8 @@ def recommend(
 
     ``context`` holds the items that triggered it (the basket just bought, the product just viewed);
     related items of the customer's recent purchases are candidates too. Each source scores in [0, 1]:
-    bought_together by rule confidence, viewed_not_bought by recency of the view (halving per week),
+    bought_together by rule confidence relative to the strongest rule found (rules from the context at full
+    strength, from the customer's recent purchases damped by recency rank), viewed_not_bought by recency of the view (halving per week),
     halved outside the customer's top categories, popular_in_segment by sales relative to the
     segment's best seller. Scores are blended with the configured weights; an item's reason is the source
     that contributed most. Bought within exclude_bought_days, in the context, or out of the catalogue:
@@ -276,10 +277,14 @@ def recommend(
     if BOUGHT_TOGETHER in sources:
         recent = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)[-5:]
         anchors = list(dict.fromkeys([*context, *(pid for _, pid in reversed(recent))]))
+        found: dict[str, float] = {}
         for rank, anchor in enumerate(anchors):
-            damp = 1.0 if anchor in context else 0.5 / (1 + rank)
+            damp = 1.0 if anchor in context else 1.0 / (1 + rank)
             for pid, confidence in index.related.get(anchor, []):
-                add(pid, BOUGHT_TOGETHER, confidence * damp)
+                found[pid] = max(found.get(pid, 0.0), confidence * damp)
+        top = max(found.values(), default=1.0)
+        for pid, score in found.items():  # relative to the strongest rule, like the other sources
+            add(pid, BOUGHT_TOGETHER, score / top)
     if VIEWED_NOT_BOUGHT in sources:
         tops = set(customer.top_categories)
         for pid, (ts, cat) in customer.viewed.items():
