@@ -142,6 +142,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                         "rolling_recall", "labels", "positive_rate"):
                 print(f"  {key:<18} {summary.get(key, 0):.4f}" if isinstance(summary.get(key), float)
                       else f"  {key:<18} {summary.get(key)}")
+            if "rec_purchases" in summary:
+                print("recommendations (each purchase vs the last recommendation shown before it):")
+                print(f"  hit-rate@k {summary['rec_hit_rate']:.4f}  precision@k {summary['rec_precision']:.4f}  "
+                      f"on {summary['rec_purchases']} purchases")
+                print(f"  popularity baseline: hit-rate@k {summary['rec_baseline_hit_rate']:.4f}  "
+                      f"precision@k {summary['rec_baseline_precision']:.4f}")
+                print(f"  co-purchase model: {summary.get('rec_items', 0)} items, {summary.get('rec_pairs', 0)} pairs")
             print("segments:")
             for sid, profile in sorted(summary.get("segments", {}).items()):
                 centroid = ", ".join(f"{k}={v}" for k, v in profile["centroid"].items())

@@ -131,6 +131,11 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
     for key in ("roc_auc", "log_loss", "precision", "recall", "labels", "positive_rate"):
         if key in model:
             scores[f"prequential_{key}"] = model[key]
+    for key in ("rec_purchases", "rec_hit_rate", "rec_precision", "rec_baseline_hit_rate", "rec_baseline_precision"):
+        if key in model:
+            scores[key] = model[key]
+    if model.get("rec_baseline_hit_rate"):
+        scores["rec_lift_over_popularity"] = model["rec_hit_rate"] / model["rec_baseline_hit_rate"]
     scores["model_version"] = model.get("version")
     width = max(len(k) for k in scores)
     print(f"{'metric':<{width}}  value")

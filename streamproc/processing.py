@@ -529,7 +529,7 @@ class BatchProcessor:
         index = bundle.rec_index()
         view = CustomerView(
             bought={p: ts for p, ts in state.bought.items() if ts <= at},
-            viewed={p: (v[0], v[1]) for p, v in state.viewed.items() if v[0] <= at},
+            viewed={p: (v[0], v[1], v[2] if len(v) > 2 else 1) for p, v in state.viewed.items() if v[0] <= at},
             top_categories=feats.get("top_categories", []), segment=mstate.segment,
         )
         items = recommend(index, view, at, list(context), self.excluded_products)

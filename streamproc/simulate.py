@@ -80,6 +80,9 @@ class SimulationConfig:
     # a bundle item bought without its bundle puts the missing pieces on the customer's mind: each later
     # order adds one of them with this probability (the cross-sell that co-purchase rules exist for)
     follow_up_probability: float = 0.5
+    # everyone has a few favourite products in their categories that they keep coming back to
+    favourites_per_customer: int = 4
+    favourite_probability: float = 0.3  # chance that a product pick in a category is one of the favourites
 
     @property
     def start_ms(self) -> int:
@@ -114,6 +117,7 @@ class _Customer:
     seq: int = 0
     cart: list[Product] = field(default_factory=list)
     follow_ups: list[Product] = field(default_factory=list)  # bundle pieces still to buy
+    favourites: dict[str, list[Product]] = field(default_factory=dict)  # category -> favourite products
 
 
 class Catalogue:
@@ -179,6 +183,7 @@ class Simulator:
         persona_cdf = _cdf({p.name: p.share for p in PERSONAS})
         by_name = {p.name: p for p in PERSONAS}
         rng = self.rng
+        taste = random.Random(cfg.seed + 2)  # favourites: their own stream, the rest stays as it was
         for i in range(cfg.customers):
             persona = by_name[_pick(persona_cdf, rng.random())]
             signup = cfg.start_ms
@@ -196,7 +201,13 @@ class Simulator:
                 if return_ts >= self.end_ms:
                     return_ts = None
             truth = CustomerTruth(f"c{i:07d}", persona.name, signup, churn_ts, return_ts)
-            self.customers.append(_Customer(truth, persona, _cdf(weights), churn_ts, return_ts))
+            customer = _Customer(truth, persona, _cdf(weights), churn_ts, return_ts)
+            for _ in range(cfg.favourites_per_customer):
+                category = _pick(customer.cat_cdf, taste.random())
+                items = self.catalogue.by_category[category]
+                pick = items[min(len(items) - 1, int(taste.random() ** (1 / persona.price_bias) * len(items)))]
+                customer.favourites.setdefault(category, []).append(pick)
+            self.customers.append(customer)
 
     # --- activity model
     def _activity(self, c: _Customer, t: int) -> float:
@@ -254,7 +265,7 @@ class Simulator:
             elif u < 0.75:
                 if rng.random() < 0.25:
                     category = _pick(c.cat_cdf, rng.random())
-                product = self._choose_product(category, p.price_bias)
+                product = self._choose_product(category, p.price_bias, c)
                 viewed.append(product)
                 click("product_view", product_id=product.product_id, category=category,
                       duration_s=round(rng.uniform(3, 120), 1))
@@ -272,7 +283,7 @@ class Simulator:
             if c.follow_ups and rng.random() < self.cfg.follow_up_probability:
                 basket.append(c.follow_ups.pop(0))
             while len(basket) < max(1, round(rng.gauss(p.basket_size, 0.8))):
-                basket.append(self._choose_product(_pick(c.cat_cdf, rng.random()), p.price_bias))
+                basket.append(self._choose_product(_pick(c.cat_cdf, rng.random()), p.price_bias, c))
             for product in list(basket):
                 bundle = self.catalogue.bundle_of.get(product.product_id)
                 if bundle and rng.random() < self.cfg.bundle_probability:
@@ -311,7 +322,10 @@ class Simulator:
         c.truth.events += len(events)
         return events
 
-    def _choose_product(self, category: str, price_bias: float) -> Product:
+    def _choose_product(self, category: str, price_bias: float, customer: _Customer | None = None) -> Product:
+        favourites = customer.favourites.get(category) if customer else None
+        if favourites and self.rng.random() < self.cfg.favourite_probability:
+            return self.rng.choice(favourites)
         items = self.catalogue.by_category[category]
         # price_bias > 1 leans to the expensive end of the (price-sorted) list
         u = self.rng.random() ** (1 / price_bias)  # > 1: u near 1 (expensive); < 1: u near 0 (cheap)

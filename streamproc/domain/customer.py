@@ -107,7 +107,8 @@ class CustomerState:
     snapshot_ts: int = 0
     pending: list[int] = field(default_factory=list)
     bought: dict[str, int] = field(default_factory=dict)  # product -> newest purchase time
-    viewed: dict[str, list[Any]] = field(default_factory=dict)  # product -> [newest view time, category]
+    # product -> [newest view time, category, views since it entered the list]
+    viewed: dict[str, list[Any]] = field(default_factory=dict)
 
     # --- serialisation (the adapter stores this dict as one compact blob)
     def to_dict(self) -> dict[str, Any]:
@@ -323,7 +324,8 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
         if event.product_id is None or event.action not in ("product_view", "add_to_cart"):
             return None
         seen = state.viewed.get(event.product_id)
-        state.viewed[event.product_id] = [max(ts, seen[0]) if seen else ts, event.category]
+        state.viewed[event.product_id] = [max(ts, seen[0]) if seen else ts, event.category,
+                                          (seen[2] if seen and len(seen) > 2 else 0) + 1]
         _keep_newest(state.viewed, cfg.max_viewed_items, lambda v: v[0])
         if len(session) > 5 and session[5]:
             return None  # this session had its recommendation

@@ -240,7 +240,7 @@ class CustomerView:
     """What the recommender needs to know about one customer at one instant."""
 
     bought: dict[str, int]  # item -> last purchase time
-    viewed: dict[str, tuple[int, str | None]]  # item -> (last view time, category)
+    viewed: dict[str, tuple[int, str | None, int]]  # item -> (last view time, category, views)
     top_categories: list[str]
     segment: int | None
 
@@ -254,11 +254,12 @@ def recommend(
     ``context`` holds the items that triggered it (the basket just bought, the product just viewed);
     related items of the customer's recent purchases are candidates too. Each source scores in [0, 1]:
     bought_together by rule confidence relative to the strongest rule found (rules from the context at full
-    strength, from the customer's recent purchases damped by recency rank), viewed_not_bought by recency of the view (halving per week),
-    halved outside the customer's top categories, popular_in_segment by sales relative to the
-    segment's best seller. Scores are blended with the configured weights; an item's reason is the source
-    that contributed most. Bought within exclude_bought_days, in the context, or out of the catalogue:
-    never shown.
+    strength, from the customer's recent purchases damped by recency rank); viewed_not_bought by interest
+    (1 - 0.5^views) times recency of the last view (halving per week), halved outside the customer's top
+    categories; popular_in_segment by
+    sales relative to the segment's best seller. Scores are blended with the configured weights; an item's
+    reason is the source that contributed most. Bought within exclude_bought_days, in the context, or out
+    of the catalogue: never shown.
     """
     cfg = index.cfg
     k = k or cfg.k
@@ -287,10 +288,11 @@ def recommend(
             add(pid, BOUGHT_TOGETHER, score / top)
     if VIEWED_NOT_BOUGHT in sources:
         tops = set(customer.top_categories)
-        for pid, (ts, cat) in customer.viewed.items():
+        for pid, (ts, cat, views) in customer.viewed.items():
             age = at - ts
             if 0 <= age <= cfg.viewed_days * DAY_MS:
-                score = 0.5 ** (age / (7 * DAY_MS)) * (1.0 if cat in tops else 0.5)
+                interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
+                score = interest * 0.5 ** (age / (7 * DAY_MS)) * (1.0 if cat in tops else 0.5)
                 add(pid, VIEWED_NOT_BOUGHT, score)
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS

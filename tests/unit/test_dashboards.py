@@ -198,14 +198,15 @@ def test_customers_dashboard_rows():
     board = load_dashboards()["customers-and-churn.json"]
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == ["Customers", "Orders and revenue", "Buyers and retention", "Segments", "Churn risk and alerts",
-                    "Model quality"]
+                    "Model quality", "Recommendations"]
 
 
 # Gauges every worker reports identically (read from Redis: the census, the population, the model summary)
 SHARED_GAUGES = ("streamproc_customers", "streamproc_buyers", "streamproc_repeat_purchase_rate",
                  "streamproc_cohort_retention_ratio", "streamproc_segment_customers", "streamproc_model_quality",
                  "streamproc_model_labels_matured", "streamproc_model_label_positive_rate", "streamproc_model_version",
-                 "streamproc_model_checkpoint_age_seconds", "streamproc_model_drift_detections")
+                 "streamproc_model_checkpoint_age_seconds", "streamproc_model_drift_detections",
+                 "streamproc_recommendation_quality", "streamproc_recommendation_scored_purchases")
 
 
 def test_population_gauges_are_not_summed_across_workers():
