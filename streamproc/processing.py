@@ -449,7 +449,7 @@ class BatchProcessor:
                 state.pending.append(point)
                 mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
                 out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
-                                     "x": segment_inputs(values)})
+                                     "x": segment_inputs(values, state)})
             state.pending = state.pending[-self.churn.max_pending :]
             # silence labels mature on the snapshot grid, where every live customer is visited
             step = self.churn.cadence_days * DAY_MS
@@ -477,7 +477,7 @@ class BatchProcessor:
         # segments stay stable between those, and the k-means distance computations stay off the hot path
         segment = mstate.segment
         if segment is None or snapshotted or mstate.model_version != version:
-            segment = bundle.segment(segment_inputs(now_values))
+            segment = bundle.segment(segment_inputs(now_values, state))
         names = self.segment_names
         if segment is not None and mstate.segment is not None and segment != mstate.segment:
             out.segment_moves.append({"customer_id": cid, "ts": as_of, "from_segment": mstate.segment,
@@ -513,7 +513,7 @@ class BatchProcessor:
                 out.examples.append({
                     "kind": "basket", "id": f"{digest}:{trig.event_id}", "ts": trig.ts,
                     "items": [[p, c, q] for p, c, q in zip(trig.items, trig.categories, trig.quantities, strict=True)],
-                    "segment": mstate.segment, "rec": before,
+                    "segment": mstate.segment, "rec": before, "amount": trig.amount,
                 })
             rec = self._recommendation(cid, state, mstate, feats, trig.ts, trig.kind, trig.event_id, trig.items)
             if rec is not None:

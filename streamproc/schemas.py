@@ -92,6 +92,7 @@ class TrainingExample(BaseModel):
     items: list[tuple[str, str, int]] | None = Field(
         default=None, description="basket: [product id, category, quantity] per line")
     segment: int | None = Field(default=None, description="basket: the buyer's segment when they bought")
+    amount: float | None = Field(default=None, description="basket: order total (spend share per segment)")
     rec: list[str] | None = Field(
         default=None, description="basket: items of the last recommendation shown before the purchase")
     label: int | None = Field(default=None, description="1: churned within the horizon, 0: bought again")

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     classifier: Literal["logreg", "hat", "arf"] = "logreg"
     segmenter: Literal["kmeans", "streamkmeans"] = "kmeans"
     n_segments: int = 5
-    kmeans_halflife: float = 0.1
+    kmeans_halflife: float = 0.005
     model_seed: int = 42
     checkpoint_interval_s: float = 5.0
     checkpoint_keep: int = 10

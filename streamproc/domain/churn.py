@@ -21,8 +21,12 @@ from streamproc.domain.customer import (
     PURCHASES,
     SESSIONS,
     SPEND,
+    S_CONVERTED,
+    S_COUNT,
+    S_EVENTS,
     VIEWS,
     CustomerState,
+    session_totals,
 )
 
 
@@ -45,10 +49,12 @@ CHURN_FEATURES = (
     "recency_over_gap", "log_days_since_event", "log_clicks_30d", "log_purchases_30d", "log_sessions_30d",
     "click_trend_30d",
 )
-SEGMENT_FEATURES = (
-    "log_monetary_total", "log_frequency", "log_monetary_avg", "log_recency_days", "log_clicks_30d",
-    "log_views_30d", "cart_rate_30d", "purchase_rate_30d",
-)
+# What segments are made of: traits that describe how someone shops rather than where they are in their
+# lifecycle (recency and totals would move customers between segments as they age): average order value,
+# tenure, clicks per session, sessions reaching checkout, and the share of product views per category
+# (``view_share:<category>``, one input per category the trainer has seen; see ModelBundle).
+SEGMENT_FEATURES = ("log_monetary_avg", "log_tenure_days", "events_per_session", "conversion_rate")
+VIEW_SHARE = "view_share:"
 
 
 def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, float] | None:
@@ -120,8 +126,17 @@ def churn_inputs(values: dict[str, float]) -> dict[str, float]:
     return {k: values[k] for k in CHURN_FEATURES}
 
 
-def segment_inputs(values: dict[str, float]) -> dict[str, float]:
-    return {k: values[k] for k in SEGMENT_FEATURES}
+def segment_inputs(values: dict[str, float], state: CustomerState) -> dict[str, float]:
+    """Segmentation inputs: the snapshot's AOV and tenure, plus session habits and category view shares so far."""
+    out = {k: values[k] for k in SEGMENT_FEATURES if k in values}
+    sessions = session_totals(state)
+    n = sessions[S_COUNT]
+    out["events_per_session"] = sessions[S_EVENTS] / n if n else 0.0
+    out["conversion_rate"] = sessions[S_CONVERTED] / n if n else 0.0
+    views = sum(state.cat_views.values())
+    for category, count in state.cat_views.items():
+        out[VIEW_SHARE + category] = count / views
+    return out
 
 
 # ---------------------------------------------------------------- snapshots and labels

@@ -160,6 +160,7 @@ class Trigger:
     items: tuple[str, ...]  # products bought, or the product looked at
     categories: tuple[str, ...] = ()
     quantities: tuple[int, ...] = ()
+    amount: float = 0.0  # order total of a purchase
 
 
 @dataclass
@@ -352,7 +353,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
         _cap(state.cat_spend, cfg.max_categories)
         _keep_newest(state.bought, cfg.max_bought_items, lambda v: v)
         return Trigger(ts, "purchase", event.event_id, tuple(i.product_id for i in event.items),
-                       tuple(i.category for i in event.items), tuple(i.quantity for i in event.items))
+                       tuple(i.category for i in event.items), tuple(i.quantity for i in event.items), event.amount)
     else:
         state.refunds += 1
         state.refund_cents += amount

@@ -13,7 +13,7 @@ from typing import Any
 
 from river import cluster, drift, forest, linear_model, metrics, optim, preprocessing, tree, utils
 
-from streamproc.domain.churn import SEGMENT_FEATURES
+from streamproc.domain.churn import SEGMENT_FEATURES, VIEW_SHARE
 from streamproc.domain.recommend import CoPurchaseModel, RecConfig, RecIndex
 
 
@@ -21,7 +21,8 @@ from streamproc.domain.recommend import CoPurchaseModel, RecConfig, RecIndex
 class ModelConfig:
     segmenter: str = "kmeans"  # or "streamkmeans"
     n_segments: int = 5
-    kmeans_halflife: float = 0.1
+    kmeans_halflife: float = 0.005
+    max_segment_categories: int = 24  # category view shares used as segmentation inputs (most seen first)
     classifier: str = "logreg"  # or "hat" (Hoeffding adaptive tree) or "arf" (adaptive random forest)
     seed: int = 42
     alert_threshold: float = 0.7
@@ -108,6 +109,9 @@ class ModelBundle:
     training_offset: int = -1  # last applied offset of the training topic
     event_time: int = 0  # newest example time learned from
     recs: CoPurchaseModel | None = None  # co-purchase rules, segment favourites, online hit-rate
+    segment_vocab: dict[str, int] = field(default_factory=dict)  # view-share input -> examples that had it
+    segment_mix: dict[int, float] = field(default_factory=dict)  # segment -> decayed share of snapshots
+    segment_spend: dict[int, float] = field(default_factory=dict)  # segment -> decayed spend of its baskets
 
     def __post_init__(self) -> None:
         if self.recs is None:
@@ -121,9 +125,27 @@ class ModelBundle:
             self.prequential = Prequential(self.cfg.alert_threshold, self.cfg.rolling_window)
 
     # ------------------------------------------------------------ learning (the trainer only)
+    def _segment_x(self, x: dict[str, float]) -> dict[str, float]:
+        """A fixed input vector: the base traits, and a share (0 if none) for each of the categories seen most
+        often, so that k-means compares every customer on the same axes."""
+        out = {k: x.get(k, 0.0) for k in SEGMENT_FEATURES}
+        vocab = sorted(self.segment_vocab, key=lambda k: (-self.segment_vocab[k], k))[: self.cfg.max_segment_categories]
+        for key in sorted(vocab):
+            out[key] = x.get(key, 0.0)
+        return out
+
     def learn_segment(self, x: dict[str, float]) -> None:
-        self.segmenter.learn_one(x)
+        for key in x:
+            if key.startswith(VIEW_SHARE):
+                self.segment_vocab[key] = self.segment_vocab.get(key, 0) + 1
+        vector = self._segment_x(x)
+        self.segmenter.learn_one(vector)
         self.segment_examples += 1
+        if self.segment_examples >= self.cfg.n_segments:  # who the snapshots belong to, decayed over ~5,000
+            seg = int(self.segmenter.predict_one(vector))
+            for k in self.segment_mix:
+                self.segment_mix[k] *= 1 - 1 / 5000
+            self.segment_mix[seg] = self.segment_mix.get(seg, 0.0) + 1 / 5000
 
     def learn_churn(self, x: dict[str, float], label: int, p_at_snapshot: float | None) -> bool:
         """Learn one matured example; score the prediction made at snapshot time first. True on drift."""
@@ -152,6 +174,11 @@ class ModelBundle:
             self.recs.hits.update(bought, list(example["rec"]), self.recs.popular())
         lines = [(str(pid), str(cat), int(qty)) for pid, cat, qty in example["items"]]
         self.recs.learn_basket(int(example["ts"]), lines, example.get("segment"))
+        if example.get("segment") is not None and example.get("amount"):
+            seg = int(example["segment"])
+            for k in self.segment_spend:
+                self.segment_spend[k] *= 1 - 1 / 5000
+            self.segment_spend[seg] = self.segment_spend.get(seg, 0.0) + float(example["amount"])
 
     def rec_index(self) -> RecIndex:
         """The scoring view of the co-purchase model; built once per loaded checkpoint."""
@@ -189,25 +216,32 @@ class ModelBundle:
     def segment(self, x: dict[str, float]) -> int | None:
         if self.segment_examples < self.cfg.n_segments:
             return None
-        return int(self.segmenter.predict_one(x))
+        return int(self.segmenter.predict_one(self._segment_x(x)))
 
     def segment_profiles(self) -> dict[int, dict[str, Any]]:
-        """Centroids in original units (the inputs are log1p-scaled: shown back through expm1) and names."""
+        """Per segment: centroid in original units (log inputs shown back through expm1), share of recent
+        snapshots (size), share of recent spend, and a name derived from the centroid."""
         if self.segment_examples < self.cfg.n_segments:
             return {}
         scaler = self.segmenter["StandardScaler"]
         centers = self.segmenter[list(self.segmenter.steps)[-1]].centers
+        keys = list(self._segment_x({}))
+        mix_total = sum(self.segment_mix.values()) or 1.0
+        spend_total = sum(self.segment_spend.values()) or 1.0
         profiles: dict[int, dict[str, Any]] = {}
         for cid, center in centers.items():
             raw = {}
-            for k in SEGMENT_FEATURES:
+            for k in keys:
                 mean = scaler.means.get(k, 0.0)
                 std = math.sqrt(scaler.vars.get(k, 0.0)) or 1.0
-                value = center.get(k, 0.0) * std + mean
-                raw[k] = value
-            profiles[int(cid)] = {"centroid": _original_units(raw), "scaled": {k: center.get(k, 0.0)
-                                                                                for k in SEGMENT_FEATURES}}
-        names = name_segments({c: p["scaled"] for c, p in profiles.items()})
+                raw[k] = center.get(k, 0.0) * std + mean
+            profiles[int(cid)] = {
+                "centroid": _original_units(raw), "scaled": {k: center.get(k, 0.0) for k in keys},
+                "size_share": round(self.segment_mix.get(int(cid), 0.0) / mix_total, 4),
+                "spend_share": round(self.segment_spend.get(int(cid), 0.0) / spend_total, 4),
+            }
+        names = name_segments({c: p["scaled"] for c, p in profiles.items()},
+                              {c: p["centroid"] for c, p in profiles.items()})
         for cid, name in names.items():
             profiles[cid]["name"] = name
         return profiles
@@ -248,26 +282,30 @@ def _original_units(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
-SEGMENT_NAMES = (
-    # (name, score function over scaled centroid values)
-    ("high-value loyal", lambda c: c["log_monetary_total"] + c["log_frequency"] - c["log_recency_days"]),
-    ("dormant", lambda c: c["log_recency_days"] - c["log_clicks_30d"]),
-    ("price-sensitive", lambda c: c["log_frequency"] - c["log_monetary_avg"] + c["cart_rate_30d"]),
-    ("browsers", lambda c: c["log_views_30d"] + c["log_clicks_30d"] - c["log_frequency"]),
-    ("premium occasional", lambda c: c["log_monetary_avg"] - c["log_frequency"]),
-)
-
-
-def name_segments(scaled: dict[int, dict[str, float]]) -> dict[int, str]:
-    """Give each centroid the name it fits best; each name at most once (greedy, best fits first)."""
-    pairs = sorted(((fn(c), name, cid) for cid, c in scaled.items() for name, fn in SEGMENT_NAMES), reverse=True)
+def name_segments(scaled: dict[int, dict[str, float]], raw: dict[int, dict[str, float]]) -> dict[int, str]:
+    """A readable name per centroid: its two most viewed categories, qualified by what sets it apart from the
+    other segments (scaled values: standard deviations from the population mean): "premium" or "budget" by
+    average order value, "new" by tenure, "browsing" or "decisive" by checkout rate. Unique (a clash gets
+    the segment id appended)."""
     names: dict[int, str] = {}
-    used: set[str] = set()
-    for _, name, cid in pairs:
-        if cid in names or name in used:
-            continue
-        names[cid] = name
-        used.add(name)
-    for cid in scaled:
-        names.setdefault(cid, f"segment {cid}")
-    return names
+    for cid in sorted(scaled):
+        z, centroid = scaled[cid], raw.get(cid, {})
+        shares = {k[len(VIEW_SHARE):]: v for k, v in centroid.items() if k.startswith(VIEW_SHARE) and v > 0.05}
+        top = [c for c, _ in sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))[:2]]
+        words = []
+        if z.get("log_tenure_days", 0.0) < -0.8:
+            words.append("new")
+        if z.get("log_monetary_avg", 0.0) > 0.5:
+            words.append("premium")
+        elif z.get("log_monetary_avg", 0.0) < -0.5:
+            words.append("budget")
+        if z.get("conversion_rate", 0.0) > 0.8:
+            words.append("decisive")
+        elif z.get("conversion_rate", 0.0) < -0.8:
+            words.append("browsing")
+        words.append(" & ".join(top) if top else "mixed")
+        names[cid] = " ".join([*words, "shoppers"])
+    seen: dict[str, int] = {}
+    for cid in sorted(names):
+        seen[names[cid]] = seen.get(names[cid], 0) + 1
+    return {cid: (f"{name} #{cid}" if seen[name] > 1 else name) for cid, name in names.items()}

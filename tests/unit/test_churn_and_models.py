@@ -25,6 +25,7 @@ from streamproc.domain.churn import (
 )
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, Item, Transaction
+from streamproc.domain.churn import SEGMENT_FEATURES as SEGMENT_FEATURES_SET
 from streamproc.domain.models import ModelBundle, ModelConfig, name_segments
 
 T0 = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1000)  # a Monday; the weekly grid falls on Thursdays
@@ -227,13 +228,47 @@ def test_segment_names_are_unique_and_descriptive():
     from streamproc.domain.churn import SEGMENT_FEATURES
 
     base = dict.fromkeys(SEGMENT_FEATURES, 0.0)
-    centres = {
-        0: {**base, "log_monetary_total": 2, "log_frequency": 2, "log_recency_days": -1},
-        1: {**base, "log_recency_days": 2, "log_clicks_30d": -1},
-        2: {**base, "log_views_30d": 2, "log_clicks_30d": 2, "log_frequency": -1},
+    scaled = {
+        0: {**base, "log_monetary_avg": 1.2, "conversion_rate": 1.0},
+        1: {**base, "log_monetary_avg": -0.9},
+        2: {**base, "log_tenure_days": -1.5, "conversion_rate": -1.0},
+        3: dict(base),
     }
-    names = name_segments(centres)
-    assert names == {0: "high-value loyal", 1: "dormant", 2: "browsers"}
+    raw = {
+        0: {"view_share:electronics": 0.5, "view_share:home": 0.3, "view_share:books": 0.04},
+        1: {"view_share:grocery": 0.4, "view_share:fashion": 0.35},
+        2: {"view_share:beauty": 0.3, "view_share:fashion": 0.3},
+        3: {"view_share:grocery": 0.4, "view_share:fashion": 0.35},
+    }
+    names = name_segments(scaled, raw)
+    assert names == {
+        0: "premium decisive electronics & home shoppers",
+        1: "budget grocery & fashion shoppers",
+        2: "new browsing beauty & fashion shoppers",
+        3: "grocery & fashion shoppers",
+    }
+    raw[3] = raw[1]
+    scaled[3] = scaled[1]
+    clash = name_segments(scaled, raw)
+    assert clash[1] == "budget grocery & fashion shoppers #1" and clash[3] == "budget grocery & fashion shoppers #3"
+
+
+def test_segment_inputs_take_category_view_shares_and_session_habits():
+    from streamproc.domain.churn import segment_inputs
+
+    state = fold([buy(0, 0), visit(1, 2)])
+    state.cat_views = {"books": 3, "toys": 1}
+    values = inputs_at(state, T0 + 10 * DAY_MS, exact=True)
+    x = segment_inputs(values, state)
+    assert x["view_share:books"] == 0.75 and x["view_share:toys"] == 0.25
+    assert {"log_monetary_avg", "log_tenure_days", "events_per_session", "conversion_rate"} <= set(x)
+    bundle = ModelBundle(ModelConfig(n_segments=2))
+    for i in range(10):
+        bundle.learn_segment({**x, "view_share:books": i / 10})
+    # every customer is compared on the same axes: categories they never viewed count as 0
+    assert set(bundle._segment_x({"log_monetary_avg": 1.0})) == {*SEGMENT_FEATURES_SET, "view_share:books",
+                                                                  "view_share:toys"}
+    assert bundle.segment({"log_monetary_avg": 1.0}) in (0, 1)
 
 
 def test_churn_inputs_are_the_documented_vector():

@@ -1,6 +1,7 @@
-"""Recommendation quality on the simulator, in-process: hit-rate@k and precision@k of streamproc's blended
-recommendations against the popularity baseline (top-k best sellers at the same instant), on the same
-purchases.
+"""Model quality on the simulator, in-process: churn ROC AUC and alert precision/recall against the ground
+truth, segments against the personas (adjusted Rand index) and how often they move, and hit-rate@k and
+precision@k of the recommendations against the popularity baseline (top-k best sellers at the same
+instant) on the same purchases.
 
 The real batch step (BatchProcessor, in-memory store) runs over the simulated stream in event-time order;
 a trainer learns every example as it is emitted (exactly what the worker's trainer does with the training
@@ -8,7 +9,7 @@ topic) and the scoring side picks up a fresh checkpoint every ``--checkpoint-eve
 recommendations are made with stale models as in production. The worker end to end (Kafka, Redis, the
 outbox) is exercised by the integration tests; this isolates the quality of the strategy.
 
-Usage: python bench/recommendations.py [--customers 3000] [--days 120]. Not a test: `make bench`.
+Usage: python bench/quality.py [--customers 3000] [--days 120]. Not a test: `make bench`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from streamproc.adapters.feature_store import InMemoryFeatureStore  # noqa: E402
 from streamproc.app import churn_config, decode_limits, fold_config, model_config  # noqa: E402
 from streamproc.domain.models import ModelBundle  # noqa: E402
+from streamproc.evaluate import score_run  # noqa: E402
 from streamproc.metrics import Metrics  # noqa: E402
 from streamproc.processing import BatchProcessor, RawRecord  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
@@ -42,14 +45,20 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
     for topic, key, payload in sim.payloads():
         offsets[topic] = offsets.get(topic, -1) + 1
         records.append(RawRecord(topic, topic, 0, offsets[topic], key, payload, None))
-    proc = BatchProcessor(InMemoryFeatureStore(), Metrics(), decode_limits(settings), fold_config(settings),
-                          churn=churn_config(settings))
+    store = InMemoryFeatureStore()
+    proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
+                          churn=churn_config(settings), clock=lambda: 0.0)  # no wall time: reproducible
+    moves = alerted = 0
+    alerted_ids: set[str] = set()
     trainer = ModelBundle(model_config(settings))
     started = time.perf_counter()
     for n, i in enumerate(range(0, len(records), batch)):
         result = await proc.process(records[i : i + batch])
         await proc.sweep()
         result.absorb(proc.sweep_outputs)
+        moves += len(result.segment_moves)
+        alerted += len(result.alerts)
+        alerted_ids.update(a["customer_id"] for a in result.alerts)
         for ex in result.examples:
             if ex["kind"] == "basket":
                 trainer.learn_basket(ex)
@@ -62,8 +71,27 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
             proc.bundle = ModelBundle.loads(trainer.dumps())  # what a worker loads from a checkpoint
     summary = trainer.summary()
     hit, base = summary["rec_hit_rate"], summary["rec_baseline_hit_rate"]
+    churn_p: dict[str, float] = {}
+    segments: dict[str, int] = {}
+    applied = 0
+    for cid in store.rows:
+        m = await store.model_outputs(cid) or {}
+        if m.get("churn_p") is not None:
+            churn_p[cid] = m["churn_p"]
+        if m.get("segment") is not None:
+            segments[cid] = m["segment"]
+        f = await store.features(cid) or {}
+        applied += f.get("clicks", 0) + f.get("frequency", 0) + f.get("refunds", 0)
+    truth = [asdict(t) for t in sim.truth()]
+    scores = score_run(truth, churn_p, segments, alerted_ids, moves, applied)
     return {
         "customers": customers, "days": days, "events": len(records),
+        "churn_roc_auc": round(scores["churn_roc_auc"], 4), "alerts": alerted,
+        "alert_precision": round(scores["alert_precision"], 4), "alert_recall": round(scores["alert_recall"], 4),
+        "prequential_roc_auc": round(summary["roc_auc"], 4),
+        "segment_adjusted_rand": round(scores["segment_adjusted_rand"], 4),
+        "segment_moves_per_event": round(scores["segment_move_rate_per_event"], 5),
+        "segment_names": sorted(p["name"] for p in trainer.segment_profiles().values()),
         "purchases_scored": summary["rec_purchases"], "k": trainer.cfg.rec.k,
         "hit_rate_at_k": round(hit, 4), "precision_at_k": round(summary["rec_precision"], 4),
         "baseline_hit_rate_at_k": round(base, 4),
@@ -83,7 +111,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--checkpoint-every", type=int, default=10, help="batches between checkpoints")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recommendations.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     args = ap.parse_args()
     report = asyncio.run(run(args.customers, args.days, args.seed, args.batch, args.checkpoint_every))
     print(json.dumps(report, indent=2))
