@@ -23,9 +23,9 @@ from streamproc.domain.churn import (
     take_snapshots,
     top_reasons,
 )
+from streamproc.domain.churn import SEGMENT_FEATURES as SEGMENT_FEATURES_SET
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, Item, Transaction
-from streamproc.domain.churn import SEGMENT_FEATURES as SEGMENT_FEATURES_SET
 from streamproc.domain.models import ModelBundle, ModelConfig, name_segments
 
 T0 = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1000)  # a Monday; the weekly grid falls on Thursdays
