@@ -27,12 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore  # noqa: E402
-from streamproc.app import churn_config, decode_limits, fold_config, model_config  # noqa: E402
-from streamproc.domain.models import ModelBundle  # noqa: E402
 from streamproc.evaluate import score_run  # noqa: E402
-from streamproc.metrics import Metrics  # noqa: E402
-from streamproc.processing import BatchProcessor, RawRecord  # noqa: E402
+from streamproc.offline import run_offline  # noqa: E402
+from streamproc.processing import BatchResult  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 
@@ -40,35 +37,18 @@ from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every: int) -> dict[str, object]:
     settings = Settings()
     sim = Simulator(SimulationConfig(customers=customers, days=days, seed=seed))
-    records = []
-    offsets: dict[str, int] = {}
-    for topic, key, payload in sim.payloads():
-        offsets[topic] = offsets.get(topic, -1) + 1
-        records.append(RawRecord(topic, topic, 0, offsets[topic], key, payload, None))
-    store = InMemoryFeatureStore()
-    proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
-                          churn=churn_config(settings), clock=lambda: 0.0)  # no wall time: reproducible
+    payloads = list(sim.payloads())
     moves = alerted = 0
     alerted_ids: set[str] = set()
-    trainer = ModelBundle(model_config(settings))
-    started = time.perf_counter()
-    for n, i in enumerate(range(0, len(records), batch)):
-        result = await proc.process(records[i : i + batch])
-        await proc.sweep()
-        result.absorb(proc.sweep_outputs)
+
+    def count(result: BatchResult) -> None:
+        nonlocal moves, alerted
         moves += len(result.segment_moves)
         alerted += len(result.alerts)
         alerted_ids.update(a["customer_id"] for a in result.alerts)
-        for ex in result.examples:
-            if ex["kind"] == "basket":
-                trainer.learn_basket(ex)
-            elif ex["kind"] == "segment":
-                trainer.learn_segment(ex["x"])
-            else:
-                trainer.learn_churn(ex["x"], ex["label"], ex.get("p"))
-        if n % checkpoint_every == 0:
-            trainer.version += 1
-            proc.bundle = ModelBundle.loads(trainer.dumps())  # what a worker loads from a checkpoint
+
+    started = time.perf_counter()
+    trainer, _, store = await run_offline(payloads, settings, batch, checkpoint_every, count)
     summary = trainer.summary()
     hit, base = summary["rec_hit_rate"], summary["rec_baseline_hit_rate"]
     churn_p: dict[str, float] = {}
@@ -85,7 +65,7 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
     truth = [asdict(t) for t in sim.truth()]
     scores = score_run(truth, churn_p, segments, alerted_ids, moves, applied)
     return {
-        "customers": customers, "days": days, "events": len(records),
+        "customers": customers, "days": days, "events": len(payloads),
         "churn_roc_auc": round(scores["churn_roc_auc"], 4), "alerts": alerted,
         "alert_precision": round(scores["alert_precision"], 4), "alert_recall": round(scores["alert_recall"], 4),
         "prequential_roc_auc": round(summary["roc_auc"], 4),

@@ -25,6 +25,7 @@ from streamproc.domain.events import DecodeLimits
 from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.domain.recommend import RecConfig
 from streamproc.metrics import Metrics
+from streamproc.offline import learn
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
@@ -121,7 +122,7 @@ class Worker:
             expire_after_days=settings.expire_after_days,
             sweep_interval_ms=int(settings.sweep_interval_s * 1000),
             churn=churn_config(settings),
-            idle_source_s=settings.idle_source_s,
+            max_source_skew_ms=None if settings.max_source_skew_s is None else int(settings.max_source_skew_s * 1000),
             action_table=settings.retention_actions,
             models_enabled=settings.models_enabled,
             pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
@@ -129,7 +130,8 @@ class Worker:
         )
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
-        self.outbox_checked: set[int] = set()  # partitions whose outbox this worker has re-sent since it got them
+        self.outbox_checked: set[int] = set()  # partitions whose outbox was re-sent since this worker got them
+        self.model_checked = False  # the checkpoint was looked up before the first batch
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -167,9 +169,10 @@ class Worker:
         self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         if s.models_enabled:
-            app.agent(self.training, name="trainer", concurrency=1)(self.train)
             app.timer(s.model_reload_s, name="models")(self.reload_model)
-            app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
+            if s.trainer_enabled:
+                app.agent(self.training, name="trainer", concurrency=1)(self.train)
+                app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
@@ -250,6 +253,12 @@ class Worker:
         delay = 0.1
         while True:
             try:
+                if self.settings.models_enabled and not self.model_checked:
+                    # score the very first batch with the current checkpoint, as a worker that never
+                    # restarted would: a restart must not change what gets scored, alerted or recommended
+                    await self.models.current_version()  # raises while Redis is down: retried below
+                    await self.reload_model()
+                    self.model_checked = True
                 for partition in sorted({rec.partition for rec in records} - self.outbox_checked):
                     recovered = await self.processor.recover_outbox(partition)
                     if recovered.outbox:
@@ -353,15 +362,11 @@ class Worker:
                     continue
                 try:
                     example = orjson.loads(event.value)
-                    if example["kind"] == "churn":
-                        if bundle.learn_churn(example["x"], int(example["label"]), example.get("p")):
-                            log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
-                    elif example["kind"] == "basket":
-                        bundle.learn_basket(example)
-                    else:
-                        bundle.learn_segment(example["x"])
+                    drifts = bundle.drift_detections
+                    learn(bundle, example)
+                    if bundle.drift_detections > drifts:
+                        log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
                     self.metrics.examples_learned.labels(example["kind"]).inc()
-                    bundle.event_time = max(bundle.event_time, int(example["ts"]))
                 except Exception as exc:  # a malformed example must not stop learning
                     log.warning("skipping a bad training example at offset %s: %s", offset, exc)
                 bundle.training_offset = offset

@@ -147,8 +147,10 @@ class Watermarks:
     partition's content, not on how records were batched or on the wall clock.
     """
 
-    def __init__(self, allowed_lateness_ms: int, kinds: tuple[str, ...] = ("clicks", "transactions")) -> None:
+    def __init__(self, allowed_lateness_ms: int, kinds: tuple[str, ...] = ("clicks", "transactions"),
+                 max_skew_ms: int | None = None) -> None:
         self.lateness = allowed_lateness_ms
+        self.max_skew = max_skew_ms
         self.kinds = kinds
         self.max_ts: dict[str, int] = {}
         self.partition_marks: dict[int, int] = {}
@@ -166,7 +168,7 @@ class Watermarks:
         return late
 
     def copy(self) -> Watermarks:
-        twin = Watermarks(self.lateness, self.kinds)
+        twin = Watermarks(self.lateness, self.kinds, self.max_skew)
         twin.max_ts = dict(self.max_ts)
         twin.partition_marks = dict(self.partition_marks)
         return twin
@@ -175,29 +177,29 @@ class Watermarks:
         """The worker's watermark: the largest event time it has seen, minus the allowed lateness."""
         return max(self.max_ts.values()) - self.lateness if self.max_ts else None
 
-    def by_partition(self, idle: set[str] | frozenset[str] = frozenset()) -> dict[int, int]:
-        """Watermark per input partition number: the slowest of its input topics (clicks, transactions),
-        so time-driven work (sweep, snapshots, labels) waits for both; a topic listed in ``idle`` (no new
-        events for a while) does not hold the partition back. Never moves backwards."""
+    def by_partition(self) -> dict[int, int]:
+        """Watermark per input partition number, a function of the data alone (never of the wall clock, so
+        a replay, a crash or a hand-over to another worker ends in the same place): the slower of its input
+        topics (clicks, transactions) minus the allowed lateness, so time-driven work (sweep, snapshots,
+        labels) waits for both, and nothing until both have been heard from. With ``max_skew`` set, a topic
+        more than that far behind the other (or never heard from) holds the partition back by at most that
+        much: liveness for a topic that can stay silent, at the price of determinism for replays whose topics
+        drift further apart than that. Never moves backwards."""
         tops: dict[int, dict[str, int]] = {}
         for source, top in self.max_ts.items():
             kind, _, number = source.rpartition(":")
             tops.setdefault(int(number), {})[kind] = top
         out: dict[int, int] = {}
         for partition, by_kind in tops.items():
-            active = [top for kind, top in by_kind.items() if f"{kind}:{partition}" not in idle]
-            missing = [k for k in self.kinds if k not in by_kind and f"{k}:{partition}" not in idle]
-            if missing:
-                candidate = None  # a topic we have not heard from yet may still bring older events
-            elif active:
-                candidate = min(active) - self.lateness
-            else:  # everything idle: nothing is in flight
-                candidate = max(by_kind.values()) - self.lateness
+            heard = [by_kind[k] for k in self.kinds if k in by_kind]
+            candidates = [min(heard) - self.lateness] if len(heard) == len(self.kinds) else []
+            if self.max_skew is not None:
+                candidates.append(max(by_kind.values()) - self.lateness - self.max_skew)
             previous = self.partition_marks.get(partition)
-            best = max(v for v in (candidate, previous) if v is not None) if (candidate or previous) else None
-            if best is not None:
-                self.partition_marks[partition] = best
-                out[partition] = best
+            if previous is not None:
+                candidates.append(previous)
+            if candidates:
+                out[partition] = self.partition_marks[partition] = max(candidates)
         return out
 
 
@@ -213,8 +215,7 @@ class BatchProcessor:
         expire_after_days: int = 400,
         sweep_interval_ms: int = 3_600_000,
         churn: ChurnConfig | None = None,
-        idle_source_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        max_source_skew_ms: int | None = None,
         action_table: dict[str, dict[str, str]] | None = None,
         models_enabled: bool = True,
         pseudonymize: Callable[[str], str] | None = None,
@@ -226,18 +227,14 @@ class BatchProcessor:
         self.limits = limits
         self.fold = fold
         self.late_policy = late_policy
-        self.watermarks = Watermarks(fold.allowed_lateness_ms)
-        self._watermarks_loaded = False
+        self.watermarks = Watermarks(fold.allowed_lateness_ms, max_skew_ms=max_source_skew_ms)
+        self._partitions_loaded: set[int] = set()  # partitions whose stored watermarks were loaded
         self.swept: dict[int, int] = {}  # partition -> watermark the inactivity sweep has reached
         self.churn = churn or ChurnConfig()
         self.bundle: ModelBundle | None = None  # the checkpoint this worker scores with
-        self.idle_source_s = idle_source_s
-        self.clock = clock
         self.action_table = action_table
         self.models_enabled = models_enabled
         self.pseudonymize = pseudonymize
-        self.source_seen: dict[str, float] = {}
-        self.partition_seen: dict[int, float] = {}
         self.expire_after_days = expire_after_days
         self.sweep_interval_ms = sweep_interval_ms
         self.boundaries = sorted(
@@ -248,12 +245,9 @@ class BatchProcessor:
         self, records: list[RawRecord], result: BatchResult, marks: Watermarks
     ) -> list[tuple[RawRecord, Event]]:
         valid: list[tuple[RawRecord, Event]] = []
-        now = self.clock()
         consumed: dict[str, int] = defaultdict(int)
         for rec in records:
             consumed[rec.kind] += 1
-            self.source_seen[rec.source] = now
-            self.partition_seen.setdefault(rec.partition, now)
             decoded = decode_event(rec.kind, rec.value, self.limits, rec.timestamp_ms)
             if isinstance(decoded, Rejection):
                 result.reject(rec, decoded.reason, decoded.detail)
@@ -298,11 +292,19 @@ class BatchProcessor:
 
     async def process(self, records: list[RawRecord]) -> BatchResult:
         started = time.perf_counter()
-        if not self._watermarks_loaded:
-            # resume each partition's watermark where the last run left it, so lateness is judged the same
-            self.watermarks.max_ts.update(await self.store.load_watermarks())
-            self.swept.update(await self.store.sweep_marks())
-            self._watermarks_loaded = True
+        fresh = {rec.partition for rec in records} - self._partitions_loaded
+        if fresh:
+            # a partition this process has not read before (start, or taken over from another worker):
+            # resume its watermarks and sweep mark where the previous owner left them, so lateness, the
+            # sweep and snapshots go on exactly as they would have without the hand-over
+            stored = await self.store.load_watermarks()
+            for source, ts in stored.items():
+                if int(source.rpartition(":")[2]) in fresh and ts > self.watermarks.max_ts.get(source, ts - 1):
+                    self.watermarks.max_ts[source] = ts
+            for partition, mark in (await self.store.sweep_marks()).items():
+                if partition in fresh:
+                    self.swept[partition] = max(self.swept.get(partition, mark), mark)
+            self._partitions_loaded |= fresh
         result = BatchResult()
         # watermarks advance only once the batch is saved, so a retried batch is judged the same way
         marks = self.watermarks.copy()
@@ -312,7 +314,7 @@ class BatchProcessor:
         for rec, ev in valid:
             by_customer[ev.customer_id].append((rec, ev))
 
-        marks_wm = marks.by_partition(self._idle())
+        marks_wm = marks.by_partition()
         pending = dict(by_customer)
         saved: dict[str, CustomerState] = {}
         for attempt in range(MAX_SAVE_ATTEMPTS):
@@ -416,17 +418,6 @@ class BatchProcessor:
                     if month >= cohort:
                         hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
         return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
-
-    def _idle(self) -> set[str]:
-        """Input sources that have been quiet for idle_source_s (wall time: liveness only)."""
-        now = self.clock()
-        idle = {src for src, seen in self.source_seen.items() if now - seen > self.idle_source_s}
-        for partition, seen in self.partition_seen.items():
-            if now - seen > self.idle_source_s:
-                for kind in self.watermarks.kinds:
-                    if f"{kind}:{partition}" not in self.source_seen:
-                        idle.add(f"{kind}:{partition}")
-        return idle
 
     def _model_step(
         self, cid: str, state: CustomerState, model_blob: bytes | None, feats: dict[str, Any], as_of: int,
@@ -585,7 +576,7 @@ class BatchProcessor:
         """
         marks = await self.store.sweep_marks()
         touched = 0
-        for partition, exact_wm in sorted(self.watermarks.by_partition(self._idle()).items()):
+        for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
             # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
             wm = exact_wm - exact_wm % self.sweep_interval_ms
             low = max(marks.get(partition, 0), self.swept.get(partition, 0))  # 0: every boundary is due

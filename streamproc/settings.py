@@ -91,10 +91,15 @@ class Settings(BaseSettings):
     tier_high_spend: float = 1000.0
     tier_medium_spend: float = 500.0
     sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
-    idle_source_s: float = 10.0  # an input topic silent this long (wall time) stops holding the watermark
+    # unset: the watermark waits for both input topics (replays are deterministic however far they drift
+    # apart); set: a topic trailing the other by more than this much event time (or silent) stops holding it
+    max_source_skew_s: float | None = None
 
     # --- models (off: a pure feature-store worker, no snapshots, scores, alerts or trainer)
     models_enabled: bool = True
+    # the worker that owns the training topic's partition learns; false: a scoring-only worker that never
+    # joins the trainer (run one dedicated trainer, or freeze the current checkpoint)
+    trainer_enabled: bool = True
     churn_horizon_days: int = 60
     snapshot_cadence_days: int = 7
     churn_label_on: Literal["purchase", "activity"] = "purchase"

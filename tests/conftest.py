@@ -137,6 +137,30 @@ def topics(settings: Settings) -> Settings:
     return settings
 
 
+def seed_checkpoint(settings: Settings, payloads: list[tuple[str, bytes, bytes]]) -> int:
+    """Train a model on ``payloads`` in-process and make it the current checkpoint of ``settings``' Redis.
+    With STREAMPROC_TRAINER_ENABLED=false the workers then score with this frozen model, so their alerts and
+    recommendations are a function of the events alone (and runs can be compared output for output)."""
+    import asyncio
+
+    from streamproc.adapters.feature_store import RedisFeatureStore
+    from streamproc.adapters.model_store import RedisModelStore
+    from streamproc.offline import run_offline
+
+    async def run() -> int:
+        bundle, _, _ = await run_offline(payloads, settings)
+        store = RedisFeatureStore.from_url(settings.redis_url)
+        try:
+            return await RedisModelStore(store.redis).save(bundle, keep=2)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+FROZEN_MODEL_ENV = {"STREAMPROC_TRAINER_ENABLED": "false"}
+
+
 def produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
     """Send (topic, key, value) records to the declared topics and wait until the broker has them."""
     from streamproc.producer import EventProducer
@@ -159,7 +183,6 @@ def worker_env(settings: Settings) -> dict[str, str]:
         "STREAMPROC_LOG_LEVEL": "INFO",
         "STREAMPROC_KAFKA_SESSION_TIMEOUT_S": "6",
         "STREAMPROC_KAFKA_HEARTBEAT_INTERVAL_S": "1",
-        "STREAMPROC_IDLE_SOURCE_S": "3",
         "STREAMPROC_CHECKPOINT_INTERVAL_S": "1",
         "STREAMPROC_MODEL_RELOAD_S": "1",
     })

@@ -286,8 +286,10 @@ def recommend(
         top = max(found.values(), default=1.0)
         for pid, score in found.items():  # relative to the strongest rule, like the other sources
             add(pid, BOUGHT_TOGETHER, score / top)
+    # the categories of what triggered it (the product being looked at) say what the customer is after now
+    focus = {index.category.get(pid) for pid in context} - {None}
     if VIEWED_NOT_BOUGHT in sources:
-        tops = set(customer.top_categories)
+        tops = set(customer.top_categories) | focus
         for pid, (ts, cat, views) in customer.viewed.items():
             age = at - ts
             if 0 <= age <= cfg.viewed_days * DAY_MS:
@@ -296,7 +298,9 @@ def recommend(
                 add(pid, VIEWED_NOT_BOUGHT, score)
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
-        for pid, share in index.favourites.get(seg, [])[: k * 3]:
+        for pid, share in index.favourites.get(seg, []):
+            if focus and index.category.get(pid) not in focus:
+                share *= 0.5  # best sellers of the category in focus first
             add(pid, POPULAR_IN_SEGMENT, share)
 
     ranked = sorted(((sum(c.values()), pid) for pid, c in contributions.items()), key=lambda sp: (-sp[0], sp[1]))

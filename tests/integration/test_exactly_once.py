@@ -12,8 +12,10 @@ import pytest
 import redis
 
 from streamproc.adapters.feature_store import customer_key
+from streamproc.demo import processed_total
 from streamproc.simulate import SimulationConfig, Simulator
-from tests.conftest import produce, redis_snapshot, worker_env
+from streamproc.tail import read_topic
+from tests.conftest import FROZEN_MODEL_ENV, free_port, produce, redis_snapshot, seed_checkpoint, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -64,35 +66,79 @@ def test_replaying_a_file_is_deterministic_and_equals_producing_directly(env_fac
     assert states[0] == states[2], "a replay differs from producing the same events directly"
 
 
+def output_ids(settings):
+    """Alert and recommendation ids on the output topics (deduplicated: outputs are at-least-once)."""
+    alerts = {a["alert_id"] for a in read_topic(settings, "churn-alerts", 10_000_000, 3.0)}
+    recs = {r["recommendation_id"] for r in read_topic(settings, "recommendations", 10_000_000, 3.0)}
+    return alerts, recs
+
+
+def frozen(worker):
+    worker.extra_env = dict(FROZEN_MODEL_ENV)
+    return worker
+
+
 @pytest.mark.faults
-def test_kill_9_mid_stream_leaves_redis_as_an_uninterrupted_run(env_factory, worker_factory):
+def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_factory, worker_factory):
     payloads = sim_payloads(customers=200, days=90, seed=21, duplicate_fraction=0.01)
     baseline, crashed = env_factory(), env_factory()
-    produce(baseline, payloads)
-    produce(crashed, payloads)
-    run_to_end(worker_factory, baseline, len(payloads)).stop()
+    for env in (baseline, crashed):
+        seed_checkpoint(env, payloads)  # one frozen model: outputs depend on the events alone
+        produce(env, payloads)
+    frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
+    time.sleep(1)
     expected = redis_snapshot(baseline)
+    expected_alerts, expected_recs = output_ids(baseline)
+    assert expected_recs, "the frozen model recommends nothing: the comparison would be empty"
 
     rnd = random.Random(5)
     kills = 0
     for _ in range(5):
-        worker = worker_factory(crashed).start()
+        worker = frozen(worker_factory(crashed)).start()
         worker.wait_ready()
-        # kill at a random moment: between batches, inside a Redis write, or inside a commit
+        # kill at a random moment: between batches, inside a Redis write, a produce, or a commit
         target = rnd.randint(300, 2500)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            from streamproc.demo import processed_total
-
             if processed_total(worker.metrics()) >= target:
                 break
             time.sleep(rnd.uniform(0.0, 0.05))
         worker.stop(signal.SIGKILL)
         kills += 1
     assert kills == 5
-    final = worker_factory(crashed).start()
+    final = frozen(worker_factory(crashed)).start()
     wait_equal(crashed, expected)
+    alerts, recs = output_ids(crashed)
+    assert alerts == expected_alerts
+    assert recs == expected_recs
     final.stop()
+
+
+@pytest.mark.faults
+def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_factory, worker_factory):
+    payloads = sim_payloads(customers=200, days=90, seed=23)
+    single, pair = env_factory(), env_factory()
+    for env in (single, pair):
+        seed_checkpoint(env, payloads)
+        produce(env, payloads)
+    frozen(worker_factory(single)).start().wait_processed(len(payloads), timeout=120)
+    time.sleep(1)
+    expected = redis_snapshot(single)
+    expected_alerts, expected_recs = output_ids(single)
+
+    survivor = frozen(worker_factory(pair, "survivor")).start()
+    victim = frozen(worker_factory(pair.model_copy(update={"web_port": free_port()}), "victim")).start()
+    survivor.wait_ready()
+    victim.wait_ready()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and processed_total(victim.metrics()) < 500:
+        time.sleep(0.05)
+    assert processed_total(victim.metrics()) >= 500, "the victim never got partitions"
+    victim.stop(signal.SIGKILL)  # its partitions move to the survivor after the session timeout
+    wait_equal(pair, expected, timeout=120)
+    assert output_ids(pair) == (expected_alerts, expected_recs)
+    assert survivor.metrics().get("streamproc_rebalances_total", 0) >= 2
+    survivor.stop()
 
 
 def test_forget_erases_every_trace_and_a_replay_does_not_bring_the_customer_back(topics, worker_factory):

@@ -92,3 +92,43 @@ def test_a_password_protected_redis_with_an_acl_user(topics, worker_factory, tmp
         assert "worker-pw" not in worker.log_tail(1_000_000)
     finally:
         service.down()
+
+
+def own_kafka(settings, state_dir):
+    """Settings pointing at a broker of the test's own (so it can be stopped without disturbing the other
+    tests), and its service handle (not started)."""
+    from streamproc.infra import KafkaService
+
+    port, controller = free_port(), free_port()
+    own = settings.model_copy(update={"kafka_port": port, "kafka_controller_port": controller,
+                                      "kafka_bootstrap": f"127.0.0.1:{port}", "kafka_heap": "512m",
+                                      "state_dir": state_dir})
+    return own, KafkaService(own)
+
+
+def test_kafka_broker_restart_loses_nothing_and_counts_nothing_twice(settings, worker_factory, tmp_path):
+    from streamproc.topics import apply_topics
+
+    own, broker = own_kafka(settings, tmp_path / "own-kafka")
+    broker.up()
+    try:
+        assert apply_topics(own).ok
+        payloads = list(Simulator(SimulationConfig(customers=120, days=60, seed=19)).payloads())
+        first, second = payloads[: len(payloads) // 2], payloads[len(payloads) // 2 :]
+        produce(own, first)
+        worker = worker_factory(own).start()
+        worker.wait_processed(len(first) // 3, timeout=90)
+
+        broker.down()  # the broker goes away mid-stream
+        time.sleep(8)
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker must wait, not die"
+        broker.up()
+        produce(own, second)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and applied_events(own.redis_url) < len(payloads):
+            assert worker.proc.poll() is None, worker.log_tail()
+            time.sleep(1)
+        time.sleep(2)
+        assert applied_events(own.redis_url) == len(payloads)  # nothing lost, nothing twice
+    finally:
+        broker.down()

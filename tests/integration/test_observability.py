@@ -53,7 +53,6 @@ MODEL_ENV = {
     "STREAMPROC_ALERT_REARM_THRESHOLD": "0.2",
     "STREAMPROC_CHECKPOINT_INTERVAL_S": "1",
     "STREAMPROC_MODEL_RELOAD_S": "1",
-    "STREAMPROC_IDLE_SOURCE_S": "2",
 }
 # Beyond "some series": these must have counted something after this traffic (the model panels are not just zeros)
 MUST_BE_POSITIVE = {

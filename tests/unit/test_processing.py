@@ -218,7 +218,8 @@ async def test_stored_features_do_not_depend_on_batching_or_sweep_timing():
 
 
 async def test_the_sweep_ages_silent_customers_on_event_time():
-    store, proc = make(idle_source_s=-1)  # only clicks here: the transactions topic counts as idle
+    # only clicks here: with a maximum skew the silent transactions topic holds the watermark back 6 h at most
+    store, proc = make(max_source_skew_ms=6 * 3_600_000)
     day = 86_400_000
     await proc.process([rec("clicks", 0, click(0, cid="quiet", ts=T0)),
                         rec("clicks", 1, click(1, cid="busy", ts=T0))])
@@ -261,7 +262,7 @@ async def test_stored_features_do_not_depend_on_how_the_two_input_topics_interle
 
 
 async def test_census_counts_customers_by_stage_and_tier_as_they_move():
-    store, proc = make(idle_source_s=-1)
+    store, proc = make(max_source_skew_ms=0)
     day = 86_400_000
     await proc.process([rec("clicks", 0, click(0, cid="a", ts=T0)), rec("clicks", 1, click(1, cid="b", ts=T0))])
     assert await store.census() == {"new|low|": 2}

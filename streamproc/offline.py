@@ -1,0 +1,60 @@
+"""The whole pipeline in one process, without Kafka or Redis: the batch step over a recorded or simulated
+stream in event-time order, and the trainer learning every example as it is emitted, with the scoring side
+picking up a fresh checkpoint every few batches (as stale as a worker's would be).
+
+Used to bootstrap a model from history before going live (``streamproc models train``, then the
+checkpoint is in Redis for every worker), by ``bench/quality.py`` and by tests that need a trained model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from streamproc.adapters.feature_store import InMemoryFeatureStore
+from streamproc.domain.models import ModelBundle
+from streamproc.metrics import Metrics
+from streamproc.processing import BatchProcessor, BatchResult, RawRecord
+from streamproc.settings import Settings
+
+
+def learn(bundle: ModelBundle, example: dict) -> None:
+    """One training example, as the trainer agent learns it."""
+    if example["kind"] == "churn":
+        bundle.learn_churn(example["x"], int(example["label"]), example.get("p"))
+    elif example["kind"] == "basket":
+        bundle.learn_basket(example)
+    else:
+        bundle.learn_segment(example["x"])
+    bundle.event_time = max(bundle.event_time, int(example["ts"]))
+
+
+async def run_offline(
+    payloads: Iterable[tuple[str, bytes, bytes]], settings: Settings, batch: int = 2000,
+    checkpoint_every: int = 10, on_result: Callable[[BatchResult], None] | None = None,
+) -> tuple[ModelBundle, BatchProcessor, InMemoryFeatureStore]:
+    """Run ``(topic, key, payload)`` records through the batch step and the trainer; returns the trained
+    bundle, the processor and its in-memory store."""
+    from streamproc.app import churn_config, decode_limits, fold_config, model_config
+
+    records = []
+    offsets: dict[str, int] = {}
+    for topic, key, payload in payloads:
+        offsets[topic] = offsets.get(topic, -1) + 1
+        records.append(RawRecord(topic, topic, 0, offsets[topic], key, payload, None))
+    store = InMemoryFeatureStore()
+    proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
+                          churn=churn_config(settings))
+    trainer = ModelBundle(model_config(settings))
+    for n, i in enumerate(range(0, len(records), batch)):
+        result = await proc.process(records[i : i + batch])
+        await proc.sweep()
+        result.absorb(proc.sweep_outputs)
+        if on_result is not None:
+            on_result(result)
+        for example in result.examples:
+            learn(trainer, example)
+        if n % checkpoint_every == 0:
+            trainer.version += 1
+            proc.bundle = ModelBundle.loads(trainer.dumps())  # what a worker loads from a checkpoint
+    trainer.version += 1
+    return trainer, proc, store
