@@ -87,6 +87,11 @@ lint: $(STAMP) ## ruff and mypy
 bench: infra-up ## run the benchmarks in bench/ (not tests); results in bench/README.md
 	$(PY) bench/throughput.py
 	$(PY) bench/latency.py
+	$(PY) bench/quality.py
+
+.PHONY: soak
+soak: infra-up ## 30 minutes at a steady rate: RSS, Redis memory, lag and latency must stay flat
+	$(PY) bench/soak.py
 
 .PHONY: clean
 clean: infra-down ## stop services and remove local state (keeps the jar cache and venv)

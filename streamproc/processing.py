@@ -27,6 +27,7 @@ from streamproc.domain.churn import (
     grid_points,
     inputs_at,
     mature_labels,
+    profile_at,
     retention_action,
     risk_level,
     segment_inputs,
@@ -441,6 +442,10 @@ class BatchProcessor:
                 mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
                 out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
                                      "x": segment_inputs(values, state)})
+                # alerts are decided on this grid: every live customer is scored at every grid instant from
+                # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
+                if bundle is not None and p is not None and should_alert(mstate, p, point, self.churn):
+                    self._alert(cid, state, mstate, feats, point, p, x, values, bundle, out)
             state.pending = state.pending[-self.churn.max_pending :]
             # silence labels mature on the snapshot grid, where every live customer is visited
             step = self.churn.cadence_days * DAY_MS
@@ -474,22 +479,29 @@ class BatchProcessor:
             out.segment_moves.append({"customer_id": cid, "ts": as_of, "from_segment": mstate.segment,
                                       "to_segment": segment, "to_name": names.get(segment), "model_version": version})
         mstate.segment, mstate.churn_p, mstate.model_version = segment, round(p, 4), version
-        if bundle.churn_examples and should_alert(mstate, p, as_of, self.churn):
-            level = risk_level(p, self.churn)
-            tier = feats["value_tier"]
-            # next best action: the retention action plus the items most likely to bring them back
-            win_back = self._recommendation(cid, state, mstate, feats, as_of, "churn_alert", f"{as_of}", ())
-            if win_back is not None:
-                out.recommendations.append(win_back)
-            out.alerts.append({
-                "alert_id": f"{cid}:{as_of}", "customer_id": cid, "ts": as_of, "probability": round(p, 4),
-                "risk_level": level, "segment": names.get(segment) if segment is not None else None,
-                "value_tier": tier, "clv": feats["clv"], "lifecycle_stage": feats["lifecycle_stage"],
-                "model_version": version, "reasons": top_reasons(bundle.contributions(x), x),
-                "action": retention_action(tier, level, self.action_table),
-                "recommended_items": win_back["items"] if win_back else [],
-            })
         return mstate.to_dict()
+
+    def _alert(
+        self, cid: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any], point: int, p: float,
+        x: dict[str, float], values: dict[str, float], bundle: ModelBundle, out: BatchResult,
+    ) -> None:
+        """A churn alert at grid instant ``point``, with the next best action: the retention action for the
+        customer's tier and risk, and the items most likely to bring them back."""
+        level = risk_level(p, self.churn)
+        profile = profile_at(values, self.fold)
+        tier = profile["value_tier"]
+        win_back = self._recommendation(cid, state, mstate, feats, point, "churn_alert", f"{point}", ())
+        if win_back is not None:
+            out.recommendations.append(win_back)
+        names = self.segment_names
+        out.alerts.append({
+            "alert_id": f"{cid}:{point}", "customer_id": cid, "ts": point, "probability": round(p, 4),
+            "risk_level": level, "segment": names.get(mstate.segment) if mstate.segment is not None else None,
+            "value_tier": tier, "clv": profile["clv"], "lifecycle_stage": profile["lifecycle_stage"],
+            "model_version": bundle.version, "reasons": top_reasons(bundle.contributions(x), x),
+            "action": retention_action(tier, level, self.action_table),
+            "recommended_items": win_back["items"] if win_back else [],
+        })
 
     def _recommend_on(
         self, cid: str, digest: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any],

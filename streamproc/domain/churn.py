@@ -26,7 +26,9 @@ from streamproc.domain.customer import (
     SPEND,
     VIEWS,
     CustomerState,
+    FoldConfig,
     session_totals,
+    value_tier,
 )
 
 
@@ -86,6 +88,9 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, f
             sessions_30 += row[SESSIONS]
         elif d >= end_day - 60:
             clicks_prev += row[CLICKS]
+    for session in state.open_sessions:  # not in the buckets until closed: count them by their start day
+        if end_day - 30 <= session[0] // DAY_MS < end_day:
+            sessions_30 += 1
     purchases = state.purchases - after_purchases
     net_cents = state.spend_cents - state.refund_cents - after_spend
     last_purchase: float | None
@@ -267,6 +272,27 @@ def should_alert(state: ModelState, p: float, at: int, cfg: ChurnConfig) -> bool
     state.alert_armed = False
     state.last_alert_ts = at
     return True
+
+
+def profile_at(values: dict[str, float], fold: FoldConfig) -> dict[str, Any]:
+    """Value tier, predictive CLV and lifecycle stage as of a snapshot, from its inputs alone (which only
+    depend on events before the snapshot instant), so an alert reads the same however events were batched."""
+    net = math.expm1(values["log_monetary_total"])
+    aov = math.expm1(values["log_monetary_avg"])
+    per_period = values["purchase_rate_30d"] * fold.clv_period_days / 30.0
+    r, d = fold.clv_retention_probability, fold.clv_discount_rate
+    clv = sum(aov * per_period * r**p / (1 + d) ** p for p in range(1, fold.clv_periods + 1))
+    silent = math.expm1(values["log_days_since_event"])
+    tenure = math.expm1(values["log_tenure_days"])
+    if silent >= fold.churned_days:
+        stage = "churned"
+    elif silent >= fold.at_risk_days:
+        stage = "at_risk"
+    elif tenure < fold.new_days:
+        stage = "new"
+    else:
+        stage = "active"
+    return {"value_tier": value_tier(net, fold), "clv": round(clv, 2), "lifecycle_stage": stage}
 
 
 def top_reasons(contributions: dict[str, float], values: dict[str, float], n: int = 3) -> list[dict[str, Any]]:

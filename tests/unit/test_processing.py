@@ -271,3 +271,42 @@ async def test_census_counts_customers_by_stage_and_tier_as_they_move():
     assert await store.census() == {"at_risk|low|": 1, "active|low|": 1}
     await store.forget("a")
     assert await store.census() == {"active|low|": 1}
+
+
+async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one_model():
+    from streamproc.offline import run_offline
+    from streamproc.settings import Settings
+    from streamproc.simulate import SimulationConfig, Simulator
+
+    payloads = list(Simulator(SimulationConfig(customers=60, days=150, seed=12)).payloads())
+    settings = Settings(_env_file=None)
+    bundle, _, _ = await run_offline(payloads, settings)
+    assert bundle.churn_examples > 0
+    records = sim_records(customers=60, days=150, seed=12)
+
+    async def outputs(sizes):
+        from streamproc.app import churn_config
+
+        store = InMemoryFeatureStore()
+        proc = BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(allowed_lateness_ms=3_600_000),
+                              churn=churn_config(settings))
+        proc.bundle = bundle
+        alerts, recs = {}, set()
+        i = k = 0
+        while i < len(records):
+            n = sizes[k % len(sizes)]
+            result = await proc.process(records[i : i + n])
+            await proc.sweep()
+            result.absorb(proc.sweep_outputs)
+            alerts.update({a["alert_id"]: (a["probability"], a["value_tier"], a["lifecycle_stage"], a["clv"])
+                           for a in result.alerts})
+            recs.update(r["recommendation_id"] for r in result.recommendations)
+            i += n
+            k += 1
+        return alerts, recs
+
+    one_alerts, one_recs = await outputs([5000])
+    many_alerts, many_recs = await outputs([3, 250, 41])
+    assert one_alerts, "the model raised no alert: nothing was compared"
+    assert one_alerts == many_alerts  # same alerts, same contents
+    assert one_recs == many_recs

@@ -1,0 +1,157 @@
+"""Soak benchmark: a steady offered rate for a long time; worker RSS, Redis memory, lag and latency must stay
+flat.
+
+One worker (everything on) reads a fresh pair of input topics while the simulator offers ``--rate``
+events/s for ``--minutes``. Every ``--sample-s`` seconds it records the worker's RSS (from /proc), Redis
+``used_memory`` and key count, the consumer lag summed over partitions, and the p99 end-to-end latency of
+the records processed since the previous sample (from the worker's histogram). Writes every sample to
+``bench/results/soak-<tag>.csv`` and a summary (first and last minute, maxima) to ``soak-<tag>.json``.
+
+Usage: python bench/soak.py [--minutes 30] [--rate 2000] [--customers 200000]. Not a test: `make soak`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from latency import METRIC, quantiles  # noqa: E402
+
+from streamproc.demo import processed_total, scrape  # noqa: E402
+from streamproc.infra import Infra  # noqa: E402
+from streamproc.producer import EventProducer  # noqa: E402
+from streamproc.settings import Settings  # noqa: E402
+from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.topics import apply_topics  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def window_p99(now: dict[str, float], before: dict[str, float]) -> float | None:
+    delta = {k: v - before.get(k, 0.0) for k, v in now.items() if k.startswith(METRIC + "_bucket")}
+    if not delta or max(delta.values()) <= 0:
+        return None
+    return quantiles(delta, (0.99,)).get("p99")
+
+
+def offer(settings: Settings, customers: int, rate: float, seconds: float, stop: threading.Event,
+          sent: list[int]) -> None:
+    producer = EventProducer(settings)
+    sim = Simulator(SimulationConfig(customers=customers, days=3650, seed=5))
+    started = time.monotonic()
+    for topic, key, payload in sim.payloads():
+        producer.send(topic, key, payload)
+        sent[0] += 1
+        ahead = sent[0] / rate - (time.monotonic() - started)
+        if ahead > 0.002:
+            time.sleep(ahead)
+        if stop.is_set() or time.monotonic() - started >= seconds:
+            break
+    producer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--rate", type=float, default=2000)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--sample-s", type=float, default=30)
+    args = parser.parse_args()
+    base = Settings()
+    Infra(base).up()
+    tag = uuid.uuid4().hex[:6]
+    settings = base.model_copy(update={"topic_prefix": f"soak{tag}.", "app_id": f"soak-{tag}",
+                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14", "web_port": 6197})
+    r = redis.Redis.from_url(settings.redis_url)
+    r.flushdb()
+    apply_topics(settings)
+    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
+           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
+           "STREAMPROC_LOG_LEVEL": "WARNING"}
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    log = ROOT / ".local" / f"bench-soak-{tag}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+    stop = threading.Event()
+    sent = [0]
+    rows: list[dict[str, float | None]] = []
+    try:
+        while not scrape(settings.web_port):
+            time.sleep(0.2)
+        time.sleep(3)
+        producer = threading.Thread(target=offer, args=(settings, args.customers, args.rate, args.minutes * 60, stop,
+                                                        sent), daemon=True)
+        started = time.monotonic()
+        producer.start()
+        before = scrape(settings.web_port)
+        while producer.is_alive():
+            time.sleep(args.sample_s)
+            now = scrape(settings.web_port)
+            info = r.info("memory")
+            rows.append({
+                "minute": round((time.monotonic() - started) / 60, 2),
+                "offered": sent[0], "processed": processed_total(now),
+                "worker_rss_mb": round(rss_mb(worker.pid), 1),
+                "redis_used_mb": round(info["used_memory"] / 2**20, 1),
+                "redis_keys": r.dbsize(),
+                "lag": sum(v for k, v in now.items() if k.startswith("streamproc_consumer_lag_records")),
+                "p99_ms": None if (p := window_p99(now, before)) is None else round(p * 1000, 1),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+            before = now
+        with open(results / f"soak-{tag}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        first = [x for x in rows if x["minute"] <= 1.0] or rows[:1]
+        last = [x for x in rows if x["minute"] >= rows[-1]["minute"] - 1.0]
+
+        def mean(xs: list[dict[str, float | None]], k: str) -> float | None:
+            vals = [float(x[k]) for x in xs if x[k] is not None]  # type: ignore[arg-type]
+            return round(sum(vals) / len(vals), 1) if vals else None
+
+        summary = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "minutes": args.minutes, "offered_rate": args.rate, "customers": args.customers, "events": sent[0],
+            **{f"{k}_start": mean(first, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
+            **{f"{k}_end": mean(last, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
+            "worker_rss_mb_max": max(float(x["worker_rss_mb"] or 0) for x in rows),
+            "lag_max": max(float(x["lag"] or 0) for x in rows),
+            "redis_keys_end": rows[-1]["redis_keys"],
+        }
+        print(json.dumps(summary, indent=2))
+        (results / f"soak-{tag}.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        stop.set()
+        worker.terminate()
+        worker.wait(30)
+        r.flushdb()
+
+
+if __name__ == "__main__":
+    main()
