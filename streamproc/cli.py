@@ -152,7 +152,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("segments:")
             for sid, profile in sorted(summary.get("segments", {}).items()):
                 centroid = ", ".join(f"{k}={v}" for k, v in profile["centroid"].items())
-                print(f"  {sid} {profile['name']:<20} {centroid}")
+                print(f"  {sid} {profile['name']:<45} size {profile.get('size_share', 0):.1%}, "
+                      f"spend {profile.get('spend_share', 0):.1%}: {centroid}")
             return 0
         finally:
             await store.close()
