@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 MAX_SAVE_ATTEMPTS = 5
 # Days of silence at which a silent customer's stored features are refreshed by the inactivity sweep
 # (window edges and lifecycle thresholds are added to these). Lookups always compute exactly as of now.
-SWEEP_BOUNDARIES_DAYS = (1, 7, 14)
+SWEEP_BOUNDARIES_DAYS = (7, 14)
 SWEEP_CHUNK = 2000
 
 

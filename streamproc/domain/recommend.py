@@ -198,12 +198,23 @@ class CoPurchaseModel:
         for found in related.values():
             found.sort(key=lambda kv: (-kv[1], kv[0]))
             del found[cfg.neighbours :]
+        horizon = cfg.catalogue_days * DAY_MS
+        available = frozenset(p for p, sold in self.last_sold.items() if self.now - sold <= horizon)
         favourites: dict[int, list[tuple[str, float]]] = {}
+        by_category: dict[int, dict[str, list[tuple[str, float]]]] = {}
         for seg, table in self.segments.items():
-            ranked = sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[: max(cfg.k * 5, 50)]
+            ranked = sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))
             top = ranked[0][1] if ranked else 1.0
-            favourites[seg] = [(pid, count / top) for pid, count in ranked]
-        return RecIndex(cfg, related, favourites, dict(self.category), dict(self.last_sold), self.now)
+            shares = [(pid, count / top) for pid, count in ranked if pid in available]
+            favourites[seg] = shares[: max(cfg.k * 5, 50)]
+            per_category: dict[str, list[tuple[str, float]]] = {}
+            for pid, share in shares:
+                found = per_category.setdefault(self.category.get(pid, ""), [])
+                if len(found) < cfg.k:
+                    found.append((pid, share))
+            by_category[seg] = per_category
+        return RecIndex(cfg, related, favourites, dict(self.category), dict(self.last_sold), self.now, by_category,
+                        available)
 
     def popular(self, k: int | None = None) -> list[str]:
         """The popularity baseline: the best sellers over the whole population (decayed), top k."""
@@ -228,6 +239,9 @@ class RecIndex:
     category: dict[str, str]
     last_sold: dict[str, int]
     now: int
+    # segment -> category -> its best sellers (top k), and the items in the catalogue as of ``now``
+    by_category: dict[int, dict[str, list[tuple[str, float]]]] = field(default_factory=dict)
+    available: frozenset[str] | None = None
 
     def in_catalogue(self, pid: str, at: int, excluded: frozenset[str] = frozenset()) -> bool:
         """Sold within catalogue_days of ``at`` and not explicitly withdrawn."""
@@ -252,15 +266,16 @@ def recommend(
     """Up to k items for ``customer`` at event time ``at``: [{product_id, score, reason}], best first.
 
     ``context`` holds the items that triggered it (the basket just bought, the product just viewed);
-    related items of the customer's recent purchases are candidates too. Each source scores in [0, 1]:
-    bought_together by rule confidence relative to the strongest rule found (rules from the context at full
-    strength, from the customer's recent purchases damped by recency rank); viewed_not_bought by interest
-    (1 - 0.5^views) times recency of the last view (halving per week), halved outside the customer's top
-    categories; popular_in_segment by
-    sales relative to the segment's best seller. Scores are blended with the configured weights; an item's
-    reason is the source that contributed most. Bought within exclude_bought_days, in the context, or out
-    of the catalogue: never shown.
+    related items of the customer's 5 latest purchases are candidates too (the 2k strongest rules count).
+    Each source scores in [0, 1]: bought_together by rule confidence relative to the strongest rule found
+    (rules from the context at full strength, from recent purchases damped by recency rank);
+    viewed_not_bought by interest (1 - 0.5^views) times recency of the last view (halving per week),
+    halved outside the customer's top categories; popular_in_segment by sales relative to the segment's
+    best seller (its top 2k, and the top k of the trigger's category, the others halved when there is
+    one). Scores are blended with the configured weights; an item's reason is the source that contributed
+    most. Bought within exclude_bought_days, in the context, or out of the catalogue: never shown.
     """
+
     cfg = index.cfg
     k = k or cfg.k
     weights = cfg.weights()
@@ -268,12 +283,23 @@ def recommend(
     # what they bought lately, and what they are looking at right now, is not news to them
     blocked = {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at} | set(context)
     contributions: dict[str, dict[str, float]] = {}
+    available = index.available
+    refused: set[str] = set(blocked)
+    accepted: set[str] = set()
 
     def add(pid: str, source: str, score: float) -> None:
-        if pid in blocked or not index.in_catalogue(pid, at, excluded):
-            return
+        if pid not in accepted:
+            if pid in refused:
+                return
+            listed = pid in available if available is not None else index.in_catalogue(pid, at)
+            if not listed or pid in excluded:
+                refused.add(pid)
+                return
+            accepted.add(pid)
         slot = contributions.setdefault(pid, {})
-        slot[source] = max(slot.get(source, 0.0), weights[source] * score)
+        value = weights[source] * score
+        if value > slot.get(source, 0.0):
+            slot[source] = value
 
     if BOUGHT_TOGETHER in sources:
         recent = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)[-5:]
@@ -283,8 +309,9 @@ def recommend(
             damp = 1.0 if anchor in context else 1.0 / (1 + rank)
             for pid, confidence in index.related.get(anchor, []):
                 found[pid] = max(found.get(pid, 0.0), confidence * damp)
-        top = max(found.values(), default=1.0)
-        for pid, score in found.items():  # relative to the strongest rule, like the other sources
+        strongest = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[: k * 2]
+        top = strongest[0][1] if strongest else 1.0
+        for pid, score in strongest:  # relative to the strongest rule, like the other sources
             add(pid, BOUGHT_TOGETHER, score / top)
     # the categories of what triggered it (the product being looked at) say what the customer is after now
     focus = {index.category.get(pid) for pid in context} - {None}
@@ -298,10 +325,14 @@ def recommend(
                 add(pid, VIEWED_NOT_BOUGHT, score)
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
-        for pid, share in index.favourites.get(seg, []):
-            if focus and index.category.get(pid) not in focus:
-                share *= 0.5  # best sellers of the category in focus first
-            add(pid, POPULAR_IN_SEGMENT, share)
+        favourites = index.favourites.get(seg, [])
+        candidates = favourites[: k * 2]
+        for category in sorted(c for c in focus if c is not None):  # best sellers of the category in focus
+            per_category = index.by_category.get(seg)
+            candidates = candidates + (per_category.get(category, []) if per_category is not None else
+                                       [f for f in favourites if index.category.get(f[0]) == category][:k])
+        for pid, share in candidates:
+            add(pid, POPULAR_IN_SEGMENT, share if not focus or index.category.get(pid) in focus else share * 0.5)
 
     ranked = sorted(((sum(c.values()), pid) for pid, c in contributions.items()), key=lambda sp: (-sp[0], sp[1]))
     out = []
