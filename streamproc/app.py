@@ -162,10 +162,6 @@ class Worker:
             broker_commit_interval=1.0,
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")
-        self.dlq = app.topic(s.topic(DLQ_TOPIC), value_serializer="raw", key_serializer="raw")
-        self.alerts = app.topic(s.topic(ALERTS_TOPIC), value_serializer="raw", key_serializer="raw")
-        self.moves = app.topic(s.topic(MOVES_TOPIC), value_serializer="raw", key_serializer="raw")
-        self.recs = app.topic(s.topic(RECOMMENDATIONS_TOPIC), value_serializer="raw", key_serializer="raw")
         self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         if s.models_enabled:
@@ -317,28 +313,38 @@ class Worker:
                     self.metrics.cohort_retention.labels(cohort, months).set(value)
 
     async def emit(self, result: BatchResult) -> None:
-        """Produce a batch's outputs and wait until the broker has them (before its offsets are acked)."""
+        """Produce a batch's outputs and wait until the broker has acknowledged every one (before the batch's
+        offsets are acked). Straight to the transport's producer: the records are already serialised, so
+        Faust's per-message topic machinery would only add cost; a failed delivery raises, and the batch is
+        retried."""
+        producer = self.app.producer
+        topic = self.settings.topic
+        deliveries = []
+
+        async def send(name: str, key: str, value: bytes) -> None:
+            deliveries.append(await producer.send(topic(name), key.encode(), value, None, None, None))
+
         for letter in result.dead_letters:
-            await self.dlq.send(key=letter.dlq_id.encode(), value=orjson.dumps(letter.model_dump(mode="json")))
+            await send(DLQ_TOPIC, letter.dlq_id, orjson.dumps(letter.model_dump(mode="json")))
         for alert in result.alerts:
-            await self.alerts.send(key=alert["customer_id"].encode(), value=orjson.dumps(alert))
+            await send(ALERTS_TOPIC, alert["customer_id"], orjson.dumps(alert))
             self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
         for move in result.segment_moves:
-            await self.moves.send(key=move["customer_id"].encode(), value=orjson.dumps(move))
+            await send(MOVES_TOPIC, move["customer_id"], orjson.dumps(move))
         for rec in result.recommendations:
-            await self.recs.send(key=rec["customer_id"].encode(), value=orjson.dumps(rec))
+            await send(RECOMMENDATIONS_TOPIC, rec["customer_id"], orjson.dumps(rec))
         for example in result.examples:
-            await self.training.send(key=example["id"].encode(), value=orjson.dumps(example))
+            await send(TRAINING_TOPIC, example["id"], orjson.dumps(example))
             self.metrics.training_examples.labels(example["kind"]).inc()
         self.metrics.segment_moves.inc(len(result.segment_moves))
-        produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
-                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples),
-                    RECOMMENDATIONS_TOPIC: len(result.recommendations)}
-        if any(produced.values()):
-            await self.app.producer.flush()
-            for topic, n in produced.items():
+        if deliveries:
+            await asyncio.gather(*deliveries)
+            produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
+                        MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples),
+                        RECOMMENDATIONS_TOPIC: len(result.recommendations)}
+            for name, n in produced.items():
                 if n:
-                    self.metrics.records_produced.labels(topic).inc(n)
+                    self.metrics.records_produced.labels(name).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             await self.store.clear_outbox(result.outbox)
 

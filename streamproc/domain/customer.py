@@ -273,17 +273,18 @@ def _remember(state: CustomerState, kind: str, sid: str, ts: int, cfg: FoldConfi
     hour = ts // HOUR_MS
     ids = state.recent_ids
     ids[key] = hour
-    same_kind = [k for k in ids if k[0] == key[0]]
-    newest = max(ids[k] for k in same_kind)
-    horizon = newest - cfg.dedup_horizon_ms // HOUR_MS
-    for k in same_kind:
-        if ids[k] < horizon:
+    prefix = key[0]
+    same_kind = [(h, k) for k, h in ids.items() if k[0] == prefix]  # one pass over this topic's ids
+    horizon = max(same_kind)[0] - cfg.dedup_horizon_ms // HOUR_MS
+    kept = [(h, k) for h, k in same_kind if h >= horizon]
+    if len(kept) < len(same_kind):
+        for h, k in same_kind:
+            if h < horizon:
+                del ids[k]
+    if len(kept) > cfg.dedup_max_ids:  # drop the oldest (ties: smallest id) down to the limit
+        kept.sort()
+        for _, k in kept[: len(kept) - cfg.dedup_max_ids]:
             del ids[k]
-    same_kind = [k for k in ids if k[0] == key[0]]
-    while len(same_kind) > cfg.dedup_max_ids:
-        oldest = min(same_kind, key=lambda k: (ids[k], k))
-        del ids[oldest]
-        same_kind.remove(oldest)
     return True
 
 

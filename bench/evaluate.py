@@ -1,0 +1,87 @@
+"""End-to-end model evaluation on the real pipeline: simulate → Kafka → one worker (everything on, its own
+trainer) → Redis, then `streamproc evaluate` against the simulator's ground truth.
+
+Fresh topics (own prefix) and Redis db 15. Waits until the worker has processed every event and the
+trainer has learned every example it was sent and written a checkpoint, then scores. The scores land in
+``bench/results/evaluate-<tag>.json``.
+
+Usage: python bench/evaluate.py [--customers 20000] [--days 180]. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamproc.demo import processed_total, scrape  # noqa: E402
+from streamproc.infra import Infra  # noqa: E402
+from streamproc.settings import Settings  # noqa: E402
+from streamproc.topics import apply_topics  # noqa: E402
+
+
+def total(metrics: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--days", type=int, default=180)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    base = Settings()
+    Infra(base).up()
+    tag = uuid.uuid4().hex[:6]
+    settings = base.model_copy(update={"topic_prefix": f"eval{tag}.", "app_id": f"eval-{tag}",
+                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/15", "web_port": 6196})
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    apply_topics(settings)
+    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
+           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
+           "STREAMPROC_LOG_LEVEL": "WARNING"}
+    run_dir = ROOT / ".local" / f"eval-{tag}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "worker.log", "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "streamproc.cli", "simulate", "--customers", str(args.customers),
+                        "--days", str(args.days), "--seed", str(args.seed), "--out", str(run_dir), "--quiet"],
+                       env=env, cwd=ROOT, check=True)
+        produced = sum(1 for _ in (run_dir / "ground_truth.jsonl").open())  # customers, for the log only
+        print(f"simulated {produced} customers in {time.monotonic() - started:.0f}s", flush=True)
+        stable = 0
+        last = -1.0
+        while stable < 3:
+            time.sleep(10)
+            m = scrape(settings.web_port)
+            done = processed_total(m)
+            sent = total(m, "streamproc_training_examples_total")
+            learned = total(m, "streamproc_examples_learned_total")
+            print(f"processed {done:,.0f}, examples sent {sent:,.0f}, learned {learned:,.0f}", flush=True)
+            stable = stable + 1 if done == last and learned >= sent else 0
+            last = done
+        time.sleep(15)  # a last checkpoint, reloaded by the scorer
+        out = ROOT / "bench" / "results" / f"evaluate-{tag}.json"
+        out.parent.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, "-m", "streamproc.cli", "evaluate", "--run", str(run_dir), "--out", str(out)],
+                       env=env, cwd=ROOT, check=True)
+        print(f"events processed {last:,.0f} in {time.monotonic() - started:.0f}s; scores in {out}")
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+if __name__ == "__main__":
+    main()
