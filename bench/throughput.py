@@ -5,7 +5,9 @@
 3. starts one `streamproc worker` and measures from its first processed event to the last;
 4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
 
-Usage: python bench/throughput.py [--events 200000] [--customers 20000]. Not a test: `make bench`.
+Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer].
+``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures the naive Faust agent of
+``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records. Not a test.
 """
 
 from __future__ import annotations
@@ -80,35 +82,43 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_worker(settings: Settings, expected: int, log: Path) -> dict[str, float]:
-    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
-           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
-           "STREAMPROC_LOG_LEVEL": "WARNING"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False) -> dict[str, float]:
+    """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
+    from the first processed event to the last, summed over the processes."""
+    command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
+               else [sys.executable, "-m", "streamproc.cli", "worker"])
+    procs = []
+    ports = [settings.web_port + i for i in range(workers)]
+    for i, port in enumerate(ports):
+        env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
+               "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(port),
+               "STREAMPROC_LOG_LEVEL": "WARNING", "STREAMPROC_STATE_DIR": str(ROOT / ".local" / f"bench-w{i}")}
+        with open(log.with_suffix(f".{i}.log"), "wb") as out:
+            procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
     try:
         first_at = None
         first_count = 0.0
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
-            done = processed_total(scrape(settings.web_port))
+            done = sum(processed_total(scrape(port)) for port in ports)
             now = time.perf_counter()
             if first_at is None and done > 0:
                 first_at, first_count = now, done
             if done >= expected:
                 break
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker died: see {log}")
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a worker died: see {log}")
             time.sleep(0.05)
         else:
-            raise RuntimeError("worker did not finish in time")
+            raise RuntimeError("workers did not finish in time")
         assert first_at is not None
         rate = (done - first_count) / (now - first_at)
-        return {"events_per_s": rate, "rss_peak_mb": rss_peak_mb(proc.pid)}
+        return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs)}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
 
 
 def main() -> None:
@@ -116,6 +126,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes in one group (scaling)")
+    parser.add_argument("--peer", action="store_true", help="measure bench/naive_agent.py instead of streamproc")
     args = parser.parse_args()
 
     base = Settings()
@@ -135,13 +147,14 @@ def main() -> None:
     mem_before = int(r.info("memory")["used_memory"])
     log = ROOT / ".local" / f"bench-worker-{tag}.log"
     log.parent.mkdir(exist_ok=True)
-    worker = run_worker(settings, sent, log)
-    customers_stored = sum(1 for _ in r.scan_iter("cust:*", count=1000))
+    worker = run_worker(settings, sent, log, args.workers, args.peer)
+    customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer else "cust:*", count=1000))
     mem_after = int(r.info("memory")["used_memory"])
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "events": sent,
+        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer else f"streamproc, {args.workers} worker(s)",
         "customers_stored": customers_stored,
         "produce_events_per_s": round(produce_rate),
         "ceiling_events_per_s": round(ceiling_rate),
