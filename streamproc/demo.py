@@ -115,8 +115,9 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         for name in sorted(metrics):
             if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total",
                                 "streamproc_churn_alerts_total", "streamproc_segment_customers{",
+                                "streamproc_recommendations_total", "streamproc_recommendation_quality",
                                 "streamproc_customers{")):
-                print(f"   {name} = {int(metrics[name])}")
+                print(f"   {name} = {metrics[name]:.4g}")
         print("   --- models (streamproc models)")
         env_cli = {**env}
         subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env_cli)
@@ -125,6 +126,10 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
 
         for alert in read_topic(settings, "churn-alerts", 5, 2.0):
             print("   " + format_alert(alert))
+        print("   --- recommendations (streamproc tail recommendations), first 3")
+        for rec in read_topic(settings, "recommendations", 3, 2.0):
+            items = ", ".join(f"{i['product_id']} ({i['reason']}, {i['score']})" for i in rec["items"][:4])
+            print(f"     {rec['customer_id']} after {rec['trigger']}: {items}, ...")
         print("   --- three customers (streamproc customer show ID)")
         _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
         print("   --- dead-letter topic (streamproc tail dlq), first 3")
