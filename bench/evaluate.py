@@ -11,22 +11,18 @@ Usage: python bench/evaluate.py [--customers 20000] [--days 180]. Not a test.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import isolated_run  # noqa: E402
 
 from streamproc.demo import processed_total, scrape  # noqa: E402
-from streamproc.infra import Infra  # noqa: E402
-from streamproc.settings import Settings  # noqa: E402
-from streamproc.topics import apply_topics  # noqa: E402
 
 
 def total(metrics: dict[str, float], prefix: str) -> float:
@@ -39,16 +35,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    base = Settings()
-    Infra(base).up()
-    tag = uuid.uuid4().hex[:6]
-    settings = base.model_copy(update={"topic_prefix": f"eval{tag}.", "app_id": f"eval-{tag}",
-                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/15", "web_port": 6196})
-    redis.Redis.from_url(settings.redis_url).flushdb()
-    apply_topics(settings)
-    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
-           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
-           "STREAMPROC_LOG_LEVEL": "WARNING"}
+    settings, env, tag = isolated_run("eval", 15, 6196)
     run_dir = ROOT / ".local" / f"eval-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "worker.log", "wb") as out:

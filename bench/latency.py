@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,13 +24,13 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import isolated_run  # noqa: E402
 
 from streamproc.demo import processed_total, scrape  # noqa: E402
-from streamproc.infra import Infra  # noqa: E402
 from streamproc.producer import EventProducer  # noqa: E402
-from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
-from streamproc.topics import apply_topics  # noqa: E402
 
 METRIC = "streamproc_end_to_end_latency_seconds"
 
@@ -66,17 +65,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--customers", type=int, default=100_000)
     args = parser.parse_args()
-    base = Settings()
-    Infra(base).up()
-    tag = uuid.uuid4().hex[:6]
-    settings = base.model_copy(update={"topic_prefix": f"lat{tag}.", "app_id": f"lat-{tag}",
-                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14", "web_port": 6198})
+    settings, env, tag = isolated_run("lat", 14, 6198)
     r = redis.Redis.from_url(settings.redis_url)
-    r.flushdb()
-    apply_topics(settings)
-    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
-           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
-           "STREAMPROC_LOG_LEVEL": "WARNING"}
     log = ROOT / ".local" / f"bench-latency-{tag}.log"
     log.parent.mkdir(exist_ok=True)
     with open(log, "wb") as out:

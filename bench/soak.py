@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,14 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import isolated_run  # noqa: E402
 from latency import METRIC, quantiles  # noqa: E402
 
 from streamproc.demo import processed_total, scrape  # noqa: E402
-from streamproc.infra import Infra  # noqa: E402
 from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
-from streamproc.topics import apply_topics  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -78,17 +76,8 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=200_000)
     parser.add_argument("--sample-s", type=float, default=30)
     args = parser.parse_args()
-    base = Settings()
-    Infra(base).up()
-    tag = uuid.uuid4().hex[:6]
-    settings = base.model_copy(update={"topic_prefix": f"soak{tag}.", "app_id": f"soak-{tag}",
-                                       "redis_url": base.redis_url.rsplit("/", 1)[0] + "/14", "web_port": 6197})
+    settings, env, tag = isolated_run("soak", 14, 6197)
     r = redis.Redis.from_url(settings.redis_url)
-    r.flushdb()
-    apply_topics(settings)
-    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
-           "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(settings.web_port),
-           "STREAMPROC_LOG_LEVEL": "WARNING"}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     log = ROOT / ".local" / f"bench-soak-{tag}.log"
