@@ -7,6 +7,9 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import orjson
 
 from streamproc.settings import Settings
 
@@ -112,6 +115,37 @@ def cmd_customer(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+async def train_from_file(settings: Any, models: Any, path: str | None) -> int:
+    """Bootstrap the global models from recorded events (JSON lines or CSV, like ``replay``): the batch step
+    and the trainer run in this process, and the result becomes the current checkpoint for every worker."""
+    from pathlib import Path
+
+    from streamproc.domain.events import parse_event_time
+    from streamproc.offline import run_offline
+    from streamproc.replay import read_events, topic_of
+
+    if not path:
+        print("usage: streamproc models train FILE", file=sys.stderr)
+        return 2
+    fmt = "csv" if path.lower().endswith(".csv") else "jsonl"
+    timed = []
+    for i, event in enumerate(read_events(Path(path), fmt, {})):
+        target = topic_of(event) if event else None
+        if event is None or target is None:
+            continue
+        try:
+            timed.append((parse_event_time(event.get("ts")), i, target, event))
+        except ValueError:
+            continue
+    timed.sort(key=lambda t: (t[0], t[1]))
+    payloads = [(target, str(e.get("customer_id", "")).encode(), orjson.dumps(e)) for _, _, target, e in timed]
+    bundle, _, _ = await run_offline(payloads, settings)
+    version = await models.save(bundle, settings.checkpoint_keep)
+    print(f"trained on {len(payloads)} events: checkpoint v{version} is current "
+          f"({bundle.churn_examples} churn, {bundle.segment_examples} segment examples)")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from streamproc.adapters.feature_store import RedisFeatureStore
     from streamproc.adapters.model_store import RedisModelStore
@@ -121,8 +155,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         models = RedisModelStore(store.redis)
         try:
+            if args.action == "train":
+                return await train_from_file(settings, models, args.version)
             if args.action == "rollback":
-                await models.set_current(args.version)
+                await models.set_current(int(args.version))
                 print(f"current model version is now {args.version}")
                 return 0
             summary = await models.summary()
@@ -238,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_customer)
 
-    p = sub.add_parser("models", help="show the global models (quality, segments) or roll back a version")
-    p.add_argument("action", nargs="?", choices=["show", "rollback"], default="show")
-    p.add_argument("version", nargs="?", type=int)
+    p = sub.add_parser("models", help="show the global models, roll back a version, or train from a file")
+    p.add_argument("action", nargs="?", choices=["show", "rollback", "train"], default="show")
+    p.add_argument("version", nargs="?", help="rollback: the version; train: the events file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 

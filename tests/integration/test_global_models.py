@@ -53,3 +53,25 @@ def test_two_workers_share_one_model(topics, worker_factory):
     assert len(trainers) == 1, "exactly one worker owns the training partition"
     # and both score with the same checkpoint version
     assert ma["streamproc_model_version"] == mb["streamproc_model_version"] > 0
+
+
+def test_models_can_be_bootstrapped_from_a_file_of_history(settings, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import worker_env
+
+    history = tmp_path / "history.jsonl"
+    env = worker_env(settings)
+    made = subprocess.run([sys.executable, "-m", "streamproc.cli", "simulate", "--customers", "60", "--days", "150",
+                           "--to-file", str(history), "--quiet"], env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    trained = subprocess.run([sys.executable, "-m", "streamproc.cli", "models", "train", str(history)], env=env,
+                             capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    assert "checkpoint v1 is current" in trained.stdout
+    shown = subprocess.run([sys.executable, "-m", "streamproc.cli", "models", "--json"], env=env,
+                           capture_output=True, text=True)
+    summary = json.loads(shown.stdout)
+    assert summary["version"] == 1 and summary["churn_examples"] > 0 and summary["rec_items"] > 0
