@@ -33,5 +33,8 @@ def isolated_run(name: str, redis_db: int, web_port: int) -> tuple[Settings, dic
     apply_topics(settings)
     env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
            "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(web_port),
-           "STREAMPROC_LOG_LEVEL": "WARNING"}
+           "STREAMPROC_LOG_LEVEL": "WARNING",
+           # River sums distances over key sets, whose order follows Python's string hashing: pin it so that
+           # a run's models (and so segments and scores) are reproducible
+           "PYTHONHASHSEED": "0"}
     return settings, env, tag

@@ -18,6 +18,7 @@ No Redis, no Kafka, no clock: every instant is event time handed in by the calle
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,14 +306,18 @@ def recommend(
         recent = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)[-5:]
         anchors = list(dict.fromkeys([*context, *(pid for _, pid in reversed(recent))]))
         found: dict[str, float] = {}
+        get_found = found.get
+        related = index.related
         for rank, anchor in enumerate(anchors):
             damp = 1.0 if anchor in context else 1.0 / (1 + rank)
-            for pid, confidence in index.related.get(anchor, []):
-                found[pid] = max(found.get(pid, 0.0), confidence * damp)
-        strongest = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[: k * 2]
-        top = strongest[0][1] if strongest else 1.0
-        for pid, score in strongest:  # relative to the strongest rule, like the other sources
-            add(pid, BOUGHT_TOGETHER, score / top)
+            for pid, confidence in related.get(anchor, ()):
+                value = confidence * damp
+                if value > get_found(pid, 0.0):
+                    found[pid] = value
+        strongest = heapq.nsmallest(k * 2, ((-v, pid) for pid, v in found.items()))
+        top = -strongest[0][0] if strongest else 1.0
+        for negative, pid in strongest:  # relative to the strongest rule, like the other sources
+            add(pid, BOUGHT_TOGETHER, -negative / top)
     # the categories of what triggered it (the product being looked at) say what the customer is after now
     focus = {index.category.get(pid) for pid in context} - {None}
     if VIEWED_NOT_BOUGHT in sources:
@@ -334,9 +339,10 @@ def recommend(
         for pid, share in candidates:
             add(pid, POPULAR_IN_SEGMENT, share if not focus or index.category.get(pid) in focus else share * 0.5)
 
-    ranked = sorted(((sum(c.values()), pid) for pid, c in contributions.items()), key=lambda sp: (-sp[0], sp[1]))
+    ranked = heapq.nsmallest(k, ((-sum(c.values()), pid) for pid, c in contributions.items()))
     out = []
-    for score, pid in ranked[:k]:
+    for negative, pid in ranked:
+        score = -negative
         parts = contributions[pid]
         reason = max(parts, key=lambda s: (parts[s], s))
         out.append({"product_id": pid, "score": round(score, 4), "reason": reason})
