@@ -72,6 +72,27 @@ def test_redis_restart_loses_nothing_and_counts_nothing_twice(topics, worker_fac
         service.down()
 
 
+def test_redis_unreachable_at_start_the_worker_waits_then_applies_everything(topics, worker_factory, tmp_path):
+    own, service = own_redis(topics, tmp_path / "late")  # not started yet
+    try:
+        payloads = list(Simulator(SimulationConfig(customers=60, days=30, seed=29)).payloads())
+        produce(own, payloads)
+        worker = worker_factory(own).start()
+        worker.wait_ready()
+        time.sleep(5)
+        assert worker.proc is not None and worker.proc.poll() is None, "the worker must wait for Redis, not die"
+        assert worker.metrics().get("streamproc_redis_errors_total", 0) >= 1
+        assert processed_total(worker.metrics()) == 0  # nothing applied, so nothing acked
+
+        service.up()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and applied_events(own.redis_url) < len(payloads):
+            time.sleep(1)
+        assert applied_events(own.redis_url) == len(payloads)
+    finally:
+        service.down()
+
+
 def test_a_password_protected_redis_with_an_acl_user(topics, worker_factory, tmp_path):
     own, service = own_redis(topics, tmp_path / "acl")
     service.up(extra_args=["--requirepass", "admin-pw", "--user", "streamproc", "on", ">worker-pw", "~*", "&*",
