@@ -263,8 +263,7 @@ class Worker:
                         await self.emit(recovered)
                     self.outbox_checked.add(partition)
                 result = await self.processor.process(records)
-                await self.processor.sweep()
-                result.absorb(self.processor.sweep_outputs)
+                await self.processor.sweep(self.emit)  # each chunk's outputs are sent as it is saved
                 await self.emit(result)
                 wm = self.processor.watermarks.overall()
                 if wm is not None:
@@ -273,6 +272,9 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # what this attempt saved is fenced now, so its outputs only exist in the outbox: re-send the
+                # parked outputs of every partition on the next attempt
+                self.outbox_checked.clear()
                 self.metrics.redis_errors.inc()
                 log.warning("batch of %d failed (%s: %s); retrying in %.1fs", len(records),
                             type(exc).__name__, exc, delay)

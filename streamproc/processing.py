@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -574,12 +574,14 @@ class BatchProcessor:
         crossed = [d for d in self.boundaries if last + d * DAY_MS <= swept_to]
         return max(state.max_ts, last + crossed[-1] * DAY_MS) if crossed else state.max_ts
 
-    async def sweep(self) -> int:
-        """Run the inactivity sweep; its outputs (alerts, examples) wait in ``self.sweep_outputs``."""
+    async def sweep(self, emit: Callable[[BatchResult], Awaitable[None]] | None = None) -> int:
+        """Run the inactivity sweep. With ``emit``, each chunk's outputs (alerts, examples) are handed over as
+        soon as the chunk is saved, so memory stays bounded however many customers a grid instant visits;
+        without, they wait in ``self.sweep_outputs``."""
         self.sweep_outputs = BatchResult()
-        return await self._sweep(self.sweep_outputs)
+        return await self._sweep(self.sweep_outputs, emit)
 
-    async def _sweep(self, outputs: BatchResult) -> int:
+    async def _sweep(self, outputs: BatchResult, emit: Callable[[BatchResult], Awaitable[None]] | None = None) -> int:
         """Bring silent customers' stored features up to date as the watermark passes silence boundaries.
 
         For each partition, customers whose last event time plus a boundary fell in (last sweep mark,
@@ -611,7 +613,10 @@ class BatchProcessor:
                 due.difference_update(expired)
             ordered = sorted(due)
             for i in range(0, len(ordered), SWEEP_CHUNK):
-                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, outputs)
+                chunk = BatchResult() if emit is not None else outputs
+                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, chunk)
+                if emit is not None:
+                    await emit(chunk)
             await self.store.set_sweep_mark(partition, wm)
             self.swept[partition] = wm
         self.metrics.sweep_customers.inc(touched)
