@@ -310,3 +310,22 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
     assert one_alerts, "the model raised no alert: nothing was compared"
     assert one_alerts == many_alerts  # same alerts, same contents
     assert one_recs == many_recs
+
+
+async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
+    import streamproc.processing as processing
+
+    monkeypatch.setattr(processing, "SWEEP_CHUNK", 2)
+    store, proc = make(max_source_skew_ms=0)
+    day = 86_400_000
+    await proc.process([rec("clicks", i, click(i, cid=f"quiet{i}", ts=T0)) for i in range(5)])
+    await proc.process([rec("clicks", 10 + i, click(10 + i, cid="busy", ts=T0 + i * day)) for i in range(1, 20)])
+    chunks = []
+
+    async def emit(chunk):
+        chunks.append(chunk)
+
+    touched = await proc.sweep(emit)
+    assert touched >= 5
+    assert len(chunks) >= 3  # five quiet customers in chunks of two, handed over as each is saved
+    assert proc.sweep_outputs.examples == [] and proc.sweep_outputs.alerts == []
