@@ -316,7 +316,7 @@ async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
     import streamproc.processing as processing
 
     monkeypatch.setattr(processing, "SWEEP_CHUNK", 2)
-    store, proc = make(max_source_skew_ms=0)
+    _, proc = make(max_source_skew_ms=0)
     day = 86_400_000
     await proc.process([rec("clicks", i, click(i, cid=f"quiet{i}", ts=T0)) for i in range(5)])
     await proc.process([rec("clicks", 10 + i, click(10 + i, cid="busy", ts=T0 + i * day)) for i in range(1, 20)])
