@@ -120,24 +120,13 @@ async def train_from_file(settings: Any, models: Any, path: str | None) -> int:
     and the trainer run in this process, and the result becomes the current checkpoint for every worker."""
     from pathlib import Path
 
-    from streamproc.domain.events import parse_event_time
     from streamproc.offline import run_offline
-    from streamproc.replay import read_events, topic_of
+    from streamproc.replay import timed_events
 
     if not path:
         print("usage: streamproc models train FILE", file=sys.stderr)
         return 2
-    fmt = "csv" if path.lower().endswith(".csv") else "jsonl"
-    timed = []
-    for i, event in enumerate(read_events(Path(path), fmt, {})):
-        target = topic_of(event) if event else None
-        if event is None or target is None:
-            continue
-        try:
-            timed.append((parse_event_time(event.get("ts")), i, target, event))
-        except ValueError:
-            continue
-    timed.sort(key=lambda t: (t[0], t[1]))
+    timed = timed_events(Path(path))
     payloads = [(target, str(e.get("customer_id", "")).encode(), orjson.dumps(e)) for _, _, target, e in timed]
     bundle, _, _ = await run_offline(payloads, settings)
     version = await models.save(bundle, settings.checkpoint_keep)

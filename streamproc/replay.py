@@ -76,16 +76,11 @@ def read_events(path: Path, fmt: str, mapping: dict[str, str]) -> Iterator[dict[
             yield value if isinstance(value, dict) else None
 
 
-def run_replay(settings: Settings, path: Path, fmt: str | None = None, mapping: dict[str, str] | None = None,
-               speed: float = 0.0, topic: str | None = None, quiet: bool = False) -> ReplayStats:
-    """Publish the file's events in event-time order (stable for equal times).
-
-    ``speed`` 0 sends as fast as possible; otherwise event time runs ``speed`` times faster than wall time.
-    """
-    from streamproc.producer import EventProducer
-
+def timed_events(path: Path, fmt: str | None = None, mapping: dict[str, str] | None = None, topic: str | None = None,
+                 stats: ReplayStats | None = None) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """A file's routable events as (event time, line, topic, event), in event-time order (stable for equal
+    times); unroutable lines are counted in ``stats.skipped``."""
     fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
-    stats = ReplayStats()
     timed: list[tuple[int, int, str, dict[str, Any]]] = []
     for i, event in enumerate(read_events(path, fmt, mapping or {})):
         target = topic or (topic_of(event) if event else None)
@@ -94,10 +89,24 @@ def run_replay(settings: Settings, path: Path, fmt: str | None = None, mapping: 
         except ValueError:
             ts = None
         if event is None or target is None or ts is None:
-            stats.skipped += 1
+            if stats is not None:
+                stats.skipped += 1
             continue
         timed.append((ts, i, target, event))
     timed.sort(key=lambda t: (t[0], t[1]))
+    return timed
+
+
+def run_replay(settings: Settings, path: Path, fmt: str | None = None, mapping: dict[str, str] | None = None,
+               speed: float = 0.0, topic: str | None = None, quiet: bool = False) -> ReplayStats:
+    """Publish the file's events in event-time order (stable for equal times).
+
+    ``speed`` 0 sends as fast as possible; otherwise event time runs ``speed`` times faster than wall time.
+    """
+    from streamproc.producer import EventProducer
+
+    stats = ReplayStats()
+    timed = timed_events(path, fmt, mapping, topic, stats)
     producer = EventProducer(settings)
     started = time.monotonic()
     first_ts = timed[0][0] if timed else 0

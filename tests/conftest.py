@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -198,7 +199,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_env: dict[str, str] = {}
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -12,7 +12,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -28,7 +27,7 @@ from streamproc.demo import processed_total
 from streamproc.producer import EventProducer
 from streamproc.settings import Settings
 from streamproc.simulate import SimulationConfig, Simulator
-from tests.conftest import WorkerProcess, worker_env
+from tests.conftest import WorkerProcess
 from tests.unit.test_dashboards import load_dashboards, metric_names, panel_targets
 
 pytestmark = pytest.mark.integration
@@ -196,15 +195,6 @@ class ModelWorker(WorkerProcess):
     def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str]) -> None:
         super().__init__(settings, log_path)
         self.extra_env = extra_env
-
-    def start(self) -> ModelWorker:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamproc.cli", "worker"], env={**worker_env(self.settings), **self.extra_env},
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            )
-        return self
 
     def value(self, prefix: str) -> float:
         """Sum of the scraped samples whose name and labels start with ``prefix``."""
