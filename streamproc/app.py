@@ -22,18 +22,17 @@ from streamproc.batching import ack_batch, drain_batches
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
-from streamproc.domain.models import ModelBundle, ModelConfig
+from streamproc.domain.models import ModelConfig
 from streamproc.domain.recommend import RecConfig
 from streamproc.metrics import Metrics
-from streamproc.offline import learn
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
+from streamproc.trainer import TRAINING_TOPIC, Trainer
 
 ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
-TRAINING_TOPIC = "streamproc-training"
 
 log = logging.getLogger("streamproc.worker")
 
@@ -108,11 +107,11 @@ class Worker:
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
                 settings.redis_url, **settings.redis_kwargs()).redis
         )
-        self.trainer: ModelBundle | None = None  # set on the worker that owns the training partition
-        self.trainer_acks: list[EventT] = []
-        self.trainer_dirty = False
-        self.trainer_stream: faust.StreamT | None = None
-        self.last_checkpoint = 0.0
+        # the global trainer's group member (streamproc/trainer.py): learns where it owns the training partition
+        self.trainer: Trainer | None = (
+            Trainer(settings, self.models, self.metrics, model_config(settings))
+            if settings.models_enabled and settings.trainer_enabled else None
+        )
         self.processor = BatchProcessor(
             self.store,
             self.metrics,
@@ -153,8 +152,7 @@ class Worker:
             datadir=str(s.state_dir / "faust" / s.app_id),
             producer_acks=-1,
             broker_credentials=faust_credentials(s),
-            # do not wait for unacked records on shutdown or rebalance: they are re-read and fenced,
-            # and the trainer deliberately holds acks until a checkpoint contains them
+            # do not wait for unacked records on shutdown or rebalance: they are re-read and fenced
             stream_wait_empty=False,
             broker_commit_every=1000,
             broker_session_timeout=s.kafka_session_timeout_s,
@@ -162,13 +160,11 @@ class Worker:
             broker_commit_interval=1.0,
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")
-        self.training = app.topic(s.topic(TRAINING_TOPIC), value_serializer="raw", key_serializer="raw")
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         if s.models_enabled:
             app.timer(s.model_reload_s, name="models")(self.reload_model)
-            if s.trainer_enabled:
-                app.agent(self.training, name="trainer", concurrency=1)(self.train)
-                app.timer(max(s.checkpoint_interval_s / 2, 0.5), name="checkpoint")(self.checkpoint_if_due)
+        if self.trainer is not None:
+            app.task(self.trainer.run)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
@@ -349,73 +345,6 @@ class Worker:
                     self.metrics.records_produced.labels(name).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             await self.store.clear_outbox(result.outbox)
-
-    # ------------------------------------------------------------------ the single trainer
-    async def train(self, stream: faust.StreamT) -> None:
-        """Learn from the single-partition training topic; checkpoint, then ack what the checkpoint holds."""
-        self.trainer_stream = stream
-        async for batch in drain_batches(stream, 5000):
-            while self.trainer is None:
-                try:
-                    self.trainer = await self.models.load() or ModelBundle(model_config(self.settings))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # Redis down: wait, the batch stays unacked
-                    log.warning("cannot load the model checkpoint (%s); retrying", exc)
-                    await asyncio.sleep(1.0)
-            bundle = self.trainer
-            for event in batch:
-                offset = event.message.offset
-                if offset <= bundle.training_offset:  # already in the checkpoint we resumed from
-                    continue
-                try:
-                    example = orjson.loads(event.value)
-                    drifts = bundle.drift_detections
-                    learn(bundle, example)
-                    if bundle.drift_detections > drifts:
-                        log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
-                    self.metrics.examples_learned.labels(example["kind"]).inc()
-                except Exception as exc:  # a malformed example must not stop learning
-                    log.warning("skipping a bad training example at offset %s: %s", offset, exc)
-                bundle.training_offset = offset
-            self.trainer_acks.extend(batch)
-            self.trainer_dirty = True
-            await self.checkpoint_if_due()
-
-    async def checkpoint_if_due(self) -> None:
-        """Timer and trainer entry: a Redis outage must not crash the worker (acks simply wait)."""
-        try:
-            await self._checkpoint_if_due()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.metrics.redis_errors.inc()
-            log.warning("model checkpoint failed (%s: %s); will retry", type(exc).__name__, exc)
-
-    async def _checkpoint_if_due(self) -> None:
-        if self.trainer is None or not self.trainer_dirty or self.trainer_stream is None:
-            return
-        if time.monotonic() - self.last_checkpoint < self.settings.checkpoint_interval_s:
-            return
-        current = await self.models.current_version()
-        if current is not None and current != self.trainer.version and current not in (None, 0):
-            rolled = await self.models.load(current)
-            if rolled is not None and rolled.version < self.trainer.version:  # someone rolled back: follow
-                rolled.training_offset = self.trainer.training_offset
-                self.trainer = rolled
-        acks, self.trainer_acks = self.trainer_acks, []
-        self.trainer_dirty = False
-        try:
-            version = await self.models.save(self.trainer, self.settings.checkpoint_keep)
-        except BaseException:
-            self.trainer_acks = acks + self.trainer_acks  # not checkpointed: not acked
-            self.trainer_dirty = True
-            raise
-        self.last_checkpoint = time.monotonic()
-        self.metrics.checkpoints.inc()
-        log.info("model checkpoint v%d (%d churn, %d segment examples)", version, self.trainer.churn_examples,
-                 self.trainer.segment_examples)
-        await ack_batch(self.trainer_stream, acks)
 
     async def reload_model(self) -> None:
         """Score with the newest checkpoint: every worker, the trainer's own included."""

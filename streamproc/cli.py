@@ -80,6 +80,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from streamproc.trainer import run_trainer
+
+    run_trainer(_settings())
+    return 0
+
+
 def cmd_customer(args: argparse.Namespace) -> int:
     from streamproc.adapters.feature_store import RedisFeatureStore
     from streamproc.adapters.model_store import RedisModelStore
@@ -256,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a stream-processing worker")
     p.add_argument("--web-port", type=int, default=None)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("trainer", help="run the global model trainer alone (scoring workers then run with "
+                                       "STREAMPROC_TRAINER_ENABLED=false)")
+    p.set_defaults(func=cmd_trainer)
 
     p = sub.add_parser("customer", help="show or erase one customer")
     p.add_argument("action", choices=["show", "forget"])

@@ -132,6 +132,10 @@ class Metrics:
             "streamproc_examples_learned_total", "Examples the trainer learned from, by kind.", ["kind"],
             registry=r,
         )
+        self.trainer_active = Gauge(
+            "streamproc_trainer_active", "1 while this process's trainer owns the training partition (learns).",
+            registry=r,
+        )
         self.checkpoints = Counter(
             "streamproc_model_checkpoints_total", "Model checkpoints written by this worker's trainer.",
             registry=r,

@@ -97,9 +97,10 @@ class Settings(BaseSettings):
 
     # --- models (off: a pure feature-store worker, no snapshots, scores, alerts or trainer)
     models_enabled: bool = True
-    # the worker that owns the training topic's partition learns; false: a scoring-only worker that never
-    # joins the trainer (run one dedicated trainer, or freeze the current checkpoint)
+    # every worker runs a trainer as a member of the trainer group, and the one that owns the training
+    # partition learns; false: a scoring-only worker (run `streamproc trainer` alone, or freeze the checkpoint)
     trainer_enabled: bool = True
+    trainer_metrics_port: int | None = None  # `streamproc trainer` serves /metrics here when set
     churn_horizon_days: int = 60
     snapshot_cadence_days: int = 7
     churn_label_on: Literal["purchase", "activity"] = "purchase"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -74,6 +75,34 @@ def kafka_security_kwargs(settings: Settings) -> dict[str, object]:
     return out
 
 
+def _ssl_context(settings: Settings) -> Any:
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(str(settings.kafka_ssl_certfile),
+                                str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+    return context
+
+
+def aiokafka_security_kwargs(settings: Settings) -> dict[str, Any]:
+    """SASL/SSL options for aiokafka clients (the trainer's consumer; none for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return {}
+    out: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.endswith("SSL"):
+        out["ssl_context"] = _ssl_context(settings)
+    if protocol.startswith("SASL"):
+        out["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        out["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            out["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    return out
+
+
 def faust_credentials(settings: Settings) -> object | None:
     """The same options as Faust ``broker_credentials`` (None for PLAINTEXT)."""
     import faust
@@ -81,16 +110,7 @@ def faust_credentials(settings: Settings) -> object | None:
     protocol = settings.kafka_security_protocol
     if protocol == "PLAINTEXT":
         return None
-    ssl_context = None
-    if protocol.endswith("SSL"):
-        import ssl
-
-        ssl_context = ssl.create_default_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        )
-        if settings.kafka_ssl_certfile:
-            ssl_context.load_cert_chain(str(settings.kafka_ssl_certfile),
-                                        str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+    ssl_context = _ssl_context(settings)
     if protocol == "SSL":
         return faust.SSLCredentials(ssl_context)
     password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None

@@ -191,19 +191,24 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """A real `streamproc worker` subprocess."""
+    """A real `streamproc worker` subprocess (or, with ``command="trainer"``, a `streamproc trainer`, whose
+    metrics are served on ``web_port`` too)."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: str = "worker") -> None:
         self.settings = settings
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command = command
         self.extra_env: dict[str, str] = {}
+        if command == "trainer":
+            self.extra_env["STREAMPROC_TRAINER_METRICS_PORT"] = str(settings.web_port)
 
     def start(self) -> Self:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamproc.cli", "worker"], env={**worker_env(self.settings), **self.extra_env},
+                [sys.executable, "-m", "streamproc.cli", self.command],
+                env={**worker_env(self.settings), **self.extra_env},
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
             )
         return self

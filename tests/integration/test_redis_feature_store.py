@@ -37,3 +37,16 @@ async def test_forget_erases_and_remembers(store):
     assert await store.redis.exists(customer_key("a")) == 0
     assert (await store.load(["a"]))["a"].erased
     assert await store.forget("never-seen") is False
+
+
+async def test_model_store_contract_on_redis(settings):
+    import redis.asyncio as aioredis
+
+    from streamproc.adapters.model_store import RedisModelStore
+    from tests.unit.test_churn_and_models import model_store_contract
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await model_store_contract(RedisModelStore(client))
+    finally:
+        await client.aclose()

@@ -224,6 +224,39 @@ def test_checkpoints_keep_versions_and_roll_back():
     asyncio.run(run())
 
 
+async def model_store_contract(store) -> None:
+    """What every ModelStore does with versions and fenced (trainer) saves; also run against Redis."""
+    from streamproc.adapters.model_store import StaleCheckpoint
+
+    bundle = ModelBundle(ModelConfig())
+    assert await store.save(bundle, keep=3) == 1  # unfenced (a bootstrap): always accepted
+    bundle.training_offset = 10
+    assert await store.save(bundle, keep=3, fenced=True) == 2
+    stale = ModelBundle(ModelConfig())  # a trainer that lost the partition and only got to offset 7
+    stale.training_offset = 7
+    with pytest.raises(StaleCheckpoint):
+        await store.save(stale, keep=3, fenced=True)
+    stale.training_offset = 10  # the same offset again is no progress either
+    with pytest.raises(StaleCheckpoint):
+        await store.save(stale, keep=3, fenced=True)
+    assert stale.version == 0 and await store.current_version() == 2
+    bundle.training_offset = 11
+    assert await store.save(bundle, keep=3, fenced=True) == 3
+    loaded = await store.load()
+    assert loaded.version == 3 and loaded.training_offset == 11
+    await store.set_current(2)  # an operator's rollback does not reset the fence or reuse numbers
+    assert await store.save(bundle, keep=3) == 4
+    assert await store.versions() == [2, 3, 4]
+
+
+def test_model_store_contract_in_memory():
+    import asyncio
+
+    from streamproc.adapters.model_store import InMemoryModelStore
+
+    asyncio.run(model_store_contract(InMemoryModelStore()))
+
+
 def test_segment_names_are_unique_and_descriptive():
     from streamproc.domain.churn import SEGMENT_FEATURES
 
