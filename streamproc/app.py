@@ -126,7 +126,9 @@ class Worker:
             models_enabled=settings.models_enabled,
             pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
             excluded_products=frozenset(settings.rec_excluded_products),
+            sweep_budget=settings.sweep_budget,
         )
+        self.step_lock = asyncio.Lock()  # one batch or sweep step at a time (the ingest agent, the sweep timer)
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
         self.outbox_checked: set[int] = set()  # partitions whose outbox was re-sent since this worker got them
@@ -165,6 +167,7 @@ class Worker:
             app.timer(s.model_reload_s, name="models")(self.reload_model)
         if self.trainer is not None:
             app.task(self.trainer.run)
+        app.timer(0.25, name="sweep")(self.continue_sweep)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
@@ -217,6 +220,7 @@ class Worker:
         self.metrics.consumer_lag.clear()
         self.last_offsets.clear()
         self.outbox_checked.clear()
+        self.processor.partitions_changed()
 
     def to_raw(self, event: EventT) -> RawRecord:
         msg = event.message
@@ -240,8 +244,25 @@ class Worker:
                 self.last_offsets[(rec.topic, rec.partition)] = rec.offset
             self.metrics.last_batch.set(time.time())
 
+    async def continue_sweep(self) -> None:
+        """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour)."""
+        if not self.processor.sweep_pending or self.step_lock.locked():
+            return
+        async with self.step_lock:
+            try:
+                await self.processor.sweep(self.emit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next batch or tick retries; its outputs are parked in the outbox
+                self.outbox_checked.clear()
+                log.warning("sweep step failed (%s: %s)", type(exc).__name__, exc)
+
     async def apply_with_retry(self, records: list[RawRecord]) -> None:
         """Apply a batch; on a Redis or Kafka error back off and retry, never acking what failed."""
+        async with self.step_lock:
+            await self._apply_with_retry(records)
+
+    async def _apply_with_retry(self, records: list[RawRecord]) -> None:
         delay = 0.1
         while True:
             try:

@@ -80,6 +80,15 @@ class RawRecord:
 
 
 @dataclass
+class SweepPass:
+    """One partition's sweep from its mark to ``target``: who is due, and how far the refresh got."""
+
+    target: int
+    due: list[str]
+    done: int = 0
+
+
+@dataclass
 class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     outcome: FoldOutcome = field(default_factory=FoldOutcome)  # (kind, outcome) counts
@@ -221,8 +230,14 @@ class BatchProcessor:
         models_enabled: bool = True,
         pseudonymize: Callable[[str], str] | None = None,
         excluded_products: frozenset[str] = frozenset(),
+        sweep_budget: int | None = None,
     ) -> None:
         self.excluded_products = excluded_products
+        # customers one sweep() call refreshes at most (None: every due one): a pass that visits many (every
+        # live customer at a snapshot instant) is spread over the following calls instead of stalling ingest
+        self.sweep_budget = sweep_budget
+        self.passes: dict[int, SweepPass] = {}  # partition -> the sweep pass in progress
+        self._ownership_changed = False
         self.store = store
         self.metrics = metrics
         self.limits = limits
@@ -291,8 +306,21 @@ class BatchProcessor:
                 total.merge(outcome)
             return state, total
 
+    def partitions_changed(self) -> None:
+        """Partitions moved between workers (a rebalance): before the next step, reload every partition's stored
+        watermarks and sweep marks (another worker may have advanced them meanwhile) and restart sweep passes
+        from the stored marks."""
+        self._ownership_changed = True
+
+    def _apply_ownership_change(self) -> None:
+        if self._ownership_changed:
+            self._ownership_changed = False
+            self._partitions_loaded = set()
+            self.passes = {}
+
     async def process(self, records: list[RawRecord]) -> BatchResult:
         started = time.perf_counter()
+        self._apply_ownership_change()
         fresh = {rec.partition for rec in records} - self._partitions_loaded
         if fresh:
             # a partition this process has not read before (start, or taken over from another worker):
@@ -343,7 +371,7 @@ class BatchProcessor:
                 if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
                     customer_result.dead_letters
                 ):
-                    as_of = self.as_of(state, self.swept.get(partition, 0))
+                    as_of = self.as_of(state, self.swept_to(partition))
                     feats = features(state, as_of, self.fold)
                     model = (
                         self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
@@ -574,10 +602,25 @@ class BatchProcessor:
         crossed = [d for d in self.boundaries if last + d * DAY_MS <= swept_to]
         return max(state.max_ts, last + crossed[-1] * DAY_MS) if crossed else state.max_ts
 
+    def swept_to(self, partition: int) -> int:
+        """Where the sweep stands for stored features: the target of a pass in progress (its customers not yet
+        refreshed are stored as the finished pass will store them), else the last mark."""
+        running = self.passes.get(partition)
+        return running.target if running is not None else self.swept.get(partition, 0)
+
+    @property
+    def sweep_pending(self) -> bool:
+        """More sweep() calls are due even if no batch comes: a pass is in progress, or a partition's
+        watermark passed its sweep mark (a pass spread over batches ended behind the watermark)."""
+        if self.passes:
+            return True
+        return any(wm - wm % self.sweep_interval_ms > self.swept.get(p, 0)
+                   for p, wm in self.watermarks.by_partition().items())
+
     async def sweep(self, emit: Callable[[BatchResult], Awaitable[None]] | None = None) -> int:
-        """Run the inactivity sweep. With ``emit``, each chunk's outputs (alerts, examples) are handed over as
-        soon as the chunk is saved, so memory stays bounded however many customers a grid instant visits;
-        without, they wait in ``self.sweep_outputs``."""
+        """Run the inactivity sweep (up to ``sweep_budget`` customers). With ``emit``, each chunk's outputs
+        (alerts, examples) are handed over as soon as the chunk is saved, so memory stays bounded however many
+        customers a grid instant visits; without, they wait in ``self.sweep_outputs``."""
         self.sweep_outputs = BatchResult()
         return await self._sweep(self.sweep_outputs, emit)
 
@@ -586,41 +629,62 @@ class BatchProcessor:
 
         For each partition, customers whose last event time plus a boundary fell in (last sweep mark,
         watermark] are re-materialised as of that instant (never as of the wall clock), so the stored
-        features after a replay do not depend on when sweeps ran. Returns the number of customers touched.
+        features after a replay do not depend on when sweeps ran. A pass's target is fixed when it starts; its
+        mark is stored when its last customer is refreshed (a crash before that re-runs the pass, and a
+        refresh is idempotent). Returns the number of customers touched.
         """
+        self._apply_ownership_change()
         marks = await self.store.sweep_marks()
         touched = 0
+        budget = self.sweep_budget
         for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
-            # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
-            wm = exact_wm - exact_wm % self.sweep_interval_ms
-            low = max(marks.get(partition, 0), self.swept.get(partition, 0))  # 0: every boundary is due
-            if wm <= low:
-                continue
-            spans = [d * DAY_MS for d in self.boundaries]
-            expire_span = self.expire_after_days * DAY_MS
-            live = self.churn.silent_horizons * self.churn.horizon_days * DAY_MS
-            ranges = [(low - span, wm - span) for span in spans]
-            # every live customer at each snapshot instant the watermark passed (also those whose later
-            # events were already applied: a topic can run ahead of the other)
-            points = grid_points(low, wm, self.churn) if self.models_enabled else []
-            if points:
-                ranges.append((points[0] - live, 2**62))
-            found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
-            due: set[str] = set().union(*found[:-1])
-            expired = found[-1]
-            if expired:
-                await self.store.expire(partition, expired)
-                due.difference_update(expired)
-            ordered = sorted(due)
-            for i in range(0, len(ordered), SWEEP_CHUNK):
+            running = self.passes.get(partition)
+            if running is None:
+                running = await self._start_pass(partition, exact_wm, marks)
+                if running is None:
+                    continue
+            while running.done < len(running.due):
+                room = SWEEP_CHUNK if budget is None else min(SWEEP_CHUNK, budget - touched)
+                if room <= 0:
+                    break
+                ids = running.due[running.done : running.done + room]
                 chunk = BatchResult() if emit is not None else outputs
-                touched += await self._refresh(ordered[i : i + SWEEP_CHUNK], wm, partition, chunk)
+                touched += await self._refresh(ids, running.target, partition, chunk)
+                running.done += len(ids)
                 if emit is not None:
                     await emit(chunk)
-            await self.store.set_sweep_mark(partition, wm)
-            self.swept[partition] = wm
+            if running.done < len(running.due):
+                break  # out of budget: the next call goes on from here
+            await self.store.set_sweep_mark(partition, running.target)
+            self.swept[partition] = running.target
+            del self.passes[partition]
         self.metrics.sweep_customers.inc(touched)
         return touched
+
+    async def _start_pass(self, partition: int, exact_wm: int, marks: dict[int, int]) -> SweepPass | None:
+        # sweep up to a whole multiple of the interval: where a sweep stops does not depend on batching
+        wm = exact_wm - exact_wm % self.sweep_interval_ms
+        low = max(marks.get(partition, 0), self.swept.get(partition, 0))  # 0: every boundary is due
+        if wm <= low:
+            self.swept[partition] = low
+            return None
+        spans = [d * DAY_MS for d in self.boundaries]
+        expire_span = self.expire_after_days * DAY_MS
+        live = self.churn.silent_horizons * self.churn.horizon_days * DAY_MS
+        ranges = [(low - span, wm - span) for span in spans]
+        # every live customer at each snapshot instant the watermark passed (also those whose later
+        # events were already applied: a topic can run ahead of the other)
+        points = grid_points(low, wm, self.churn) if self.models_enabled else []
+        if points:
+            ranges.append((points[0] - live, 2**62))
+        found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
+        due: set[str] = set().union(*found[:-1])
+        expired = found[-1]
+        if expired:
+            await self.store.expire(partition, expired)
+            due.difference_update(expired)
+        running = self.passes[partition] = SweepPass(wm, sorted(due))
+        return running
 
     async def _refresh(self, customer_ids: list[str], wm: int, partition: int, outputs: BatchResult) -> int:
         for _ in range(MAX_SAVE_ATTEMPTS):

@@ -73,9 +73,13 @@ def output_ids(settings):
     return alerts, recs
 
 
-def frozen(worker):
-    worker.extra_env = dict(FROZEN_MODEL_ENV)
+def frozen(worker, **env):
+    worker.extra_env = {**FROZEN_MODEL_ENV, **env}
     return worker
+
+
+# the crashed runs spread each sweep pass over many batches (at most 40 customers per step), the baselines not
+SPREAD_SWEEP = {"STREAMPROC_SWEEP_BUDGET": "40"}
 
 
 @pytest.mark.faults
@@ -94,7 +98,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
     rnd = random.Random(5)
     kills = 0
     for _ in range(5):
-        worker = frozen(worker_factory(crashed)).start()
+        worker = frozen(worker_factory(crashed), **SPREAD_SWEEP).start()
         worker.wait_ready()
         # kill at a random moment: between batches, inside a Redis write, a produce, or a commit
         target = rnd.randint(300, 2500)
@@ -106,7 +110,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
         worker.stop(signal.SIGKILL)
         kills += 1
     assert kills == 5
-    final = frozen(worker_factory(crashed)).start()
+    final = frozen(worker_factory(crashed), **SPREAD_SWEEP).start()
     wait_equal(crashed, expected)
     alerts, recs = output_ids(crashed)
     assert alerts == expected_alerts
@@ -126,8 +130,8 @@ def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_fa
     expected = redis_snapshot(single)
     expected_alerts, expected_recs = output_ids(single)
 
-    survivor = frozen(worker_factory(pair, "survivor")).start()
-    victim = frozen(worker_factory(pair.model_copy(update={"web_port": free_port()}), "victim")).start()
+    survivor = frozen(worker_factory(pair, "survivor"), **SPREAD_SWEEP).start()
+    victim = frozen(worker_factory(pair.model_copy(update={"web_port": free_port()}), "victim"), **SPREAD_SWEEP).start()
     survivor.wait_ready()
     victim.wait_ready()
     deadline = time.monotonic() + 60

@@ -192,8 +192,8 @@ def sim_records(customers=40, days=120, seed=3):
     return out
 
 
-async def run_in_batches(records, sizes):
-    store, proc = make()
+async def run_in_batches(records, sizes, sweep_budget=None):
+    store, proc = make(sweep_budget=sweep_budget)
     i = 0
     k = 0
     while i < len(records):
@@ -202,6 +202,8 @@ async def run_in_batches(records, sizes):
         await proc.sweep()
         i += n
         k += 1
+    while proc.sweep_pending:  # the worker's timer finishes a spread pass once the stream goes quiet
+        await proc.sweep()
     return store
 
 
@@ -215,6 +217,10 @@ async def test_stored_features_do_not_depend_on_batching_or_sweep_timing():
     many = await run_in_batches(records, [1, 7, 300, 64])
     assert stored_features(one) == stored_features(many)
     assert one.last_seen == many.last_seen and one.hll == many.hll
+    # a sweep spread over many batches (at most 3 customers per call) stores the same
+    spread = await run_in_batches(records, [40], sweep_budget=3)
+    assert stored_features(one) == stored_features(spread)
+    assert await one.census() == await spread.census()
 
 
 async def test_the_sweep_ages_silent_customers_on_event_time():
@@ -284,12 +290,12 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
     assert bundle.churn_examples > 0
     records = sim_records(customers=60, days=150, seed=12)
 
-    async def outputs(sizes):
+    async def outputs(sizes, sweep_budget=None):
         from streamproc.app import churn_config
 
         store = InMemoryFeatureStore()
         proc = BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(allowed_lateness_ms=3_600_000),
-                              churn=churn_config(settings))
+                              churn=churn_config(settings), sweep_budget=sweep_budget)
         proc.bundle = bundle
         alerts, recs = {}, set()
         i = k = 0
@@ -303,6 +309,11 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
             recs.update(r["recommendation_id"] for r in result.recommendations)
             i += n
             k += 1
+        while proc.sweep_pending:
+            await proc.sweep()
+            alerts.update({a["alert_id"]: (a["probability"], a["value_tier"], a["lifecycle_stage"], a["clv"])
+                           for a in proc.sweep_outputs.alerts})
+            recs.update(r["recommendation_id"] for r in proc.sweep_outputs.recommendations)
         return alerts, recs
 
     one_alerts, one_recs = await outputs([5000])
@@ -310,6 +321,9 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
     assert one_alerts, "the model raised no alert: nothing was compared"
     assert one_alerts == many_alerts  # same alerts, same contents
     assert one_recs == many_recs
+    spread_alerts, spread_recs = await outputs([97], sweep_budget=5)  # the sweep spread over batches
+    assert spread_alerts == one_alerts
+    assert spread_recs == one_recs
 
 
 async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
