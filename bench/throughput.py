@@ -87,6 +87,7 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
     from the first processed event to the last, summed over the processes."""
     command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
                else [sys.executable, "-m", "streamproc.cli", "worker"])
+    spy = None
     procs = []
     ports = [settings.web_port + i for i in range(workers)]
     for i, port in enumerate(ports):
@@ -104,15 +105,21 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             now = time.perf_counter()
             if first_at is None and done > 0:
                 first_at, first_count = now, done
+                if os.environ.get("BENCH_PYSPY"):  # profile the first worker for 10 s: collapsed stacks
+                    spy = subprocess.Popen(["py-spy", "record", "--pid", str(procs[0].pid), "-d", "10", "-r", "100",
+                                            "-f", "raw", "-o", os.environ["BENCH_PYSPY"]],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if done >= expected:
                 break
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"a worker died: see {log}")
-            time.sleep(0.05)
+            time.sleep(0.25)  # scraping /metrics costs the worker CPU
         else:
             raise RuntimeError("workers did not finish in time")
         assert first_at is not None
         rate = (done - first_count) / (now - first_at)
+        if spy is not None:
+            spy.wait(30)
         return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs)}
     finally:
         for p in procs:
