@@ -44,12 +44,14 @@ class RecConfig:
     neighbours: int = 20  # related items kept per item in the scoring index
     exclude_bought_days: int = 30  # never recommend what the customer bought within this horizon
     viewed_days: int = 14  # views older than this are not "viewed, not bought" candidates
+    anchor_purchases: int = 5  # bought_together looks at the items of this many latest purchases
+    anchor_damping: float = 0.5  # their rules count (1 + purchases ago) ** -damping
     catalogue_days: int = 90  # an item not sold for this long counts as out of the catalogue
     # blending weights: score = Σ weight(source) × source score in [0, 1]
     weight_bought_together: float = 1.0
     weight_viewed_not_bought: float = 0.8
     weight_popular_in_segment: float = 0.4
-    version: str = "blend-v1"
+    version: str = "blend-v2"
 
     def weights(self) -> dict[str, float]:
         return {BOUGHT_TOGETHER: self.weight_bought_together, VIEWED_NOT_BOUGHT: self.weight_viewed_not_bought,
@@ -267,9 +269,11 @@ def recommend(
     """Up to k items for ``customer`` at event time ``at``: [{product_id, score, reason}], best first.
 
     ``context`` holds the items that triggered it (the basket just bought, the product just viewed);
-    related items of the customer's 5 latest purchases are candidates too (the 2k strongest rules count).
+    related items of every item of the customer's ``anchor_purchases`` latest purchases are candidates too (the
+    2k strongest rules count).
     Each source scores in [0, 1]: bought_together by rule confidence relative to the strongest rule found
-    (rules from the context at full strength, from recent purchases damped by recency rank);
+    (rules from the context at full strength, from the n-th latest purchase damped by n^-anchor_damping, the
+    context counting as the newest);
     viewed_not_bought by interest (1 - 0.5^views) times recency of the last view (halving per week),
     halved outside the customer's top categories; popular_in_segment by sales relative to the segment's
     best seller (its top 2k, and the top k of the trigger's category, the others halved when there is
@@ -303,13 +307,20 @@ def recommend(
             slot[source] = value
 
     if BOUGHT_TOGETHER in sources:
-        recent = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)[-5:]
-        anchors = list(dict.fromkeys([*context, *(pid for _, pid in reversed(recent))]))
+        # anchors: the context at full strength, then every item of the customer's latest purchases, damped by
+        # how many purchases ago (the context, when there is one, counts as the newest)
+        bought = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)
+        instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
+        shift = 1 if context else 0
+        damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
+        anchors = dict.fromkeys(context, 1.0)
+        for ts, pid in reversed(bought):
+            if ts in damps and pid not in anchors:
+                anchors[pid] = damps[ts]
         found: dict[str, float] = {}
         get_found = found.get
         related = index.related
-        for rank, anchor in enumerate(anchors):
-            damp = 1.0 if anchor in context else 1.0 / (1 + rank)
+        for anchor, damp in anchors.items():
             for pid, confidence in related.get(anchor, ()):
                 value = confidence * damp
                 if value > get_found(pid, 0.0):

@@ -133,6 +133,24 @@ def test_blending_weights_sources_and_names_the_strongest_reason():
     assert len(recommend(index, customer, T0, ["a"], k=2)) == 2
 
 
+def test_rules_of_earlier_purchases_are_damped_by_how_many_purchases_ago():
+    # three purchases: a (newest, two items with b), then c, then e; each item has one rule
+    index = index_with(related={"a": [("x", 0.8)], "b": [("y", 0.8)], "c": [("z", 0.8)], "e": [("w", 0.8)]},
+                       sold={p: T0 for p in "abcexyzw"}, exclude_bought_days=30, anchor_damping=0.5,
+                       anchor_purchases=2)
+    customer = view(bought={"a": T0 - 2 * DAY_MS, "b": T0 - 2 * DAY_MS, "c": T0 - 5 * DAY_MS, "e": T0 - 9 * DAY_MS})
+    scores = {i["product_id"]: i["score"] for i in recommend(index, customer, T0, [])}
+    # both items of the latest purchase anchor at full strength, the purchase before at 2^-0.5
+    assert scores["x"] == scores["y"] == 1.0
+    assert scores["z"] == pytest.approx(2 ** -0.5, abs=1e-4)
+    assert "w" not in scores  # the third purchase back is beyond anchor_purchases
+    # with a trigger, the trigger is the newest: the latest purchase counts as one purchase ago
+    index2 = index_with(related={"q": [("v", 0.8)], "a": [("x", 0.8)]}, sold={p: T0 for p in "qvax"},
+                        exclude_bought_days=1)
+    scores = {i["product_id"]: i["score"] for i in recommend(index2, view(bought={"a": T0 - 2 * DAY_MS}), T0, ["q"])}
+    assert scores["v"] == 1.0 and scores["x"] == pytest.approx(2 ** -0.5, abs=1e-4)
+
+
 def test_viewed_outside_top_categories_counts_half_and_old_views_not_at_all():
     index = index_with(viewed_days=14)
     customer = view(viewed={"a": (T0, "top", 1), "b": (T0, "other", 1), "c": (T0 - 15 * DAY_MS, "top", 5),
