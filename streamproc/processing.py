@@ -59,7 +59,7 @@ MAX_SAVE_ATTEMPTS = 5
 # Days of silence at which a silent customer's stored features are refreshed by the inactivity sweep
 # (window edges and lifecycle thresholds are added to these). Lookups always compute exactly as of now.
 SWEEP_BOUNDARIES_DAYS = (7, 14)
-SWEEP_CHUNK = 2000
+SWEEP_CHUNK = 500  # customers refreshed per load+save round trip (bounds the sweep's working set)
 
 
 @dataclass(frozen=True, slots=True)
