@@ -69,10 +69,16 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "STREAMPROC_APP_ID": settings.app_id, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix,
            "STREAMPROC_REDIS_URL": settings.redis_url}
-    print("== 3/5 worker (streamproc worker), log in .local/demo/worker.log")
+    print("== 3/5 worker (streamproc worker) and trainer (streamproc trainer), logs in .local/demo/")
+    trainer_port = settings.web_port + 1
     with open(run_dir / "worker.log", "wb") as log:
+        # the production layout: a scoring worker, and the global trainer in its own process (its own core)
         worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env)
+                                  stderr=subprocess.STDOUT, env={**env, "STREAMPROC_TRAINER_ENABLED": "false"})
+    with open(run_dir / "trainer.log", "wb") as log:
+        trainer = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], stdout=log,
+                                   stderr=subprocess.STDOUT,
+                                   env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(trainer_port)})
     try:
         cfg = SimulationConfig(customers=customers, days=days, seed=int(time.time()) % 1000,
                                bad_fraction=0.002, duplicate_fraction=0.01)
@@ -110,7 +116,17 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
 
         print("== 5/5 what came out")
-        time.sleep(max(settings.checkpoint_interval_s, settings.model_reload_s) + 1)  # a last checkpoint
+        # the trainer learns the last examples and checkpoints them, then the worker reloads the checkpoint
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            produced = sum(v for k, v in scrape(settings.web_port).items()
+                           if k.startswith("streamproc_training_examples_total"))
+            learned = sum(v for k, v in scrape(trainer_port).items()
+                          if k.startswith("streamproc_examples_learned_total"))
+            if learned >= produced:
+                break
+            time.sleep(1.0)
+        time.sleep(settings.checkpoint_interval_s + settings.model_reload_s + 1)
         metrics = scrape(settings.web_port)
         for name in sorted(metrics):
             if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total",
@@ -143,11 +159,12 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
               "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
         return 0 if got >= sent else 1
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for proc in (worker, trainer):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:

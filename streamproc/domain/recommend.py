@@ -285,26 +285,8 @@ def recommend(
     k = k or cfg.k
     weights = cfg.weights()
     horizon = cfg.exclude_bought_days * DAY_MS
-    # what they bought lately, and what they are looking at right now, is not news to them
-    blocked = {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at} | set(context)
-    contributions: dict[str, dict[str, float]] = {}
-    available = index.available
-    refused: set[str] = set(blocked)
-    accepted: set[str] = set()
-
-    def add(pid: str, source: str, score: float) -> None:
-        if pid not in accepted:
-            if pid in refused:
-                return
-            listed = pid in available if available is not None else index.in_catalogue(pid, at)
-            if not listed or pid in excluded:
-                refused.add(pid)
-                return
-            accepted.add(pid)
-        slot = contributions.setdefault(pid, {})
-        value = weights[source] * score
-        if value > slot.get(source, 0.0):
-            slot[source] = value
+    # each source scores its candidates; an item's score per source is the best it got from that source
+    scored: dict[str, dict[str, float]] = {}
 
     if BOUGHT_TOGETHER in sources:
         # anchors: the context at full strength, then every item of the customer's latest purchases, damped by
@@ -327,18 +309,21 @@ def recommend(
                     found[pid] = value
         strongest = heapq.nsmallest(k * 2, ((-v, pid) for pid, v in found.items()))
         top = -strongest[0][0] if strongest else 1.0
-        for negative, pid in strongest:  # relative to the strongest rule, like the other sources
-            add(pid, BOUGHT_TOGETHER, -negative / top)
+        # relative to the strongest rule, like the other sources
+        scored[BOUGHT_TOGETHER] = {pid: -negative / top for negative, pid in strongest}
     # the categories of what triggered it (the product being looked at) say what the customer is after now
     focus = {index.category.get(pid) for pid in context} - {None}
     if VIEWED_NOT_BOUGHT in sources:
         tops = set(customer.top_categories) | focus
+        window = cfg.viewed_days * DAY_MS
+        week = 7 * DAY_MS
+        viewed: dict[str, float] = {}
         for pid, (ts, cat, views) in customer.viewed.items():
             age = at - ts
-            if 0 <= age <= cfg.viewed_days * DAY_MS:
+            if 0 <= age <= window:
                 interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
-                score = interest * 0.5 ** (age / (7 * DAY_MS)) * (1.0 if cat in tops else 0.5)
-                add(pid, VIEWED_NOT_BOUGHT, score)
+                viewed[pid] = interest * 0.5 ** (age / week) * (1.0 if cat in tops else 0.5)
+        scored[VIEWED_NOT_BOUGHT] = viewed
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
         favourites = index.favourites.get(seg, [])
@@ -347,16 +332,39 @@ def recommend(
             per_category = index.by_category.get(seg)
             candidates = candidates + (per_category.get(category, []) if per_category is not None else
                                        [f for f in favourites if index.category.get(f[0]) == category][:k])
+        popular: dict[str, float] = {}
+        category_of = index.category.get
         for pid, share in candidates:
-            add(pid, POPULAR_IN_SEGMENT, share if not focus or index.category.get(pid) in focus else share * 0.5)
+            value = share if not focus or category_of(pid) in focus else share * 0.5
+            if value > popular.get(pid, 0.0):
+                popular[pid] = value
+        scored[POPULAR_IN_SEGMENT] = popular
 
-    ranked = heapq.nsmallest(k, ((-sum(c.values()), pid) for pid, c in contributions.items()))
+    # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
+    # items, and items out of the catalogue
+    candidates_all: set[str] = set().union(*scored.values()) if scored else set()
+    candidates_all -= {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at}
+    candidates_all.difference_update(context, excluded)
+    available = index.available
+    if available is not None:
+        candidates_all &= available
+    else:
+        candidates_all = {pid for pid in candidates_all if index.in_catalogue(pid, at)}
+    parts_of: dict[str, dict[str, float]] = {}
+    ranking = []
+    for pid in candidates_all:
+        # the sources in a fixed order (bought_together, viewed_not_bought, popular_in_segment)
+        parts = {source: value for source, found_by in scored.items()
+                 if pid in found_by and (value := weights[source] * found_by[pid]) > 0.0}
+        if not parts:
+            continue
+        parts_of[pid] = parts
+        ranking.append((-sum(parts.values()), pid))
     out = []
-    for negative, pid in ranked:
-        score = -negative
-        parts = contributions[pid]
+    for negative, pid in heapq.nsmallest(k, ranking):
+        parts = parts_of[pid]
         reason = max(parts, key=lambda s: (parts[s], s))
-        out.append({"product_id": pid, "score": round(score, 4), "reason": reason})
+        out.append({"product_id": pid, "score": round(-negative, 4), "reason": reason})
     return out
 
 
