@@ -5,7 +5,7 @@ Fresh topics (own prefix) and Redis db 15. Waits until the worker has processed 
 trainer has learned every example it was sent and written a checkpoint, then scores. The scores land in
 ``bench/results/evaluate-<tag>.json``.
 
-Usage: python bench/evaluate.py [--customers 20000] [--days 180]. Not a test.
+Usage: python bench/evaluate.py [--customers 20000] [--days 180] [--trainer-process]. Not a test.
 """
 
 from __future__ import annotations
@@ -34,13 +34,23 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--trainer-process", action="store_true",
+                        help="the production layout: a scoring worker and `streamproc trainer` in its own process")
     args = parser.parse_args()
     settings, env, tag = isolated_run("eval", 15, 6196)
     run_dir = ROOT / ".local" / f"eval-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    trainer_port = settings.web_port + 100
+    worker_env = {**env, "STREAMPROC_TRAINER_ENABLED": "false"} if args.trainer_process else env
     with open(run_dir / "worker.log", "wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
+        procs.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=worker_env,
+                                      stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+    if args.trainer_process:
+        with open(run_dir / "trainer.log", "wb") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], cwd=ROOT,
+                                          env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(trainer_port)},
+                                          stdout=out, stderr=subprocess.STDOUT))
     try:
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "streamproc.cli", "simulate", "--customers", str(args.customers),
@@ -55,7 +65,7 @@ def main() -> None:
             m = scrape(settings.web_port)
             done = processed_total(m)
             sent = total(m, "streamproc_training_examples_total")
-            learned = total(m, "streamproc_examples_learned_total")
+            learned = total(scrape(trainer_port) if args.trainer_process else m, "streamproc_examples_learned_total")
             print(f"processed {done:,.0f}, examples sent {sent:,.0f}, learned {learned:,.0f}", flush=True)
             stable = stable + 1 if done == last and learned >= sent else 0
             last = done
@@ -66,8 +76,10 @@ def main() -> None:
                        env=env, cwd=ROOT, check=True)
         print(f"events processed {last:,.0f} in {time.monotonic() - started:.0f}s; scores in {out}")
     finally:
-        worker.terminate()
-        worker.wait(60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from streamproc.topics import aiokafka_security_kwargs
 
 TRAINING_TOPIC = "streamproc-training"
 FETCH_MAX_RECORDS = 5000
+LEARN_SLICE = 200  # examples learned between yields to the event loop
 
 log = logging.getLogger("streamproc.trainer")
 
@@ -45,6 +46,7 @@ class Trainer:
         self.topic = settings.topic(TRAINING_TOPIC)
         self.bundle: ModelBundle | None = None  # set while this trainer owns the training partition
         self.owned: TopicPartition | None = None
+        self.generation = 0  # bumped at every take-over: records fetched before it are not learned
         self.dirty = False
         self.last_checkpoint = 0.0
         self.consumer: AIOKafkaConsumer | None = None
@@ -65,6 +67,7 @@ class Trainer:
                 log.warning("cannot load the model checkpoint (%s); retrying", exc)
                 await asyncio.sleep(1.0)
         self.bundle = bundle or ModelBundle(self.config)
+        self.generation += 1
         self.owned = tp
         self.metrics.trainer_active.set(1)
         self.dirty = False
@@ -82,6 +85,7 @@ class Trainer:
                 log.warning("final checkpoint before hand-over failed (%s)", exc)
         self.bundle = None
         self.owned = None
+        self.generation += 1
         self.metrics.trainer_active.set(0)
 
     # ------------------------------------------------------------------ learning
@@ -177,11 +181,15 @@ class Trainer:
                 self.consumer.subscribe([self.topic], listener=Listener())
                 while not self._stopping.is_set():
                     fetched = await self.consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
+                    generation = self.generation
+                    for records in fetched.values():
+                        for i in range(0, len(records), LEARN_SLICE):
+                            if self.bundle is None or self.generation != generation:
+                                break  # the partition was taken away (or away and back) meanwhile: re-fetch
+                            self.learn_records(records[i : i + LEARN_SLICE])
+                            await asyncio.sleep(0)  # inside a worker: let its batches run between slices
                     if self.bundle is not None:
-                        for records in fetched.values():
-                            self.learn_records(records)
                         await self.checkpoint_if_due()
-                        await asyncio.sleep(0)  # let the worker's own agents run between fetches
                 await self._give_up()
             except asyncio.CancelledError:
                 raise
