@@ -38,6 +38,7 @@ MOVES_TOPIC = "segment-moves"
 log = logging.getLogger("streamproc.worker")
 
 RETRY_MAX_SECONDS = 5.0
+SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
 
 
 def decode_limits(settings: Settings) -> DecodeLimits:
@@ -143,6 +144,7 @@ class Worker:
             excluded_products=frozenset(settings.rec_excluded_products),
             sweep_budget=settings.sweep_budget,
         )
+        self.last_batch_at = 0.0  # monotonic time of the last applied batch
         self.step_lock = asyncio.Lock()  # one batch or sweep step at a time (the ingest agent, the sweep timer)
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
@@ -257,14 +259,19 @@ class Worker:
         async for batch in drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s):
             records = [self.to_raw(ev) for ev in batch]
             await self.apply_with_retry(records)
+            self.last_batch_at = time.monotonic()
             await ack_batch(stream, batch)
             for rec in records:
                 self.last_offsets[(rec.topic, rec.partition)] = rec.offset
             self.metrics.last_batch.set(time.time())
 
     async def continue_sweep(self) -> None:
-        """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour)."""
+        """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour).
+        While batches flow, each one carries a step of the pass, so the pass never delays them by more than a
+        step."""
         if not self.processor.sweep_pending or self.step_lock.locked():
+            return
+        if time.monotonic() - self.last_batch_at < SWEEP_IDLE_S:
             return
         async with self.step_lock:
             try:
@@ -298,7 +305,9 @@ class Worker:
                         await self.emit(recovered)
                     self.outbox_checked.add(partition)
                 result = await self.processor.process(records)
-                await self.processor.sweep(self.emit)  # each chunk's outputs are sent as it is saved
+                # each chunk's outputs are sent as it is saved; a step's size follows the batch's (a live trickle:
+                # small steps, little added latency; a backlog: big steps, so the sweep keeps up with the stream)
+                await self.processor.sweep(self.emit, budget=max(self.settings.sweep_budget, len(records)))
                 await self.emit(result)
                 wm = self.processor.watermarks.overall()
                 if wm is not None:

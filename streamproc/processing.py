@@ -617,14 +617,16 @@ class BatchProcessor:
         return any(wm - wm % self.sweep_interval_ms > self.swept.get(p, 0)
                    for p, wm in self.watermarks.by_partition().items())
 
-    async def sweep(self, emit: Callable[[BatchResult], Awaitable[None]] | None = None) -> int:
+    async def sweep(self, emit: Callable[[BatchResult], Awaitable[None]] | None = None,
+                    budget: int | None = None) -> int:
         """Run the inactivity sweep (up to ``sweep_budget`` customers). With ``emit``, each chunk's outputs
         (alerts, examples) are handed over as soon as the chunk is saved, so memory stays bounded however many
         customers a grid instant visits; without, they wait in ``self.sweep_outputs``."""
         self.sweep_outputs = BatchResult()
-        return await self._sweep(self.sweep_outputs, emit)
+        return await self._sweep(self.sweep_outputs, emit, budget if budget is not None else self.sweep_budget)
 
-    async def _sweep(self, outputs: BatchResult, emit: Callable[[BatchResult], Awaitable[None]] | None = None) -> int:
+    async def _sweep(self, outputs: BatchResult, emit: Callable[[BatchResult], Awaitable[None]] | None = None,
+                     budget: int | None = None) -> int:
         """Bring silent customers' stored features up to date as the watermark passes silence boundaries.
 
         For each partition, customers whose last event time plus a boundary fell in (last sweep mark,
@@ -636,7 +638,6 @@ class BatchProcessor:
         self._apply_ownership_change()
         marks = await self.store.sweep_marks()
         touched = 0
-        budget = self.sweep_budget
         for partition, exact_wm in sorted(self.watermarks.by_partition().items()):
             running = self.passes.get(partition)
             if running is None:

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
     # customers the sweep refreshes per batch at most: a snapshot instant that visits every live customer is
     # spread over the following batches (and continued between batches) instead of stalling ingest
-    sweep_budget: int = Field(default=1000, ge=1)
+    sweep_budget: int = Field(default=250, ge=1)
     # unset: the watermark waits for both input topics (replays are deterministic however far they drift
     # apart); set: a topic trailing the other by more than this much event time (or silent) stops holding it
     max_source_skew_s: float | None = None
