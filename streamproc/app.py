@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from typing import Any
 
@@ -442,10 +443,37 @@ class Worker:
             self.metrics.consumer_lag.labels(self.kind_of[tp.topic], str(tp.partition)).set(max(0, high - done - 1))
 
 
+def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:
+    """Block until the broker reports every topic (Faust subscribes once and ignores a missing topic for
+    good, so a worker started before `streamproc topics apply` would otherwise consume nothing)."""
+    from streamproc.topics import admin_client
+
+    wanted = {settings.topic(name) for name in names}
+    waited = 0.0
+    while True:
+        try:
+            admin = admin_client(settings)
+            try:
+                missing = wanted - set(admin.list_topics())
+            finally:
+                admin.close()
+        except Exception as exc:  # broker not up yet
+            missing = wanted
+            log.debug("topic check failed: %s", exc)
+        if not missing:
+            return
+        if waited % 30 == 0:  # before Faust configures logging: straight to stderr
+            print(f"waiting for topics {', '.join(sorted(missing))} (run `streamproc topics apply`)",
+                  file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+        waited += poll_s
+
+
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker as FaustWorker
 
+    wait_for_topics(settings, (*INPUT_TOPICS, TRAINING_TOPIC))
     worker = Worker(settings)
     (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
     FaustWorker(

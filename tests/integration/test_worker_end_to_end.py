@@ -147,3 +147,22 @@ def test_the_lookup_endpoint_can_require_a_bearer_token(topics, worker_factory):
     with urllib.request.urlopen(ok) as resp:
         assert json.loads(resp.read())["features"]["clicks"] == 1
     assert "s3cret-token" not in worker.log_tail(100_000)
+
+
+def test_a_worker_started_before_its_topics_exist_waits_for_them(settings, tmp_path):
+    import time
+
+    from streamproc.topics import apply_topics
+    from tests.conftest import WorkerProcess
+
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()  # a fresh prefix: no topics yet
+    try:
+        time.sleep(4)
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+        assert "waiting for topics" in worker.log_tail(10**7)
+        assert apply_topics(settings).ok
+        produce(settings, [("clicks", b"c1", orjson.dumps(click(i, "c1"))) for i in range(5)])
+        worker.wait_processed(5, timeout=90)
+        assert redis.Redis.from_url(settings.redis_url).exists(customer_key("c1"))
+    finally:
+        worker.stop(9)
