@@ -7,7 +7,8 @@ events/s for ``--minutes``. Every ``--sample-s`` seconds it records the worker's
 the records processed since the previous sample (from the worker's histogram). Writes every sample to
 ``bench/results/soak-<tag>.csv`` and a summary (first and last minute, maxima) to ``soak-<tag>.json``.
 
-Usage: python bench/soak.py [--minutes 30] [--rate 2000] [--customers 200000]. Not a test: `make soak`.
+Usage: python bench/soak.py [--minutes 30] [--rate 2000] [--customers 200000] [--trainer-process]. Not a test:
+`make soak`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--customers", type=int, default=200_000)
     parser.add_argument("--sample-s", type=float, default=30)
+    parser.add_argument("--trainer-process", action="store_true",
+                        help="the production layout: the worker scores only, `streamproc trainer` learns alone")
     args = parser.parse_args()
     settings, env, tag = isolated_run("soak", 14, 6197)
     r = redis.Redis.from_url(settings.redis_url)
@@ -82,6 +85,13 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     log = ROOT / ".local" / f"bench-soak-{tag}.log"
     log.parent.mkdir(exist_ok=True)
+    trainer = None
+    if args.trainer_process:
+        with open(log.with_suffix(".trainer.log"), "wb") as out:
+            trainer = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], cwd=ROOT,
+                                       env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(settings.web_port + 100)},
+                                       stdout=out, stderr=subprocess.STDOUT)
+        env = {**env, "STREAMPROC_TRAINER_ENABLED": "false"}
     with open(log, "wb") as out:
         worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, cwd=ROOT)
@@ -127,6 +137,7 @@ def main() -> None:
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
             "minutes": args.minutes, "offered_rate": args.rate, "customers": args.customers, "events": sent[0],
+            "trainer_process": args.trainer_process,
             **{f"{k}_start": mean(first, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
             **{f"{k}_end": mean(last, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
             "worker_rss_mb_max": max(float(x["worker_rss_mb"] or 0) for x in rows),
@@ -137,8 +148,10 @@ def main() -> None:
         (results / f"soak-{tag}.json").write_text(json.dumps(summary, indent=2))
     finally:
         stop.set()
-        worker.terminate()
-        worker.wait(30)
+        for proc in (worker, trainer):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
         r.flushdb()
 
 
