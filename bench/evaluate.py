@@ -22,11 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import isolated_run  # noqa: E402
 
-from streamproc.demo import processed_total, scrape  # noqa: E402
-
-
-def total(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+from streamproc.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -40,17 +36,8 @@ def main() -> None:
     settings, env, tag = isolated_run("eval", 15, 6196)
     run_dir = ROOT / ".local" / f"eval-{tag}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
     trainer_port = settings.web_port + 100
-    worker_env = {**env, "STREAMPROC_TRAINER_ENABLED": "false"} if args.trainer_process else env
-    with open(run_dir / "worker.log", "wb") as out:
-        procs.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=worker_env,
-                                      stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
-    if args.trainer_process:
-        with open(run_dir / "trainer.log", "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], cwd=ROOT,
-                                          env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(trainer_port)},
-                                          stdout=out, stderr=subprocess.STDOUT))
+    procs = start_pipeline(env, run_dir, trainer_port if args.trainer_process else None, cwd=ROOT)
     try:
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "streamproc.cli", "simulate", "--customers", str(args.customers),
@@ -64,8 +51,9 @@ def main() -> None:
             time.sleep(10)
             m = scrape(settings.web_port)
             done = processed_total(m)
-            sent = total(m, "streamproc_training_examples_total")
-            learned = total(scrape(trainer_port) if args.trainer_process else m, "streamproc_examples_learned_total")
+            sent = metric_total(m, "streamproc_training_examples_total")
+            learned = metric_total(scrape(trainer_port) if args.trainer_process else m,
+                                   "streamproc_examples_learned_total")
             print(f"processed {done:,.0f}, examples sent {sent:,.0f}, learned {learned:,.0f}", flush=True)
             stable = stable + 1 if done == last and learned >= sent else 0
             last = done
@@ -76,10 +64,7 @@ def main() -> None:
                        env=env, cwd=ROOT, check=True)
         print(f"events processed {last:,.0f} in {time.monotonic() - started:.0f}s; scores in {out}")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(60)
+        stop_pipeline(procs, 60)
 
 
 if __name__ == "__main__":

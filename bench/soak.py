@@ -18,7 +18,6 @@ import csv
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import isolated_run  # noqa: E402
 from latency import METRIC, quantiles  # noqa: E402
 
-from streamproc.demo import processed_total, scrape  # noqa: E402
+from streamproc.demo import processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
 from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
@@ -83,18 +82,10 @@ def main() -> None:
     r = redis.Redis.from_url(settings.redis_url)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
-    log = ROOT / ".local" / f"bench-soak-{tag}.log"
-    log.parent.mkdir(exist_ok=True)
-    trainer = None
-    if args.trainer_process:
-        with open(log.with_suffix(".trainer.log"), "wb") as out:
-            trainer = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], cwd=ROOT,
-                                       env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(settings.web_port + 100)},
-                                       stdout=out, stderr=subprocess.STDOUT)
-        env = {**env, "STREAMPROC_TRAINER_ENABLED": "false"}
-    with open(log, "wb") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=ROOT)
+    # worker.log (and trainer.log) in .local/bench-soak-<tag>/
+    procs = start_pipeline(env, ROOT / ".local" / f"bench-soak-{tag}",
+                           settings.web_port + 100 if args.trainer_process else None, cwd=ROOT)
+    worker = procs[0]
     stop = threading.Event()
     sent = [0]
     rows: list[dict[str, float | None]] = []
@@ -148,10 +139,7 @@ def main() -> None:
         (results / f"soak-{tag}.json").write_text(json.dumps(summary, indent=2))
     finally:
         stop.set()
-        for proc in (worker, trainer):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+        stop_pipeline(procs)
         r.flushdb()
 
 

@@ -270,9 +270,9 @@ class Worker:
         """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour).
         While batches flow, each one carries a step of the pass, so the pass never delays them by more than a
         step."""
-        if not self.processor.sweep_pending or self.step_lock.locked():
+        if time.monotonic() - self.last_batch_at < SWEEP_IDLE_S or self.step_lock.locked():
             return
-        if time.monotonic() - self.last_batch_at < SWEEP_IDLE_S:
+        if not self.processor.sweep_pending:
             return
         async with self.step_lock:
             try:

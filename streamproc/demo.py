@@ -36,8 +36,40 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def metric_total(metrics: dict[str, float], prefix: str) -> float:
+    """Sum of the scraped samples whose name (and labels) start with ``prefix``."""
+    return sum(v for k, v in metrics.items() if k.startswith(prefix))
+
+
 def processed_total(metrics: dict[str, float]) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith("streamproc_events_processed_total"))
+    return metric_total(metrics, "streamproc_events_processed_total")
+
+
+def start_pipeline(env: dict[str, str], log_dir: Path, trainer_port: int | None = None,
+                   cwd: Path | None = None) -> list[subprocess.Popen[bytes]]:
+    """Start `streamproc worker` (log ``worker.log``); with ``trainer_port``, the production layout: a scoring
+    worker and `streamproc trainer` in its own process (``trainer.log``, metrics on that port)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    layout = [("worker", env)]
+    if trainer_port is not None:
+        layout = [("worker", {**env, "STREAMPROC_TRAINER_ENABLED": "false"}),
+                  ("trainer", {**env, "STREAMPROC_TRAINER_METRICS_PORT": str(trainer_port)})]
+    procs = []
+    for command, command_env in layout:
+        with open(log_dir / f"{command}.log", "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", command], env=command_env,
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=cwd))
+    return procs
+
+
+def stop_pipeline(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
@@ -71,14 +103,8 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
            "STREAMPROC_REDIS_URL": settings.redis_url}
     print("== 3/5 worker (streamproc worker) and trainer (streamproc trainer), logs in .local/demo/")
     trainer_port = settings.web_port + 1
-    with open(run_dir / "worker.log", "wb") as log:
-        # the production layout: a scoring worker, and the global trainer in its own process (its own core)
-        worker = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "worker"], stdout=log,
-                                  stderr=subprocess.STDOUT, env={**env, "STREAMPROC_TRAINER_ENABLED": "false"})
-    with open(run_dir / "trainer.log", "wb") as log:
-        trainer = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], stdout=log,
-                                   stderr=subprocess.STDOUT,
-                                   env={**env, "STREAMPROC_TRAINER_METRICS_PORT": str(trainer_port)})
+    # the production layout: a scoring worker, and the global trainer in its own process (its own core)
+    procs = start_pipeline(env, run_dir, trainer_port)
     try:
         cfg = SimulationConfig(customers=customers, days=days, seed=int(time.time()) % 1000,
                                bad_fraction=0.002, duplicate_fraction=0.01)
@@ -119,10 +145,8 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         # the trainer learns the last examples and checkpoints them, then the worker reloads the checkpoint
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            produced = sum(v for k, v in scrape(settings.web_port).items()
-                           if k.startswith("streamproc_training_examples_total"))
-            learned = sum(v for k, v in scrape(trainer_port).items()
-                          if k.startswith("streamproc_examples_learned_total"))
+            produced = metric_total(scrape(settings.web_port), "streamproc_training_examples_total")
+            learned = metric_total(scrape(trainer_port), "streamproc_examples_learned_total")
             if learned >= produced:
                 break
             time.sleep(1.0)
@@ -159,12 +183,7 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
               "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
         return 0 if got >= sent else 1
     finally:
-        for proc in (worker, trainer):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_pipeline(procs)
 
 
 def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:

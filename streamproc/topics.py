@@ -88,18 +88,11 @@ def _ssl_context(settings: Settings) -> Any:
 
 
 def aiokafka_security_kwargs(settings: Settings) -> dict[str, Any]:
-    """SASL/SSL options for aiokafka clients (the trainer's consumer; none for PLAINTEXT)."""
-    protocol = settings.kafka_security_protocol
-    if protocol == "PLAINTEXT":
-        return {}
-    out: dict[str, Any] = {"security_protocol": protocol}
-    if protocol.endswith("SSL"):
+    """The same options for aiokafka clients (the trainer's consumer): SASL as for kafka-python, SSL as a
+    context instead of file names."""
+    out: dict[str, Any] = {k: v for k, v in kafka_security_kwargs(settings).items() if not k.startswith("ssl_")}
+    if settings.kafka_security_protocol.endswith("SSL"):
         out["ssl_context"] = _ssl_context(settings)
-    if protocol.startswith("SASL"):
-        out["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        out["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            out["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return out
 
 

@@ -342,7 +342,7 @@ def recommend(
 
     # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
     # items, and items out of the catalogue
-    candidates_all: set[str] = set().union(*scored.values()) if scored else set()
+    candidates_all: set[str] = set().union(*scored.values())
     candidates_all -= {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at}
     candidates_all.difference_update(context, excluded)
     available = index.available

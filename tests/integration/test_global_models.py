@@ -7,15 +7,12 @@ import time
 
 import pytest
 
+from streamproc.demo import metric_total as total
 from streamproc.demo import processed_total
 from streamproc.simulate import SimulationConfig, Simulator
 from tests.conftest import produce
 
 pytestmark = pytest.mark.integration
-
-
-def total(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
 
 
 def test_two_workers_share_one_model(topics, worker_factory):

@@ -11,6 +11,7 @@ import redis
 
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.app import model_config
+from streamproc.demo import metric_total
 from streamproc.domain.models import ModelBundle
 from streamproc.offline import learn
 from streamproc.simulate import SimulationConfig, Simulator
@@ -64,10 +65,7 @@ def test_a_killed_trainer_is_replaced_and_every_example_is_learned_exactly_once(
         worker.wait_ready()
 
         def metric(name: str, prefix: str) -> float:
-            try:
-                return sum(v for k, v in trainers[name].metrics().items() if k.startswith(prefix))
-            except Exception:  # not serving (yet)
-                return 0.0
+            return metric_total(trainers[name].metrics(), prefix)  # nothing while it is not serving (yet)
 
         def owner() -> str | None:
             active = [n for n in trainers if metric(n, "streamproc_trainer_active") == 1]
