@@ -249,7 +249,7 @@ class KafkaService(_Service):
         cluster_id = _kafka_cluster_id()
         subprocess.run(
             [self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.tools.StorageTool",
-             "format", "-t", cluster_id, "-c", str(config), "--ignore-formatted"],
+             "format", f"--cluster-id={cluster_id}", "-c", str(config), "--ignore-formatted"],
             check=True, stdout=subprocess.DEVNULL,
         )
 
@@ -288,10 +288,16 @@ def min_heap(heap: str) -> str:
 
 
 def _kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars)."""
+    """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars).
+
+    Like Kafka's own ``Uuid.randomUuid``, never one starting with ``-``: a command-line parser reads
+    that as an option (a CI run failed on ``-t -QRq0…``)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class Infra:
