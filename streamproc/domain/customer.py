@@ -18,12 +18,13 @@ batched nor on how the clicks and transactions topics interleave, which Kafka do
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import math
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from streamproc.domain.events import Click, Event, Transaction
@@ -168,7 +169,7 @@ class FoldOutcome:
     """Counts by (input kind, outcome); outcome is applied, duplicate or replayed (at or below the
     partition's fence: applied before a crash)."""
 
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
     orders: int = 0  # purchases applied
     revenue_cents: int = 0  # purchase amounts applied
     refund_cents: int = 0
@@ -177,13 +178,16 @@ class FoldOutcome:
     triggers: list[Trigger] = field(default_factory=list)
 
     def count(self, source: str, outcome: str) -> None:
-        self.counts[(source.partition(":")[0], outcome)] += 1
+        key = (source.partition(":")[0], outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
     def total(self, outcome: str) -> int:
         return sum(n for (_, o), n in self.counts.items() if o == outcome)
 
     def merge(self, other: FoldOutcome) -> None:
-        self.counts.update(other.counts)
+        counts = self.counts
+        for key, n in other.counts.items():
+            counts[key] = counts.get(key, 0) + n
         self.orders += other.orders
         self.revenue_cents += other.revenue_cents
         self.refund_cents += other.refund_cents
@@ -197,7 +201,12 @@ def short_event_id(event_id: str) -> str:
 
 def calendar_month(ts: int) -> int:
     """Months since 1970-01 (UTC) of an epoch-millisecond instant."""
-    d = datetime.fromtimestamp(ts / 1000, tz=UTC)
+    return _month_of_day(ts // DAY_MS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _month_of_day(day: int) -> int:
+    d = datetime.fromtimestamp(day * 86_400, tz=UTC)
     return (d.year - 1970) * 12 + d.month - 1
 
 
@@ -226,6 +235,20 @@ def _touch_session(state: CustomerState, ts: int, cart: int, checkout: int, cfg:
         fresh = [ts, ts, 1, cart, checkout, 0]
         sessions.append(fresh)
         return fresh
+    if len(hit) == 1:  # the usual case: extend one session in place (the list's order is not state)
+        s = hit[0]
+        if ts < s[0]:
+            s[0] = ts
+        elif ts > s[1]:
+            s[1] = ts
+        s[2] += 1
+        if cart > s[3]:
+            s[3] = cart
+        if checkout > s[4]:
+            s[4] = checkout
+        if len(s) < 6:
+            s.append(0)
+        return s
     merged = [min(ts, *(s[0] for s in hit)), max(ts, *(s[1] for s in hit)), 1 + sum(s[2] for s in hit),
               max(cart, *(s[3] for s in hit)), max(checkout, *(s[4] for s in hit)),
               max(s[5] if len(s) > 5 else 0 for s in hit)]
@@ -274,16 +297,17 @@ def _remember(state: CustomerState, kind: str, sid: str, ts: int, cfg: FoldConfi
     ids = state.recent_ids
     ids[key] = hour
     prefix = key[0]
-    same_kind = [(h, k) for k, h in ids.items() if k[0] == prefix]  # one pass over this topic's ids
-    horizon = max(same_kind)[0] - cfg.dedup_horizon_ms // HOUR_MS
-    kept = [(h, k) for h, k in same_kind if h >= horizon]
-    if len(kept) < len(same_kind):
-        for h, k in same_kind:
-            if h < horizon:
-                del ids[k]
-    if len(kept) > cfg.dedup_max_ids:  # drop the oldest (ties: smallest id) down to the limit
-        kept.sort()
-        for _, k in kept[: len(kept) - cfg.dedup_max_ids]:
+    hours = [h for k, h in ids.items() if k[0] == prefix]
+    horizon = max(hours) - cfg.dedup_horizon_ms // HOUR_MS
+    if min(hours) < horizon:  # older than the horizon behind this topic's newest id
+        for k in [k for k, h in ids.items() if k[0] == prefix and h < horizon]:
+            del ids[k]
+        hours = [h for h in hours if h >= horizon]
+    excess = len(hours) - cfg.dedup_max_ids
+    if excess == 1:  # the usual case at the cap: drop the oldest (ties: smallest id)
+        del ids[min((h, k) for k, h in ids.items() if k[0] == prefix)[1]]
+    elif excess > 1:
+        for _, k in sorted((h, k) for k, h in ids.items() if k[0] == prefix)[:excess]:
             del ids[k]
     return True
 
@@ -297,7 +321,7 @@ def _prune_days(state: CustomerState, cfg: FoldConfig) -> None:
 def _keep_newest(table: dict[str, Any], limit: int, ts_of: Any) -> None:
     """Drop the oldest entries beyond ``limit`` (ties: the smallest key), so the result is order-free."""
     while len(table) > limit:
-        del table[min(table, key=lambda k: (ts_of(table[k]), k))]
+        del table[min((ts_of(v), k) for k, v in table.items())[1]]
 
 
 def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger | None:
@@ -328,7 +352,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
         seen = state.viewed.get(event.product_id)
         state.viewed[event.product_id] = [max(ts, seen[0]) if seen else ts, event.category,
                                           (seen[2] if seen and len(seen) > 2 else 0) + 1]
-        _keep_newest(state.viewed, cfg.max_viewed_items, lambda v: v[0])
+        _keep_newest(state.viewed, cfg.max_viewed_items, itemgetter(0))
         if len(session) > 5 and session[5]:
             return None  # this session had its recommendation
         session[5] = 1
@@ -352,7 +376,8 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
             state.bought[item.product_id] = max(ts, state.bought.get(item.product_id, ts))
         _cap(state.cat_spend, cfg.max_categories)
-        _keep_newest(state.bought, cfg.max_bought_items, lambda v: v)
+        if len(state.bought) > cfg.max_bought_items:
+            _keep_newest(state.bought, cfg.max_bought_items, int)
         return Trigger(ts, "purchase", event.event_id, tuple(i.product_id for i in event.items),
                        tuple(i.category for i in event.items), tuple(i.quantity for i in event.items), event.amount)
     else:
@@ -497,6 +522,12 @@ def session_totals(state: CustomerState) -> list[int]:
     return totals
 
 
+@functools.lru_cache(maxsize=64)
+def _clv_factor(retention: float, discount: float, periods: int) -> float:
+    """Σ_{p=1..periods} retention^p / (1 + discount)^p."""
+    return sum(retention**p / (1 + discount) ** p for p in range(1, periods + 1))
+
+
 def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | None = None) -> tuple[float, float]:
     """(predictive CLV, discounted CLV of observed history), both in currency units.
 
@@ -511,7 +542,7 @@ def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | No
     first = state.first_event_ts if state.first_event_ts is not None else as_of
     tenure_periods = max((as_of - first) / (cfg.clv_period_days * DAY_MS), 1.0)
     per_period = state.purchases / tenure_periods
-    predictive = sum(aov * per_period * r**p / (1 + d) ** p for p in range(1, cfg.clv_periods + 1))
+    predictive = aov * per_period * _clv_factor(r, d, cfg.clv_periods)
     now_month = calendar_month(as_of)
     observed = sum(c / 100 * (1 + d) ** max(now_month - m, 0) for m, c in state.months.items())
     return predictive, observed

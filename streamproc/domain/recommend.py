@@ -350,21 +350,24 @@ def recommend(
         candidates_all &= available
     else:
         candidates_all = {pid for pid in candidates_all if index.in_catalogue(pid, at)}
-    parts_of: dict[str, dict[str, float]] = {}
-    ranking = []
-    for pid in candidates_all:
-        # the sources in a fixed order (bought_together, viewed_not_bought, popular_in_segment)
-        parts = {source: value for source, found_by in scored.items()
-                 if pid in found_by and (value := weights[source] * found_by[pid]) > 0.0}
-        if not parts:
-            continue
-        parts_of[pid] = parts
-        ranking.append((-sum(parts.values()), pid))
+    # blend: per candidate, the weighted source scores summed in the fixed source order (bought_together,
+    # viewed_not_bought, popular_in_segment), and its reason the source that contributed most
+    totals: dict[str, float] = {}
+    reasons: dict[str, tuple[float, str]] = {}
+    for source, found_by in scored.items():
+        weight = weights[source]
+        for pid, source_score in found_by.items():
+            if pid not in candidates_all:
+                continue
+            value = weight * source_score
+            if value > 0.0:
+                totals[pid] = totals.get(pid, 0.0) + value
+                best = reasons.get(pid)
+                if best is None or (value, source) > best:
+                    reasons[pid] = (value, source)
     out = []
-    for negative, pid in heapq.nsmallest(k, ranking):
-        parts = parts_of[pid]
-        reason = max(parts, key=lambda s: (parts[s], s))
-        out.append({"product_id": pid, "score": round(-negative, 4), "reason": reason})
+    for negative, pid in heapq.nsmallest(k, [(-total, pid) for pid, total in totals.items()]):
+        out.append({"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]})
     return out
 
 

@@ -225,3 +225,56 @@ def test_features_do_not_depend_on_arrival_order_within_the_allowed_lateness(spe
     b, _ = fold(shuffled, cfg)
     as_of = max(e.ts for e in events) + DAY_MS
     assert features(a, as_of, cfg) == features(b, as_of, cfg)
+
+
+def _reference_recent_ids(arrivals: list[tuple[str, int]], horizon_h: int, limit: int) -> dict[str, int]:
+    """The dedup set's contract, written the slow way: after each new id, drop this topic's ids more than the
+    horizon behind its newest, then its oldest (ties: the smallest id) beyond the limit."""
+    ids: dict[str, int] = {}
+    for key, hour in arrivals:
+        if key in ids:
+            continue
+        ids[key] = hour
+        newest = max(h for k, h in ids.items() if k[0] == key[0])
+        ids = {k: h for k, h in ids.items() if k[0] != key[0] or h >= newest - horizon_h}
+        same = sorted((h, k) for k, h in ids.items() if k[0] == key[0])
+        for _, k in same[: max(len(same) - limit, 0)]:
+            del ids[k]
+    return ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ct"), st.integers(0, 12), st.integers(0, 40)), max_size=60),
+       st.integers(1, 6), st.integers(1, 20))
+def test_recent_ids_match_their_reference_model(arrivals, limit, horizon_h):
+    from streamproc.domain.customer import HOUR_MS, _remember
+
+    cfg = FoldConfig(dedup_horizon_ms=horizon_h * HOUR_MS, dedup_max_ids=limit)
+    state = CustomerState("c1")
+    keyed = [(f"{topic}{n:08d}", hour) for topic, n, hour in arrivals]
+    for i, (key, hour) in enumerate(keyed):
+        before = _reference_recent_ids(keyed[:i], horizon_h, limit)
+        fresh = _remember(state, "clicks" if key[0] == "c" else "transactions", key[1:], hour * HOUR_MS, cfg)
+        assert fresh == (key not in before)  # a duplicate exactly when the id is still remembered
+        assert state.recent_ids == _reference_recent_ids(keyed[: i + 1], horizon_h, limit)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 600), st.sampled_from(["page_view", "add_to_cart", "checkout"])),
+                min_size=1, max_size=30))
+def test_sessions_match_a_rebuild_from_the_click_times(clicks):
+    """Open plus closed sessions equal the sessions rebuilt from all click times at once (gap-split)."""
+    gap = 30
+    cfg = FoldConfig(session_gap_ms=gap * MIN, allowed_lateness_ms=10**12, dedup_max_ids=10_000)
+    state, _ = fold([click(i, T0 + m * MIN, action) for i, (m, action) in enumerate(clicks)], cfg)
+    expected: list[list[int]] = []
+    for m, action in sorted(clicks):
+        ts = T0 + m * MIN
+        cart, checkout = int(action == "add_to_cart"), int(action == "checkout")
+        if expected and ts - expected[-1][1] <= gap * MIN:
+            last = expected[-1]
+            last[1], last[2] = ts, last[2] + 1
+            last[3], last[4] = max(last[3], cart), max(last[4], checkout)
+        else:
+            expected.append([ts, ts, 1, cart, checkout])
+    assert sorted(s[:5] for s in state.open_sessions) == expected
