@@ -54,14 +54,33 @@ def window_p99(now: dict[str, float], before: dict[str, float]) -> float | None:
 
 
 def offer(settings: Settings, customers: int, rate: float, seconds: float, stop: threading.Event,
-          sent: list[int]) -> None:
+          sent: list[int], warmup: int = 0, warm: threading.Event | None = None) -> None:
+    """Offer ``rate`` events/s for ``seconds``; first ``warmup`` events as fast as possible, then wait for the
+    worker to have processed them (``warm`` is set when the timed part starts)."""
     producer = EventProducer(settings)
     sim = Simulator(SimulationConfig(customers=customers, days=3650, seed=5))
-    started = time.monotonic()
-    for topic, key, payload in sim.payloads():
+    payloads = iter(sim.payloads())
+    for topic, key, payload in payloads:
+        if sent[0] >= warmup:
+            break
         producer.send(topic, key, payload)
         sent[0] += 1
-        ahead = sent[0] / rate - (time.monotonic() - started)
+    else:  # the simulation ended during the warm-up
+        if warm is not None:
+            warm.set()
+        return
+    producer.flush()
+    while warmup and processed_total(scrape(settings.web_port)) < sent[0] and not stop.is_set():
+        time.sleep(1.0)
+    if warm is not None:
+        warm.set()
+    producer.send(topic, key, payload)  # the first event of the timed part (read by the loop above)
+    sent[0] += 1
+    started, offset = time.monotonic(), sent[0]
+    for topic, key, payload in payloads:
+        producer.send(topic, key, payload)
+        sent[0] += 1
+        ahead = (sent[0] - offset) / rate - (time.monotonic() - started)
         if ahead > 0.002:
             time.sleep(ahead)
         if stop.is_set() or time.monotonic() - started >= seconds:
@@ -75,6 +94,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--customers", type=int, default=200_000)
     parser.add_argument("--sample-s", type=float, default=30)
+    parser.add_argument("--warmup-events", type=int, default=0,
+                        help="send this many events first, as fast as possible, and start measuring once they are "
+                             "processed (a population with history, as in steady state)")
     parser.add_argument("--trainer-process", action="store_true",
                         help="the production layout: the worker scores only, `streamproc trainer` learns alone")
     args = parser.parse_args()
@@ -93,10 +115,15 @@ def main() -> None:
         while not scrape(settings.web_port):
             time.sleep(0.2)
         time.sleep(3)
+        warm = threading.Event()
         producer = threading.Thread(target=offer, args=(settings, args.customers, args.rate, args.minutes * 60, stop,
-                                                        sent), daemon=True)
-        started = time.monotonic()
+                                                        sent, args.warmup_events, warm), daemon=True)
         producer.start()
+        while not warm.wait(10):
+            print(f"warming up: {sent[0]:,} sent, {processed_total(scrape(settings.web_port)):,.0f} processed",
+                  flush=True)
+        warmed = sent[0]
+        started = time.monotonic()
         before = scrape(settings.web_port)
         while producer.is_alive():
             time.sleep(args.sample_s)
@@ -129,7 +156,8 @@ def main() -> None:
         summary = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "minutes": args.minutes, "offered_rate": args.rate, "customers": args.customers, "events": sent[0],
+            "minutes": args.minutes, "offered_rate": args.rate, "customers": args.customers,
+            "warmup_events": warmed, "events": sent[0] - warmed,
             "trainer_process": args.trainer_process,
             **{f"{k}_start": mean(first, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
             **{f"{k}_end": mean(last, k) for k in ("worker_rss_mb", "redis_used_mb", "lag", "p99_ms")},
