@@ -14,12 +14,13 @@ from typing import Any
 
 import faust
 import orjson
-from faust.types import EventT
+from faust.types import TP, EventT
 from faust.web import Request, Response, View
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
 from streamproc.adapters.model_store import ModelStore, RedisModelStore
+from streamproc.align import TopicAligner
 from streamproc.batching import ack_batch, drain_batches
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
@@ -151,6 +152,13 @@ class Worker:
         self.last_offsets: dict[tuple[str, int], int] = {}
         self.outbox_checked: set[int] = set()  # partitions whose outbox was re-sent since this worker got them
         self.model_checked = False  # the checkpoint was looked up before the first batch
+        # input records held back until the other topic of their partition catches up (streamproc/align.py)
+        self.aligner: TopicAligner[EventT] | None = (
+            TopicAligner(tuple(INPUT_TOPICS), settings.align_max_wait_s, settings.align_hold_limit,
+                         settings.align_pause_at) if settings.align_inputs else None
+        )
+        self.received: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest offset handed to the aligner
+        self.paused: set[TP] = set()  # input partitions paused because the aligner holds too much of them
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -239,6 +247,12 @@ class Worker:
         self.last_offsets.clear()
         self.outbox_checked.clear()
         self.processor.partitions_changed()
+        if self.aligner is not None:
+            # held records are re-read from the committed offsets by whoever owns their partitions now; Faust
+            # made every assigned partition active again
+            self.aligner.clear()
+            self.received.clear()
+            self.paused.clear()
 
     def to_raw(self, event: EventT) -> RawRecord:
         msg = event.message
@@ -257,14 +271,66 @@ class Worker:
         if self.settings.log_level.upper() != "DEBUG":
             # aiokafka's producer formats a debug record per send when its logger inherits DEBUG from Faust's setup
             logging.getLogger("aiokafka").setLevel(logging.INFO)
-        async for batch in drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s):
-            records = [self.to_raw(ev) for ev in batch]
+        idle_s = 0.25 if self.aligner is not None else None  # held records go at the latest after their wait
+        async for batch in drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s, idle_s):
+            pairs = [(self.to_raw(ev), ev) for ev in batch]
+            if self.aligner is not None:
+                pairs = self.align(pairs)
+            if not pairs:
+                continue
+            records = [rec for rec, _ in pairs]
             await self.apply_with_retry(records)
             self.last_batch_at = time.monotonic()
-            await ack_batch(stream, batch)
+            await ack_batch(stream, [ev for _, ev in pairs])
             for rec in records:
                 self.last_offsets[(rec.topic, rec.partition)] = rec.offset
             self.metrics.last_batch.set(time.time())
+
+    def align(self, pairs: list[tuple[RawRecord, EventT]]) -> list[tuple[RawRecord, EventT]]:
+        """Hand the batch to the aligner and take what it releases (records fetched before a rebalance are
+        dropped: the partition's owner re-reads them from the committed offset); pause topic partitions that
+        run far ahead of the other topic, resume them once their held records drain."""
+        aligner = self.aligner
+        assert aligner is not None
+        received = self.received
+        for rec, _ in pairs:
+            received[(rec.topic, rec.partition)] = rec.offset
+        aligner.push(pairs)
+        generation = self.app.consumer_generation_id
+        released = [(rec, ev) for rec, ev in aligner.release(self._behind, time.monotonic())
+                    if ev.message.generation_id == generation]
+        consumer = self.app.consumer
+        for partition, queues in aligner.queues.items():
+            for kind, queue in queues.items():
+                tp = TP(self.settings.topic(kind), partition)
+                if aligner.should_pause(partition, kind):
+                    if self.settings.fast_consumer:  # Faust's stock consumer would drop fetched records of it
+                        consumer.pause_partitions([tp])  # idempotent: also after Faust resumed it on its own
+                        if tp not in self.paused:
+                            self.metrics.input_pauses.inc()
+                            self.paused.add(tp)
+                elif tp in self.paused and len(queue) < aligner.pause_at // 2:
+                    consumer.resume_partitions([tp])
+                    self.paused.discard(tp)
+        self.metrics.input_held.set(aligner.held())
+        return released
+
+    def _behind(self, kind: str, partition: int) -> bool:
+        """The broker has records of this input partition that this worker has not received yet."""
+        topic = self.settings.topic(kind)
+        tp = TP(topic, partition)
+        consumer = self.app.consumer
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # not assigned here (any more)
+            return False
+        if high is None:
+            return False
+        seen = self.received.get((topic, partition))
+        if seen is None:
+            committed = getattr(consumer, "_committed_offset", {}).get(tp)
+            seen = committed if committed is not None else -1
+        return bool(high - 1 > seen)
 
     async def continue_sweep(self) -> None:
         """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour).

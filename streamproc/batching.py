@@ -17,11 +17,12 @@ from faust.types import EventT, StreamT
 
 
 async def drain_batches(
-    stream: StreamT, max_events: int, linger_s: float = 0.0
+    stream: StreamT, max_events: int, linger_s: float = 0.0, idle_s: float | None = None
 ) -> AsyncIterator[list[EventT]]:
     """Batches of up to ``max_events``. After the first event of a batch, wait up to ``linger_s`` for the
     fetcher to deliver more (Faust hands records over one at a time): fewer, larger batches mean one
-    Redis round trip per many events instead of per few, at a bounded cost in latency."""
+    Redis round trip per many events instead of per few, at a bounded cost in latency. With ``idle_s``, an
+    empty batch comes after that long without records (for callers that hold records back on a timer)."""
     app = stream.app
     consumer = app.consumer
     queue = stream.channel.queue  # type: ignore[attr-defined]
@@ -30,9 +31,12 @@ async def drain_batches(
     loop_time = asyncio.get_running_loop().time
     while not stream.should_stop:
         try:
-            first: Any = await queue.get()
+            first: Any = await (queue.get() if idle_s is None else asyncio.wait_for(queue.get(), idle_s))
         except StopAsyncIteration:  # the channel was closed: the worker is stopping
             return
+        except TimeoutError:
+            yield []
+            continue
         raw: list[Any] = [first]
         if linger_s and queue.qsize() < max_events:
             deadline = loop_time() + linger_s

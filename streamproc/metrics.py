@@ -85,6 +85,15 @@ class Metrics:
         self.rebalances = Counter(
             "streamproc_rebalances_total", "Consumer group rebalances seen by this worker.", registry=r
         )
+        self.input_held = Gauge(
+            "streamproc_input_held_records",
+            "Input records held back until the other input topic of their partition catches up (stream-time "
+            "alignment).", registry=r,
+        )
+        self.input_pauses = Counter(
+            "streamproc_input_pauses_total",
+            "Times an input partition was paused because it ran far ahead of the other input topic.", registry=r,
+        )
         self.sweep_customers = Counter(
             "streamproc_sweep_customers_total",
             "Silent customers whose stored features the inactivity sweep refreshed.", registry=r,

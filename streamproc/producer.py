@@ -23,8 +23,9 @@ class EventProducer:
             **kafka_security_kwargs(settings),
         )
 
-    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self._producer.send(self.settings.topic(topic), key=key, value=value)
+    def send(self, topic: str, key: bytes | None, value: bytes, timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: the record's time (default: now); the worker aligns its input topics by it."""
+        self._producer.send(self.settings.topic(topic), key=key, value=value, timestamp_ms=timestamp_ms)
 
     def flush(self) -> None:
         self._producer.flush()

@@ -10,16 +10,42 @@ membership, offsets, gaps and acks stay Faust's own. Registered as the ``streamp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import ConsumerT
+from faust.types import TP, ConsumerT
 from mode import Service, ServiceT
 
 
 class Consumer(aiokafka_driver.Consumer):
+    # Pausing a partition while a fetched batch is being handed over loses records: Faust checks each record's
+    # partition against the live set of active partitions and skips it if paused, but the fetch position is
+    # already past it. So pauses asked for during a ``getmany`` are applied between fetches.
+    _handing_over: bool = False
+    _deferred_pauses: set[TP] | None = None
+
+    def pause_partitions(self, tps: Iterable[TP]) -> None:
+        if self._handing_over:
+            if self._deferred_pauses is None:
+                self._deferred_pauses = set()
+            self._deferred_pauses.update(tps)
+        else:
+            super().pause_partitions(tps)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        if self._deferred_pauses:
+            self._deferred_pauses.difference_update(tps)
+        super().resume_partitions(tps)
+
+    def _apply_deferred_pauses(self) -> None:
+        self._handing_over = False
+        if self._deferred_pauses:
+            pauses, self._deferred_pauses = self._deferred_pauses, None
+            super().pause_partitions(pauses)
+
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - exercised end to end
         # Faust's loop (faust/transport/consumer.py), with the per-record wait_first made conditional.
         callback = self.callback
@@ -39,6 +65,8 @@ class Consumer(aiokafka_driver.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
+                self._apply_deferred_pauses()
+                self._handing_over = True
                 ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
                 await self.sleep(0)
                 if self.should_stop:
@@ -78,6 +106,7 @@ class Consumer(aiokafka_driver.Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
+            self._apply_deferred_pauses()
             unset_flag(CONSUMER_FETCHING)
 
 

@@ -1,0 +1,92 @@
+"""Stream-time alignment of the co-partitioned input topics, before the batch step.
+
+Faust reads the clicks and the transactions topic independently. Live, records arrive in about the order they
+were produced; draining a backlog (a replay, a catch-up after an outage), the two topics drift apart by
+however much one fetch of one topic covers, hours of event time in a fast replay. Features, labels and alerts do
+not care (order-free folds, an event-time grid), but a recommendation made at a session's first product view
+would miss purchases not read yet, and a purchase read early would be scored against an older recommendation.
+
+So, per partition number, records are held and released in record-timestamp order across the topics: a topic
+whose queue is empty while the broker holds more of it (it is *behind*) holds the others back, as Kafka Streams
+does for the partitions of a task (``max.task.idle.ms``). Holding ends when the trailing topic's records arrive,
+when it is caught up, or after ``max_wait_s`` of wall time, and a partition never holds ``hold_limit`` records
+or more (the oldest go first); the worker
+pauses fetching a topic partition that is far ahead (``should_pause``) so a backlog does not pile up in memory.
+Live (nothing behind) a record is released as soon as it arrives.
+
+No Faust and no Kafka here: the worker supplies ``behind`` and the clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+from streamproc.processing import RawRecord
+
+T = TypeVar("T")
+
+
+class TopicAligner(Generic[T]):
+    """Holds ``(record, payload)`` pairs per partition and input kind; ``release`` hands them over in merged
+    record-timestamp order (ties: kind name, then arrival)."""
+
+    def __init__(self, kinds: tuple[str, ...], max_wait_s: float = 2.0, hold_limit: int = 50_000,
+                 pause_at: int = 2_000) -> None:
+        self.kinds = kinds
+        self.max_wait_s = max_wait_s
+        self.hold_limit = hold_limit
+        self.pause_at = pause_at
+        self.queues: dict[int, dict[str, deque[tuple[RawRecord, T]]]] = {}
+        self.waiting_since: dict[int, float] = {}  # partition -> when it started holding for a trailing topic
+
+    def push(self, pairs: Iterable[tuple[RawRecord, T]]) -> None:
+        for pair in pairs:
+            record = pair[0]
+            queues = self.queues.get(record.partition)
+            if queues is None:
+                queues = self.queues[record.partition] = {kind: deque() for kind in self.kinds}
+            queue = queues.get(record.kind)
+            if queue is None:  # an input kind the aligner was not told about: never held back
+                queue = queues[record.kind] = deque()
+            queue.append(pair)
+
+    def held(self, partition: int | None = None) -> int:
+        parts = self.queues.values() if partition is None else [self.queues.get(partition, {})]
+        return sum(len(q) for queues in parts for q in queues.values())
+
+    def release(self, behind: Callable[[str, int], bool], now: float) -> list[tuple[RawRecord, T]]:
+        """Everything that may go now. ``behind(kind, partition)``: the broker has records of that topic
+        partition this process has not received yet."""
+        out: list[tuple[RawRecord, T]] = []
+        for partition, queues in self.queues.items():
+            nonempty = [kind for kind, q in queues.items() if q]
+            held = sum(len(queues[kind]) for kind in nonempty)
+            while nonempty:
+                if len(nonempty) < len(queues):
+                    trailing = [kind for kind, q in queues.items() if not q and kind in self.kinds]
+                    if trailing and held < self.hold_limit and any(behind(kind, partition) for kind in trailing):
+                        since = self.waiting_since.setdefault(partition, now)
+                        if now - since < self.max_wait_s:
+                            break  # wait for the trailing topic's records
+                kind = min(nonempty, key=lambda k: (queues[k][0][0].timestamp_ms or 0, k))
+                out.append(queues[kind].popleft())
+                held -= 1
+                if not queues[kind]:
+                    nonempty.remove(kind)
+            else:  # all released: the next hold starts its own wait
+                self.waiting_since.pop(partition, None)
+        return out
+
+    def should_pause(self, partition: int, kind: str) -> bool:
+        """Far ahead of the other topic: stop fetching it until what is held drains."""
+        queue = self.queues.get(partition, {}).get(kind)
+        return queue is not None and len(queue) >= self.pause_at
+
+    def clear(self) -> list[tuple[RawRecord, T]]:
+        """Drop everything held (partitions moved: their records are re-read from the committed offsets)."""
+        dropped = [pair for queues in self.queues.values() for q in queues.values() for pair in q]
+        self.queues = {}
+        self.waiting_since = {}
+        return dropped
