@@ -113,6 +113,8 @@ def main() -> None:
     rows: list[dict[str, float | None]] = []
     try:
         while not scrape(settings.web_port):
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a pipeline process exited: see its log in .local/bench-soak-*/")
             time.sleep(0.2)
         time.sleep(3)
         warm = threading.Event()
@@ -120,6 +122,8 @@ def main() -> None:
                                                         sent, args.warmup_events, warm), daemon=True)
         producer.start()
         while not warm.wait(10):
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a pipeline process exited: see its log in .local/bench-soak-*/")
             print(f"warming up: {sent[0]:,} sent, {processed_total(scrape(settings.web_port)):,.0f} processed",
                   flush=True)
         warmed = sent[0]

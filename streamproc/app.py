@@ -248,11 +248,16 @@ class Worker:
         self.outbox_checked.clear()
         self.processor.partitions_changed()
         if self.aligner is not None:
-            # held records are re-read from the committed offsets by whoever owns their partitions now; Faust
-            # made every assigned partition active again
+            # held records are re-read from the committed offsets by whoever owns their partitions now; a
+            # partition this worker paused and still owns is resumed (Faust keeps pauses of kept partitions)
             self.aligner.clear()
             self.received.clear()
+            consumer = self.app.consumer
+            kept = [tp for tp in self.paused if tp in consumer.assignment()]
+            if kept:
+                consumer.resume_partitions(kept)
             self.paused.clear()
+            self.metrics.input_held.set(0)
 
     def to_raw(self, event: EventT) -> RawRecord:
         msg = event.message
