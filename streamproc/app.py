@@ -281,15 +281,17 @@ class Worker:
             pairs = [(self.to_raw(ev), ev) for ev in batch]
             if self.aligner is not None:
                 pairs = self.align(pairs)
-            if not pairs:
-                continue
-            records = [rec for rec, _ in pairs]
-            await self.apply_with_retry(records)
-            self.last_batch_at = time.monotonic()
-            await ack_batch(stream, [ev for _, ev in pairs])
-            for rec in records:
-                self.last_offsets[(rec.topic, rec.partition)] = rec.offset
-            self.metrics.last_batch.set(time.time())
+            # what the aligner releases at once can be many batches' worth: keep each step to the batch size
+            step = self.settings.batch_max_events
+            for start in range(0, len(pairs), step):
+                chunk = pairs[start : start + step]
+                records = [rec for rec, _ in chunk]
+                await self.apply_with_retry(records)
+                self.last_batch_at = time.monotonic()
+                await ack_batch(stream, [ev for _, ev in chunk])
+                for rec in records:
+                    self.last_offsets[(rec.topic, rec.partition)] = rec.offset
+                self.metrics.last_batch.set(time.time())
 
     def align(self, pairs: list[tuple[RawRecord, EventT]]) -> list[tuple[RawRecord, EventT]]:
         """Hand the batch to the aligner and take what it releases (records fetched before a rebalance are

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
     # stream-time alignment of the input topics (streamproc/align.py): while one topic's partition has unread
     # records on the broker, hold the other's newer records back, at most this long and this many per partition
-    align_inputs: bool = False  # opt-in: replays and backfills (costs memory while draining a backlog)
+    align_inputs: bool = True
     align_max_wait_s: float = Field(default=2.0, ge=0)
     align_hold_limit: int = Field(default=10_000, ge=1)
     align_pause_at: int = Field(default=1_000, ge=1)  # pause fetching a topic partition this far ahead
