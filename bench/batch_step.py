@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import cProfile
 import json
-import platform
 import pstats
 import sys
 import time
@@ -25,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine  # noqa: E402
 
 from streamproc.adapters.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore  # noqa: E402
 from streamproc.app import churn_config, decode_limits, fold_config  # noqa: E402
@@ -109,7 +111,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     return {
         "bench": "batch_step", "events": len(records), "customers": args.customers, "batch": args.batch,
         "store": "memory" if args.memory else "redis", "trained_model": trained is not None, **figures,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
         "date": datetime.now(UTC).date().isoformat(),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import uuid
 from pathlib import Path
@@ -38,3 +39,8 @@ def isolated_run(name: str, redis_db: int, web_port: int) -> tuple[Settings, dic
            # a run's models (and so segments and scores) are reproducible
            "PYTHONHASHSEED": "0"}
     return settings, env, tag
+
+
+def machine() -> str:
+    """The machine line every benchmark result carries."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

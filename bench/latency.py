@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import isolated_run  # noqa: E402
+from common import isolated_run, machine  # noqa: E402
 
 from streamproc.demo import processed_total, scrape  # noqa: E402
 from streamproc.producer import EventProducer  # noqa: E402
@@ -97,7 +95,7 @@ def main() -> None:
         metrics = scrape(settings.web_port)
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "machine": machine(),
             "offered_events_per_s": args.rate, "achieved_events_per_s": round(achieved),
             "events": sent, "processed": int(processed_total(metrics)),
             **{k: round(v * 1000, 1) for k, v in quantiles(metrics, (0.5, 0.95, 0.99)).items()},

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -28,6 +27,9 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine  # noqa: E402
 
 from streamproc.evaluate import score_run  # noqa: E402
 from streamproc.offline import run_offline  # noqa: E402
@@ -93,7 +95,7 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
         "lift_over_baseline": round(hit / base, 2) if base else None,
         "rec_pairs": summary["rec_pairs"], "rec_items": summary["rec_items"],
         "seconds": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
         "date": datetime.now(UTC).date().isoformat(),
     }
 

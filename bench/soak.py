@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import isolated_run  # noqa: E402
+from common import isolated_run, machine  # noqa: E402
 from latency import METRIC, quantiles  # noqa: E402
 
 from streamproc.demo import processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
@@ -159,7 +157,7 @@ def main() -> None:
 
         summary = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "machine": machine(),
             "minutes": args.minutes, "offered_rate": args.rate, "customers": args.customers,
             "warmup_events": warmed, "events": sent[0] - warmed,
             "trainer_process": args.trainer_process,

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import machine  # noqa: E402
 
 from streamproc.demo import processed_total, scrape  # noqa: E402
 from streamproc.infra import Infra  # noqa: E402
@@ -159,7 +161,7 @@ def main() -> None:
     mem_after = int(r.info("memory")["used_memory"])
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": machine(),
         "events": sent,
         "what": "naive Faust agent (bench/naive_agent.py)" if args.peer else f"streamproc, {args.workers} worker(s)",
         "customers_stored": customers_stored,
