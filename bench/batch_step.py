@@ -30,6 +30,7 @@ from common import machine  # noqa: E402
 
 from streamproc.adapters.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore  # noqa: E402
 from streamproc.app import churn_config, decode_limits, fold_config  # noqa: E402
+from streamproc.domain.models import ModelBundle  # noqa: E402
 from streamproc.infra import Infra  # noqa: E402
 from streamproc.metrics import Metrics  # noqa: E402
 from streamproc.offline import run_offline  # noqa: E402
@@ -63,8 +64,6 @@ def as_records(payloads: list[tuple[str, bytes, bytes]]) -> list[RawRecord]:
 
 async def measure(records: list[RawRecord], store: FeatureStore, settings: Settings, batch: int,
                   trained: bytes | None) -> dict[str, float]:
-    from streamproc.domain.models import ModelBundle
-
     proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
                           churn=churn_config(settings), sweep_budget=batch)
     if trained is not None:

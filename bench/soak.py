@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import sys
 import threading
@@ -58,22 +59,14 @@ def offer(settings: Settings, customers: int, rate: float, seconds: float, stop:
     producer = EventProducer(settings)
     sim = Simulator(SimulationConfig(customers=customers, days=3650, seed=5))
     payloads = iter(sim.payloads())
-    for topic, key, payload in payloads:
-        if sent[0] >= warmup:
-            break
+    for topic, key, payload in itertools.islice(payloads, warmup):
         producer.send(topic, key, payload)
         sent[0] += 1
-    else:  # the simulation ended during the warm-up
-        if warm is not None:
-            warm.set()
-        return
     producer.flush()
     while warmup and processed_total(scrape(settings.web_port)) < sent[0] and not stop.is_set():
         time.sleep(1.0)
     if warm is not None:
         warm.set()
-    producer.send(topic, key, payload)  # the first event of the timed part (read by the loop above)
-    sent[0] += 1
     started, offset = time.monotonic(), sent[0]
     for topic, key, payload in payloads:
         producer.send(topic, key, payload)
@@ -109,10 +102,14 @@ def main() -> None:
     stop = threading.Event()
     sent = [0]
     rows: list[dict[str, float | None]] = []
+
+    def check_alive() -> None:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a pipeline process exited: see its log in .local/bench-soak-*/")
+
     try:
         while not scrape(settings.web_port):
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a pipeline process exited: see its log in .local/bench-soak-*/")
+            check_alive()
             time.sleep(0.2)
         time.sleep(3)
         warm = threading.Event()
@@ -120,8 +117,7 @@ def main() -> None:
                                                         sent, args.warmup_events, warm), daemon=True)
         producer.start()
         while not warm.wait(10):
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a pipeline process exited: see its log in .local/bench-soak-*/")
+            check_alive()
             print(f"warming up: {sent[0]:,} sent, {processed_total(scrape(settings.web_port)):,.0f} processed",
                   flush=True)
         warmed = sent[0]

@@ -10,8 +10,8 @@ So, per partition number, records are held and released in record-timestamp orde
 whose queue is empty while the broker holds more of it (it is *behind*) holds the others back, as Kafka Streams
 does for the partitions of a task (``max.task.idle.ms``). Holding ends when the trailing topic's records arrive,
 when it is caught up, or after ``max_wait_s`` of wall time, and a partition never holds ``hold_limit`` records
-or more (the oldest go first); the worker
-pauses fetching a topic partition that is far ahead (``should_pause``) so a backlog does not pile up in memory.
+or more (the oldest go first); the worker pauses fetching a topic partition that is far ahead
+(``should_pause``) so a backlog does not pile up in memory.
 Live (nothing behind) a record is released as soon as it arrives.
 
 No Faust and no Kafka here: the worker supplies ``behind`` and the clock.
@@ -32,8 +32,8 @@ class TopicAligner(Generic[T]):
     """Holds ``(record, payload)`` pairs per partition and input kind; ``release`` hands them over in merged
     record-timestamp order (ties: kind name, then arrival)."""
 
-    def __init__(self, kinds: tuple[str, ...], max_wait_s: float = 2.0, hold_limit: int = 50_000,
-                 pause_at: int = 2_000) -> None:
+    def __init__(self, kinds: tuple[str, ...], max_wait_s: float = 2.0, hold_limit: int = 10_000,
+                 pause_at: int = 1_000) -> None:  # the defaults of the STREAMPROC_ALIGN_* settings
         self.kinds = kinds
         self.max_wait_s = max_wait_s
         self.hold_limit = hold_limit

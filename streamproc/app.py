@@ -334,10 +334,12 @@ class Worker:
         if high is None:
             return False
         seen = self.received.get((topic, partition))
-        if seen is None:
-            committed = getattr(consumer, "_committed_offset", {}).get(tp)
-            seen = committed if committed is not None else -1
-        return bool(high - 1 > seen)
+        return bool(high - 1 > (seen if seen is not None else self._committed(tp)))
+
+    def _committed(self, tp: TP) -> int:
+        """The last offset Faust committed for ``tp`` (-1: none yet)."""
+        committed = getattr(self.app.consumer, "_committed_offset", {}).get(tp)
+        return committed if committed is not None else -1
 
     async def continue_sweep(self) -> None:
         """A sweep pass spread over batches goes on while no batch comes (the end of a replay, a quiet hour).
@@ -511,8 +513,7 @@ class Worker:
                 continue
             done = self.last_offsets.get((tp.topic, tp.partition))
             if done is None:  # nothing processed since start: fall back to the committed position
-                committed = getattr(consumer, "_committed_offset", {}).get(tp)
-                done = committed if committed is not None else -1
+                done = self._committed(tp)
             self.metrics.consumer_lag.labels(self.kind_of[tp.topic], str(tp.partition)).set(max(0, high - done - 1))
 
 

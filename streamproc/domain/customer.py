@@ -376,8 +376,7 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
             state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
             state.bought[item.product_id] = max(ts, state.bought.get(item.product_id, ts))
         _cap(state.cat_spend, cfg.max_categories)
-        if len(state.bought) > cfg.max_bought_items:
-            _keep_newest(state.bought, cfg.max_bought_items, int)
+        _keep_newest(state.bought, cfg.max_bought_items, int)
         return Trigger(ts, "purchase", event.event_id, tuple(i.product_id for i in event.items),
                        tuple(i.category for i in event.items), tuple(i.quantity for i in event.items), event.amount)
     else:
