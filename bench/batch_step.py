@@ -63,9 +63,9 @@ def as_records(payloads: list[tuple[str, bytes, bytes]]) -> list[RawRecord]:
 
 
 async def measure(records: list[RawRecord], store: FeatureStore, settings: Settings, batch: int,
-                  trained: bytes | None) -> dict[str, float]:
+                  trained: bytes | None, models: bool = True) -> dict[str, float]:
     proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
-                          churn=churn_config(settings), sweep_budget=batch)
+                          churn=churn_config(settings), sweep_budget=batch, models_enabled=models)
     if trained is not None:
         proc.bundle = ModelBundle.loads(trained)
     outputs = 0
@@ -84,7 +84,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     payloads = simulated(args.events, args.customers)
     records = as_records(payloads)
     trained = None
-    if not args.untrained:
+    if not args.untrained and not args.models_off:
         bundle, _, _ = await run_offline(payloads, settings, args.batch)
         trained = bundle.dumps()
     store: FeatureStore
@@ -92,14 +92,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         store = InMemoryFeatureStore()
     else:
         Infra(settings).up()
-        url = settings.redis_url.rsplit("/", 1)[0] + f"/{BENCH_DB}"
+        url = settings.redis_url.rsplit("/", 1)[0] + f"/{args.db}"
         redis_store = RedisFeatureStore.from_url(url, **settings.redis_kwargs())
         await redis_store.redis.flushdb()
         store = redis_store
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    figures = await measure(records, store, settings, args.batch, trained)
+    figures = await measure(records, store, settings, args.batch, trained, models=not args.models_off)
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)
@@ -109,7 +109,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     await store.close()
     return {
         "bench": "batch_step", "events": len(records), "customers": args.customers, "batch": args.batch,
-        "store": "memory" if args.memory else "redis", "trained_model": trained is not None, **figures,
+        "store": "memory" if args.memory else "redis", "trained_model": trained is not None,
+        "models": not args.models_off, **figures,
         "machine": machine(),
         "date": datetime.now(UTC).date().isoformat(),
     }
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--memory", action="store_true", help="in-memory store instead of Redis")
     parser.add_argument("--untrained", action="store_true", help="score with no checkpoint")
+    parser.add_argument("--models-off", action="store_true",
+                        help="the feature engine alone (STREAMPROC_MODELS_ENABLED=false): no scoring or outputs")
+    parser.add_argument("--db", type=int, default=BENCH_DB, help="Redis db to use (flushed before and after)")
     parser.add_argument("--profile", default=None, help="write cProfile stats of the measured pass here")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

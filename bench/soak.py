@@ -37,6 +37,8 @@ from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 
+SIMULATION_START = "2023-01-01T00:00:00+00:00"
+
 
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -57,7 +59,9 @@ def offer(settings: Settings, customers: int, rate: float, seconds: float, stop:
     """Offer ``rate`` events/s for ``seconds``; first ``warmup`` events as fast as possible, then wait for the
     worker to have processed them (``warm`` is set when the timed part starts)."""
     producer = EventProducer(settings)
-    sim = Simulator(SimulationConfig(customers=customers, days=3650, seed=5))
+    # event time starts years back: a long soak runs through months of simulated time, and events later than
+    # the broker's clock plus the allowed skew would be dead-lettered as future timestamps
+    sim = Simulator(SimulationConfig(customers=customers, days=3650, seed=5, start=SIMULATION_START))
     payloads = iter(sim.payloads())
     for topic, key, payload in itertools.islice(payloads, warmup):
         producer.send(topic, key, payload)
@@ -137,6 +141,8 @@ def main() -> None:
                 "checkpoint_kb": round(r.strlen(f"sp:model:v:{int(r.get('sp:model:current') or 0)}") / 1024, 1),
                 "lag": sum(v for k, v in now.items() if k.startswith("streamproc_consumer_lag_records")),
                 "p99_ms": None if (p := window_p99(now, before)) is None else round(p * 1000, 1),
+                # a steady soak dead-letters nothing: anything here means its events stopped counting
+                "dead_lettered": sum(v for k, v in now.items() if k.startswith("streamproc_dlq_records_total")),
             })
             print(json.dumps(rows[-1]), flush=True)
             before = now

@@ -10,11 +10,12 @@ import hmac
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import faust
 import orjson
-from faust.types import TP, EventT
+from faust.types import TP, EventT, Message
 from faust.web import Request, Response, View
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -32,6 +33,7 @@ from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
+from streamproc.transport import BulkInbox, attach_inbox, inbox_of
 
 ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
@@ -153,7 +155,8 @@ class Worker:
         self.outbox_checked: set[int] = set()  # partitions whose outbox was re-sent since this worker got them
         self.model_checked = False  # the checkpoint was looked up before the first batch
         # input records held back until the other topic of their partition catches up (streamproc/align.py)
-        self.aligner: TopicAligner[EventT] | None = (
+        # a consumed record's handle: the Message (bulk delivery, streamproc/transport.py) or Faust's Event
+        self.aligner: TopicAligner[Message | EventT] | None = (
             TopicAligner(tuple(INPUT_TOPICS), settings.align_max_wait_s, settings.align_hold_limit,
                          settings.align_pause_at) if settings.align_inputs else None
         )
@@ -188,6 +191,9 @@ class Worker:
             broker_commit_interval=1.0,
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), schema=RawSchema())
+        if s.fast_consumer:
+            # the agent keeps the subscription (and Faust's group membership); its records come in bulk
+            attach_inbox(app, BulkInbox((s.topic(name) for name in INPUT_TOPICS), 2 * s.batch_max_events))
         app.agent(inputs, name="ingest", concurrency=1)(self.ingest)
         if s.models_enabled:
             app.timer(s.model_reload_s, name="models")(self.reload_model)
@@ -259,16 +265,17 @@ class Worker:
             self.paused.clear()
             self.metrics.input_held.set(0)
 
-    def to_raw(self, event: EventT) -> RawRecord:
-        msg = event.message
+    def to_raw(self, msg: Message) -> RawRecord:
         ts = msg.timestamp
+        key = msg.key
+        value = msg.value
         return RawRecord(
             topic=msg.topic,
             kind=self.kind_of.get(msg.topic, msg.topic),
             partition=msg.partition,
             offset=msg.offset,
-            key=msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
-            value=event.value if isinstance(event.value, bytes | None) else bytes(event.value),
+            key=key if key is None or type(key) is bytes else str(key).encode(),
+            value=value if value is None or type(value) is bytes else bytes(value),
             timestamp_ms=int(ts * 1000) if ts else None,
         )
 
@@ -277,8 +284,14 @@ class Worker:
             # aiokafka's producer formats a debug record per send when its logger inherits DEBUG from Faust's setup
             logging.getLogger("aiokafka").setLevel(logging.INFO)
         idle_s = 0.25 if self.aligner is not None else None  # held records go at the latest after their wait
-        async for batch in drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s, idle_s):
-            pairs = [(self.to_raw(ev), ev) for ev in batch]
+        inbox = inbox_of(self.app)
+        batches: AsyncIterator[list[Any]]
+        if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
+            batches = self._inbox_batches(inbox, stream, idle_s)
+        else:
+            batches = drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s, idle_s)
+        async for batch in batches:
+            pairs = [(self.to_raw(_message_of(h)), h) for h in batch]
             if self.aligner is not None:
                 pairs = self.align(pairs)
             # what the aligner releases at once can be many batches' worth: keep each step to the batch size
@@ -288,12 +301,49 @@ class Worker:
                 records = [rec for rec, _ in chunk]
                 await self.apply_with_retry(records)
                 self.last_batch_at = time.monotonic()
-                await ack_batch(stream, [ev for _, ev in chunk])
+                handles = [h for _, h in chunk]
+                if inbox is not None:
+                    self._ack_messages(cast(list[Message], handles))
+                else:
+                    await ack_batch(stream, cast(list[EventT], handles))
                 for rec in records:
                     self.last_offsets[(rec.topic, rec.partition)] = rec.offset
                 self.metrics.last_batch.set(time.time())
 
-    def align(self, pairs: list[tuple[RawRecord, EventT]]) -> list[tuple[RawRecord, EventT]]:
+    async def _inbox_batches(self, inbox: BulkInbox, stream: faust.StreamT,
+                             idle_s: float | None) -> AsyncIterator[list[Message]]:
+        """Batches of up to ``batch_max_events`` from the inbox, lingering like ``drain_batches``; records fetched
+        before a rebalance are dropped (the partitions' owner re-reads them). With ``idle_s``, an empty batch
+        after that long without records."""
+        app = self.app
+        max_events = self.settings.batch_max_events
+        linger_s = self.settings.batch_linger_s
+        loop_time = asyncio.get_running_loop().time
+        while not stream.should_stop:
+            if not await inbox.wait(idle_s):
+                yield []
+                continue
+            if linger_s and inbox.size < max_events:
+                deadline = loop_time() + linger_s
+                while inbox.size < max_events and loop_time() < deadline:
+                    await asyncio.sleep(min(0.005, linger_s))
+            messages = inbox.take(max_events)
+            if not app.flow_control.is_active():
+                continue
+            generation = app.consumer_generation_id
+            batch = [m for m in messages if m.generation_id == generation]
+            if batch:
+                yield batch
+
+    def _ack_messages(self, messages: list[Message]) -> None:
+        """Applied: each message may be committed now (Faust's own ack bookkeeping, as ``Stream.ack`` ends in)."""
+        ack = self.app.consumer.ack
+        on_message_out = self.app.sensors.on_message_out
+        for message in messages:
+            if ack(message):
+                on_message_out(message.tp, message.offset, message)
+
+    def align(self, pairs: list[tuple[RawRecord, Message | EventT]]) -> list[tuple[RawRecord, Message | EventT]]:
         """Hand the batch to the aligner and take what it releases (records fetched before a rebalance are
         dropped: the partition's owner re-reads them from the committed offset); pause topic partitions that
         run far ahead of the other topic, resume them once their held records drain."""
@@ -305,7 +355,7 @@ class Worker:
         aligner.push(pairs)
         generation = self.app.consumer_generation_id
         released = [(rec, ev) for rec, ev in aligner.release(self._behind, time.monotonic())
-                    if ev.message.generation_id == generation]
+                    if _message_of(ev).generation_id == generation]
         consumer = self.app.consumer
         for partition, queues in aligner.queues.items():
             for kind, queue in queues.items():
@@ -515,6 +565,10 @@ class Worker:
             if done is None:  # nothing processed since start: fall back to the committed position
                 done = self._committed(tp)
             self.metrics.consumer_lag.labels(self.kind_of[tp.topic], str(tp.partition)).set(max(0, high - done - 1))
+
+
+def _message_of(handle: Message | EventT) -> Message:
+    return handle if isinstance(handle, Message) else handle.message
 
 
 def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:

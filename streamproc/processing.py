@@ -558,8 +558,9 @@ class BatchProcessor:
         if bundle is None:
             return None
         index = bundle.rec_index()
+        everything_before = state.max_ts <= at  # the usual case: nothing of the customer is newer than ``at``
         view = CustomerView(
-            bought={p: ts for p, ts in state.bought.items() if ts <= at},
+            bought=state.bought if everything_before else {p: ts for p, ts in state.bought.items() if ts <= at},
             viewed={p: (v[0], v[1], v[2] if len(v) > 2 else 1) for p, v in state.viewed.items() if v[0] <= at},
             top_categories=feats.get("top_categories", []), segment=mstate.segment,
         )

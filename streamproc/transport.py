@@ -5,18 +5,93 @@ every record: two tasks and an ``asyncio.wait`` each. This consumer awaits the c
 the flow is not suspended and keeps ``wait_first`` only when it is (a rebalance in progress), so group
 membership, offsets, gaps and acks stay Faust's own. Registered as the ``streamproc://`` transport
 (entry point ``faust.transports``) and used for the consumer only (``broker_consumer``).
+
+Topics an app reads in batches anyway can skip the per-record delivery altogether: with a :class:`BulkInbox`
+attached to the app (:func:`attach_inbox`), the consumer hands each fetch of those topics over as one list of
+messages, tracked as unacked exactly as Faust tracks what it delivers to a stream. The reader acks each message
+through the consumer (``Consumer.ack``) once it is applied, so commits, gaps and rebalances stay Faust's own;
+what it skips is the conductor's channel lookup, an ``Event`` per record, the channel queue and the stream's
+per-event ack.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, ConsumerT
+from faust.types import TP, AppT, ConsumerT, Message
 from mode import Service, ServiceT
+
+
+class BulkInbox:
+    """Whole fetches of some topics, from the consumer to one reader. Bounded: the consumer waits (and so stops
+    fetching) while ``capacity`` messages are waiting, as it waits on a full stream buffer."""
+
+    def __init__(self, topics: Iterable[str], capacity: int) -> None:
+        self.topics = frozenset(topics)
+        self.capacity = capacity
+        self._fetches: deque[list[Message]] = deque()
+        self.size = 0
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def put(self, messages: list[Message]) -> None:
+        while self.size >= self.capacity:
+            self._room.clear()
+            await self._room.wait()
+        self._fetches.append(messages)
+        self.size += len(messages)
+        self._arrived.set()
+
+    def take(self, limit: int) -> list[Message]:
+        """Up to ``limit`` waiting messages, in arrival order (never blocks)."""
+        out: list[Message] = []
+        fetches = self._fetches
+        while fetches and len(out) < limit:
+            head = fetches[0]
+            room = limit - len(out)
+            if len(head) <= room:
+                out.extend(fetches.popleft())
+            else:
+                out.extend(head[:room])
+                fetches[0] = head[room:]
+        self.size -= len(out)
+        if not fetches:
+            self._arrived.clear()
+        if self.size < self.capacity:
+            self._room.set()
+        return out
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until something is waiting (True) or ``timeout`` seconds passed (False)."""
+        if self._fetches:
+            return True
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def clear(self) -> None:
+        """Drop what is waiting (partitions moved: their owner re-reads it from the committed offsets)."""
+        self._fetches.clear()
+        self.size = 0
+        self._arrived.clear()
+        self._room.set()
+
+
+def attach_inbox(app: AppT, inbox: BulkInbox) -> None:
+    """Deliver ``inbox.topics`` to ``inbox`` in bulk (only the ``streamproc://`` consumer does)."""
+    app._streamproc_inbox = inbox  # type: ignore[attr-defined]
+
+
+def inbox_of(app: AppT) -> BulkInbox | None:
+    return cast(BulkInbox | None, getattr(app, "_streamproc_inbox", None))
 
 
 class Consumer(aiokafka_driver.Consumer):
@@ -62,6 +137,10 @@ class Consumer(aiokafka_driver.Consumer):
         sleep = asyncio.sleep
         yield_every = 100
         num_since_yield = 0
+        inbox = inbox_of(self.app)
+        bulk_topics = inbox.topics if inbox is not None else frozenset()
+        unacked_add = self._unacked_messages.add
+        on_message_in = self._on_message_in
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -71,12 +150,27 @@ class Consumer(aiokafka_driver.Consumer):
                 await self.sleep(0)
                 if self.should_stop:
                     continue
+                fetched: list[Message] = []
                 async for tp, message in ait:
+                    offset = message.offset
+                    if message.topic in bulk_topics:
+                        r_offset = get_read_offset(tp)
+                        if r_offset is not None and offset < r_offset:
+                            continue
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if not suspended():  # during a rebalance Faust drops it too: it is re-read from the commit
+                            message.tracked = True
+                            unacked_add(message)
+                            on_message_in(tp, offset, message)
+                            fetched.append(message)
+                        set_read_offset(tp, offset)
+                        continue
                     num_since_yield += 1
                     if num_since_yield > yield_every:
                         await sleep(0)
                         num_since_yield = 0
-                    offset = message.offset
                     r_offset = get_read_offset(tp)
                     if r_offset is not None and offset < r_offset:
                         continue  # already read (Faust drops it the same way)
@@ -91,6 +185,13 @@ class Consumer(aiokafka_driver.Consumer):
                     else:
                         await callback(message)
                     set_read_offset(tp, offset)
+                if fetched:
+                    assert inbox is not None
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    # a rebalance while the reader is busy drops the fetch (re-read by the partitions' owner)
+                    await self.wait_first(inbox.put(fetched), self.suspend_flow.wait())
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

@@ -18,9 +18,11 @@ batched nor on how the clicks and transactions topics interleave, which Kafka do
 from __future__ import annotations
 
 import base64
+import bisect
 import functools
 import hashlib
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,7 +87,8 @@ class FoldConfig:
 class CustomerState:
     customer_id: str
     offsets: dict[str, int] = field(default_factory=dict)
-    recent_ids: dict[str, int] = field(default_factory=dict)  # short event id -> event time (hours)
+    # per input topic (its first letter): stored event id (the letter + short_event_id) -> event time in hours
+    recent_ids: dict[str, dict[str, int]] = field(default_factory=dict)
     clicks: int = 0
     purchases: int = 0
     refunds: int = 0
@@ -111,15 +114,27 @@ class CustomerState:
     # product -> [newest view time, category, views since it entered the list]
     viewed: dict[str, list[Any]] = field(default_factory=dict)
 
-    # --- serialisation (the adapter stores this dict as one compact blob)
+    # --- serialisation (the adapter stores this dict as one compact blob). Keyed tables go out as parallel
+    # arrays in key order, which C code packs and unpacks (``dict(zip(...))``, a regex split): a per-key Python
+    # loop here costs as much as a customer's fold. Blobs of the earlier form (string-keyed dicts, ids grouped
+    # by hour) still load.
     def to_dict(self) -> dict[str, Any]:
+        id_keys: list[str] = []
+        hours: list[int] = []
+        for letter in sorted(self.recent_ids):  # every id starts with its topic's letter: this is key order
+            ids = self.recent_ids[letter]
+            keys = sorted(ids)
+            id_keys += keys
+            hours += map(ids.__getitem__, keys)
+        day_keys = sorted(self.days)
+        month_keys = sorted(self.months)
         return {
-            "id": self.customer_id, "o": self.offsets, "r": _group_ids(self.recent_ids),
+            "id": self.customer_id, "o": self.offsets, "r": ["".join(id_keys), hours],
             "n": [self.clicks, self.purchases, self.refunds, self.spend_cents, self.refund_cents],
             "t": [self.first_event_ts, self.last_event_ts, self.first_purchase_ts, self.last_purchase_ts,
                   self.max_ts, self.max_click_ts],
-            "d": {str(k): v for k, v in sorted(self.days.items())},
-            "m": {str(k): v for k, v in sorted(self.months.items())},
+            "d": [day_keys, [self.days[k] for k in day_keys]],
+            "m": [month_keys, [self.months[k] for k in month_keys]],
             "s": sorted(self.open_sessions), "sc": self.closed,
             "cv": self.cat_views, "cs": self.cat_spend,
             "ch": self.snapshot_ts, "pd": self.pending, "b": self.bought, "v": self.viewed,
@@ -129,28 +144,43 @@ class CustomerState:
     def from_dict(cls, data: dict[str, Any]) -> CustomerState:
         n = data["n"]
         t = data["t"]
+        ids, days, months = data["r"], data["d"], data["m"]
         return cls(
-            customer_id=data["id"], offsets=data["o"], recent_ids=_ungroup_ids(data["r"]),
+            customer_id=data["id"], offsets=data["o"],
+            recent_ids=_by_topic(_ID_CHUNKS(ids[0]), ids[1]) if type(ids) is list else _ungroup_ids(ids),
             clicks=n[0], purchases=n[1], refunds=n[2], spend_cents=n[3], refund_cents=n[4],
             first_event_ts=t[0], last_event_ts=t[1], first_purchase_ts=t[2], last_purchase_ts=t[3],
             max_ts=t[4], max_click_ts=t[5],
-            days={int(k): v for k, v in data["d"].items()}, months={int(k): v for k, v in data["m"].items()},
+            days=(dict(zip(days[0], days[1], strict=True)) if type(days) is list
+                  else {int(k): v for k, v in days.items()}),
+            months=(dict(zip(months[0], months[1], strict=True)) if type(months) is list
+                    else {int(k): v for k, v in months.items()}),
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
             snapshot_ts=data.get("ch", 0), pending=data.get("pd", []), bought=data.get("b", {}),
             viewed=data.get("v", {}),
         )
 
 
-def _group_ids(ids: dict[str, int]) -> dict[str, str]:
-    """{hour: concatenated 9-char ids (topic letter + digest)}: the compact stored form of the recent ids."""
-    grouped: dict[int, list[str]] = {}
-    for sid, hour in ids.items():
-        grouped.setdefault(hour, []).append(sid)
-    return {str(hour): "".join(sorted(sids)) for hour, sids in grouped.items()}
+# a stored id is 9 characters: the topic's letter and an 8-character digest (short_event_id)
+_ID_CHUNKS = re.compile(".{9}", re.DOTALL).findall
 
 
-def _ungroup_ids(grouped: dict[str, str]) -> dict[str, int]:
-    return {ids[i : i + 9]: int(hour) for hour, ids in grouped.items() for i in range(0, len(ids), 9)}
+def _by_topic(keys: list[str], hours: list[int]) -> dict[str, dict[str, int]]:
+    """Sorted stored ids and their hours, split by topic letter (each topic's ids are one run of the keys)."""
+    out: dict[str, dict[str, int]] = {}
+    start, n = 0, len(keys)
+    while start < n:
+        letter = keys[start][0]
+        end = bisect.bisect_left(keys, chr(ord(letter) + 1), start)
+        out[letter] = dict(zip(keys[start:end], hours[start:end], strict=True))
+        start = end
+    return out
+
+
+def _ungroup_ids(grouped: dict[str, str]) -> dict[str, dict[str, int]]:
+    """The recent ids of an earlier blob form: {hour: concatenated 9-char ids}."""
+    flat = sorted((ids[i : i + 9], int(hour)) for hour, ids in grouped.items() for i in range(0, len(ids), 9))
+    return _by_topic([k for k, _ in flat], [h for _, h in flat])
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,25 +319,26 @@ def _cap(counts: dict[str, int], limit: int) -> None:
 
 
 def _remember(state: CustomerState, kind: str, sid: str, ts: int, cfg: FoldConfig) -> bool:
-    """Record an event id in its topic's recent set; False if it was already there (a duplicate)."""
-    key = kind[0] + sid
-    if key in state.recent_ids:
+    """Record an event id in its topic's recent set; False if it was already there (a duplicate). The set keeps
+    the ids within the dedup horizon behind its newest, at most ``dedup_max_ids`` (the oldest go first; ties:
+    the smallest id)."""
+    letter = kind[0]
+    key = letter + sid
+    ids = state.recent_ids.get(letter)
+    if ids is None:
+        ids = state.recent_ids[letter] = {}
+    elif key in ids:
         return False
-    hour = ts // HOUR_MS
-    ids = state.recent_ids
-    ids[key] = hour
-    prefix = key[0]
-    hours = [h for k, h in ids.items() if k[0] == prefix]
-    horizon = max(hours) - cfg.dedup_horizon_ms // HOUR_MS
-    if min(hours) < horizon:  # older than the horizon behind this topic's newest id
-        for k in [k for k, h in ids.items() if k[0] == prefix and h < horizon]:
+    ids[key] = ts // HOUR_MS
+    horizon = max(ids.values()) - cfg.dedup_horizon_ms // HOUR_MS
+    if min(ids.values()) < horizon:
+        for k in [k for k, h in ids.items() if h < horizon]:
             del ids[k]
-        hours = [h for h in hours if h >= horizon]
-    excess = len(hours) - cfg.dedup_max_ids
-    if excess == 1:  # the usual case at the cap: drop the oldest (ties: smallest id)
-        del ids[min((h, k) for k, h in ids.items() if k[0] == prefix)[1]]
+    excess = len(ids) - cfg.dedup_max_ids
+    if excess == 1:  # the usual case at the cap: drop the oldest
+        del ids[min(zip(ids.values(), ids.keys(), strict=True))[1]]
     elif excess > 1:
-        for _, k in sorted((h, k) for k, h in ids.items() if k[0] == prefix)[:excess]:
+        for _, k in sorted(zip(ids.values(), ids.keys(), strict=True))[:excess]:
             del ids[k]
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,8 +182,8 @@ def test_recent_ids_are_bounded_and_keep_the_newest():
     hour = 60 * MIN
     cfg = FoldConfig(dedup_horizon_ms=10 * hour, dedup_max_ids=3)
     state, _ = fold([click(i, T0 + i * hour) for i in range(20)], cfg)
-    assert len(state.recent_ids) == 3
-    assert sorted(state.recent_ids.values()) == [(T0 + i * hour) // hour for i in (17, 18, 19)]
+    assert len(flat_ids(state)) == 3
+    assert sorted(flat_ids(state).values()) == [(T0 + i * hour) // hour for i in (17, 18, 19)]
     # within the horizon and the bound, a duplicate is still caught
     _, out = fold([click(19, T0 + 19 * hour)], cfg, source="clicks:9", state=state)
     assert out.total("duplicate") == 1
@@ -197,7 +198,21 @@ def test_old_day_buckets_are_pruned():
 def test_state_round_trips_through_its_dict():
     state, _ = fold([click(1, at(0)), txn(2, at(0, 5), 9.5), click(3, at(3), "product_view", "toys")])
     assert CustomerState.from_dict(state.to_dict()) == state
+    assert CustomerState.from_dict(orjson.loads(orjson.dumps(state.to_dict()))) == state
     assert month_label(calendar_month(at(0))) == "2026-03"
+
+
+def test_state_blobs_of_the_earlier_form_still_load():
+    """Before parallel arrays, blobs kept day and month buckets under string keys and grouped ids by hour."""
+    state, _ = fold([click(1, at(0)), click(2, at(0, 2)), txn(3, at(1), 9.5), click(4, at(3), "product_view", "toys")])
+    grouped: dict[str, str] = {}
+    for sid, hour in sorted(flat_ids(state).items()):
+        grouped[str(hour)] = grouped.get(str(hour), "") + sid
+    earlier = {**state.to_dict(), "r": grouped, "d": {str(k): v for k, v in sorted(state.days.items())},
+               "m": {str(k): v for k, v in sorted(state.months.items())}}
+    loaded = CustomerState.from_dict(orjson.loads(orjson.dumps(earlier)))
+    assert loaded == state
+    assert len(flat_ids(loaded)) == 4 and len(loaded.days) == 3
 
 
 @settings(max_examples=80, deadline=None)
@@ -225,6 +240,10 @@ def test_features_do_not_depend_on_arrival_order_within_the_allowed_lateness(spe
     b, _ = fold(shuffled, cfg)
     as_of = max(e.ts for e in events) + DAY_MS
     assert features(a, as_of, cfg) == features(b, as_of, cfg)
+
+
+def flat_ids(state: CustomerState) -> dict[str, int]:
+    return {k: h for ids in state.recent_ids.values() for k, h in ids.items()}
 
 
 def _reference_recent_ids(arrivals: list[tuple[str, int]], horizon_h: int, limit: int) -> dict[str, int]:
@@ -256,7 +275,7 @@ def test_recent_ids_match_their_reference_model(arrivals, limit, horizon_h):
         before = _reference_recent_ids(keyed[:i], horizon_h, limit)
         fresh = _remember(state, "clicks" if key[0] == "c" else "transactions", key[1:], hour * HOUR_MS, cfg)
         assert fresh == (key not in before)  # a duplicate exactly when the id is still remembered
-        assert state.recent_ids == _reference_recent_ids(keyed[: i + 1], horizon_h, limit)
+        assert flat_ids(state) == _reference_recent_ids(keyed[: i + 1], horizon_h, limit)
 
 
 @settings(max_examples=150, deadline=None)
