@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -70,12 +71,24 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def tune_gc(settings: Settings) -> None:
+    """A long-running process that allocates a few dozen short-lived objects per event: with Python's default
+    young-generation threshold (700 allocations) the cyclic collector runs every few events and, through the
+    older generations, keeps walking every live object (measured on the batch step: 40 % of its time). Collect
+    less often, and move what start-up created (modules, Faust, River) out of the collector's way."""
+    if settings.gc_young_threshold:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(settings.gc_young_threshold, 20, 10)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from streamproc.app import run_worker
 
     settings = _settings()
     if args.web_port is not None:
         settings = settings.model_copy(update={"web_port": args.web_port})
+    tune_gc(settings)
     run_worker(settings)
     return 0
 
@@ -83,7 +96,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_trainer(args: argparse.Namespace) -> int:
     from streamproc.trainer import run_trainer
 
-    run_trainer(_settings())
+    settings = _settings()
+    tune_gc(settings)
+    run_trainer(settings)
     return 0
 
 
