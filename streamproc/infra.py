@@ -22,6 +22,9 @@ KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
 
 
+# bytes up to which a hash value keeps the hash a listpack (Redis default: 64)
+HASH_MAX_LISTPACK_VALUE = 8192
+
 class InfraError(RuntimeError):
     pass
 
@@ -158,6 +161,9 @@ class RedisService(_Service):
             "--dir", str(self.dir),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
+            # a customer's hash (features, state, model outputs) stays one compact listpack: with the default
+            # 64-byte limit its multi-KB values turn it into a hash table, ~15 % more memory per customer
+            "--hash-max-listpack-value", str(HASH_MAX_LISTPACK_VALUE),
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "yes",

@@ -17,6 +17,22 @@ def test_services_are_up_and_a_second_up_reuses_them(infra):
     assert again["kafka"].pid == first["kafka"].pid and again["redis"].pid == first["redis"].pid
 
 
+def test_customer_hashes_are_stored_as_compact_listpacks(infra, settings):
+    import redis
+
+    from streamproc.infra import HASH_MAX_LISTPACK_VALUE
+
+    if not {s.name: s for s in Infra(infra).status()}["redis"].owned:
+        pytest.skip("a Redis streamproc did not start: its configuration is the operator's")
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert r.config_get("hash-max-listpack-value")["hash-max-listpack-value"] == str(HASH_MAX_LISTPACK_VALUE)
+        r.hset("cust:{c1}", mapping={"f": "x" * 3000, "_s": "y" * 2000, "_v": 1})
+        assert r.object("encoding", "cust:{c1}") == b"listpack"
+    finally:
+        r.close()
+
+
 def test_apply_creates_every_declared_topic_then_is_idempotent(settings):
     first = apply_topics(settings)
     assert sorted(first.created) == sorted(settings.topic(n) for n in load_specs())
