@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
 from streamproc.adapters.model_store import ModelStore, RedisModelStore
 from streamproc.align import TopicAligner
-from streamproc.batching import ack_batch, drain_batches
+from streamproc.batching import ack_batch, drain_batches, mark_taken
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
@@ -189,6 +189,7 @@ class Worker:
             broker_session_timeout=s.kafka_session_timeout_s,
             broker_heartbeat_interval=s.kafka_heartbeat_interval_s,
             broker_commit_interval=1.0,
+            stream_processing_timeout=s.stream_processing_timeout_s,
         )
         inputs = app.topic(*(s.topic(name) for name in INPUT_TOPICS), schema=RawSchema())
         if s.fast_consumer:
@@ -333,6 +334,7 @@ class Worker:
             generation = app.consumer_generation_id
             batch = [m for m in messages if m.generation_id == generation]
             if batch:
+                mark_taken(app, batch)
                 yield batch
 
     def _ack_messages(self, messages: list[Message]) -> None:

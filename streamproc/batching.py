@@ -10,10 +10,11 @@ offset never passes an event in flight) and events from a previous consumer gene
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from faust.types import EventT, StreamT
+from faust.types import AppT, EventT, Message, StreamT
 
 
 async def drain_batches(
@@ -63,7 +64,20 @@ async def drain_batches(
                 on_message_in(message.tp, message.offset, message)
             batch.append(item)
         if batch:
+            mark_taken(app, [ev.message for ev in batch])
             yield batch
+
+
+def mark_taken(app: AppT, messages: list[Message]) -> None:
+    """Tell Faust's monitor that a stream took records of these partitions now: its health check ("Stream has not
+    started processing TP", logged as an error for every partition with a backlog) reads that time, which a stream
+    sets per event and the bulk path would otherwise never set."""
+    monitor = app.monitor
+    if monitor is not None:
+        now = time.monotonic()
+        inbound = monitor.stream_inbound_time
+        for tp in {m.tp for m in messages}:
+            inbound[tp] = now
 
 
 async def ack_batch(stream: StreamT, batch: list[EventT]) -> None:

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     # allocations between young-generation garbage collections in the worker and trainer (Python's default:
     # 700, which costs the batch step ~40 % of its time); 0 keeps Python's default
     gc_young_threshold: int = Field(default=50_000, ge=0)
+    # Faust logs an error for a partition with a backlog that no stream has taken records of for this long
+    stream_processing_timeout_s: float = Field(default=300.0, gt=0)
     fast_consumer: bool = True  # streamproc/transport.py; false: Faust's stock consumer
     batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
     # stream-time alignment of the input topics (streamproc/align.py): while one topic's partition has unread
