@@ -275,8 +275,8 @@ class Worker:
             kind=self.kind_of.get(msg.topic, msg.topic),
             partition=msg.partition,
             offset=msg.offset,
-            key=key if key is None or type(key) is bytes else str(key).encode(),
-            value=value if value is None or type(value) is bytes else bytes(value),
+            key=key if key is None or isinstance(key, bytes) else str(key).encode(),
+            value=value if value is None or isinstance(value, bytes) else bytes(value),
             timestamp_ms=int(ts * 1000) if ts else None,
         )
 
