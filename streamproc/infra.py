@@ -25,6 +25,7 @@ LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
 # bytes up to which a hash value keeps the hash a listpack (Redis default: 64)
 HASH_MAX_LISTPACK_VALUE = 8192
 
+
 class InfraError(RuntimeError):
     pass
 

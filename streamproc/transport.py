@@ -77,13 +77,6 @@ class BulkInbox:
             return False
         return True
 
-    def clear(self) -> None:
-        """Drop what is waiting (partitions moved: their owner re-reads it from the committed offsets)."""
-        self._fetches.clear()
-        self.size = 0
-        self._arrived.clear()
-        self._room.set()
-
 
 def attach_inbox(app: AppT, inbox: BulkInbox) -> None:
     """Deliver ``inbox.topics`` to ``inbox`` in bulk (only the ``streamproc://`` consumer does)."""
@@ -153,13 +146,13 @@ class Consumer(aiokafka_driver.Consumer):
                 fetched: list[Message] = []
                 async for tp, message in ait:
                     offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # already read (Faust drops it the same way)
+                    gap = offset - (r_offset or 0)
+                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
                     if message.topic in bulk_topics:
-                        r_offset = get_read_offset(tp)
-                        if r_offset is not None and offset < r_offset:
-                            continue
-                        gap = offset - (r_offset or 0)
-                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                            await self._add_gap(tp, r_offset + 1, offset)
                         if not suspended():  # during a rebalance Faust drops it too: it is re-read from the commit
                             message.tracked = True
                             unacked_add(message)
@@ -171,12 +164,6 @@ class Consumer(aiokafka_driver.Consumer):
                     if num_since_yield > yield_every:
                         await sleep(0)
                         num_since_yield = 0
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already read (Faust drops it the same way)
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()

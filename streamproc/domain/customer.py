@@ -151,14 +151,18 @@ class CustomerState:
             clicks=n[0], purchases=n[1], refunds=n[2], spend_cents=n[3], refund_cents=n[4],
             first_event_ts=t[0], last_event_ts=t[1], first_purchase_ts=t[2], last_purchase_ts=t[3],
             max_ts=t[4], max_click_ts=t[5],
-            days=(dict(zip(days[0], days[1], strict=True)) if type(days) is list
-                  else {int(k): v for k, v in days.items()}),
-            months=(dict(zip(months[0], months[1], strict=True)) if type(months) is list
-                    else {int(k): v for k, v in months.items()}),
+            days=_int_keyed(days), months=_int_keyed(months),
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
             snapshot_ts=data.get("ch", 0), pending=data.get("pd", []), bought=data.get("b", {}),
             viewed=data.get("v", {}),
         )
+
+
+def _int_keyed(stored: list[list[Any]] | dict[str, Any]) -> dict[int, Any]:
+    """A stored table with integer keys: [keys, values], or a {"key": value} dict (the earlier blob form)."""
+    if isinstance(stored, list):
+        return dict(zip(stored[0], stored[1], strict=True))
+    return {int(k): v for k, v in stored.items()}
 
 
 # a stored id is 9 characters: the topic's letter and an 8-character digest (short_event_id)

@@ -50,12 +50,3 @@ async def test_a_full_inbox_holds_the_consumer_back_until_the_reader_takes():
     await asyncio.wait_for(blocked, 1.0)
     assert [m.offset for m in inbox.take(10)] == [3, 4, 5]
 
-
-async def test_clear_drops_what_waits_and_frees_the_consumer():
-    inbox = BulkInbox(["clicks"], capacity=2)
-    await inbox.put(messages("clicks", range(0, 2)))
-    blocked = asyncio.create_task(inbox.put(messages("clicks", range(2, 3))))
-    await asyncio.sleep(0.01)
-    inbox.clear()
-    await asyncio.wait_for(blocked, 1.0)
-    assert [m.offset for m in inbox.take(10)] == [2]
