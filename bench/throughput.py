@@ -5,7 +5,7 @@
 3. starts one `streamproc worker` and measures from its first processed event to the last;
 4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
 
-Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer].
+Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer] [--trainer-process].
 ``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures the naive Faust agent of
 ``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records. Not a test.
 """
@@ -84,9 +84,11 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False) -> dict[str, float]:
+def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
+               trainer_process: bool = False) -> dict[str, float]:
     """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
-    from the first processed event to the last, summed over the processes."""
+    from the first processed event to the last, summed over the processes. With ``trainer_process``, the
+    production layout: scoring-only workers and `streamproc trainer` in a process of its own."""
     command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
                else [sys.executable, "-m", "streamproc.cli", "worker"])
     spy = None
@@ -96,8 +98,17 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
         env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": settings.topic_prefix, "STREAMPROC_APP_ID": settings.app_id,
                "STREAMPROC_REDIS_URL": settings.redis_url, "STREAMPROC_WEB_PORT": str(port),
                "STREAMPROC_LOG_LEVEL": "WARNING", "STREAMPROC_STATE_DIR": str(ROOT / ".local" / f"bench-w{i}")}
+        if trainer_process:
+            env["STREAMPROC_TRAINER_ENABLED"] = "false"
         with open(log.with_suffix(f".{i}.log"), "wb") as out:
             procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+    helpers = []
+    if trainer_process:
+        env = {**env, "STREAMPROC_STATE_DIR": str(ROOT / ".local" / "bench-trainer"),
+               "STREAMPROC_TRAINER_METRICS_PORT": str(settings.web_port + 100)}
+        with open(log.with_suffix(".trainer.log"), "wb") as out:
+            helpers.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
     try:
         first_at = None
         first_count = 0.0
@@ -113,8 +124,8 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if done >= expected:
                 break
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"a worker died: see {log}")
+            if any(p.poll() is not None for p in procs + helpers):
+                raise RuntimeError(f"a worker or the trainer died: see {log}")
             time.sleep(0.25)  # scraping /metrics costs the worker CPU
         else:
             raise RuntimeError("workers did not finish in time")
@@ -124,9 +135,9 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             spy.wait(30)
         return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs)}
     finally:
-        for p in procs:
+        for p in procs + helpers:
             p.terminate()
-        for p in procs:
+        for p in procs + helpers:
             p.wait(30)
 
 
@@ -137,6 +148,8 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes in one group (scaling)")
     parser.add_argument("--peer", action="store_true", help="measure bench/naive_agent.py instead of streamproc")
+    parser.add_argument("--trainer-process", action="store_true",
+                        help="the production layout: scoring-only worker(s), `streamproc trainer` learns alone")
     args = parser.parse_args()
 
     base = Settings()
@@ -156,14 +169,15 @@ def main() -> None:
     mem_before = int(r.info("memory")["used_memory"])
     log = ROOT / ".local" / f"bench-worker-{tag}.log"
     log.parent.mkdir(exist_ok=True)
-    worker = run_worker(settings, sent, log, args.workers, args.peer)
+    worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process)
     customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer else "cust:*", count=1000))
     mem_after = int(r.info("memory")["used_memory"])
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine(),
         "events": sent,
-        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer else f"streamproc, {args.workers} worker(s)",
+        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer else f"streamproc, {args.workers} worker(s)"
+        + (" + trainer process" if args.trainer_process else ""),
         "customers_stored": customers_stored,
         "produce_events_per_s": round(produce_rate),
         "ceiling_events_per_s": round(ceiling_rate),

@@ -89,12 +89,18 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
 
     import redis
 
-    from streamproc.adapters.feature_store import RedisFeatureStore, customer_key
+    from streamproc.adapters.feature_store import (
+        RedisFeatureStore,
+        customer_key,
+        decode_feature_row,
+        feature_names_from,
+    )
     from streamproc.adapters.model_store import RedisModelStore
     from streamproc.tail import read_topic
 
     truth = [json.loads(line) for line in (run_dir / "ground_truth.jsonl").read_text().splitlines() if line]
     client = redis.Redis.from_url(settings.redis_url)
+    names_of = feature_names_from(client)
     churn_p: dict[str, float] = {}
     segments: dict[str, int] = {}
     events_applied = 0
@@ -112,7 +118,7 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
                     if m.get("segment") is not None:
                         segments[cid] = m["segment"]
                 if feats:
-                    f = json.loads(feats)
+                    f = decode_feature_row(feats, names_of)
                     events_applied += f.get("clicks", 0) + f.get("frequency", 0) + f.get("refunds", 0)
     finally:
         client.close()

@@ -2,9 +2,11 @@
 
 Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
 
-    cust:{<customer_id>}   hash   ``f`` features (JSON), ``_s`` state blob (JSON), ``_v`` version (write count),
+    cust:{<customer_id>}   hash   ``f`` feature row (JSON array: schema id, then the values), ``_s`` state blob
+                                  (JSON), ``_v`` version (write count),
                                   ``k`` census key "stage|tier|segment", ``m`` model outputs (JSON:
                                   segment, churn probability, alert hysteresis; depend on the checkpoint)
+    sp:fschema             hash   feature schema id -> the feature names (JSON) its rows hold, in order
     sp:census:<p>          hash   census key -> customers, per input partition (moved inside the save itself)
     sp:outbox:<p>          hash   "<customer>:<version>" -> outputs of that save not yet confirmed by the broker
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
@@ -14,6 +16,10 @@ Redis layout (one hash per customer, hash-tagged so a customer's keys share a cl
     sp:agg:buyers          HLL    customers with at least one purchase
     sp:agg:repeat          HLL    customers with at least two purchases
     sp:cohort:<YYYY-MM>:<k> HLL   customers whose first purchase was in YYYY-MM and who bought k months later
+
+Feature rows carry their values only, not their names: the names (the same for every customer under one
+configuration, ~55 of them) are stored once under a schema id, which halves the bytes of ``f``. Rows written
+as JSON objects (before schema ids) still read.
 
 A save is a compare-and-set on ``_v``: it applies only if nobody wrote the customer since it was loaded
 (a zombie worker after a rebalance loses), and the state blob carries the offset fences, so state and
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +43,43 @@ import redis.asyncio as aioredis
 from streamproc.domain.customer import CustomerState
 
 ERASED_KEY = "sp:erased"
+FEATURE_SCHEMAS_KEY = "sp:fschema"
+
+
+def feature_schema_id(names: tuple[str, ...]) -> str:
+    """A short name for an ordered set of feature names (the same on every worker)."""
+    return hashlib.blake2b("\x1f".join(names).encode(), digest_size=4, person=b"sp-fschema").hexdigest()
+
+
+def encode_feature_row(schema_id: str, features: dict[str, Any]) -> bytes:
+    return orjson.dumps([schema_id, *features.values()])
+
+
+def decode_feature_row(raw: bytes | str, names_of: Callable[[str], list[str]]) -> dict[str, Any]:
+    """A stored feature row as a dict; ``names_of`` gives a schema id's feature names."""
+    if raw[:1] in (b"{", "{"):  # a row written before schema ids: a JSON object
+        decoded: dict[str, Any] = orjson.loads(raw)
+        return decoded
+    schema_id, *values = orjson.loads(raw)
+    return dict(zip(names_of(schema_id), values, strict=True))
+
+
+def feature_names_from(client: Any) -> Callable[[str], list[str]]:
+    """``names_of`` for :func:`decode_feature_row` through a synchronous redis-py client (tools and tests)."""
+    cache: dict[str, list[str]] = {}
+
+    def names_of(schema_id: str) -> list[str]:
+        if schema_id not in cache:
+            cache[schema_id] = orjson.loads(client.hget(FEATURE_SCHEMAS_KEY, schema_id))
+        return cache[schema_id]
+
+    return names_of
+
+
+def read_features(client: Any, customer_id: str) -> dict[str, Any] | None:
+    """A customer's stored features through a synchronous redis-py client (tools and tests)."""
+    raw = client.hget(customer_key(customer_id), "f")
+    return decode_feature_row(raw, feature_names_from(client)) if raw else None
 
 
 def customer_key(customer_id: str) -> str:
@@ -156,12 +200,17 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash.
-# ARGV per update: expected version, features JSON, state blob, census key, model JSON, outputs JSON ("" none).
+# KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash; last, the feature
+# schemas hash. ARGV per update: expected version, feature row, state blob, census key, model JSON, outputs JSON
+# ("" none); then (schema id, names JSON) for each feature schema the rows use, stored in the same atomic step.
 # Returns, per update, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
 local out = {}
-for i = 1, #KEYS / 3 do
+local n = (#KEYS - 1) / 3
+for j = 6 * n + 1, #ARGV, 2 do
+  redis.call('HSETNX', KEYS[#KEYS], ARGV[j], ARGV[j + 1])
+end
+for i = 1, n do
   local key, census, outbox = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local a = 6 * i - 5
   local current = redis.call('HMGET', key, '_v', 'k')
@@ -208,15 +257,13 @@ def _encode_state(state: CustomerState) -> bytes:
     return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
 
 
-def _encode_features(features: dict[str, Any]) -> bytes:
-    return orjson.dumps(features, option=orjson.OPT_SORT_KEYS)
-
-
 class RedisFeatureStore(FeatureStore):
     def __init__(self, client: aioredis.Redis) -> None:
         self.redis = client
         self._save = client.register_script(_SAVE_LUA)
         self._load = client.register_script(_LOAD_LUA)
+        self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
+        self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
 
     @classmethod
     def from_url(cls, url: str, password: str | None = None, **kwargs: Any) -> RedisFeatureStore:
@@ -240,16 +287,27 @@ class RedisFeatureStore(FeatureStore):
             return SaveResult([], {})
         keys: list[str] = []
         args: list[str | bytes] = []
+        schema_ids = self._schema_ids
+        schemas: dict[str, tuple[str, ...]] = {}
         for up in updates:
+            names = tuple(up.features)
+            schema_id = schema_ids.get(names)
+            if schema_id is None:
+                schema_id = schema_ids[names] = feature_schema_id(names)
+            schemas[schema_id] = names
             keys.append(customer_key(up.customer_id))
             keys.append(f"sp:census:{up.partition}")
             keys.append(f"sp:outbox:{up.partition}")
             args.append(str(up.expected_version))
-            args.append(_encode_features(up.features))
+            args.append(encode_feature_row(schema_id, up.features))
             args.append(_encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
             args.append(up.outputs)
+        keys.append(FEATURE_SCHEMAS_KEY)
+        for schema_id, names in schemas.items():
+            args.append(schema_id)
+            args.append(orjson.dumps(names))
         replies = await self._save(keys=keys, args=args)
         result = SaveResult([], {})
         for up, reply in zip(updates, replies, strict=True):
@@ -258,6 +316,15 @@ class RedisFeatureStore(FeatureStore):
             else:
                 result.previous_census[up.customer_id] = reply.decode() or None
         return result
+
+    async def _feature_names(self, schema_id: str) -> list[str]:
+        names = self._schema_names.get(schema_id)
+        if names is None:
+            raw = await self.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)
+            if raw is None:
+                raise KeyError(f"feature schema {schema_id} is not stored")
+            names = self._schema_names[schema_id] = orjson.loads(raw)
+        return names
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -348,7 +415,11 @@ class RedisFeatureStore(FeatureStore):
 
     async def features(self, customer_id: str) -> dict[str, Any] | None:
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
-        return orjson.loads(raw) if raw else None
+        if not raw:
+            return None
+        if raw[:1] != b"{":
+            await self._feature_names(orjson.loads(raw)[0])  # fetched into the cache
+        return decode_feature_row(raw, self._schema_names.__getitem__)
 
     async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
@@ -466,7 +537,8 @@ class InMemoryFeatureStore(FeatureStore):
                 self.outboxes.setdefault(up.partition, {})[up.outbox_field] = up.outputs
             self.census_keys[up.customer_id] = up.census_key
             self.models[up.customer_id] = orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS)
-            self.rows[up.customer_id] = (current + 1, _encode_state(up.state), _encode_features(up.features))
+            self.rows[up.customer_id] = (current + 1, _encode_state(up.state),
+                                       orjson.dumps(up.features, option=orjson.OPT_SORT_KEYS))
         return result
 
     async def census(self) -> dict[str, int]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-import orjson
 import pytest
 import redis
 
+from streamproc.adapters.feature_store import decode_feature_row, feature_names_from
 from streamproc.demo import processed_total
 from streamproc.infra import RedisService
 from streamproc.producer import EventProducer
@@ -21,8 +21,9 @@ def applied_events(url: str) -> int:
     r = redis.Redis.from_url(url)
     try:
         total = 0
+        names_of = feature_names_from(r)
         for key in r.scan_iter("cust:*", count=1000):
-            f = orjson.loads(r.hget(key, "f"))
+            f = decode_feature_row(r.hget(key, "f"), names_of)
             total += f["clicks"] + f["frequency"] + f["refunds"]
         return total
     finally:

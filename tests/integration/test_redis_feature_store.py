@@ -1,9 +1,18 @@
 """The Redis adapter honours the same contract as the in-memory one, on a real Redis."""
 
+import orjson
 import pytest
+import redis
 
-from streamproc.adapters.feature_store import RedisFeatureStore, Update, customer_key
-from streamproc.domain.customer import CustomerState
+from streamproc.adapters.feature_store import (
+    FEATURE_SCHEMAS_KEY,
+    RedisFeatureStore,
+    Update,
+    customer_key,
+    feature_schema_id,
+    read_features,
+)
+from streamproc.domain.customer import CustomerState, FoldConfig, features
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +38,34 @@ async def test_save_is_a_compare_and_set_on_the_version(store):
     assert (await store.save([Update("a", 1, state, {"clicks": 4})])).previous_census == {"a": "||"}
     assert (await store.features("a")) == {"clicks": 4}
     assert await store.redis.hget(customer_key("a"), "_v") == b"2"
+
+
+async def test_feature_rows_store_values_once_and_names_once(store, settings):
+    state = CustomerState("a", clicks=3, first_event_ts=1_700_000_000_000, last_event_ts=1_700_000_000_000)
+    feats = features(state, 1_700_000_100_000, FoldConfig())
+    other = {"clicks": 1, "value_tier": "low"}  # a second schema in the same save
+    assert (await store.save([Update("a", 0, state, feats), Update("b", 0, state, other)])).failed == []
+    raw = await store.redis.hget(customer_key("a"), "f")
+    schema_id, *values = orjson.loads(raw)
+    assert schema_id == feature_schema_id(tuple(feats)) and values == list(feats.values())
+    assert b"monetary_total" not in raw  # names are not repeated per customer
+    assert orjson.loads(await store.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)) == list(feats)
+    assert await store.redis.hlen(FEATURE_SCHEMAS_KEY) == 2
+    # every reader gets the dict back: the adapter (from a cold cache), the sync helper
+    cold = RedisFeatureStore.from_url(settings.redis_url)
+    try:
+        assert await cold.features("a") == feats and await cold.features("b") == other
+    finally:
+        await cold.close()
+    sync = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        assert read_features(sync, "a") == feats
+        # a row of the earlier form (a JSON object) still reads
+        sync.hset(customer_key("old"), "f", orjson.dumps({"clicks": 7}))
+        assert read_features(sync, "old") == {"clicks": 7}
+    finally:
+        sync.close()
+    assert await store.features("old") == {"clicks": 7}
 
 
 async def test_forget_erases_and_remembers(store):

@@ -188,6 +188,38 @@ def test_segmenters_round_trip_and_keep_ids_in_range(segmenter):
     assert len({p["name"] for p in profiles.values()}) == len(profiles)
 
 
+def test_fast_segment_assignment_agrees_with_river_and_follows_learning():
+    from streamproc.domain.churn import SEGMENT_FEATURES
+
+    bundle = ModelBundle(ModelConfig(n_segments=5))
+    rnd = random.Random(11)
+    share = "category_view_share."
+
+    def example() -> dict[str, float]:
+        x = {k: rnd.choice([0.0, 2.0, 5.0]) + rnd.gauss(0, 1.0) for k in SEGMENT_FEATURES}
+        x.update({f"{share}{c}": rnd.random() for c in rnd.sample("abcdefg", 3)})
+        return x
+
+    for round_ in range(3):
+        for _ in range(400):
+            bundle.learn_segment(example())
+        probes = [example() for _ in range(300)] + [{}]
+        river = [int(bundle.segmenter.predict_one(bundle._segment_x(x))) for x in probes]
+        fast = [bundle.segment(x) for x in probes]
+        assert fast == river, f"round {round_}"
+        assert len(set(fast)) > 1
+        assert bundle.__dict__["_segment_fast"][1] is not None  # the fast form was used, not the fallback
+    # a checkpoint does not carry the cache, and the loaded copy answers the same
+    clone = ModelBundle.loads(bundle.dumps())
+    assert "_segment_fast" not in clone.__dict__
+    assert [clone.segment(x) for x in probes] == fast
+    # a centre lacking one of the inputs: River's answer (the fast form steps aside)
+    kmeans = bundle.segmenter[list(bundle.segmenter.steps)[-1]]
+    del kmeans.centers[0][next(iter(SEGMENT_FEATURES))]
+    bundle.__dict__.pop("_segment_fast")
+    assert bundle.segment(probes[0]) is not None and bundle.__dict__["_segment_fast"][1] is None
+
+
 def test_linear_contributions_are_weight_times_scaled_value():
     bundle = ModelBundle(ModelConfig())
     for x, y in synthetic(400, 5):
