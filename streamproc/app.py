@@ -287,6 +287,7 @@ class Worker:
         idle_s = 0.25 if self.aligner is not None else None  # held records go at the latest after their wait
         inbox = inbox_of(self.app)
         batches: AsyncIterator[list[Any]]
+        log.info("input delivery: %s", "Faust's stock consumer" if inbox is None else "bulk (streamproc://)")
         if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
             batches = self._inbox_batches(inbox, stream, idle_s)
         else:

@@ -83,7 +83,9 @@ SPREAD_SWEEP = {"STREAMPROC_SWEEP_BUDGET": "40"}
 
 
 @pytest.mark.faults
-def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_factory, worker_factory):
+@pytest.mark.parametrize("fast_consumer", ["true", "false"], ids=["bulk-delivery", "stock-consumer"])
+def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_factory, worker_factory,
+                                                                           fast_consumer):
     payloads = sim_payloads(customers=200, days=90, seed=21, duplicate_fraction=0.01)
     baseline, crashed = env_factory(), env_factory()
     for env in (baseline, crashed):
@@ -98,7 +100,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
     rnd = random.Random(5)
     kills = 0
     for _ in range(5):
-        worker = frozen(worker_factory(crashed), **SPREAD_SWEEP).start()
+        worker = frozen(worker_factory(crashed), **SPREAD_SWEEP, STREAMPROC_FAST_CONSUMER=fast_consumer).start()
         worker.wait_ready()
         # kill at a random moment: between batches, inside a Redis write, a produce, or a commit
         target = rnd.randint(300, 2500)
@@ -110,7 +112,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
         worker.stop(signal.SIGKILL)
         kills += 1
     assert kills == 5
-    final = frozen(worker_factory(crashed), **SPREAD_SWEEP).start()
+    final = frozen(worker_factory(crashed), **SPREAD_SWEEP, STREAMPROC_FAST_CONSUMER=fast_consumer).start()
     wait_equal(crashed, expected)
     alerts, recs = output_ids(crashed)
     assert alerts == expected_alerts

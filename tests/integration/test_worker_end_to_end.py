@@ -38,7 +38,8 @@ BAD = {  # reason -> (topic, payload)
 }
 
 
-def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_factory):
+@pytest.mark.parametrize("fast_consumer", ["true", "false"], ids=["bulk-delivery", "stock-consumer"])
+def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_factory, fast_consumer):
     settings = topics
     valid = []
     for c in range(20):
@@ -51,9 +52,13 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     bad = [(topic, b"bad", payload) for topic, payload in BAD.values()]
     produce(settings, valid + bad)
 
-    worker = worker_factory().start()
+    worker = worker_factory()
+    worker.extra_env["STREAMPROC_FAST_CONSUMER"] = fast_consumer  # both input paths meet the same contract
+    worker.start()
     metrics = worker.wait_processed(len(valid) + len(bad))
     assert metrics['streamproc_events_processed_total{outcome="duplicate",topic="clicks"}'] == 1
+    delivery = "bulk (streamproc://)" if fast_consumer == "true" else "Faust's stock consumer"
+    assert f"input delivery: {delivery}" in worker.log_tail(200_000)
 
     r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
 
