@@ -18,7 +18,6 @@ No Redis, no Kafka, no clock: every instant is event time handed in by the calle
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,22 +282,22 @@ def recommend(
 
     cfg = index.cfg
     k = k or cfg.k
-    weights = cfg.weights()
-    horizon = cfg.exclude_bought_days * DAY_MS
-    # each source scores its candidates; an item's score per source is the best it got from that source
-    scored: dict[str, dict[str, float]] = {}
+    # each source scores its candidates (an item's score per source is the best it got from that source), in
+    # the fixed blending order: bought_together, viewed_not_bought, popular_in_segment
+    scored: list[tuple[str, float, dict[str, float]]] = []
 
     if BOUGHT_TOGETHER in sources:
         # anchors: the context at full strength, then every item of the customer's latest purchases, damped by
         # how many purchases ago (the context, when there is one, counts as the newest)
-        bought = sorted((ts, pid) for pid, ts in customer.bought.items() if ts <= at)
-        instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
-        shift = 1 if context else 0
-        damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
         anchors = dict.fromkeys(context, 1.0)
-        for ts, pid in reversed(bought):
-            if ts in damps and pid not in anchors:
-                anchors[pid] = damps[ts]
+        if customer.bought:
+            bought = sorted([(ts, pid) for pid, ts in customer.bought.items() if ts <= at])
+            instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
+            shift = 1 if context else 0
+            damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
+            for ts, pid in reversed(bought):
+                if ts in damps and pid not in anchors:
+                    anchors[pid] = damps[ts]
         found: dict[str, float] = {}
         get_found = found.get
         related = index.related
@@ -307,12 +306,15 @@ def recommend(
                 value = confidence * damp
                 if value > get_found(pid, 0.0):
                     found[pid] = value
-        strongest = heapq.nsmallest(k * 2, ((-v, pid) for pid, v in found.items()))
+        # the 2k strongest (sorted()[:n] is what heapq.nsmallest returns; the lists are short)
+        strongest = sorted([(-v, pid) for pid, v in found.items()])[: k * 2]
         top = -strongest[0][0] if strongest else 1.0
         # relative to the strongest rule, like the other sources
-        scored[BOUGHT_TOGETHER] = {pid: -negative / top for negative, pid in strongest}
+        scored.append((BOUGHT_TOGETHER, cfg.weight_bought_together,
+                       {pid: -negative / top for negative, pid in strongest}))
     # the categories of what triggered it (the product being looked at) say what the customer is after now
-    focus = {index.category.get(pid) for pid in context} - {None}
+    category_of = index.category.get
+    focus = {category_of(pid) for pid in context} - {None}
     if VIEWED_NOT_BOUGHT in sources:
         tops = set(customer.top_categories) | focus
         window = cfg.viewed_days * DAY_MS
@@ -323,7 +325,7 @@ def recommend(
             if 0 <= age <= window:
                 interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
                 viewed[pid] = interest * 0.5 ** (age / week) * (1.0 if cat in tops else 0.5)
-        scored[VIEWED_NOT_BOUGHT] = viewed
+        scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, viewed))
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
         favourites = index.favourites.get(seg, [])
@@ -331,44 +333,39 @@ def recommend(
         for category in sorted(c for c in focus if c is not None):  # best sellers of the category in focus
             per_category = index.by_category.get(seg)
             candidates = candidates + (per_category.get(category, []) if per_category is not None else
-                                       [f for f in favourites if index.category.get(f[0]) == category][:k])
+                                       [f for f in favourites if category_of(f[0]) == category][:k])
         popular: dict[str, float] = {}
-        category_of = index.category.get
         for pid, share in candidates:
             value = share if not focus or category_of(pid) in focus else share * 0.5
             if value > popular.get(pid, 0.0):
                 popular[pid] = value
-        scored[POPULAR_IN_SEGMENT] = popular
+        scored.append((POPULAR_IN_SEGMENT, cfg.weight_popular_in_segment, popular))
 
     # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
     # items, and items out of the catalogue
-    candidates_all: set[str] = set().union(*scored.values())
-    candidates_all -= {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at}
-    candidates_all.difference_update(context, excluded)
+    horizon = cfg.exclude_bought_days * DAY_MS
+    blocked = {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at}
+    blocked.update(context, excluded)
     available = index.available
-    if available is not None:
-        candidates_all &= available
-    else:
-        candidates_all = {pid for pid in candidates_all if index.in_catalogue(pid, at)}
-    # blend: per candidate, the weighted source scores summed in the fixed source order (bought_together,
-    # viewed_not_bought, popular_in_segment), and its reason the source that contributed most
+    # blend: per candidate, the weighted source scores summed in the fixed source order, and its reason the
+    # source that contributed most
     totals: dict[str, float] = {}
     reasons: dict[str, tuple[float, str]] = {}
-    for source, found_by in scored.items():
-        weight = weights[source]
+    for source, weight, found_by in scored:
         for pid, source_score in found_by.items():
-            if pid not in candidates_all:
+            if pid in blocked or not (pid in available if available is not None else index.in_catalogue(pid, at)):
                 continue
             value = weight * source_score
             if value > 0.0:
-                totals[pid] = totals.get(pid, 0.0) + value
-                best = reasons.get(pid)
-                if best is None or (value, source) > best:
+                if pid in totals:
+                    totals[pid] += value
+                    if (value, source) > reasons[pid]:
+                        reasons[pid] = (value, source)
+                else:
+                    totals[pid] = value
                     reasons[pid] = (value, source)
-    out = []
-    for negative, pid in heapq.nsmallest(k, [(-total, pid) for pid, total in totals.items()]):
-        out.append({"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]})
-    return out
+    ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
+    return [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
 
 
 def precision_at_k(bought: set[str], recommended: list[str], k: int) -> float:
