@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 
@@ -253,6 +254,33 @@ return out
 """
 
 
+class _PackInC:
+    """Commands packed by hiredis (``hiredis.pack_command``, C) instead of redis-py's Python loop: the same bytes
+    on the wire, in about half the time for a batch's multi-megabyte script calls (thousands of arguments)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # redis-py's own splitting of a command name holding spaces ("CONFIG GET")
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # an argument type hiredis does not pack (e.g. a memoryview): redis-py's way
+            packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+            return packed
+
+
+_PACKING_CLASSES: dict[type, type] = {}
+
+
+def _packing_in_c(connection_class: type) -> Any:
+    if connection_class not in _PACKING_CLASSES:
+        name = f"PackInC{connection_class.__name__}"
+        _PACKING_CLASSES[connection_class] = type(name, (_PackInC, connection_class), {})
+    return _PACKING_CLASSES[connection_class]
+
+
 def _encode_state(state: CustomerState) -> bytes:
     return orjson.dumps(state.to_dict(), option=orjson.OPT_SORT_KEYS)
 
@@ -267,7 +295,10 @@ class RedisFeatureStore(FeatureStore):
 
     @classmethod
     def from_url(cls, url: str, password: str | None = None, **kwargs: Any) -> RedisFeatureStore:
-        return cls(aioredis.from_url(url, password=password, decode_responses=False, **kwargs))
+        client = aioredis.from_url(url, password=password, decode_responses=False, **kwargs)
+        pool = client.connection_pool
+        pool.connection_class = _packing_in_c(pool.connection_class)  # plain, TLS or unix socket alike
+        return cls(client)
 
     async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
         if not customer_ids:

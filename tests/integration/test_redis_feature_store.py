@@ -87,3 +87,19 @@ async def test_model_store_contract_on_redis(settings):
         await model_store_contract(RedisModelStore(client))
     finally:
         await client.aclose()
+
+
+async def test_commands_are_packed_in_c_to_the_same_bytes(store):
+    from redis.asyncio.connection import Connection
+
+    conn_class = store.redis.connection_pool.connection_class
+    assert conn_class.__name__ == "PackInCConnection" and issubclass(conn_class, Connection)
+    ours, theirs = conn_class(), Connection()
+    for args in [("EVALSHA", "abc", 2, "cust:{ü}", b"\x00\xff", 12345678901234, 1.5, b""),
+                 ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", "x"), ("SET", "k", memoryview(b"view"))]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args)), args
+    # and the store works through it: a batch save and load round trip
+    updates = [Update(f"c{i}", 0, CustomerState(f"c{i}", clicks=i), {"clicks": i}) for i in range(300)]
+    assert (await store.save(updates)).failed == []
+    loaded = await store.load([f"c{i}" for i in range(300)])
+    assert [loaded[f"c{i}"].pristine(f"c{i}").clicks for i in range(300)] == list(range(300))
