@@ -506,11 +506,14 @@ class Worker:
             self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
         for move in result.segment_moves:
             await send(MOVES_TOPIC, move["customer_id"], orjson.dumps(move))
+        triggers: dict[str, int] = {}
         for rec in result.recommendations:
             await send(RECOMMENDATIONS_TOPIC, rec["customer_id"], orjson.dumps(rec))
+            triggers[rec["trigger"]] = triggers.get(rec["trigger"], 0) + 1
+        kinds: dict[str, int] = {}
         for example in result.examples:
             await send(TRAINING_TOPIC, example["id"], orjson.dumps(example))
-            self.metrics.training_examples.labels(example["kind"]).inc()
+            kinds[example["kind"]] = kinds.get(example["kind"], 0) + 1
         self.metrics.segment_moves.inc(len(result.segment_moves))
         if deliveries:
             await asyncio.gather(*deliveries)
@@ -520,6 +523,11 @@ class Worker:
             for name, n in produced.items():
                 if n:
                     self.metrics.records_produced.labels(name).inc(n)
+            # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
+            for trigger, n in triggers.items():
+                self.metrics.recommendations.labels(trigger).inc(n)
+            for kind, n in kinds.items():
+                self.metrics.training_examples.labels(kind).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             await self.store.clear_outbox(result.outbox)
 

@@ -569,7 +569,6 @@ class BatchProcessor:
             return None
         rec_id = f"{cid}:{trigger}:{event_id}"
         mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
-        self.metrics.recommendations.labels(trigger).inc()
         return {"recommendation_id": rec_id, "customer_id": cid, "ts": at, "trigger": trigger, "items": items,
                 "strategy_version": index.cfg.version, "model_version": bundle.version,
                 "segment": self.segment_names.get(mstate.segment) if mstate.segment is not None else None}
