@@ -41,6 +41,7 @@ MOVES_TOPIC = "segment-moves"
 
 log = logging.getLogger("streamproc.worker")
 
+TRAINING_RECORD_EXAMPLES = 500  # examples per training-topic record (~150-200 KB, under the broker's 1 MB default)
 RETRY_MAX_SECONDS = 5.0
 SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
 
@@ -512,13 +513,18 @@ class Worker:
             triggers[rec["trigger"]] = triggers.get(rec["trigger"], 0) + 1
         kinds: dict[str, int] = {}
         for example in result.examples:
-            await send(TRAINING_TOPIC, example["id"], orjson.dumps(example))
             kinds[example["kind"]] = kinds.get(example["kind"], 0) + 1
+        # the trainer's examples go as arrays, up to TRAINING_RECORD_EXAMPLES per record, in order
+        training_records = 0
+        for start in range(0, len(result.examples), TRAINING_RECORD_EXAMPLES):
+            chunk = result.examples[start : start + TRAINING_RECORD_EXAMPLES]
+            await send(TRAINING_TOPIC, chunk[0]["id"], orjson.dumps(chunk))
+            training_records += 1
         self.metrics.segment_moves.inc(len(result.segment_moves))
         if deliveries:
             await asyncio.gather(*deliveries)
             produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
-                        MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: len(result.examples),
+                        MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: training_records,
                         RECOMMENDATIONS_TOPIC: len(result.recommendations)}
             for name, n in produced.items():
                 if n:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from streamproc.domain.events import Click, Transaction
 
@@ -100,6 +100,12 @@ class TrainingExample(BaseModel):
     v: int | None = Field(default=None, description="Model version of that prediction")
 
 
+class TrainingBatch(RootModel[list[TrainingExample]]):
+    """One record of the training topic: the examples of one batch step, in the order they were made (a record
+    per example cost the worker a producer call each: every live customer sends one at every snapshot instant).
+    The trainer also reads records holding a single example object (written before batches)."""
+
+
 class SegmentMove(BaseModel):
     """A customer's segment changed."""
 
@@ -121,6 +127,7 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "churn_alert": ChurnAlert,
     "recommendation": Recommendation,
     "training_example": TrainingExample,
+    "training_batch": TrainingBatch,
     "segment_move": SegmentMove,
 }
 

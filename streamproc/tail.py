@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from kafka import KafkaConsumer
 
@@ -33,6 +34,12 @@ def read_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s:
     finally:
         consumer.close()
     return out
+
+
+def read_training_examples(settings: Settings, idle_timeout_s: float = 3.0) -> tuple[list[dict], int]:
+    """Every example on the training topic in order (its records hold arrays of them), and the record count."""
+    records: list[Any] = read_topic(settings, "streamproc-training", 10**8, idle_timeout_s)
+    return [e for r in records for e in (r if isinstance(r, list) else [r])], len(records)
 
 
 def tail_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s: float, as_json: bool) -> int:

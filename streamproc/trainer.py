@@ -31,6 +31,17 @@ from streamproc.settings import Settings
 from streamproc.topics import aiokafka_security_kwargs
 
 TRAINING_TOPIC = "streamproc-training"
+
+
+def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:
+    """The examples of one training-topic record: an array of them (a batch step's), or one example object
+    (records written before batches). An undecodable record yields none (logged)."""
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        log.warning("skipping an undecodable training record at offset %s: %s", offset, exc)
+        return []
+    return decoded if isinstance(decoded, list) else [decoded]
 FETCH_MAX_RECORDS = 5000
 LEARN_SLICE = 200  # examples learned between yields to the event loop
 
@@ -95,15 +106,15 @@ class Trainer:
         for record in records:
             if record.offset <= bundle.training_offset:  # already in the checkpoint
                 continue
-            try:
-                example = orjson.loads(record.value)
-                drifts = bundle.drift_detections
-                learn(bundle, example)
-                if bundle.drift_detections > drifts:
-                    log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
-                self.metrics.examples_learned.labels(example["kind"]).inc()
-            except Exception as exc:  # a malformed example must not stop learning
-                log.warning("skipping a bad training example at offset %s: %s", record.offset, exc)
+            for example in training_examples(record.value, record.offset):
+                try:
+                    drifts = bundle.drift_detections
+                    learn(bundle, example)
+                    if bundle.drift_detections > drifts:
+                        log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
+                    self.metrics.examples_learned.labels(example["kind"]).inc()
+                except Exception as exc:  # a malformed example must not stop learning
+                    log.warning("skipping a bad training example at offset %s: %s", record.offset, exc)
             bundle.training_offset = record.offset
             self.dirty = True
 

@@ -11,7 +11,7 @@ import pytest
 
 from streamproc.producer import EventProducer
 from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic
+from streamproc.tail import read_topic, read_training_examples
 from tests.conftest import FROZEN_MODEL_ENV, seed_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ def scored_against_the_right_recommendation(settings, customers: list[str]) -> f
     recs: dict[str, list[dict]] = {}
     for rec in read_topic(settings, "recommendations", 10_000_000, 3.0):
         recs.setdefault(rec["customer_id"], []).append(rec)
-    baskets = [e for e in read_topic(settings, "streamproc-training", 10_000_000, 3.0) if e["kind"] == "basket"]
+    baskets = [e for e in read_training_examples(settings)[0] if e["kind"] == "basket"]
     assert baskets
     right = 0
     for basket in baskets:

@@ -10,7 +10,7 @@ import pytest
 
 from streamproc.schemas import Recommendation, TrainingExample
 from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic
+from streamproc.tail import read_topic, read_training_examples
 from tests.conftest import produce
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def test_a_purchase_publishes_a_recommendation_with_reasons_and_the_lookup_shows
     assert shown["id"] == rec["recommendation_id"] and shown["items"] == items
 
     # the purchase reached the trainer as a basket, in its contract, without the customer id
-    baskets = [e for e in read_topic(settings, "streamproc-training", 10_000_000, 3.0) if e["kind"] == "basket"]
+    baskets = [e for e in read_training_examples(settings)[0] if e["kind"] == "basket"]
     assert baskets and all(TrainingExample.model_validate(e) for e in baskets)
     assert not any("rec-customer" in orjson.dumps(e).decode() for e in baskets)
     metrics = worker.metrics()

@@ -55,3 +55,20 @@ def test_docker_compose_file_is_valid():
         cmd = ["docker", "compose", "-f", "docker-compose.yml", "config", "-q"]
     out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_training_records_hold_arrays_of_examples_and_single_examples_still_read():
+    import orjson
+    from pydantic import ValidationError
+
+    from streamproc.schemas import TrainingBatch
+    from streamproc.trainer import training_examples
+
+    examples = [{"kind": "segment", "id": "d:1", "ts": 1, "x": {"a": 1.0}},
+                {"kind": "basket", "id": "d:e1", "ts": 2, "items": [["p", "c", 1]], "amount": 3.0}]
+    assert training_examples(orjson.dumps(examples)) == examples
+    assert training_examples(orjson.dumps(examples[0])) == [examples[0]]  # a record of the earlier form
+    assert training_examples(b'[{"kind": "seg') == []  # undecodable: skipped, not raised
+    assert len(TrainingBatch.model_validate(examples).root) == 2
+    with pytest.raises(ValidationError):
+        TrainingBatch.model_validate([{**examples[0], "customer_id": "c1"}])  # no customer ids on this topic
