@@ -253,6 +253,7 @@ class BatchProcessor:
         self.pseudonymize = pseudonymize
         self.expire_after_days = expire_after_days
         self.sweep_interval_ms = sweep_interval_ms
+        self._feature_names: frozenset[str] = frozenset()  # of the features this configuration computes
         self.boundaries = sorted(
             {*sweep_boundaries_days, *fold.windows_days, 60, fold.at_risk_days, fold.churned_days}
         )
@@ -689,7 +690,7 @@ class BatchProcessor:
 
     async def _refresh(self, customer_ids: list[str], wm: int, partition: int, outputs: BatchResult) -> int:
         for _ in range(MAX_SAVE_ATTEMPTS):
-            loaded = await self.store.load(customer_ids)
+            loaded = await self.store.load(customer_ids, with_features=True)
             updates = []
             partials: dict[str, BatchResult] = {}
             for cid in customer_ids:
@@ -700,13 +701,25 @@ class BatchProcessor:
                 last = state.last_event_ts or 0
                 crossed = [d for d in self.boundaries if last + d * DAY_MS <= wm]
                 as_of = last + crossed[-1] * DAY_MS if crossed else state.max_ts
-                feats = features(state, as_of, self.fold)
+                stored = row.features
+                # features are a function of the state and the instant: when neither moved since they were
+                # stored (a snapshot instant between two silence boundaries, the usual case), keep them
+                unchanged = (stored is not None and stored.get("as_of_ts") == as_of
+                             and stored.keys() == self._feature_names)
+                if unchanged:
+                    assert stored is not None
+                    feats = stored
+                else:
+                    feats = features(state, as_of, self.fold)
+                    if not self._feature_names:
+                        self._feature_names = frozenset(feats)
                 partial = partials[cid] = BatchResult()
                 model = (
                     self._model_step(cid, state, row.model, feats, as_of, wm, partial)
                     if self.models_enabled else None
                 )
-                updates.append(Update(cid, row.version, state, feats, model, partition, partial.outputs_blob()))
+                updates.append(Update(cid, row.version, state, feats, model, partition, partial.outputs_blob(),
+                                      features_unchanged=unchanged))
             result = await self.store.save(updates)
             for up in updates:
                 if up.customer_id not in result.failed:

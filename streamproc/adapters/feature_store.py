@@ -98,6 +98,7 @@ class Loaded:
     blob: bytes | None  # the stored state blob (None: a new customer)
     erased: bool = False
     model: bytes | None = None  # the stored model outputs
+    features: dict[str, Any] | None = None  # the stored features (only when loaded ``with_features``)
 
     def pristine(self, customer_id: str) -> CustomerState:
         """A fresh copy of the loaded state (or a new customer), safe to fold into."""
@@ -113,6 +114,7 @@ class Update:
     model: dict[str, Any] | None = None
     partition: int = 0  # input partition the customer belongs to (census and outbox live per partition)
     outputs: bytes = b""  # JSON outputs to park in the outbox with this save ("" for none)
+    features_unchanged: bool = False  # ``features`` are the stored ones: the row is kept, not rewritten
 
     @property
     def outbox_field(self) -> str:
@@ -143,7 +145,8 @@ class BatchSideEffects:
 
 class FeatureStore(abc.ABC):
     @abc.abstractmethod
-    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]: ...
+    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+        """Version, state blob, model outputs and erasure of each customer (and the stored features)."""
 
     @abc.abstractmethod
     async def after_batch(self, effects: BatchSideEffects) -> None: ...
@@ -202,8 +205,9 @@ class FeatureStore(abc.ABC):
 
 
 # KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash; last, the feature
-# schemas hash. ARGV per update: expected version, feature row, state blob, census key, model JSON, outputs JSON
-# ("" none); then (schema id, names JSON) for each feature schema the rows use, stored in the same atomic step.
+# schemas hash. ARGV per update: expected version, feature row ("" keeps the stored one), state blob, census key,
+# model JSON, outputs JSON ("" none); then (schema id, names JSON) for each feature schema the rows use, stored
+# in the same atomic step.
 # Returns, per update, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
 local out = {}
@@ -218,8 +222,10 @@ for i = 1, n do
   local version = current[1] or '0'
   if version == ARGV[a] then
     local next_version = tostring(tonumber(version) + 1)
-    redis.call('HSET', key, '_v', next_version, 'f', ARGV[a + 1], '_s', ARGV[a + 2],
-               'k', ARGV[a + 3], 'm', ARGV[a + 4])
+    redis.call('HSET', key, '_v', next_version, '_s', ARGV[a + 2], 'k', ARGV[a + 3], 'm', ARGV[a + 4])
+    if ARGV[a + 1] ~= '' then
+      redis.call('HSET', key, 'f', ARGV[a + 1])
+    end
     local old = current[2] or ''
     if old ~= ARGV[a + 3] then
       if old ~= '' then redis.call('HINCRBY', census, old, -1) end
@@ -237,21 +243,27 @@ return out
 """
 
 
-# KEYS: customer hashes, then the erasure set. ARGV: the customers' erasure digests.
-# Returns, per customer: version, state blob, model outputs, erased (1/0) — false for missing fields.
+# KEYS: customer hashes, then the erasure set. ARGV: the customers' erasure digests, then the fields to read.
+# Returns, per customer: the fields, then erased (1/0) — false for missing fields.
 _LOAD_LUA = """
 local out = {}
 local n = #KEYS - 1
 local erased = KEYS[#KEYS]
+local fields = {}
+for j = n + 1, #ARGV do
+  fields[#fields + 1] = ARGV[j]
+end
+local width = #fields + 1
 for i = 1, n do
-  local row = redis.call('HMGET', KEYS[i], '_v', '_s', 'm')
-  out[4 * i - 3] = row[1]
-  out[4 * i - 2] = row[2]
-  out[4 * i - 1] = row[3]
-  out[4 * i] = redis.call('SISMEMBER', erased, ARGV[i])
+  local row = redis.call('HMGET', KEYS[i], unpack(fields))
+  for j = 1, #fields do
+    out[width * (i - 1) + j] = row[j]
+  end
+  out[width * i] = redis.call('SISMEMBER', erased, ARGV[i])
 end
 return out
 """
+_LOAD_FIELDS = ("_v", "_s", "m")
 
 
 class _PackInC:
@@ -300,17 +312,29 @@ class RedisFeatureStore(FeatureStore):
         pool.connection_class = _packing_in_c(pool.connection_class)  # plain, TLS or unix socket alike
         return cls(client)
 
-    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
+    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
         if not customer_ids:
             return {}
         # one script call for the whole batch: one command to encode and one reply to parse, instead of one
         # HMGET per customer
         digests = [erasure_digest(cid) for cid in customer_ids]
-        flat = await self._load(keys=[*(customer_key(cid) for cid in customer_ids), ERASED_KEY], args=digests)
+        fields = (*_LOAD_FIELDS, "f") if with_features else _LOAD_FIELDS
+        flat = await self._load(keys=[*(customer_key(cid) for cid in customer_ids), ERASED_KEY],
+                                args=[*digests, *fields])
         out: dict[str, Loaded] = {}
+        if not with_features:
+            for i, cid in enumerate(customer_ids):
+                version, blob, model, erased = flat[4 * i : 4 * i + 4]
+                out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None)
+            return out
         for i, cid in enumerate(customer_ids):
-            version, blob, model, erased = flat[4 * i : 4 * i + 4]
-            out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None)
+            version, blob, model, row, erased = flat[5 * i : 5 * i + 5]
+            feats = None
+            if row:
+                if row[:1] != b"{":
+                    await self._feature_names(orjson.loads(row)[0])  # into the cache (once per schema)
+                feats = decode_feature_row(row, self._schema_names.__getitem__)
+            out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None, feats)
         return out
 
     async def save(self, updates: list[Update]) -> SaveResult:
@@ -330,7 +354,7 @@ class RedisFeatureStore(FeatureStore):
             keys.append(f"sp:census:{up.partition}")
             keys.append(f"sp:outbox:{up.partition}")
             args.append(str(up.expected_version))
-            args.append(encode_feature_row(schema_id, up.features))
+            args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
             args.append(_encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
@@ -543,11 +567,13 @@ class InMemoryFeatureStore(FeatureStore):
         repeat = len(self.hll.get("sp:agg:repeat", set()))
         return {"buyers": buyers, "repeat_buyers": repeat, "repeat_purchase_rate": repeat / buyers if buyers else 0.0}
 
-    async def load(self, customer_ids: list[str]) -> dict[str, Loaded]:
+    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
         out = {}
         for cid in customer_ids:
             row = self.rows.get(cid)
-            out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased, self.models.get(cid))
+            feats = orjson.loads(row[2]) if with_features and row and row[2] else None
+            out[cid] = Loaded(row[0] if row else 0, row[1] if row else None, cid in self.erased, self.models.get(cid),
+                              feats)
         return out
 
     async def save(self, updates: list[Update]) -> SaveResult:
@@ -568,8 +594,12 @@ class InMemoryFeatureStore(FeatureStore):
                 self.outboxes.setdefault(up.partition, {})[up.outbox_field] = up.outputs
             self.census_keys[up.customer_id] = up.census_key
             self.models[up.customer_id] = orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS)
-            self.rows[up.customer_id] = (current + 1, _encode_state(up.state),
-                                       orjson.dumps(up.features, option=orjson.OPT_SORT_KEYS))
+            previous = self.rows.get(up.customer_id)
+            if up.features_unchanged and previous is not None:
+                row = previous[2]
+            else:
+                row = orjson.dumps(up.features, option=orjson.OPT_SORT_KEYS)
+            self.rows[up.customer_id] = (current + 1, _encode_state(up.state), row)
         return result
 
     async def census(self) -> dict[str, int]:

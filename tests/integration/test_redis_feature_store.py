@@ -103,3 +103,20 @@ async def test_commands_are_packed_in_c_to_the_same_bytes(store):
     assert (await store.save(updates)).failed == []
     loaded = await store.load([f"c{i}" for i in range(300)])
     assert [loaded[f"c{i}"].pristine(f"c{i}").clicks for i in range(300)] == list(range(300))
+
+
+async def test_a_save_can_keep_the_stored_feature_row(store):
+    state = CustomerState("a", clicks=1)
+    assert (await store.save([Update("a", 0, state, {"clicks": 1, "as_of_ts": 5})])).failed == []
+    assert (await store.load(["a"], with_features=True))["a"].features == {"clicks": 1, "as_of_ts": 5}
+    assert (await store.load(["a"]))["a"].features is None  # only read when asked for
+    assert (await store.load(["nobody"], with_features=True))["nobody"].features is None
+    state.clicks = 2
+    kept = Update("a", 1, state, {"clicks": 1, "as_of_ts": 5}, features_unchanged=True)
+    assert (await store.save([kept])).failed == []
+    loaded = (await store.load(["a"], with_features=True))["a"]
+    assert loaded.version == 2 and loaded.pristine("a").clicks == 2  # the rest of the save applied
+    assert loaded.features == {"clicks": 1, "as_of_ts": 5}
+    # without the flag the row is rewritten
+    assert (await store.save([Update("a", 2, state, {"clicks": 2, "as_of_ts": 6})])).failed == []
+    assert await store.features("a") == {"clicks": 2, "as_of_ts": 6}

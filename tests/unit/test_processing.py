@@ -343,3 +343,45 @@ async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
     assert touched >= 5
     assert len(chunks) >= 3  # five quiet customers in chunks of two, handed over as each is saved
     assert proc.sweep_outputs.examples == [] and proc.sweep_outputs.alerts == []
+
+
+async def test_the_sweep_keeps_stored_features_only_where_recomputing_gives_the_same():
+    """A snapshot-instant refresh between two silence boundaries keeps the stored feature row; the result must
+    be exactly what recomputing every time gives (features, state and every output)."""
+    from streamproc.offline import run_offline
+    from streamproc.settings import Settings
+    from streamproc.simulate import SimulationConfig, Simulator
+
+    payloads = list(Simulator(SimulationConfig(customers=80, days=160, seed=21)).payloads())
+    settings = Settings(_env_file=None)
+
+    class NeverKeeps(InMemoryFeatureStore):
+        async def load(self, customer_ids, with_features=False):
+            return await super().load(customer_ids)  # no stored features: the sweep recomputes them all
+
+    kept = 0
+
+    class Counting(InMemoryFeatureStore):
+        async def save(self, updates):
+            nonlocal kept
+            kept += sum(up.features_unchanged for up in updates)
+            return await super().save(updates)
+
+    async def run(store_cls):
+        outputs = []
+        import streamproc.offline as offline
+
+        original = offline.InMemoryFeatureStore
+        offline.InMemoryFeatureStore = store_cls
+        try:
+            _, _, store = await run_offline(payloads, settings, 700, 5, lambda r: outputs.append(
+                (r.alerts, r.recommendations, r.examples, r.segment_moves)))
+        finally:
+            offline.InMemoryFeatureStore = original
+        return store.rows, orjson.dumps(outputs, option=orjson.OPT_SORT_KEYS)
+
+    reference_rows, reference_outputs = await run(NeverKeeps)
+    rows, outputs = await run(Counting)
+    assert kept > 100, "no refresh kept its features: nothing was compared"
+    assert rows == reference_rows  # features and state blobs, byte for byte
+    assert outputs == reference_outputs
