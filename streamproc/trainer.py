@@ -32,6 +32,11 @@ from streamproc.topics import aiokafka_security_kwargs
 
 TRAINING_TOPIC = "streamproc-training"
 
+FETCH_MAX_RECORDS = 5000
+LEARN_SLICE = 200  # examples learned between yields to the event loop
+
+log = logging.getLogger("streamproc.trainer")
+
 
 def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:
     """The examples of one training-topic record: an array of them (a batch step's), or one example object
@@ -42,10 +47,6 @@ def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:
         log.warning("skipping an undecodable training record at offset %s: %s", offset, exc)
         return []
     return decoded if isinstance(decoded, list) else [decoded]
-FETCH_MAX_RECORDS = 5000
-LEARN_SLICE = 200  # examples learned between yields to the event loop
-
-log = logging.getLogger("streamproc.trainer")
 
 
 class Trainer:
@@ -100,13 +101,17 @@ class Trainer:
         self.metrics.trainer_active.set(0)
 
     # ------------------------------------------------------------------ learning
-    def learn_records(self, records: list[Any]) -> None:
+    def learn_records(self, records: list[Any]) -> int:
+        """Learn the examples of records not yet in the checkpoint, in order; returns how many there were."""
         bundle = self.bundle
         assert bundle is not None
+        learned = 0
         for record in records:
             if record.offset <= bundle.training_offset:  # already in the checkpoint
                 continue
-            for example in training_examples(record.value, record.offset):
+            examples = training_examples(record.value, record.offset)
+            learned += len(examples)
+            for example in examples:
                 try:
                     drifts = bundle.drift_detections
                     learn(bundle, example)
@@ -117,6 +122,7 @@ class Trainer:
                     log.warning("skipping a bad training example at offset %s: %s", record.offset, exc)
             bundle.training_offset = record.offset
             self.dirty = True
+        return learned
 
     async def checkpoint(self) -> int | None:
         """Save the bundle as the next version (and follow a rollback made by an operator)."""
@@ -194,11 +200,15 @@ class Trainer:
                     fetched = await self.consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
                     generation = self.generation
                     for records in fetched.values():
-                        for i in range(0, len(records), LEARN_SLICE):
+                        since_yield = 0
+                        for record in records:
                             if self.bundle is None or self.generation != generation:
                                 break  # the partition was taken away (or away and back) meanwhile: re-fetch
-                            self.learn_records(records[i : i + LEARN_SLICE])
-                            await asyncio.sleep(0)  # inside a worker: let its batches run between slices
+                            since_yield += self.learn_records([record])  # a record holds up to 500 examples
+                            if since_yield >= LEARN_SLICE:
+                                since_yield = 0
+                                await asyncio.sleep(0)  # inside a worker: let its batches run between slices
+                        await asyncio.sleep(0)
                     if self.bundle is not None:
                         await self.checkpoint_if_due()
                 await self._give_up()

@@ -72,3 +72,31 @@ def test_training_records_hold_arrays_of_examples_and_single_examples_still_read
     assert len(TrainingBatch.model_validate(examples).root) == 2
     with pytest.raises(ValidationError):
         TrainingBatch.model_validate([{**examples[0], "customer_id": "c1"}])  # no customer ids on this topic
+
+
+def test_the_trainer_learns_every_example_of_a_record_once_and_counts_them():
+    from types import SimpleNamespace
+
+    import orjson
+
+    from streamproc.adapters.model_store import InMemoryModelStore
+    from streamproc.app import model_config
+    from streamproc.domain.churn import SEGMENT_FEATURES
+    from streamproc.domain.models import ModelBundle
+    from streamproc.metrics import Metrics
+    from streamproc.trainer import Trainer
+
+    settings = Settings(_env_file=None)
+    trainer = Trainer(settings, InMemoryModelStore(), Metrics(), model_config(settings))
+    trainer.bundle = ModelBundle(model_config(settings))
+
+    def segment(i: int) -> dict:
+        return {"kind": "segment", "id": f"d:{i}", "ts": i, "x": dict.fromkeys(SEGMENT_FEATURES, float(i))}
+
+    records = [SimpleNamespace(offset=0, value=orjson.dumps([segment(i) for i in range(7)])),
+               SimpleNamespace(offset=1, value=orjson.dumps(segment(7))),  # a record of the earlier form
+               SimpleNamespace(offset=2, value=b"not json")]
+    assert trainer.learn_records(records) == 8
+    assert trainer.bundle.segment_examples == 8 and trainer.bundle.training_offset == 2
+    assert trainer.learn_records(records) == 0  # already in the checkpoint: nothing twice
+    assert trainer.bundle.segment_examples == 8
