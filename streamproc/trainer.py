@@ -33,6 +33,7 @@ from streamproc.topics import aiokafka_security_kwargs
 TRAINING_TOPIC = "streamproc-training"
 
 FETCH_MAX_RECORDS = 5000
+TRAINER_METADATA_MAX_AGE_MS = 5000
 LEARN_SLICE = 200  # examples learned between yields to the event loop
 
 log = logging.getLogger("streamproc.trainer")
@@ -175,6 +176,10 @@ class Trainer:
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=FETCH_MAX_RECORDS,
             session_timeout_ms=int(s.kafka_session_timeout_s * 1000),
             heartbeat_interval_ms=int(s.kafka_heartbeat_interval_s * 1000),
+            # a group leader that assigns while the topic has no partition metadata yet (a topic whose leader
+            # is still being elected, as on a freshly started broker) gives nobody the partition; the group
+            # rebalances when the next metadata refresh sees it, so refresh often (default: 5 minutes)
+            metadata_max_age_ms=TRAINER_METADATA_MAX_AGE_MS,
             **aiokafka_security_kwargs(s),
         )
 
