@@ -10,6 +10,7 @@ import hmac
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -507,13 +508,8 @@ class Worker:
             self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
         for move in result.segment_moves:
             await send(MOVES_TOPIC, move["customer_id"], orjson.dumps(move))
-        triggers: dict[str, int] = {}
         for rec in result.recommendations:
             await send(RECOMMENDATIONS_TOPIC, rec["customer_id"], orjson.dumps(rec))
-            triggers[rec["trigger"]] = triggers.get(rec["trigger"], 0) + 1
-        kinds: dict[str, int] = {}
-        for example in result.examples:
-            kinds[example["kind"]] = kinds.get(example["kind"], 0) + 1
         # the trainer's examples go as arrays, up to TRAINING_RECORD_EXAMPLES per record, in order
         training_records = 0
         for start in range(0, len(result.examples), TRAINING_RECORD_EXAMPLES):
@@ -530,9 +526,9 @@ class Worker:
                 if n:
                     self.metrics.records_produced.labels(name).inc(n)
             # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
-            for trigger, n in triggers.items():
+            for trigger, n in Counter(rec["trigger"] for rec in result.recommendations).items():
                 self.metrics.recommendations.labels(trigger).inc(n)
-            for kind, n in kinds.items():
+            for kind, n in Counter(example["kind"] for example in result.examples).items():
                 self.metrics.training_examples.labels(kind).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             await self.store.clear_outbox(result.outbox)

@@ -253,7 +253,8 @@ class BatchProcessor:
         self.pseudonymize = pseudonymize
         self.expire_after_days = expire_after_days
         self.sweep_interval_ms = sweep_interval_ms
-        self._feature_names: frozenset[str] = frozenset()  # of the features this configuration computes
+        # the names of the features this configuration computes (a stored row with others is recomputed)
+        self._feature_names = frozenset(features(CustomerState(""), 0, fold))
         self.boundaries = sorted(
             {*sweep_boundaries_days, *fold.windows_days, 60, fold.at_risk_days, fold.churned_days}
         )
@@ -704,15 +705,10 @@ class BatchProcessor:
                 stored = row.features
                 # features are a function of the state and the instant: when neither moved since they were
                 # stored (a snapshot instant between two silence boundaries, the usual case), keep them
-                unchanged = (stored is not None and stored.get("as_of_ts") == as_of
-                             and stored.keys() == self._feature_names)
-                if unchanged:
-                    assert stored is not None
-                    feats = stored
+                if stored is not None and stored.get("as_of_ts") == as_of and stored.keys() == self._feature_names:
+                    feats, unchanged = stored, True
                 else:
-                    feats = features(state, as_of, self.fold)
-                    if not self._feature_names:
-                        self._feature_names = frozenset(feats)
+                    feats, unchanged = features(state, as_of, self.fold), False
                 partial = partials[cid] = BatchResult()
                 model = (
                     self._model_step(cid, state, row.model, feats, as_of, wm, partial)

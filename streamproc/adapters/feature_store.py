@@ -321,19 +321,11 @@ class RedisFeatureStore(FeatureStore):
         fields = (*_LOAD_FIELDS, "f") if with_features else _LOAD_FIELDS
         flat = await self._load(keys=[*(customer_key(cid) for cid in customer_ids), ERASED_KEY],
                                 args=[*digests, *fields])
+        width = len(fields) + 1  # the fields, then the erasure flag
         out: dict[str, Loaded] = {}
-        if not with_features:
-            for i, cid in enumerate(customer_ids):
-                version, blob, model, erased = flat[4 * i : 4 * i + 4]
-                out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None)
-            return out
         for i, cid in enumerate(customer_ids):
-            version, blob, model, row, erased = flat[5 * i : 5 * i + 5]
-            feats = None
-            if row:
-                if row[:1] != b"{":
-                    await self._feature_names(orjson.loads(row)[0])  # into the cache (once per schema)
-                feats = decode_feature_row(row, self._schema_names.__getitem__)
+            version, blob, model, *row, erased = flat[width * i : width * (i + 1)]
+            feats = await self._decode_row(row[0]) if row and row[0] else None
             out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None, feats)
         return out
 
@@ -372,14 +364,17 @@ class RedisFeatureStore(FeatureStore):
                 result.previous_census[up.customer_id] = reply.decode() or None
         return result
 
-    async def _feature_names(self, schema_id: str) -> list[str]:
-        names = self._schema_names.get(schema_id)
-        if names is None:
-            raw = await self.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)
-            if raw is None:
-                raise KeyError(f"feature schema {schema_id} is not stored")
-            names = self._schema_names[schema_id] = orjson.loads(raw)
-        return names
+    async def _decode_row(self, raw: bytes) -> dict[str, Any]:
+        """A stored feature row as a dict, its schema's names fetched once per process."""
+        try:
+            return decode_feature_row(raw, self._schema_names.__getitem__)
+        except KeyError as unknown:  # a schema this process has not read yet
+            schema_id = unknown.args[0]
+            names = await self.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)
+            if names is None:
+                raise KeyError(f"feature schema {schema_id} is not stored") from None
+            self._schema_names[schema_id] = orjson.loads(names)
+            return decode_feature_row(raw, self._schema_names.__getitem__)
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -470,11 +465,7 @@ class RedisFeatureStore(FeatureStore):
 
     async def features(self, customer_id: str) -> dict[str, Any] | None:
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
-        if not raw:
-            return None
-        if raw[:1] != b"{":
-            await self._feature_names(orjson.loads(raw)[0])  # fetched into the cache
-        return decode_feature_row(raw, self._schema_names.__getitem__)
+        return await self._decode_row(raw) if raw else None
 
     async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
