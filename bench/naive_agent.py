@@ -25,7 +25,8 @@ from streamproc.topics import INPUT_TOPICS  # noqa: E402
 settings = Settings()
 app = faust.App(f"{settings.app_id}-naive", broker=f"kafka://{settings.kafka_bootstrap}", store="memory://",
                 value_serializer="raw", key_serializer="raw", topic_disable_leader=True, topic_allow_declare=False,
-                consumer_auto_offset_reset="earliest", web_port=settings.web_port, web_bind="127.0.0.1")
+                consumer_auto_offset_reset="earliest", web_port=settings.web_port, web_bind="127.0.0.1",
+                datadir=str(settings.state_dir / "naive-data"))  # not the working directory
 inputs = app.topic(*(settings.topic(t) for t in INPUT_TOPICS), value_serializer="raw", key_serializer="raw")
 client = aioredis.from_url(settings.redis_url)
 counter = {"n": 0}

@@ -20,8 +20,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import redis
@@ -84,8 +86,19 @@ def rss_peak_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (all its threads) so far; 0 if it is gone or unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
-               trainer_process: bool = False) -> dict[str, float]:
+               trainer_process: bool = False) -> dict[str, Any]:
     """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
     from the first processed event to the last, summed over the processes. With ``trainer_process``, the
     production layout: scoring-only workers and `streamproc trainer` in a process of its own."""
@@ -102,13 +115,20 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             env["STREAMPROC_TRAINER_ENABLED"] = "false"
         with open(log.with_suffix(f".{i}.log"), "wb") as out:
             procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
-    helpers = []
+    helpers: list[subprocess.Popen[bytes]] = []
     if trainer_process:
         env = {**env, "STREAMPROC_STATE_DIR": str(ROOT / ".local" / "bench-trainer"),
                "STREAMPROC_TRAINER_METRICS_PORT": str(settings.web_port + 100)}
         with open(log.with_suffix(".trainer.log"), "wb") as out:
             helpers.append(subprocess.Popen([sys.executable, "-m", "streamproc.cli", "trainer"], env=env,
                                             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
+    infra = Infra(settings)
+    # where the cores go while the worker runs: CPU seconds per process over the measured interval
+    roles: dict[str, Callable[[], list[int | None]]] = {
+        "redis": lambda: [infra.redis.owned_pid()], "kafka": lambda: [infra.kafka.owned_pid()],
+        "workers": lambda: [p.pid for p in procs], "trainer": lambda: [p.pid for p in helpers],
+    }
+    cpu_at_first: dict[str, float] = {}
     try:
         first_at = None
         first_count = 0.0
@@ -118,10 +138,15 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             now = time.perf_counter()
             if first_at is None and done > 0:
                 first_at, first_count = now, done
-                if os.environ.get("BENCH_PYSPY"):  # profile the first worker for 10 s: collapsed stacks
-                    spy = subprocess.Popen(["py-spy", "record", "--pid", str(procs[0].pid), "-d", "10", "-r", "100",
-                                            "-f", "raw", "-o", os.environ["BENCH_PYSPY"]],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cpu_at_first = {role: sum(map(cpu_seconds, pids())) for role, pids in roles.items()}
+            # BENCH_PYSPY=FILE: profile the first worker for BENCH_PYSPY_SECONDS (10), starting BENCH_PYSPY_AFTER
+            # seconds (0) after its first processed event; collapsed stacks for bench/profile_summary.py
+            if (spy is None and first_at is not None and os.environ.get("BENCH_PYSPY")
+                    and now - first_at >= float(os.environ.get("BENCH_PYSPY_AFTER", "0"))):
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(procs[0].pid), "-d",
+                                        os.environ.get("BENCH_PYSPY_SECONDS", "10"), "-r", "100",
+                                        "-f", "raw", "-o", os.environ["BENCH_PYSPY"]],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if done >= expected:
                 break
             if any(p.poll() is not None for p in procs + helpers):
@@ -131,9 +156,11 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             raise RuntimeError("workers did not finish in time")
         assert first_at is not None
         rate = (done - first_count) / (now - first_at)
+        cores = {role: round((sum(map(cpu_seconds, pids())) - cpu_at_first[role]) / (now - first_at), 2)
+                 for role, pids in roles.items()}
         if spy is not None:
             spy.wait(30)
-        return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs)}
+        return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
     finally:
         for p in procs + helpers:
             p.terminate()
@@ -185,6 +212,8 @@ def main() -> None:
         "worker_vs_ceiling": round(worker["events_per_s"] / ceiling_rate, 3),
         "worker_rss_peak_mb": round(worker["rss_peak_mb"], 1),
         "redis_bytes_per_customer": round((mem_after - mem_before) / max(customers_stored, 1)),
+        # CPU seconds per second of the measured interval, per role (the workers summed): where the cores went
+        "cores_busy": worker["cores_busy"],
     }
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results"

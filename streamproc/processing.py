@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, Update
+from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, SaveResult, Update
 from streamproc.domain.churn import (
     ChurnConfig,
     ModelState,
@@ -60,6 +60,9 @@ MAX_SAVE_ATTEMPTS = 5
 # (window edges and lifecycle thresholds are added to these). Lookups always compute exactly as of now.
 SWEEP_BOUNDARIES_DAYS = (7, 14)
 SWEEP_CHUNK = 500  # customers refreshed per load+save round trip (bounds the sweep's working set)
+# customers per save call in a batch step: each chunk is saved while the next one is computed (chunks hold
+# different customers, so the order in which their scripts run does not matter)
+SAVE_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +216,18 @@ class Watermarks:
         return out
 
 
+async def _settle(saving: list[asyncio.Future[SaveResult]]) -> set[str]:
+    """Wait for every chunk's save; the customers that lost their version check (the first error raises, once
+    every chunk has ended)."""
+    results = await asyncio.gather(*saving, return_exceptions=True)
+    failed: set[str] = set()
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        failed.update(outcome.failed)
+    return failed
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -358,33 +373,45 @@ class BatchProcessor:
             outcomes: dict[str, FoldOutcome] = {}
             customer_results: dict[str, BatchResult] = {}
             states: dict[str, CustomerState] = {}
-            for cid, items in pending.items():
-                row = loaded[cid]
-                customer_result = customer_results[cid] = BatchResult()
-                if row.erased:
-                    for rec, _ in items:
-                        customer_result.outcome.count(rec.source, "erased")
-                    continue
-                state, outcome = self._fold_customer(cid, row, items, customer_result)
-                outcomes[cid] = outcome
-                states[cid] = state
-                partition = items[-1][0].partition
-                # a batch that was all replays changes nothing; anything else moves at least a fence
-                if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
-                    customer_result.dead_letters
-                ):
-                    as_of = self.as_of(state, self.swept_to(partition))
-                    feats = features(state, as_of, self.fold)
-                    model = (
-                        self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
-                                         customer_result, outcome.triggers)
-                        if self.models_enabled else None
-                    )
-                    updates.append(Update(cid, row.version, state, feats, model, partition,
-                                          customer_result.outputs_blob()))
-            t0 = time.perf_counter()
-            saved_result = await self.store.save(updates)
-            failed = set(saved_result.failed)
+            saving: list[asyncio.Future[SaveResult]] = []  # chunks of ``updates`` sent to the store
+            sent = 0
+            try:
+                for cid, items in pending.items():
+                    row = loaded[cid]
+                    customer_result = customer_results[cid] = BatchResult()
+                    if row.erased:
+                        for rec, _ in items:
+                            customer_result.outcome.count(rec.source, "erased")
+                        continue
+                    state, outcome = self._fold_customer(cid, row, items, customer_result)
+                    outcomes[cid] = outcome
+                    states[cid] = state
+                    partition = items[-1][0].partition
+                    # a batch that was all replays changes nothing; anything else moves at least a fence
+                    if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
+                        customer_result.dead_letters
+                    ):
+                        as_of = self.as_of(state, self.swept_to(partition))
+                        feats = features(state, as_of, self.fold)
+                        model = (
+                            self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
+                                             customer_result, outcome.triggers)
+                            if self.models_enabled else None
+                        )
+                        updates.append(Update(cid, row.version, state, feats, model, partition,
+                                              customer_result.outputs_blob()))
+                        if len(updates) - sent >= SAVE_CHUNK:
+                            # Redis runs this chunk's script while the next chunk is computed
+                            saving.append(asyncio.ensure_future(self.store.save(updates[sent:])))
+                            sent = len(updates)
+                            await asyncio.sleep(0)  # lets the save write its command
+                t0 = time.perf_counter()
+                if sent < len(updates):
+                    saving.append(asyncio.ensure_future(self.store.save(updates[sent:])))
+                failed = await _settle(saving)
+            except BaseException:
+                await asyncio.gather(*saving, return_exceptions=True)  # in-flight chunks end before a retry
+                raise
             for up in updates:
                 if up.outputs and up.customer_id not in failed:
                     customer_results[up.customer_id].outbox[up.partition] = [up.outbox_field]

@@ -222,9 +222,11 @@ for i = 1, n do
   local version = current[1] or '0'
   if version == ARGV[a] then
     local next_version = tostring(tonumber(version) + 1)
-    redis.call('HSET', key, '_v', next_version, '_s', ARGV[a + 2], 'k', ARGV[a + 3], 'm', ARGV[a + 4])
-    if ARGV[a + 1] ~= '' then
-      redis.call('HSET', key, 'f', ARGV[a + 1])
+    local s, k, m = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    if ARGV[a + 1] ~= '' then  -- one HSET with the feature row, or without it (the stored row stays)
+      redis.call('HSET', key, '_v', next_version, '_s', s, 'k', k, 'm', m, 'f', ARGV[a + 1])
+    else
+      redis.call('HSET', key, '_v', next_version, '_s', s, 'k', k, 'm', m)
     end
     local old = current[2] or ''
     if old ~= ARGV[a + 3] then

@@ -28,6 +28,7 @@ BOUGHT_TOGETHER = "bought_together"
 POPULAR_IN_SEGMENT = "popular_in_segment"
 VIEWED_NOT_BOUGHT = "viewed_not_bought"
 ALL_SEGMENTS = -1  # the population-wide favourites (cold start: no segment yet)
+POPULAR_MEMO_SIZE = 4096  # (segment, focus) combinations whose popular_in_segment scores an index keeps
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +245,34 @@ class RecIndex:
     # segment -> category -> its best sellers (top k), and the items in the catalogue as of ``now``
     by_category: dict[int, dict[str, list[tuple[str, float]]]] = field(default_factory=dict)
     available: frozenset[str] | None = None
+    # popular_in_segment's scores per (segment, categories in focus, k): the same for every customer asking
+    _popular: dict[tuple[int, frozenset[str], int], dict[str, float]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def popular_in_segment(self, segment: int, focus: frozenset[str], k: int) -> dict[str, float]:
+        """popular_in_segment's candidates and scores: sales relative to the segment's best seller (its top 2k,
+        and the top k of each category in focus, the others halved when there is a focus). Computed once per
+        (segment, focus, k) for this index; callers must not modify the result."""
+        key = (segment, focus, k)
+        found = self._popular.get(key)
+        if found is not None:
+            return found
+        category_of = self.category.get
+        favourites = self.favourites.get(segment, [])
+        candidates = favourites[: k * 2]
+        for category in sorted(focus):  # best sellers of the category in focus
+            per_category = self.by_category.get(segment)
+            candidates = candidates + (per_category.get(category, []) if per_category is not None else
+                                       [f for f in favourites if category_of(f[0]) == category][:k])
+        popular: dict[str, float] = {}
+        for pid, share in candidates:
+            value = share if not focus or category_of(pid) in focus else share * 0.5
+            if value > popular.get(pid, 0.0):
+                popular[pid] = value
+        if len(self._popular) >= POPULAR_MEMO_SIZE:  # many distinct baskets' category mixes: start over
+            self._popular.clear()
+        self._popular[key] = popular
+        return popular
 
     def in_catalogue(self, pid: str, at: int, excluded: frozenset[str] = frozenset()) -> bool:
         """Sold within catalogue_days of ``at`` and not explicitly withdrawn."""
@@ -314,7 +343,7 @@ def recommend(
                        {pid: -negative / top for negative, pid in strongest}))
     # the categories of what triggered it (the product being looked at) say what the customer is after now
     category_of = index.category.get
-    focus = {category_of(pid) for pid in context} - {None}
+    focus: frozenset[str] = frozenset(c for c in map(category_of, context) if c is not None)
     if VIEWED_NOT_BOUGHT in sources:
         tops = set(customer.top_categories) | focus
         window = cfg.viewed_days * DAY_MS
@@ -328,18 +357,7 @@ def recommend(
         scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, viewed))
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
-        favourites = index.favourites.get(seg, [])
-        candidates = favourites[: k * 2]
-        for category in sorted(c for c in focus if c is not None):  # best sellers of the category in focus
-            per_category = index.by_category.get(seg)
-            candidates = candidates + (per_category.get(category, []) if per_category is not None else
-                                       [f for f in favourites if category_of(f[0]) == category][:k])
-        popular: dict[str, float] = {}
-        for pid, share in candidates:
-            value = share if not focus or category_of(pid) in focus else share * 0.5
-            if value > popular.get(pid, 0.0):
-                popular[pid] = value
-        scored.append((POPULAR_IN_SEGMENT, cfg.weight_popular_in_segment, popular))
+        scored.append((POPULAR_IN_SEGMENT, cfg.weight_popular_in_segment, index.popular_in_segment(seg, focus, k)))
 
     # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
     # items, and items out of the catalogue

@@ -178,6 +178,73 @@ async def test_many_customers_in_one_batch(n):
     await asyncio.sleep(0)
 
 
+async def test_a_batch_is_saved_in_chunks_with_the_same_result_as_one_save(monkeypatch):
+    import streamproc.processing as processing
+
+    class CountingStore(InMemoryFeatureStore):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        async def save(self, updates):
+            self.calls.append(len(updates))
+            await asyncio.sleep(0)  # a round trip: the next chunk is computed meanwhile
+            return await super().save(updates)
+
+    batch = [rec("clicks", i, click(i, cid=f"c{i % 23}", ts=T0 + i * 1000)) for i in range(300)]
+    one, proc = make(CountingStore())
+    await proc.process(batch)
+    monkeypatch.setattr(processing, "SAVE_CHUNK", 5)
+    chunked, proc = make(CountingStore())
+    result = await proc.process(batch)
+    assert one.calls == [23] and chunked.calls == [5, 5, 5, 5, 3]
+    assert result.total("applied") == 300
+    assert chunked.rows == one.rows
+
+
+async def test_chunked_saves_retry_what_lost_a_race_and_settle_before_an_error(monkeypatch):
+    import streamproc.processing as processing
+
+    monkeypatch.setattr(processing, "SAVE_CHUNK", 4)
+
+    class FlakyStore(InMemoryFeatureStore):
+        mode = ""
+        in_flight = 0
+        seen_in_flight_at_error = None
+
+        async def save(self, updates):
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(0.01 if updates[0].customer_id == "c0" else 0)
+                if self.mode == "race" and any(up.customer_id == "c5" for up in updates):
+                    self.mode = ""
+                    row = self.rows["c5"]  # another writer got in between our load and this chunk's save
+                    self.rows["c5"] = (row[0] + 1, row[1], row[2])
+                if self.mode == "fail" and updates[0].customer_id != "c0":
+                    raise ConnectionError("redis went away")
+                return await super().save(updates)
+            finally:
+                self.in_flight -= 1
+
+    store, proc = make(FlakyStore())
+    await proc.process([rec("clicks", i, click(i, cid=f"c{i}")) for i in range(10)])
+    store.mode = "race"
+    await proc.process([rec("clicks", 10 + i, click(10 + i, cid=f"c{i}")) for i in range(10)])
+    assert proc.metrics.cas_conflicts._value.get() == 1
+    assert [(await store.features(f"c{i}"))["clicks"] for i in range(10)] == [2] * 10
+
+    store.mode = "fail"
+    batch = [rec("clicks", 20 + i, click(20 + i, cid=f"c{i}")) for i in range(10)]
+    with pytest.raises(ConnectionError):
+        await proc.process(batch)
+    assert store.in_flight == 0  # the slow first chunk had ended before the error was raised
+    assert (await store.features("c0"))["clicks"] == 3  # that chunk was saved
+    store.mode = ""
+    result = await proc.process(batch)  # the retry: the saved chunk is fenced, the rest applied once
+    assert result.total("replayed") == 4 and result.total("applied") == 6
+    assert [(await store.features(f"c{i}"))["clicks"] for i in range(10)] == [3] * 10
+
+
 def sim_records(customers=40, days=120, seed=3):
     from streamproc.simulate import SimulationConfig, Simulator
 

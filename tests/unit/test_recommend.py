@@ -133,6 +133,25 @@ def test_blending_weights_sources_and_names_the_strongest_reason():
     assert len(recommend(index, customer, T0, ["a"], k=2)) == 2
 
 
+def test_segment_favourites_are_scored_once_per_focus_and_segment_and_match_a_fresh_index():
+    def fresh():
+        return RecIndex(RecConfig(k=3), {}, {ALL_SEGMENTS: [("a", 1.0), ("b", 0.8), ("c", 0.6), ("d", 0.4)],
+                                             2: [("d", 1.0), ("a", 0.5)]},
+                        {"a": "x", "b": "y", "c": "x", "d": "y", "v": "x", "w": "y"},
+                        {p: T0 for p in "abcdvw"}, T0,
+                        {ALL_SEGMENTS: {"x": [("a", 1.0), ("c", 0.6)], "y": [("b", 0.8), ("d", 0.4)]},
+                         2: {"x": [("a", 0.5)], "y": [("d", 1.0)]}})
+
+    shared = fresh()
+    asks = [(None, ["v"]), (None, ["w"]), (2, ["v"]), (None, []), (2, ["w", "v"]), (None, ["v"]), (2, [])]
+    for segment, context in asks * 2:
+        customer = view(segment=segment)
+        assert recommend(shared, customer, T0, context) == recommend(fresh(), customer, T0, context)
+    assert len(shared._popular) == 6  # one entry per (segment, focus), reused on the second round
+    focus_x = shared.popular_in_segment(ALL_SEGMENTS, frozenset({"x"}), 3)
+    assert focus_x == {"a": 1.0, "b": 0.4, "c": 0.6, "d": 0.2}  # outside the focus: halved
+
+
 def test_rules_of_earlier_purchases_are_damped_by_how_many_purchases_ago():
     # three purchases: a (newest, two items with b), then c, then e; each item has one rule
     index = index_with(related={"a": [("x", 0.8)], "b": [("y", 0.8)], "c": [("z", 0.8)], "e": [("w", 0.8)]},
