@@ -10,7 +10,7 @@ import hmac
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -44,6 +44,7 @@ log = logging.getLogger("streamproc.worker")
 
 TRAINING_RECORD_EXAMPLES = 500  # examples per training-topic record (~150-200 KB, under the broker's 1 MB default)
 RETRY_MAX_SECONDS = 5.0
+MAX_UNCONFIRMED = 8  # emits whose broker acknowledgements may be awaited at once (bounds outputs in flight)
 SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
 
 
@@ -155,6 +156,7 @@ class Worker:
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
         self.last_offsets: dict[tuple[str, int], int] = {}
         self.outbox_checked: set[int] = set()  # partitions whose outbox was re-sent since this worker got them
+        self.unconfirmed: deque[asyncio.Future[None]] = deque()  # emits whose acknowledgements are awaited
         self.model_checked = False  # the checkpoint was looked up before the first batch
         # input records held back until the other topic of their partition catches up (streamproc/align.py)
         # a consumed record's handle: the Message (bulk delivery, streamproc/transport.py) or Faust's Event
@@ -203,6 +205,7 @@ class Worker:
         if self.trainer is not None:
             app.task(self.trainer.run)
         app.timer(0.25, name="sweep")(self.continue_sweep)
+        app.timer(1.0, name="outbox")(self.resend_parked)
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
@@ -490,10 +493,13 @@ class Worker:
                     self.metrics.cohort_retention.labels(cohort, months).set(value)
 
     async def emit(self, result: BatchResult) -> None:
-        """Produce a batch's outputs and wait until the broker has acknowledged every one (before the batch's
-        offsets are acked). Straight to the transport's producer: the records are already serialised, so
-        Faust's per-message topic machinery would only add cost; a failed delivery raises, and the batch is
-        retried."""
+        """Hand a batch's outputs to the producer; the broker's acknowledgements are awaited in the background
+        (up to MAX_UNCONFIRMED emits at a time), so the next batch does not wait for them. Safe because every
+        output was parked in the outbox in the same atomic save as the state it came from: once acknowledged the
+        parked copies are cleared; if a delivery fails (or the worker dies first) they stay parked and are sent
+        again (``resend_parked``). Straight to the transport's producer: the records are already serialised, so
+        Faust's per-message topic machinery would only add cost. A send the producer refuses raises, and the
+        batch is retried."""
         producer = self.app.producer
         topic = self.settings.topic
         deliveries = []
@@ -517,21 +523,75 @@ class Worker:
             await send(TRAINING_TOPIC, chunk[0]["id"], orjson.dumps(chunk))
             training_records += 1
         self.metrics.segment_moves.inc(len(result.segment_moves))
-        if deliveries:
+        if not deliveries and not result.outbox:
+            return
+        unconfirmed = self.unconfirmed
+        unconfirmed.append(asyncio.ensure_future(self._confirm(deliveries, result, training_records)))
+        while unconfirmed and (len(unconfirmed) > MAX_UNCONFIRMED or unconfirmed[0].done()):
+            await unconfirmed.popleft()  # never raises: _confirm handles its own failures
+
+    async def _confirm(self, deliveries: list[Any], result: BatchResult, training_records: int) -> None:
+        """Wait for the broker's acknowledgements of one emit, count what it has, clear the parked copies."""
+        try:
             await asyncio.gather(*deliveries)
-            produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
-                        MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: training_records,
-                        RECOMMENDATIONS_TOPIC: len(result.recommendations)}
-            for name, n in produced.items():
-                if n:
-                    self.metrics.records_produced.labels(name).inc(n)
-            # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
-            for trigger, n in Counter(rec["trigger"] for rec in result.recommendations).items():
-                self.metrics.recommendations.labels(trigger).inc(n)
-            for kind, n in Counter(example["kind"] for example in result.examples).items():
-                self.metrics.training_examples.labels(kind).inc(n)
+        except Exception as exc:  # still parked: re-sent from the outbox
+            self.outbox_checked.clear()
+            self.metrics.delivery_failures.inc()
+            log.warning("output delivery failed (%s: %s); the outputs stay parked and are sent again",
+                        type(exc).__name__, exc)
+            return
+        produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
+                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: training_records,
+                    RECOMMENDATIONS_TOPIC: len(result.recommendations)}
+        for name, n in produced.items():
+            if n:
+                self.metrics.records_produced.labels(name).inc(n)
+        # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
+        for trigger, n in Counter(rec["trigger"] for rec in result.recommendations).items():
+            self.metrics.recommendations.labels(trigger).inc(n)
+        for kind, n in Counter(example["kind"] for example in result.examples).items():
+            self.metrics.training_examples.labels(kind).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
-            await self.store.clear_outbox(result.outbox)
+            try:
+                await self.store.clear_outbox(result.outbox)
+            except Exception as exc:  # left parked: sent once more later (at-least-once out)
+                self.metrics.redis_errors.inc()
+                log.warning("clearing delivered outputs from the outbox failed (%s: %s)", type(exc).__name__, exc)
+
+    async def confirm_all(self) -> None:
+        """Wait until every emit so far is acknowledged (or has failed and stays parked)."""
+        while self.unconfirmed:
+            await self.unconfirmed.popleft()
+
+    async def resend_parked(self) -> None:
+        """Send the parked outputs of every input partition this worker owns: once after it got the partition
+        (a previous owner may have died between a save and its delivery, with the input already committed), and
+        again after a delivery failed. A batch of a partition not checked yet does this first, too."""
+        if self.step_lock.locked():
+            return
+        try:
+            owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.kind_of}
+        except Exception:  # no consumer yet
+            return
+        todo = sorted(owned - self.outbox_checked)
+        if not todo:
+            return
+        async with self.step_lock:
+            for partition in todo:
+                if partition in self.outbox_checked:
+                    continue
+                try:
+                    recovered = await self.processor.recover_outbox(partition)
+                    if recovered.outbox:
+                        log.info("re-sending %d parked outputs of partition %d", len(recovered.outbox[partition]),
+                                 partition)
+                        await self.emit(recovered)
+                    self.outbox_checked.add(partition)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the next tick tries again
+                    log.warning("re-sending parked outputs failed (%s: %s)", type(exc).__name__, exc)
+                    return
 
     async def reload_model(self) -> None:
         """Score with the newest checkpoint: every worker, the trainer's own included."""

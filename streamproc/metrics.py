@@ -61,6 +61,11 @@ class Metrics:
         self.redis_errors = Counter(
             "streamproc_redis_errors_total", "Redis errors (each retried with backoff).", registry=r
         )
+        self.delivery_failures = Counter(
+            "streamproc_output_delivery_failures_total",
+            "Emits whose records the broker did not acknowledge (the outputs stay parked and are sent again).",
+            registry=r,
+        )
         self.records_produced = Counter(
             "streamproc_records_produced_total", "Output records produced, by topic.", ["topic"], registry=r
         )

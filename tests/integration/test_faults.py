@@ -154,3 +154,30 @@ def test_kafka_broker_restart_loses_nothing_and_counts_nothing_twice(settings, w
         assert applied_events(own.redis_url) == len(payloads)  # nothing lost, nothing twice
     finally:
         broker.down()
+
+
+def test_outputs_parked_by_a_dead_worker_are_sent_without_waiting_for_new_input(topics, worker_factory):
+    """A worker can die after its batch's input was committed and before the broker acknowledged the outputs
+    (they are confirmed in the background): whoever owns the partition next sends what is parked, also when no
+    more input ever comes for it."""
+    import orjson
+
+    from streamproc.tail import read_topic
+
+    r = redis.Redis.from_url(topics.redis_url)
+    alert = {"alert_id": "parked:1", "customer_id": "parked", "ts": 1, "probability": 0.9, "risk_level": "high",
+             "value_tier": "low"}
+    rec = {"recommendation_id": "parked:purchase:e1", "customer_id": "parked", "ts": 1, "trigger": "purchase",
+           "items": []}
+    r.hset("sp:outbox:2", "parked:7", orjson.dumps({"a": [alert], "s": [], "e": [], "r": [rec], "d": []}))
+    worker = worker_factory(topics).start()
+    worker.wait_ready()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and r.hlen("sp:outbox:2"):
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+        time.sleep(0.5)
+    assert r.hlen("sp:outbox:2") == 0, worker.log_tail()  # sent, acknowledged, cleared
+    assert [a["alert_id"] for a in read_topic(topics, "churn-alerts", 100, 3.0)] == ["parked:1"]
+    recs = read_topic(topics, "recommendations", 100, 3.0)
+    assert [x["recommendation_id"] for x in recs] == [rec["recommendation_id"]]
+    assert processed_total(worker.metrics()) == 0  # no input was needed
