@@ -97,6 +97,12 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def idle_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent idle (all cores) since boot, from /proc/stat."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")  # idle, iowait
+
+
 def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
                trainer_process: bool = False) -> dict[str, Any]:
     """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
@@ -139,6 +145,7 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
             if first_at is None and done > 0:
                 first_at, first_count = now, done
                 cpu_at_first = {role: sum(map(cpu_seconds, pids())) for role, pids in roles.items()}
+                cpu_at_first["idle"] = idle_cpu_seconds()
             # BENCH_PYSPY=FILE: profile the first worker for BENCH_PYSPY_SECONDS (10), starting BENCH_PYSPY_AFTER
             # seconds (0) after its first processed event; collapsed stacks for bench/profile_summary.py
             if (spy is None and first_at is not None and os.environ.get("BENCH_PYSPY")
@@ -158,6 +165,9 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
         rate = (done - first_count) / (now - first_at)
         cores = {role: round((sum(map(cpu_seconds, pids())) - cpu_at_first[role]) / (now - first_at), 2)
                  for role, pids in roles.items()}
+        # cores the machine left idle; the rest (not in the roles above) went to this script's scraping, the
+        # kernel's networking and anything else running
+        cores["machine_idle"] = round((idle_cpu_seconds() - cpu_at_first["idle"]) / (now - first_at), 2)
         if spy is not None:
             spy.wait(30)
         return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
