@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import isolated_run  # noqa: E402
 
 from streamproc.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
+from streamproc.topics import delete_run_topics  # noqa: E402
 
 
 def main() -> None:
@@ -71,6 +72,7 @@ def main() -> None:
         print(f"events processed {last:,.0f} in {time.monotonic() - started:.0f}s; scores in {out}")
     finally:
         stop_pipeline(procs, 60)
+        delete_run_topics(settings)
 
 
 if __name__ == "__main__":

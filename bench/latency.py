@@ -29,6 +29,7 @@ from common import isolated_run, machine  # noqa: E402
 from streamproc.demo import processed_total, scrape  # noqa: E402
 from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.topics import delete_run_topics  # noqa: E402
 
 METRIC = "streamproc_end_to_end_latency_seconds"
 
@@ -108,6 +109,7 @@ def main() -> None:
         worker.terminate()
         worker.wait(30)
         r.flushdb()
+        delete_run_topics(settings)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from streamproc.demo import processed_total, scrape, start_pipeline, stop_pipeli
 from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.topics import delete_run_topics  # noqa: E402
 
 SIMULATION_START = "2023-01-01T00:00:00+00:00"
 
@@ -175,6 +176,7 @@ def main() -> None:
         stop.set()
         stop_pipeline(procs)
         r.flushdb()
+        delete_run_topics(settings)
 
 
 if __name__ == "__main__":

@@ -558,17 +558,11 @@ class Worker:
                 self.metrics.redis_errors.inc()
                 log.warning("clearing delivered outputs from the outbox failed (%s: %s)", type(exc).__name__, exc)
 
-    async def confirm_all(self) -> None:
-        """Wait until every emit so far is acknowledged (or has failed and stays parked)."""
-        while self.unconfirmed:
-            await self.unconfirmed.popleft()
-
     async def resend_parked(self) -> None:
         """Send the parked outputs of every input partition this worker owns: once after it got the partition
         (a previous owner may have died between a save and its delivery, with the input already committed), and
-        again after a delivery failed. A batch of a partition not checked yet does this first, too."""
-        if self.step_lock.locked():
-            return
+        again after a delivery failed. A batch of a partition not checked yet does this first, too. Waits for its
+        turn between batch steps (the lock is fair), so a backlog on other partitions does not starve it."""
         try:
             owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.kind_of}
         except Exception:  # no consumer yet

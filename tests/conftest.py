@@ -74,15 +74,20 @@ def settings(infra: Settings, tmp_path: Path) -> Settings:
 @pytest.fixture
 def env_factory(infra: Settings, tmp_path: Path):
     """More isolated environments in one test, topics applied."""
-    from streamproc.topics import apply_topics
+    from streamproc.topics import apply_topics, delete_run_topics
+
+    made: list[Settings] = []
 
     def make() -> Settings:
         s = isolated(infra, tmp_path)
         report = apply_topics(s)
         assert report.ok, report.mismatched
+        made.append(s)
         return s
 
-    return make
+    yield make
+    for s in made:
+        delete_run_topics(s)
 
 
 # What depends on when model checkpoints happened to be written (asynchronously, by the trainer) is not
@@ -130,12 +135,13 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
 
 
 @pytest.fixture
-def topics(settings: Settings) -> Settings:
-    from streamproc.topics import apply_topics
+def topics(settings: Settings) -> Iterator[Settings]:
+    from streamproc.topics import apply_topics, delete_run_topics
 
     report = apply_topics(settings, partitions_override=None)
     assert report.ok, report.mismatched
-    return settings
+    yield settings
+    delete_run_topics(settings)  # the local broker would otherwise keep every test's partitions
 
 
 def seed_checkpoint(settings: Settings, payloads: list[tuple[str, bytes, bytes]]) -> int:

@@ -41,6 +41,27 @@ def test_apply_creates_every_declared_topic_then_is_idempotent(settings):
     assert sorted(second.unchanged) == sorted(first.created)
 
 
+def test_a_run_deletes_its_own_topics_and_no_one_else_s(settings):
+    from streamproc.topics import delete_run_topics
+
+    other = settings.model_copy(update={"topic_prefix": f"other-{settings.topic_prefix}"})
+    assert apply_topics(settings).ok and apply_topics(other).ok
+    admin = admin_client(settings)
+    try:
+        admin.create_topics([NewTopic(f"{settings.app_id}-__assignor-__leader", 1, 1)])  # as Faust names it
+        deleted = delete_run_topics(settings)
+        left = set(admin.list_topics())
+    finally:
+        admin.close()
+    assert sorted(deleted) == sorted([*(settings.topic(n) for n in load_specs()),
+                                      f"{settings.app_id}-__assignor-__leader"])
+    assert not left & set(deleted)
+    assert {other.topic(n) for n in load_specs()} <= left
+    delete_run_topics(other)
+    with pytest.raises(ValueError):
+        delete_run_topics(settings.model_copy(update={"topic_prefix": ""}))
+
+
 def test_apply_reports_a_topic_that_differs_from_its_declaration(settings):
     admin = admin_client(settings)
     try:
