@@ -431,13 +431,7 @@ class Worker:
                     await self.models.current_version()  # raises while Redis is down: retried below
                     await self.reload_model()
                     self.model_checked = True
-                for partition in sorted({rec.partition for rec in records} - self.outbox_checked):
-                    recovered = await self.processor.recover_outbox(partition)
-                    if recovered.outbox:
-                        log.info("re-sending %d parked outputs of partition %d", len(recovered.outbox[partition]),
-                                 partition)
-                        await self.emit(recovered)
-                    self.outbox_checked.add(partition)
+                await self._resend_parked_of({rec.partition for rec in records})
                 result = await self.processor.process(records)
                 # each chunk's outputs are sent as it is saved; a step's size follows the batch's (a live trickle:
                 # small steps, little added latency; a backlog: big steps, so the sweep keeps up with the stream)
@@ -567,25 +561,24 @@ class Worker:
             owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.kind_of}
         except Exception:  # no consumer yet
             return
-        todo = sorted(owned - self.outbox_checked)
-        if not todo:
+        if not owned - self.outbox_checked:
             return
         async with self.step_lock:
-            for partition in todo:
-                if partition in self.outbox_checked:
-                    continue
-                try:
-                    recovered = await self.processor.recover_outbox(partition)
-                    if recovered.outbox:
-                        log.info("re-sending %d parked outputs of partition %d", len(recovered.outbox[partition]),
-                                 partition)
-                        await self.emit(recovered)
-                    self.outbox_checked.add(partition)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # the next tick tries again
-                    log.warning("re-sending parked outputs failed (%s: %s)", type(exc).__name__, exc)
-                    return
+            try:
+                await self._resend_parked_of(owned)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next tick tries again
+                log.warning("re-sending parked outputs failed (%s: %s)", type(exc).__name__, exc)
+
+    async def _resend_parked_of(self, partitions: set[int]) -> None:
+        """Send the parked outputs of those of ``partitions`` not checked since this worker got them."""
+        for partition in sorted(partitions - self.outbox_checked):
+            recovered = await self.processor.recover_outbox(partition)
+            if recovered.outbox:
+                log.info("re-sending %d parked outputs of partition %d", len(recovered.outbox[partition]), partition)
+                await self.emit(recovered)
+            self.outbox_checked.add(partition)
 
     async def reload_model(self) -> None:
         """Score with the newest checkpoint: every worker, the trainer's own included."""
