@@ -45,6 +45,7 @@ log = logging.getLogger("streamproc.worker")
 TRAINING_RECORD_EXAMPLES = 500  # examples per training-topic record (~150-200 KB, under the broker's 1 MB default)
 RETRY_MAX_SECONDS = 5.0
 MAX_UNCONFIRMED = 8  # emits whose broker acknowledgements may be awaited at once (bounds outputs in flight)
+SHUTDOWN_CONFIRM_S = 10.0  # a clean stop waits this long at most for outputs still being confirmed
 SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
 
 
@@ -209,6 +210,7 @@ class Worker:
         app.timer(5.0, name="lag")(self.update_lag)
         app.timer(10.0, name="population")(self.update_population)
         app.on_rebalance_complete.connect(self._on_rebalance)  # type: ignore[arg-type]
+        app.on_before_shutdown.connect(self._confirm_before_shutdown)  # type: ignore[arg-type]
         worker = self
 
         @app.page("/metrics")
@@ -551,6 +553,13 @@ class Worker:
             except Exception as exc:  # left parked: sent once more later (at-least-once out)
                 self.metrics.redis_errors.inc()
                 log.warning("clearing delivered outputs from the outbox failed (%s: %s)", type(exc).__name__, exc)
+
+    async def _confirm_before_shutdown(self, sender: object = None, **kwargs: object) -> None:
+        """A clean stop (the consumer already stopped, the producer still up) waits up to SHUTDOWN_CONFIRM_S for
+        outputs still being confirmed, so their parked copies are cleared instead of sent again by the next owner."""
+        pending = list(self.unconfirmed)
+        if pending:
+            await asyncio.wait(pending, timeout=SHUTDOWN_CONFIRM_S)
 
     async def resend_parked(self) -> None:
         """Send the parked outputs of every input partition this worker owns: once after it got the partition

@@ -50,3 +50,30 @@ async def test_a_full_inbox_holds_the_consumer_back_until_the_reader_takes():
     await asyncio.wait_for(blocked, 1.0)
     assert [m.offset for m in inbox.take(10)] == [3, 4, 5]
 
+
+
+async def test_a_clean_stop_waits_for_outputs_still_being_confirmed(monkeypatch):
+    import asyncio
+
+    import streamproc.app as app_module
+    from streamproc.app import Worker
+    from streamproc.settings import Settings
+
+    worker = Worker(Settings(_env_file=None))
+    confirmed = []
+
+    async def confirm(delay, name):
+        await asyncio.sleep(delay)
+        confirmed.append(name)
+
+    worker.unconfirmed.extend([asyncio.ensure_future(confirm(0.05, "slow")),
+                               asyncio.ensure_future(confirm(0.0, "fast"))])
+    await worker.app.on_before_shutdown.send()  # what Faust sends once the consumer has stopped
+    assert confirmed == ["fast", "slow"]
+
+    monkeypatch.setattr(app_module, "SHUTDOWN_CONFIRM_S", 0.01)  # bounded: a stuck delivery does not hang a stop
+    stuck = asyncio.ensure_future(confirm(60, "stuck"))
+    worker.unconfirmed.append(stuck)
+    await worker.app.on_before_shutdown.send()
+    assert not stuck.done()
+    stuck.cancel()
