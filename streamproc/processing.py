@@ -216,18 +216,6 @@ class Watermarks:
         return out
 
 
-async def _settle(saving: list[asyncio.Future[SaveResult]]) -> set[str]:
-    """Wait for every chunk's save; the customers that lost their version check (the first error raises, once
-    every chunk has ended)."""
-    results = await asyncio.gather(*saving, return_exceptions=True)
-    failed: set[str] = set()
-    for outcome in results:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        failed.update(outcome.failed)
-    return failed
-
-
 class BatchProcessor:
     def __init__(
         self,
@@ -408,9 +396,11 @@ class BatchProcessor:
                 t0 = time.perf_counter()
                 if sent < len(updates):
                     saving.append(asyncio.ensure_future(self.store.save(updates[sent:])))
-                failed = await _settle(saving)
+                failed = {cid for saved_chunk in await asyncio.gather(*saving) for cid in saved_chunk.failed}
             except BaseException:
-                await asyncio.gather(*saving, return_exceptions=True)  # in-flight chunks end before a retry
+                # an error (a chunk's save, or the fold) is raised once every chunk in flight has ended, so a retry
+                # never races a save of this attempt
+                await asyncio.gather(*saving, return_exceptions=True)
                 raise
             for up in updates:
                 if up.outputs and up.customer_id not in failed:

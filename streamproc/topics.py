@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,33 +168,27 @@ def apply_topics(
 
 def delete_topics(settings: Settings, names: list[str], timeout_s: float = 30.0) -> None:
     """Delete declared topics (by declared name) and wait until the broker no longer lists them."""
-    import time
-
-    admin = admin_client(settings)
-    try:
-        physical = [settings.topic(n) for n in names]
-        present = [p for p in physical if p in set(admin.list_topics())]
-        if present:
-            admin.delete_topics(present, timeout_ms=int(timeout_s * 1000))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and set(present) & set(admin.list_topics()):
-            time.sleep(0.2)
-    finally:
-        admin.close()
+    physical = {settings.topic(n) for n in names}
+    _delete_present(settings, lambda topic: topic in physical, timeout_s)
 
 
 def delete_run_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Delete every topic of an isolated run (a test, a benchmark): the names under its own topic prefix and
     Faust's internal topics of its app id. A broker that keeps every run's topics ends up with tens of thousands
     of partitions, and runs out of file handles. Refuses settings without a topic prefix (shared topics)."""
-    import time
-
     if not settings.topic_prefix:
         raise ValueError("delete_run_topics needs settings with their own topic prefix")
+    prefixes = (settings.topic_prefix, f"{settings.app_id}-")
+    return _delete_present(settings, lambda topic: topic.startswith(prefixes), timeout_s)
+
+
+def _delete_present(settings: Settings, chosen: Callable[[str], bool], timeout_s: float) -> list[str]:
+    """Delete the broker's topics ``chosen`` picks and wait until it no longer lists them; returns their names."""
+    import time
+
     admin = admin_client(settings)
     try:
-        present = [t for t in admin.list_topics()
-                   if t.startswith(settings.topic_prefix) or t.startswith(f"{settings.app_id}-")]
+        present = [t for t in admin.list_topics() if chosen(t)]
         if present:
             admin.delete_topics(present, timeout_ms=int(timeout_s * 1000))
         deadline = time.monotonic() + timeout_s
