@@ -58,23 +58,44 @@ class TopicAligner(Generic[T]):
 
     def release(self, behind: Callable[[str, int], bool], now: float) -> list[tuple[RawRecord, T]]:
         """Everything that may go now. ``behind(kind, partition)``: the broker has records of that topic
-        partition this process has not received yet."""
+        partition this process has not received yet (asked at most once per partition and set of empty topics)."""
         out: list[tuple[RawRecord, T]] = []
+        append = out.append
+        hold_limit = self.hold_limit
         for partition, queues in self.queues.items():
             nonempty = [kind for kind, q in queues.items() if q]
             held = sum(len(queues[kind]) for kind in nonempty)
+            trailing_behind: bool | None = None  # a topic with nothing queued has more on the broker
             while nonempty:
+                recheck = False  # the hold decision changes when ``held`` drops below the limit: decide again then
                 if len(nonempty) < len(queues):
-                    trailing = [kind for kind, q in queues.items() if not q and kind in self.kinds]
-                    if trailing and held < self.hold_limit and any(behind(kind, partition) for kind in trailing):
-                        since = self.waiting_since.setdefault(partition, now)
-                        if now - since < self.max_wait_s:
-                            break  # wait for the trailing topic's records
+                    if held < hold_limit:
+                        if trailing_behind is None:
+                            trailing = [kind for kind, q in queues.items() if not q and kind in self.kinds]
+                            trailing_behind = any(behind(kind, partition) for kind in trailing)
+                        if trailing_behind:
+                            since = self.waiting_since.setdefault(partition, now)
+                            if now - since < self.max_wait_s:
+                                break  # wait for the trailing topic's records
+                    else:
+                        recheck = True
+                # merged order: the queue whose head has the smallest (timestamp, kind), for as long as it stays
+                # below every other head (a run: the other heads do not move meanwhile)
                 kind = min(nonempty, key=lambda k: (queues[k][0][0].timestamp_ms or 0, k))
-                out.append(queues[kind].popleft())
-                held -= 1
-                if not queues[kind]:
-                    nonempty.remove(kind)
+                bound = min([(queues[k][0][0].timestamp_ms or 0, k) for k in nonempty if k != kind], default=None)
+                queue = queues[kind]
+                popleft = queue.popleft
+                while True:
+                    append(popleft())
+                    held -= 1
+                    if not queue:
+                        nonempty.remove(kind)
+                        trailing_behind = None
+                        break
+                    if recheck and held < hold_limit:
+                        break
+                    if bound is not None and (queue[0][0].timestamp_ms or 0, kind) > bound:
+                        break
             else:  # all released: the next hold starts its own wait
                 self.waiting_since.pop(partition, None)
         return out
