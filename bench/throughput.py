@@ -5,9 +5,11 @@
 3. starts one `streamproc worker` and measures from its first processed event to the last;
 4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
 
-Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer] [--trainer-process].
+Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer] [--trainer-process]
+[--intake-floor].
 ``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures the naive Faust agent of
-``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records. Not a test.
+``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records; ``--intake-floor`` a
+worker whose batch step only counts (``bench/intake_floor.py``), the cost of the runtime itself. Not a test.
 """
 
 from __future__ import annotations
@@ -104,11 +106,12 @@ def idle_cpu_seconds() -> float:
 
 
 def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
-               trainer_process: bool = False) -> dict[str, Any]:
+               trainer_process: bool = False, intake_floor: bool = False) -> dict[str, Any]:
     """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
     from the first processed event to the last, summed over the processes. With ``trainer_process``, the
     production layout: scoring-only workers and `streamproc trainer` in a process of its own."""
     command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
+               else [sys.executable, str(ROOT / "bench" / "intake_floor.py")] if intake_floor
                else [sys.executable, "-m", "streamproc.cli", "worker"])
     spy = None
     procs = []
@@ -148,11 +151,13 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
                 cpu_at_first["idle"] = idle_cpu_seconds()
             # BENCH_PYSPY=FILE: profile the first worker for BENCH_PYSPY_SECONDS (10), starting BENCH_PYSPY_AFTER
             # seconds (0) after its first processed event; collapsed stacks for bench/profile_summary.py
+            # (BENCH_PYSPY_IDLE=1: idle stacks too, to see what it waits for)
             if (spy is None and first_at is not None and os.environ.get("BENCH_PYSPY")
                     and now - first_at >= float(os.environ.get("BENCH_PYSPY_AFTER", "0"))):
                 spy = subprocess.Popen(["py-spy", "record", "--pid", str(procs[0].pid), "-d",
                                         os.environ.get("BENCH_PYSPY_SECONDS", "10"), "-r", "100",
-                                        "-f", "raw", "-o", os.environ["BENCH_PYSPY"]],
+                                        "-f", "raw", "-o", os.environ["BENCH_PYSPY"],
+                                        *(["--idle"] if os.environ.get("BENCH_PYSPY_IDLE") else [])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if done >= expected:
                 break
@@ -187,6 +192,8 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="measure bench/naive_agent.py instead of streamproc")
     parser.add_argument("--trainer-process", action="store_true",
                         help="the production layout: scoring-only worker(s), `streamproc trainer` learns alone")
+    parser.add_argument("--intake-floor", action="store_true",
+                        help="a worker whose batch step only counts (bench/intake_floor.py): the runtime's cost")
     args = parser.parse_args()
 
     base = Settings()
@@ -206,14 +213,16 @@ def main() -> None:
     mem_before = int(r.info("memory")["used_memory"])
     log = ROOT / ".local" / f"bench-worker-{tag}.log"
     log.parent.mkdir(exist_ok=True)
-    worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process)
+    worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process, args.intake_floor)
     customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer else "cust:*", count=1000))
     mem_after = int(r.info("memory")["used_memory"])
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine(),
         "events": sent,
-        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer else f"streamproc, {args.workers} worker(s)"
+        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer
+        else f"intake floor (bench/intake_floor.py), {args.workers} worker(s)" if args.intake_floor
+        else f"streamproc, {args.workers} worker(s)"
         + (" + trainer process" if args.trainer_process else ""),
         "customers_stored": customers_stored,
         "produce_events_per_s": round(produce_rate),
