@@ -716,9 +716,7 @@ class BatchProcessor:
                 if row.blob is None or row.erased:
                     continue
                 state = row.pristine(cid)
-                last = state.last_event_ts or 0
-                crossed = [d for d in self.boundaries if last + d * DAY_MS <= wm]
-                as_of = last + crossed[-1] * DAY_MS if crossed else state.max_ts
+                as_of = self.as_of(state, wm)  # the silence boundary passed, as a batch would store it
                 stored = row.features
                 # features are a function of the state and the instant: when neither moved since they were
                 # stored (a snapshot instant between two silence boundaries, the usual case), keep them
