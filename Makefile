@@ -86,6 +86,7 @@ lint: $(STAMP) ## ruff and mypy
 .PHONY: bench
 bench: infra-up ## run the benchmarks in bench/ (not tests); results in bench/README.md
 	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py --intake-floor
 	$(PY) bench/latency.py
 	$(PY) bench/quality.py
 
