@@ -14,7 +14,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: deps
-deps: system-deps $(STAMP) kafka-jars ## install everything (apt packages, Python venv, Kafka jars)
+deps: system-deps $(STAMP) kafka-jars compile ## install everything (apt packages, Python venv, Kafka jars, compiled core)
 
 .PHONY: system-deps
 system-deps: ## apt-get install redis-server, prometheus, docker-compose if missing
@@ -32,6 +32,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+
+.PHONY: compile clean-compiled
+compile: $(STAMP) ## build the compiled domain core with Cython (rebuilds what changed; same sources, same results)
+	$(PY) -m streamproc.compiled build
+clean-compiled: ## remove the compiled core: the pure-Python sources run
+	$(PY) -m streamproc.compiled clean
 
 .PHONY: kafka-jars
 kafka-jars: ## fetch the Kafka broker jars from Maven Central into .cache/kafka-libs
@@ -63,12 +69,12 @@ demo: infra-up ## the main job: local Kafka + Redis, topics, a worker, simulated
 	$(SP) demo
 
 .PHONY: test
-test: infra-up ## all tests (unit, integration, faults) on the real broker and Redis
-	$(PY) -m pytest -q tests
+test: infra-up ## all tests (unit, integration, faults) on the real broker and Redis, on the compiled core
+	STREAMPROC_REQUIRE_COMPILED=1 $(PY) -m pytest -q tests
 
 .PHONY: test-unit
-test-unit: $(STAMP) ## pure tests only (no services)
-	$(PY) -m pytest -q tests/unit
+test-unit: compile ## pure tests only (no services)
+	STREAMPROC_REQUIRE_COMPILED=1 $(PY) -m pytest -q tests/unit
 
 .PHONY: test-integration
 test-integration: infra-up ## integration tests on the real broker and Redis

@@ -24,6 +24,7 @@ from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
 from streamproc.adapters.model_store import ModelStore, RedisModelStore
 from streamproc.align import TopicAligner
 from streamproc.batching import ack_batch, drain_batches, mark_taken
+from streamproc.compiled import status as compiled_status
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
@@ -295,6 +296,7 @@ class Worker:
         inbox = inbox_of(self.app)
         batches: AsyncIterator[list[Any]]
         log.info("input delivery: %s", "Faust's stock consumer" if inbox is None else "bulk (streamproc://)")
+        log.info("domain core: %s", compiled_status())
         if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
             batches = self._inbox_batches(inbox, stream, idle_s)
         else:
