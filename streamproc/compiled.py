@@ -85,15 +85,16 @@ def build(force: bool = False) -> list[str]:
     from setuptools.command.build_ext import build_ext
 
     recorded = _recorded()
-    todo = [name for name in MODULES if force or not _extensions(name)
-            or recorded.get(name) != _digest(DOMAIN / f"{name}.py")]
+    digests = {name: _digest(DOMAIN / f"{name}.py") for name in MODULES}  # of the sources about to be compiled
+    todo = [name for name in MODULES if force or not _extensions(name) or recorded.get(name) != digests[name]]
     if not todo:
         return []
     for name in todo:
         for path in _extensions(name):
             path.unlink()
     extensions = [Extension(f"streamproc.domain.{name}", [str(DOMAIN / f"{name}.py")]) for name in todo]
-    # annotations stay hints (a dict annotation must still accept a defaultdict), as in the interpreter
+    # annotations stay hints, as in the interpreter: a `float` never turns an int into a C double, a `dict`
+    # still accepts a defaultdict
     modules = cythonize(extensions, language_level=3, quiet=True, force=True,
                         compiler_directives={"annotation_typing": False})
     dist = Distribution({"name": "streamproc-core", "ext_modules": modules})
@@ -110,7 +111,7 @@ def build(force: bool = False) -> list[str]:
         finally:
             os.chdir(previous)
     for name in todo:
-        recorded[name] = _digest(DOMAIN / f"{name}.py")
+        recorded[name] = digests[name]
         (DOMAIN / f"{name}.c").unlink(missing_ok=True)
     MANIFEST.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
     return todo
