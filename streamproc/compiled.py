@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] != ["build"]:
         print("usage: python -m streamproc.compiled build [--force] | clean", file=sys.stderr)
         return 2
-    built = build(force="--force" in args)
+    try:
+        built = build(force="--force" in args)
+    except ImportError as exc:  # Cython (or setuptools) missing: the dev extra brings them
+        print(f"cannot build the compiled core ({exc}): pip install -e '.[dev]' (the pure-Python sources run "
+              "meanwhile)", file=sys.stderr)
+        return 1
     print(f"compiled core: built {', '.join(built)}" if built else "compiled core: up to date")
     return 0
 
