@@ -221,9 +221,8 @@ def main() -> None:
         "machine": machine(),
         "events": sent,
         "what": "naive Faust agent (bench/naive_agent.py)" if args.peer
-        else f"intake floor (bench/intake_floor.py), {args.workers} worker(s)" if args.intake_floor
-        else f"streamproc, {args.workers} worker(s)"
-        + (" + trainer process" if args.trainer_process else ""),
+        else (f"intake floor (bench/intake_floor.py), {args.workers} worker(s)" if args.intake_floor
+              else f"streamproc, {args.workers} worker(s)") + (" + trainer process" if args.trainer_process else ""),
         "customers_stored": customers_stored,
         "produce_events_per_s": round(produce_rate),
         "ceiling_events_per_s": round(ceiling_rate),

@@ -81,8 +81,9 @@ class TopicAligner(Generic[T]):
                         recheck = True
                 # merged order: the queue whose head has the smallest (timestamp, kind), for as long as it stays
                 # below every other head (a run: the other heads do not move meanwhile)
-                kind = min(nonempty, key=lambda k: (queues[k][0][0].timestamp_ms or 0, k))
-                bound = min([(queues[k][0][0].timestamp_ms or 0, k) for k in nonempty if k != kind], default=None)
+                heads = sorted([(queues[k][0][0].timestamp_ms or 0, k) for k in nonempty])
+                kind = heads[0][1]
+                bound = heads[1] if len(heads) > 1 else None  # the smallest other head
                 queue = queues[kind]
                 popleft = queue.popleft
                 while True:

@@ -44,11 +44,11 @@ def _recorded() -> dict[str, str]:
         return {}
 
 
-def stale() -> list[str]:
-    """Modules with a compiled build whose source is not the one that was compiled."""
+def stale(digests: dict[str, str] | None = None) -> list[str]:
+    """Modules with a compiled build whose source (or the given digest of it) is not the one that was compiled."""
     recorded = _recorded()
-    return [name for name in MODULES
-            if _extensions(name) and recorded.get(name) != _digest(DOMAIN / f"{name}.py")]
+    return [name for name in MODULES if _extensions(name) and recorded.get(name) != (
+        digests[name] if digests is not None else _digest(DOMAIN / f"{name}.py"))]
 
 
 def check_fresh() -> None:
@@ -84,9 +84,9 @@ def build(force: bool = False) -> list[str]:
     from setuptools import Distribution, Extension
     from setuptools.command.build_ext import build_ext
 
-    recorded = _recorded()
     digests = {name: _digest(DOMAIN / f"{name}.py") for name in MODULES}  # of the sources about to be compiled
-    todo = [name for name in MODULES if force or not _extensions(name) or recorded.get(name) != digests[name]]
+    outdated = stale(digests)
+    todo = [name for name in MODULES if force or not _extensions(name) or name in outdated]
     if not todo:
         return []
     for name in todo:
@@ -110,6 +110,7 @@ def build(force: bool = False) -> list[str]:
             command.run()
         finally:
             os.chdir(previous)
+    recorded = _recorded()
     for name in todo:
         recorded[name] = digests[name]
         (DOMAIN / f"{name}.c").unlink(missing_ok=True)

@@ -51,10 +51,7 @@ async def test_a_full_inbox_holds_the_consumer_back_until_the_reader_takes():
     assert [m.offset for m in inbox.take(10)] == [3, 4, 5]
 
 
-
 async def test_a_clean_stop_waits_for_outputs_still_being_confirmed(monkeypatch):
-    import asyncio
-
     import streamproc.app as app_module
     from streamproc.app import Worker
     from streamproc.settings import Settings
