@@ -5,6 +5,9 @@ Labels are bounded (topic, reason, outcome, partition); never a customer or prod
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Measured: a batch of 1..2,000 events takes from ~0.5 ms to ~200 ms end to end.
@@ -198,3 +201,24 @@ class Metrics:
         self.customers_erased = Counter(
             "streamproc_customers_erased_total", "Customers erased through the API or CLI.", registry=r
         )
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe`` for each amount, counted into the buckets first, so a batch of records takes one
+    increment per bucket it hits instead of a locked increment and a bucket scan per record. Falls back to
+    ``observe`` where the client's histogram is not laid out as expected (its bucket counters are private)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets) or histogram._labelnames:
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts: dict[int, int] = {}
+    for amount in amounts:
+        i = bisect_left(bounds, amount)  # the first bound >= amount (the last bound is +Inf)
+        counts[i] = counts.get(i, 0) + 1
+    for i, n in counts.items():
+        buckets[i].inc(n)
+    if amounts:
+        total.inc(sum(amounts))

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamproc.domain.events import Click, Event, Transaction
 
@@ -40,8 +40,7 @@ PURCHASES, SPEND, CLICKS, SESSIONS, VIEWS, CARTS = range(6)
 S_COUNT, S_LENGTH_MS, S_EVENTS, S_CONVERTED, S_WITH_CART, S_ABANDONED = range(6)
 
 
-@dataclass(frozen=True, slots=True)
-class Positioned:
+class Positioned(NamedTuple):
     """An event with where it came from: ``source`` is ``kind:partition``."""
 
     event: Event
@@ -187,8 +186,7 @@ def _ungroup_ids(grouped: dict[str, str]) -> dict[str, dict[str, int]]:
     return _by_topic([k for k, _ in flat], [h for _, h in flat])
 
 
-@dataclass(frozen=True, slots=True)
-class Trigger:
+class Trigger(NamedTuple):
     ts: int
     kind: str  # "purchase", "product_view" or "add_to_cart"
     event_id: str
@@ -582,63 +580,84 @@ def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | No
     return predictive, observed
 
 
+def _round(value: float, digits: int) -> float:
+    """``round(value, digits)``, skipping the (slow, correctly rounded) call for a zero, which it returns as is."""
+    return value if value == 0 else round(value, digits)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_names(windows: tuple[int, ...]) -> tuple[tuple[int, str, str, str, str, str, str], ...]:
+    """Per window length: (days, the names of its six features)."""
+    return tuple((days, f"purchases_{days}d", f"spend_{days}d", f"clicks_{days}d", f"sessions_{days}d",
+                  f"product_views_{days}d", f"add_to_carts_{days}d") for days in windows)
+
+
+def _top_three(view_share: dict[str, float], spend_share: dict[str, float]) -> list[str]:
+    """The three categories with the largest mean of view and spend share (ties: by name)."""
+    combined = {c: view_share.get(c, 0.0) / 2 + spend_share.get(c, 0.0) / 2 for c in {*view_share, *spend_share}}
+    if len(combined) == 1:
+        return list(combined)
+    return [c for _, c in sorted([(-v, c) for c, v in combined.items()])[:3]]
+
+
 def features(state: CustomerState, as_of: int, cfg: FoldConfig) -> dict[str, Any]:
     """Every readable feature as of event time ``as_of`` (JSON-ready: numbers, strings, dicts)."""
     net_cents = state.spend_cents - state.refund_cents
+    purchases = state.purchases
+    last_event_ts = state.last_event_ts
+    first_event_ts = state.first_event_ts
+    last_purchase_ts = state.last_purchase_ts
     out: dict[str, Any] = {
         "customer_id": state.customer_id,
         "as_of_ts": as_of,
-        "frequency": state.purchases,
+        "frequency": purchases,
         "refunds": state.refunds,
         "clicks": state.clicks,
         "monetary_total": net_cents / 100,
-        "monetary_avg": round(net_cents / state.purchases / 100, 2) if state.purchases else 0.0,
+        "monetary_avg": _round(net_cents / purchases / 100, 2) if purchases else 0.0,
         "refund_total": state.refund_cents / 100,
-        "last_event_ts": state.last_event_ts,
-        "first_event_ts": state.first_event_ts,
+        "last_event_ts": last_event_ts,
+        "first_event_ts": first_event_ts,
         "first_purchase_ts": state.first_purchase_ts,
-        "last_purchase_ts": state.last_purchase_ts,
-        "days_since_last_event": None,
-        "tenure_days": None,
-        "recency_days": None,
+        "last_purchase_ts": last_purchase_ts,
+        "days_since_last_event": None if last_event_ts is None else _round(max(as_of - last_event_ts, 0) / DAY_MS, 4),
+        "tenure_days": None if first_event_ts is None else _round(max(as_of - first_event_ts, 0) / DAY_MS, 4),
+        "recency_days": None if last_purchase_ts is None else _round(max(as_of - last_purchase_ts, 0) / DAY_MS, 4),
     }
-    if state.last_event_ts is not None:
-        out["days_since_last_event"] = round(max(as_of - state.last_event_ts, 0) / DAY_MS, 4)
-    if state.first_event_ts is not None:
-        out["tenure_days"] = round(max(as_of - state.first_event_ts, 0) / DAY_MS, 4)
-    if state.last_purchase_ts is not None:
-        out["recency_days"] = round(max(as_of - state.last_purchase_ts, 0) / DAY_MS, 4)
     sums = window_sums(state, as_of, cfg.windows_days)
-    for days in cfg.windows_days:
+    for days, purchases_name, spend_name, clicks_name, sessions_name, views_name, carts_name in _window_names(
+            cfg.windows_days):
         row = sums[days]
-        out[f"purchases_{days}d"] = row[PURCHASES]
-        out[f"spend_{days}d"] = row[SPEND] / 100
-        out[f"clicks_{days}d"] = row[CLICKS]
-        out[f"sessions_{days}d"] = row[SESSIONS]
-        out[f"product_views_{days}d"] = row[VIEWS]
-        out[f"add_to_carts_{days}d"] = row[CARTS]
+        out[purchases_name] = row[PURCHASES]
+        out[spend_name] = row[SPEND] / 100
+        out[clicks_name] = row[CLICKS]
+        out[sessions_name] = row[SESSIONS]
+        out[views_name] = row[VIEWS]
+        out[carts_name] = row[CARTS]
     last30 = sums[30] if 30 in sums else window_sums(state, as_of, (30,))[30]
-    out["spend_trend_30d"] = _trend(last30[SPEND], sums[-30][SPEND])
-    out["clicks_trend_30d"] = _trend(last30[CLICKS], sums[-30][CLICKS])
+    before30 = sums[-30]
+    out["spend_trend_30d"] = _trend(last30[SPEND], before30[SPEND])
+    out["clicks_trend_30d"] = _trend(last30[CLICKS], before30[CLICKS])
     s = session_totals(state)
     n = s[S_COUNT]
     out["sessions"] = n
-    out["session_length_avg_s"] = round(s[S_LENGTH_MS] / n / 1000, 2) if n else 0.0
-    out["events_per_session_avg"] = round(s[S_EVENTS] / n, 4) if n else 0.0
-    out["conversion_rate"] = round(s[S_CONVERTED] / n, 4) if n else 0.0  # sessions reaching checkout
-    out["purchases_per_session"] = round(state.purchases / n, 4) if n else 0.0
-    out["cart_abandonment_rate"] = round(s[S_ABANDONED] / s[S_WITH_CART], 4) if s[S_WITH_CART] else 0.0
-    views = sum(state.cat_views.values())
-    spend = sum(v for v in state.cat_spend.values() if v > 0)
-    view_share = {c: round(v / views, 4) for c, v in sorted(state.cat_views.items())} if views else {}
-    spend_share = {c: round(v / spend, 4) for c, v in sorted(state.cat_spend.items()) if v > 0} if spend else {}
+    out["session_length_avg_s"] = _round(s[S_LENGTH_MS] / n / 1000, 2) if n else 0.0
+    out["events_per_session_avg"] = _round(s[S_EVENTS] / n, 4) if n else 0.0
+    out["conversion_rate"] = _round(s[S_CONVERTED] / n, 4) if n else 0.0  # sessions reaching checkout
+    out["purchases_per_session"] = _round(purchases / n, 4) if n else 0.0
+    out["cart_abandonment_rate"] = _round(s[S_ABANDONED] / s[S_WITH_CART], 4) if s[S_WITH_CART] else 0.0
+    cat_views = state.cat_views
+    cat_spend = state.cat_spend
+    views = sum(cat_views.values())
+    spend = sum(v for v in cat_spend.values() if v > 0)
+    view_share = {c: _round(v / views, 4) for c, v in sorted(cat_views.items())} if views else {}
+    spend_share = {c: _round(v / spend, 4) for c, v in sorted(cat_spend.items()) if v > 0} if spend else {}
     out["category_view_share"] = view_share
     out["category_spend_share"] = spend_share
-    combined = {c: view_share.get(c, 0.0) / 2 + spend_share.get(c, 0.0) / 2 for c in {*view_share, *spend_share}}
-    out["top_categories"] = [c for c, _ in sorted(combined.items(), key=lambda kv: (-kv[1], kv[0]))[:3]]
+    out["top_categories"] = _top_three(view_share, spend_share) if view_share or spend_share else []
     predictive, observed = clv(state, as_of, cfg)
-    out["clv"] = round(predictive, 2)
-    out["clv_observed_dcf"] = round(observed, 2)
+    out["clv"] = _round(predictive, 2)
+    out["clv_observed_dcf"] = _round(observed, 2)
     out["value_tier"] = value_tier(net_cents / 100, cfg)
     stage, since = lifecycle(state, as_of, cfg)
     out["lifecycle_stage"] = stage
