@@ -17,7 +17,7 @@ batched nor on how the clicks and transactions topics interleave, which Kafka do
 
 from __future__ import annotations
 
-import base64
+import binascii
 import bisect
 import functools
 import hashlib
@@ -209,9 +209,9 @@ class FoldOutcome:
     # add-to-cart of a session
     triggers: list[Trigger] = field(default_factory=list)
 
-    def count(self, source: str, outcome: str) -> None:
+    def count(self, source: str, outcome: str, n: int = 1) -> None:
         key = (source.partition(":")[0], outcome)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self.counts[key] = self.counts.get(key, 0) + n
 
     def total(self, outcome: str) -> int:
         return sum(n for (_, o), n in self.counts.items() if o == outcome)
@@ -228,7 +228,7 @@ class FoldOutcome:
 
 def short_event_id(event_id: str) -> str:
     """An 8-char digest of an event id (48 bits): enough to deduplicate within one customer, small in Redis."""
-    return base64.b64encode(hashlib.blake2b(event_id.encode(), digest_size=6).digest()).decode()
+    return binascii.b2a_base64(hashlib.blake2b(event_id.encode(), digest_size=6).digest(), newline=False).decode()
 
 
 def calendar_month(ts: int) -> int:
@@ -291,8 +291,11 @@ def _touch_session(state: CustomerState, ts: int, cart: int, checkout: int, cfg:
 def _close_sessions(state: CustomerState, cfg: FoldConfig) -> None:
     """Close sessions no on-time click can extend any more, folding them into the aggregates."""
     horizon = state.max_click_ts - cfg.session_gap_ms - cfg.allowed_lateness_ms
-    if not state.open_sessions or min(s[1] for s in state.open_sessions) >= horizon:
-        return
+    for s in state.open_sessions:
+        if s[1] < horizon:
+            break
+    else:
+        return  # none to close (the usual case)
     keep = []
     for s in state.open_sessions:
         if s[1] < horizon:
@@ -364,36 +367,45 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
         state.first_event_ts = ts
     if state.last_event_ts is None or ts > state.last_event_ts:
         state.last_event_ts = ts
-    state.max_ts = max(state.max_ts, ts)
+    if ts > state.max_ts:
+        state.max_ts = ts
     row = _bucket(state, ts)
     if isinstance(event, Click):
+        action = event.action
+        category = event.category
+        product_id = event.product_id
         state.clicks += 1
         row[CLICKS] += 1
-        if event.action == "product_view":
+        if action == "product_view":
             row[VIEWS] += 1
-            if event.category:
-                state.cat_views[event.category] = state.cat_views.get(event.category, 0) + 1
-                _cap(state.cat_views, cfg.max_categories)
-        elif event.action == "add_to_cart":
+            if category:
+                cat_views = state.cat_views
+                cat_views[category] = cat_views.get(category, 0) + 1
+                if len(cat_views) > cfg.max_categories:
+                    _cap(cat_views, cfg.max_categories)
+        elif action == "add_to_cart":
             row[CARTS] += 1
-        state.max_click_ts = max(state.max_click_ts, ts)
+        if ts > state.max_click_ts:
+            state.max_click_ts = ts
         _close_sessions(state, cfg)
-        session = _touch_session(state, ts, 1 if event.action == "add_to_cart" else 0,
-                                 1 if event.action == "checkout" else 0, cfg)
-        if event.product_id is None or event.action not in ("product_view", "add_to_cart"):
+        session = _touch_session(state, ts, 1 if action == "add_to_cart" else 0, 1 if action == "checkout" else 0,
+                                 cfg)
+        if product_id is None or (action != "product_view" and action != "add_to_cart"):
             return None
-        seen = state.viewed.get(event.product_id)
-        state.viewed[event.product_id] = [max(ts, seen[0]) if seen else ts, event.category,
-                                          (seen[2] if seen and len(seen) > 2 else 0) + 1]
-        _keep_newest(state.viewed, cfg.max_viewed_items, itemgetter(0))
+        viewed = state.viewed
+        seen = viewed.get(product_id)
+        viewed[product_id] = [max(ts, seen[0]) if seen else ts, category,
+                              (seen[2] if seen and len(seen) > 2 else 0) + 1]
+        if len(viewed) > cfg.max_viewed_items:
+            _keep_newest(viewed, cfg.max_viewed_items, itemgetter(0))
         if len(session) > 5 and session[5]:
             return None  # this session had its recommendation
         session[5] = 1
-        return Trigger(ts, event.action, event.event_id, (event.product_id,),
-                       (event.category,) if event.category else ())
+        return Trigger(ts, action, event.event_id, (product_id,), (category,) if category else ())
     assert isinstance(event, Transaction)
     amount = cents(event.amount)
     month = calendar_month(ts)
+    cat_spend = state.cat_spend
     if event.type == "purchase":
         state.purchases += 1
         state.spend_cents += amount
@@ -404,14 +416,16 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
             state.last_purchase_ts = ts
         if state.first_purchase_ts is None or ts < state.first_purchase_ts:
             state.first_purchase_ts = ts
-        for item in event.items:
+        bought = state.bought
+        items = event.items
+        for item in items:
             line = cents(item.unit_price * item.quantity)
-            state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) + line
-            state.bought[item.product_id] = max(ts, state.bought.get(item.product_id, ts))
-        _cap(state.cat_spend, cfg.max_categories)
-        _keep_newest(state.bought, cfg.max_bought_items, int)
-        return Trigger(ts, "purchase", event.event_id, tuple(i.product_id for i in event.items),
-                       tuple(i.category for i in event.items), tuple(i.quantity for i in event.items), event.amount)
+            cat_spend[item.category] = cat_spend.get(item.category, 0) + line
+            bought[item.product_id] = max(ts, bought.get(item.product_id, ts))
+        _cap(cat_spend, cfg.max_categories)
+        _keep_newest(bought, cfg.max_bought_items, int)
+        return Trigger(ts, "purchase", event.event_id, tuple([i.product_id for i in items]),
+                       tuple([i.category for i in items]), tuple([i.quantity for i in items]), event.amount)
     else:
         state.refunds += 1
         state.refund_cents += amount
@@ -419,8 +433,8 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
         state.months[month] = state.months.get(month, 0) - amount
         for item in event.items:
             line = cents(item.unit_price * item.quantity)
-            state.cat_spend[item.category] = state.cat_spend.get(item.category, 0) - line
-        _cap(state.cat_spend, cfg.max_categories)
+            cat_spend[item.category] = cat_spend.get(item.category, 0) - line
+        _cap(cat_spend, cfg.max_categories)
     return None
 
 
@@ -429,25 +443,29 @@ def apply_events(
 ) -> tuple[CustomerState, FoldOutcome]:
     """Fold a customer's events (in arrival order) into their state. Mutates and returns ``state``."""
     outcome = FoldOutcome()
-    for item in events:
-        fence = state.offsets.get(item.source, -1)
-        if item.offset <= fence:
-            outcome.count(item.source, "replayed")
+    triggers = outcome.triggers
+    offsets = state.offsets
+    counts: dict[tuple[str, str], int] = {}  # (source, outcome): summed by input kind at the end
+    for event, source, offset in events:
+        if offset <= offsets.get(source, -1):
+            counts[(source, "replayed")] = counts.get((source, "replayed"), 0) + 1
             continue
-        state.offsets[item.source] = item.offset
-        if not _remember(state, item.source, short_event_id(item.event.event_id), item.event.ts, cfg):
-            outcome.count(item.source, "duplicate")
+        offsets[source] = offset
+        if not _remember(state, source, short_event_id(event.event_id), event.ts, cfg):
+            counts[(source, "duplicate")] = counts.get((source, "duplicate"), 0) + 1
             continue
-        trigger = _apply_one(state, item.event, cfg)
+        trigger = _apply_one(state, event, cfg)
         if trigger is not None:
-            outcome.triggers.append(trigger)
-        outcome.count(item.source, "applied")
-        if isinstance(item.event, Transaction):
-            if item.event.type == "purchase":
+            triggers.append(trigger)
+        counts[(source, "applied")] = counts.get((source, "applied"), 0) + 1
+        if isinstance(event, Transaction):
+            if event.type == "purchase":
                 outcome.orders += 1
-                outcome.revenue_cents += cents(item.event.amount)
+                outcome.revenue_cents += cents(event.amount)
             else:
-                outcome.refund_cents += cents(item.event.amount)
+                outcome.refund_cents += cents(event.amount)
+    for (source, result), n in counts.items():
+        outcome.count(source, result, n)
     _prune_days(state, cfg)
     return state, outcome
 
