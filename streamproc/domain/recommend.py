@@ -248,6 +248,9 @@ class RecIndex:
     # popular_in_segment's scores per (segment, categories in focus, k): the same for every customer asking
     _popular: dict[tuple[int, frozenset[str], int], dict[str, float]] = field(
         default_factory=dict, compare=False, repr=False)
+    # the same candidates by weighted score, best first: [(-weight × score, item)]
+    _ranked: dict[tuple[int, frozenset[str], int], list[tuple[float, str]]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def popular_in_segment(self, segment: int, focus: frozenset[str], k: int) -> dict[str, float]:
         """popular_in_segment's candidates and scores: sales relative to the segment's best seller (its top 2k,
@@ -273,6 +276,20 @@ class RecIndex:
             self._popular.clear()
         self._popular[key] = popular
         return popular
+
+    def popular_ranked(self, segment: int, focus: frozenset[str], k: int) -> list[tuple[float, str]]:
+        """``popular_in_segment``'s candidates with a positive weighted score, as (-weighted score, item) sorted:
+        best first, ties by item (the order of the final ranking). Computed once per (segment, focus, k)."""
+        key = (segment, focus, k)
+        found = self._ranked.get(key)
+        if found is None:
+            weight = self.cfg.weight_popular_in_segment
+            scores = self.popular_in_segment(segment, focus, k)
+            found = sorted([(-(weight * share), pid) for pid, share in scores.items() if weight * share > 0.0])
+            if len(self._ranked) >= POPULAR_MEMO_SIZE:
+                self._ranked.clear()
+            self._ranked[key] = found
+        return found
 
     def in_catalogue(self, pid: str, at: int, excluded: frozenset[str] = frozenset()) -> bool:
         """Sold within catalogue_days of ``at`` and not explicitly withdrawn."""
@@ -355,9 +372,10 @@ def recommend(
                 interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
                 viewed[pid] = interest * 0.5 ** (age / week) * (1.0 if cat in tops else 0.5)
         scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, viewed))
+    popular: list[tuple[float, str]] = []
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
-        scored.append((POPULAR_IN_SEGMENT, cfg.weight_popular_in_segment, index.popular_in_segment(seg, focus, k)))
+        popular = index.popular_ranked(seg, focus, k)
 
     # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
     # items, and items out of the catalogue
@@ -382,6 +400,21 @@ def recommend(
                 else:
                     totals[pid] = value
                     reasons[pid] = (value, source)
+    # popular_in_segment comes last: it adds to the candidates the others found, and of the items it alone finds
+    # only its k best shown can reach the top k (their total is their popularity score, and ``popular`` is in
+    # the order of the ranking), so the rest are not blended
+    alone = 0
+    for negative, pid in popular:
+        if pid in totals:  # a candidate already (so not blocked, and in the catalogue)
+            value = -negative
+            totals[pid] += value
+            if (value, POPULAR_IN_SEGMENT) > reasons[pid]:
+                reasons[pid] = (value, POPULAR_IN_SEGMENT)
+        elif alone < k and pid not in blocked and (
+                pid in available if available is not None else index.in_catalogue(pid, at)):
+            totals[pid] = -negative
+            reasons[pid] = (-negative, POPULAR_IN_SEGMENT)
+            alone += 1
     ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
     return [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
 
