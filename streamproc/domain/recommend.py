@@ -251,6 +251,8 @@ class RecIndex:
     # the same candidates by weighted score, best first: [(-weight × score, item)]
     _ranked: dict[tuple[int, frozenset[str], int], list[tuple[float, str]]] = field(
         default_factory=dict, compare=False, repr=False)
+    # recommendations for customers with no history of their own (see ``recommend``), per what they depend on
+    _impersonal: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
 
     def popular_in_segment(self, segment: int, focus: frozenset[str], k: int) -> dict[str, float]:
         """popular_in_segment's candidates and scores: sales relative to the segment's best seller (its top 2k,
@@ -328,6 +330,16 @@ def recommend(
 
     cfg = index.cfg
     k = k or cfg.k
+    # No purchases and no views but of what they look at now (a first visit, the usual cold start): what the
+    # customer gets depends on the context, segment, exclusions and sources alone, so it is computed once per
+    # index (the catalogue is fixed per index when it holds the set of available items)
+    impersonal_key = None
+    if not customer.bought and index.available is not None and all(p in context for p in customer.viewed):
+        impersonal_key = (tuple(context), customer.segment if customer.segment in index.favourites else ALL_SEGMENTS,
+                          excluded, k, sources)
+        known = index._impersonal.get(impersonal_key)
+        if known is not None:
+            return [dict(item) for item in known]
     # each source scores its candidates (an item's score per source is the best it got from that source), in
     # the fixed blending order: bought_together, viewed_not_bought, popular_in_segment
     scored: list[tuple[str, float, dict[str, float]]] = []
@@ -416,7 +428,12 @@ def recommend(
             reasons[pid] = (-negative, POPULAR_IN_SEGMENT)
             alone += 1
     ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
-    return [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
+    out = [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
+    if impersonal_key is not None:
+        if len(index._impersonal) >= POPULAR_MEMO_SIZE:
+            index._impersonal.clear()
+        index._impersonal[impersonal_key] = [dict(item) for item in out]
+    return out
 
 
 def precision_at_k(bought: set[str], recommended: list[str], k: int) -> float:
