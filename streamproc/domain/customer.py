@@ -594,7 +594,8 @@ def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | No
     per_period = state.purchases / tenure_periods
     predictive = aov * per_period * _clv_factor(r, d, cfg.clv_periods)
     now_month = calendar_month(as_of)
-    observed = sum(c / 100 * (1 + d) ** max(now_month - m, 0) for m, c in state.months.items())
+    # in month order: a float sum depends on the order of its terms, the dict's on the order events arrived in
+    observed = sum(c / 100 * (1 + d) ** max(now_month - m, 0) for m, c in sorted(state.months.items()))
     return predictive, observed
 
 

@@ -297,3 +297,14 @@ def test_sessions_match_a_rebuild_from_the_click_times(clicks):
         else:
             expected.append([ts, ts, 1, cart, checkout])
     assert sorted(s[:5] for s in state.open_sessions) == expected
+
+
+def test_observed_clv_does_not_depend_on_the_order_months_were_first_seen():
+    # three months at discount factor 1: 0.1 + 0.2 + 0.3 is 0.6000000000000001 in this order and 0.6 in reverse
+    cfg = FoldConfig()
+    as_of = 1_767_225_600_000  # 2026-01-01
+    month = calendar_month(as_of)
+    forward, backward = CustomerState("c"), CustomerState("c")
+    forward.months = {month: 10, month + 1: 20, month + 2: 30}
+    backward.months = {month + 2: 30, month + 1: 20, month: 10}
+    assert clv(forward, as_of, cfg) == clv(backward, as_of, cfg)
