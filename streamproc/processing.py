@@ -47,7 +47,7 @@ from streamproc.domain.customer import (
     features,
     month_label,
 )
-from streamproc.domain.events import DecodeLimits, Event, Rejection, decode_event
+from streamproc.domain.events import DecodeLimits, Rejection, decode_event
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
 from streamproc.metrics import Metrics, observe_many
@@ -264,8 +264,9 @@ class BatchProcessor:
 
     def _decode(
         self, records: list[RawRecord], result: BatchResult, marks: Watermarks
-    ) -> list[tuple[RawRecord, Event]]:
-        valid: list[tuple[RawRecord, Event]] = []
+    ) -> list[tuple[RawRecord, Positioned]]:
+        """The valid events, each with its record and as the fold takes it (with its source and offset)."""
+        valid: list[tuple[RawRecord, Positioned]] = []
         consumed: dict[str, int] = defaultdict(int)
         for rec in records:
             consumed[rec.kind] += 1
@@ -273,31 +274,32 @@ class BatchProcessor:
             if isinstance(decoded, Rejection):
                 result.reject(rec, decoded.reason, decoded.detail)
                 continue
-            if marks.observe(rec.source, decoded.ts):
+            source = rec.source
+            if marks.observe(source, decoded.ts):
                 self.metrics.late_events.labels(self.late_policy).inc()
                 if self.late_policy == "dlq":
-                    wm = marks.watermark(rec.source)
+                    wm = marks.watermark(source)
                     result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}")
                     continue
             if self.pseudonymize is not None:
                 decoded = decoded.model_copy(update={"customer_id": self.pseudonymize(decoded.customer_id)})
-            valid.append((rec, decoded))
+            valid.append((rec, Positioned(decoded, source, rec.offset)))
         for kind, n in consumed.items():
             self.metrics.events_consumed.labels(kind).inc(n)
         return valid
 
     def _fold_customer(
-        self, cid: str, loaded: Loaded, items: list[tuple[RawRecord, Event]], result: BatchResult
+        self, cid: str, loaded: Loaded, items: list[tuple[RawRecord, Positioned]], result: BatchResult
     ) -> tuple[CustomerState, FoldOutcome]:
         """Fold one customer's events into their state; poison events go to ``result``."""
-        positioned = [Positioned(ev, rec.source, rec.offset) for rec, ev in items]
+        positioned = [pos for _, pos in items]
         try:
             return apply_events(loaded.pristine(cid), positioned, self.fold)
         except Exception:
             # A poison event: redo the fold one event at a time and dead-letter the ones that raise.
             state = loaded.pristine(cid)
             total = FoldOutcome()
-            for (rec, _ev), pos in zip(items, positioned, strict=True):
+            for rec, pos in items:
                 trial = copy.deepcopy(state)
                 try:
                     trial, outcome = apply_events(trial, [pos], self.fold)
@@ -344,9 +346,9 @@ class BatchProcessor:
         marks = self.watermarks.copy()
         valid = self._decode(records, result, marks)
 
-        by_customer: dict[str, list[tuple[RawRecord, Event]]] = defaultdict(list)
-        for rec, ev in valid:
-            by_customer[ev.customer_id].append((rec, ev))
+        by_customer: dict[str, list[tuple[RawRecord, Positioned]]] = defaultdict(list)
+        for rec, pos in valid:
+            by_customer[pos.event.customer_id].append((rec, pos))
 
         marks_wm = marks.by_partition()
         pending = dict(by_customer)
@@ -445,7 +447,7 @@ class BatchProcessor:
         return result
 
     def _side_effects(
-        self, by_customer: dict[str, list[tuple[RawRecord, Event]]], saved: dict[str, CustomerState],
+        self, by_customer: dict[str, list[tuple[RawRecord, Positioned]]], saved: dict[str, CustomerState],
         marks: Watermarks,
     ) -> BatchSideEffects:
         last_seen: dict[int, dict[str, int]] = defaultdict(dict)
