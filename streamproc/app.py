@@ -278,14 +278,14 @@ class Worker:
         ts = msg.timestamp
         key = msg.key
         value = msg.value
-        return RawRecord(
-            topic=msg.topic,
-            kind=self.kind_of.get(msg.topic, msg.topic),
-            partition=msg.partition,
-            offset=msg.offset,
-            key=key if key is None or isinstance(key, bytes) else str(key).encode(),
-            value=value if value is None or isinstance(value, bytes) else bytes(value),
-            timestamp_ms=int(ts * 1000) if ts else None,
+        return RawRecord(  # topic, kind, partition, offset, key, value, timestamp_ms (positional: one per record)
+            msg.topic,
+            self.kind_of.get(msg.topic, msg.topic),
+            msg.partition,
+            msg.offset,
+            key if key is None or isinstance(key, bytes) else str(key).encode(),
+            value if value is None or isinstance(value, bytes) else bytes(value),
+            int(ts * 1000) if ts else None,
         )
 
     async def ingest(self, stream: faust.StreamT) -> None:
