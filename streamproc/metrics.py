@@ -210,7 +210,8 @@ def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets) or histogram._labelnames:
+    if (bounds is None or buckets is None or total is None or len(bounds) != len(buckets)
+            or getattr(histogram, "_labelnames", False)):
         for amount in amounts:
             histogram.observe(amount)
         return
