@@ -340,9 +340,14 @@ class Worker:
                     await asyncio.sleep(min(0.005, linger_s))
             messages = inbox.take(max_events)
             if not app.flow_control.is_active():
+                # they stay unacked and are read again from the committed offsets after the rebalance under way
+                log.warning("dropped %d fetched records: flow control is suspended (a rebalance)", len(messages))
                 continue
             generation = app.consumer_generation_id
             batch = [m for m in messages if m.generation_id == generation]
+            if len(batch) < len(messages):
+                log.warning("dropped %d fetched records of an earlier consumer generation (current: %s)",
+                            len(messages) - len(batch), generation)
             if batch:
                 mark_taken(app, batch)
                 yield batch

@@ -144,6 +144,7 @@ class Consumer(aiokafka_driver.Consumer):
                 if self.should_stop:
                     continue
                 fetched: list[Message] = []
+                dropped = 0  # fetched while the flow is suspended: re-read from the commit after the rebalance
                 async for tp, message in ait:
                     offset = message.offset
                     r_offset = get_read_offset(tp)
@@ -158,6 +159,8 @@ class Consumer(aiokafka_driver.Consumer):
                             unacked_add(message)
                             on_message_in(tp, offset, message)
                             fetched.append(message)
+                        else:
+                            dropped += 1
                         set_read_offset(tp, offset)
                         continue
                     num_since_yield += 1
@@ -172,6 +175,8 @@ class Consumer(aiokafka_driver.Consumer):
                     else:
                         await callback(message)
                     set_read_offset(tp, offset)
+                if dropped:
+                    self.log.warning("dropped %d fetched records: the flow is suspended (a rebalance)", dropped)
                 if fetched:
                     assert inbox is not None
                     if commit_every is not None and self._n_acked >= commit_every:
