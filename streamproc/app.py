@@ -32,6 +32,7 @@ from streamproc.domain.models import ModelConfig
 from streamproc.domain.recommend import RecConfig
 from streamproc.metrics import Metrics
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
+from streamproc.readmission import Readmission
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
@@ -40,6 +41,8 @@ from streamproc.transport import BulkInbox, attach_inbox, inbox_of
 ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
+
+Pair = tuple[RawRecord, Message | EventT]  # an input record and its Faust handle (acked once applied)
 
 log = logging.getLogger("streamproc.worker")
 
@@ -168,6 +171,7 @@ class Worker:
         )
         self.received: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest offset handed to the aligner
         self.paused: set[TP] = set()  # input partitions paused because the aligner holds too much of them
+        self.readmission = Readmission()  # what may be applied after a rebalance
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -263,8 +267,14 @@ class Worker:
         self.outbox_checked.clear()
         self.processor.partitions_changed()
         if self.aligner is not None:
-            # held records are re-read from the committed offsets by whoever owns their partitions now; a
-            # partition this worker paused and still owns is resumed (Faust keeps pauses of kept partitions)
+            # held records are re-read from the committed offsets by whoever owns their partitions now (and, if
+            # that is this worker, no later record of theirs is applied first); a partition this worker paused
+            # and still owns is resumed (Faust keeps pauses of kept partitions)
+            for partition, queues in self.aligner.queues.items():
+                for kind, queue in queues.items():
+                    if queue:
+                        self.readmission.drop(TP(self.settings.topic(kind), partition), queue[0][0].offset)
+                        self.metrics.input_dropped.inc(len(queue))
             self.aligner.clear()
             self.received.clear()
             consumer = self.app.consumer
@@ -305,6 +315,7 @@ class Worker:
             pairs = [(self.to_raw(_message_of(h)), h) for h in batch]
             if self.aligner is not None:
                 pairs = self.align(pairs)
+            pairs = await self.readmit(pairs)
             # what the aligner releases at once can be many batches' worth: keep each step to the batch size
             step = self.settings.batch_max_events
             for start in range(0, len(pairs), step):
@@ -323,9 +334,8 @@ class Worker:
 
     async def _inbox_batches(self, inbox: BulkInbox, stream: faust.StreamT,
                              idle_s: float | None) -> AsyncIterator[list[Message]]:
-        """Batches of up to ``batch_max_events`` from the inbox, lingering like ``drain_batches``; records fetched
-        before a rebalance are dropped (the partitions' owner re-reads them). With ``idle_s``, an empty batch
-        after that long without records."""
+        """Batches of up to ``batch_max_events`` from the inbox, lingering like ``drain_batches``, none while a
+        rebalance is under way. With ``idle_s``, an empty batch after that long without records."""
         app = self.app
         max_events = self.settings.batch_max_events
         linger_s = self.settings.batch_linger_s
@@ -339,18 +349,35 @@ class Worker:
                 while inbox.size < max_events and loop_time() < deadline:
                     await asyncio.sleep(min(0.005, linger_s))
             messages = inbox.take(max_events)
-            if not app.flow_control.is_active():
-                # they stay unacked and are read again from the committed offsets after the rebalance under way
-                log.warning("dropped %d fetched records: flow control is suspended (a rebalance)", len(messages))
-                continue
-            generation = app.consumer_generation_id
-            batch = [m for m in messages if m.generation_id == generation]
-            if len(batch) < len(messages):
-                log.warning("dropped %d fetched records of an earlier consumer generation (current: %s)",
-                            len(messages) - len(batch), generation)
-            if batch:
-                mark_taken(app, batch)
-                yield batch
+            # during a rebalance, wait for its end: then the generation decides (``Worker.readmit``)
+            await app.flow_control.acquire()
+            if messages:
+                mark_taken(app, messages)
+                yield messages
+
+    async def readmit(self, pairs: list[Pair]) -> list[Pair]:
+        """The records that may be applied: none fetched before the last rebalance, and none of a partition after
+        one dropped until the partition is read again from it (streamproc/readmission.py); partitions left with
+        such a hole are sought back to it."""
+        readmission = self.readmission
+        generation = self.app.consumer_generation_id
+        dropped_before = readmission.dropped
+        admitted = readmission.admit(pairs, generation, _position_of, _generation_of)
+        if readmission.dropped > dropped_before:
+            log.warning("dropped %d fetched records: fetched before a rebalance, or after one of them (generation %s)",
+                        readmission.dropped - dropped_before, generation)
+            self.metrics.input_dropped.inc(readmission.dropped - dropped_before)
+        if readmission.holes and self.app.flow_control.is_active():
+            consumer = self.app.consumer
+            for tp, offset in readmission.rewinds(generation, consumer.assignment()):
+                try:
+                    await consumer.seek(tp, offset)
+                except Exception as exc:  # revoked meanwhile, say: asked again in the next generation it is here
+                    readmission.seek_failed(tp)
+                    log.warning("could not seek %s back to offset %d: %r", tp, offset, exc)
+                else:
+                    log.info("%s: read again from offset %d (records after it were dropped)", tp, offset)
+        return admitted
 
     def _ack_messages(self, messages: list[Message]) -> None:
         """Applied: each message may be committed now (Faust's own ack bookkeeping, as ``Stream.ack`` ends in)."""
@@ -370,9 +397,7 @@ class Worker:
         for rec, _ in pairs:
             received[(rec.topic, rec.partition)] = rec.offset
         aligner.push(pairs)
-        generation = self.app.consumer_generation_id
-        released = [(rec, ev) for rec, ev in aligner.release(self._behind, time.monotonic())
-                    if _message_of(ev).generation_id == generation]
+        released = aligner.release(self._behind, time.monotonic())
         consumer = self.app.consumer
         for partition, queues in aligner.queues.items():
             for kind, queue in queues.items():
@@ -645,6 +670,15 @@ class Worker:
 
 def _message_of(handle: Message | EventT) -> Message:
     return handle if isinstance(handle, Message) else handle.message
+
+
+def _position_of(pair: Pair) -> tuple[TP, int, int | None]:
+    message = _message_of(pair[1])
+    return message.tp, message.offset, message.generation_id
+
+
+def _generation_of(pair: Pair) -> int | None:
+    return _message_of(pair[1]).generation_id
 
 
 def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:

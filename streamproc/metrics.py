@@ -69,6 +69,11 @@ class Metrics:
             "Emits whose records the broker did not acknowledge (the outputs stay parked and are sent again).",
             registry=r,
         )
+        self.input_dropped = Counter(
+            "streamproc_input_dropped_records_total",
+            "Fetched input records not applied because a rebalance came between fetch and apply (read again from "
+            "the committed offset, or from the first of them).", registry=r,
+        )
         self.records_produced = Counter(
             "streamproc_records_produced_total", "Output records produced, by topic.", ["topic"], registry=r
         )

@@ -144,7 +144,6 @@ class Consumer(aiokafka_driver.Consumer):
                 if self.should_stop:
                     continue
                 fetched: list[Message] = []
-                dropped = 0  # fetched while the flow is suspended: re-read from the commit after the rebalance
                 async for tp, message in ait:
                     offset = message.offset
                     r_offset = get_read_offset(tp)
@@ -154,13 +153,14 @@ class Consumer(aiokafka_driver.Consumer):
                     if gap > 1 and r_offset and acks_enabled_for(message.topic):
                         await self._add_gap(tp, r_offset + 1, offset)
                     if message.topic in bulk_topics:
-                        if not suspended():  # during a rebalance Faust drops it too: it is re-read from the commit
-                            message.tracked = True
-                            unacked_add(message)
-                            on_message_in(tp, offset, message)
-                            fetched.append(message)
-                        else:
-                            dropped += 1
+                        # Handed over even during a rebalance (Faust drops those): the reader waits for the
+                        # rebalance to end and decides by the generation the record was fetched in, and by the
+                        # records it dropped before (streamproc/readmission.py). A record dropped here, after
+                        # the fetch position moved past it, would be lost if the rebalance's seek came first.
+                        message.tracked = True
+                        unacked_add(message)
+                        on_message_in(tp, offset, message)
+                        fetched.append(message)
                         set_read_offset(tp, offset)
                         continue
                     num_since_yield += 1
@@ -175,15 +175,12 @@ class Consumer(aiokafka_driver.Consumer):
                     else:
                         await callback(message)
                     set_read_offset(tp, offset)
-                if dropped:
-                    self.log.warning("dropped %d fetched records: the flow is suspended (a rebalance)", dropped)
                 if fetched:
                     assert inbox is not None
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
-                    # a rebalance while the reader is busy drops the fetch (re-read by the partitions' owner)
-                    await self.wait_first(inbox.put(fetched), self.suspend_flow.wait())
+                    await inbox.put(fetched)
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
