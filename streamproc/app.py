@@ -36,7 +36,7 @@ from streamproc.readmission import Readmission
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
-from streamproc.transport import BulkInbox, attach_inbox, inbox_of
+from streamproc.transport import BulkInbox, attach_inbox, inbox_of, install_loop_bound_futures
 
 ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
@@ -303,6 +303,8 @@ class Worker:
             # aiokafka's producer formats a debug record per send when its logger inherits DEBUG from Faust's setup
             logging.getLogger("aiokafka").setLevel(logging.INFO)
         idle_s = 0.25 if self.aligner is not None else None  # held records go at the latest after their wait
+        if not install_loop_bound_futures(asyncio.get_running_loop()):
+            log.info("aiokafka's MessageBatch.append changed: its per-record future asks asyncio for the loop")
         inbox = inbox_of(self.app)
         batches: AsyncIterator[list[Any]]
         log.info("input delivery: %s", "Faust's stock consumer" if inbox is None else "bulk (streamproc://)")
