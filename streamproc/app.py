@@ -37,6 +37,7 @@ from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
 from streamproc.transport import BulkInbox, attach_inbox, inbox_of, install_loop_bound_futures
+from streamproc.transport import Consumer as FastConsumer
 
 ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
@@ -308,6 +309,9 @@ class Worker:
         inbox = inbox_of(self.app)
         batches: AsyncIterator[list[Any]]
         log.info("input delivery: %s", "Faust's stock consumer" if inbox is None else "bulk (streamproc://)")
+        if inbox is not None:
+            monitored = cast(FastConsumer, self.app.consumer)._monitor_only() is not None
+            log.info("sensors told of %s", "whole fetches and batches" if monitored else "every message")
         log.info("domain core: %s", compiled_status())
         if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
             batches = self._inbox_batches(inbox, stream, idle_s)
@@ -383,11 +387,7 @@ class Worker:
 
     def _ack_messages(self, messages: list[Message]) -> None:
         """Applied: each message may be committed now (Faust's own ack bookkeeping, as ``Stream.ack`` ends in)."""
-        ack = self.app.consumer.ack
-        on_message_out = self.app.sensors.on_message_out
-        for message in messages:
-            if ack(message):
-                on_message_out(message.tp, message.offset, message)
+        cast(FastConsumer, self.app.consumer).ack_applied(messages)
 
     def align(self, pairs: list[tuple[RawRecord, Message | EventT]]) -> list[tuple[RawRecord, Message | EventT]]:
         """Hand the batch to the aligner and take what it releases (records fetched before a rebalance are

@@ -21,10 +21,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
+from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, AppT, ConsumerT, Message
+from faust.types.tuples import ack_lock
 from mode import Service, ServiceT
+from mode.utils.futures import notify
 
 
 def install_loop_bound_futures(loop: asyncio.AbstractEventLoop) -> bool:
@@ -141,6 +144,67 @@ class Consumer(aiokafka_driver.Consumer):
             self._deferred_pauses.difference_update(tps)
         super().resume_partitions(tps)
 
+    def _monitor_only(self) -> Monitor | None:
+        """The app's monitor if it is the only sensor (the usual case): then the bulk paths below tell it about a
+        whole fetch or batch at once; with any other sensor installed, every sensor hears of every message."""
+        sensors = list(cast(Any, self.app.sensors))
+        if len(sensors) == 1 and type(sensors[0]) is Monitor:
+            return sensors[0]
+        return None
+
+    def _received(self, messages: list[Message]) -> None:
+        """``on_message_in`` for a fetch handed over in bulk."""
+        monitor = self._monitor_only()
+        if monitor is None:
+            on_message_in = self._on_message_in
+            for message in messages:
+                on_message_in(message.tp, message.offset, message)
+            return
+        monitor.messages_received_total += len(messages)
+        monitor.messages_active += len(messages)
+        by_topic = monitor.messages_received_by_topic
+        read_offsets = monitor.tp_read_offsets
+        for message in messages:  # in fetch order: the last offset of each partition stays
+            by_topic[message.topic] += 1
+            read_offsets[message.tp] = message.offset
+
+    def ack_applied(self, messages: list[Message]) -> int:
+        """``Consumer.ack`` (and the sensors' ``on_message_out``) for every message of an applied batch: Faust's
+        bookkeeping, under one hold of its ack lock. Returns how many were acked now."""
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        committed_offset = self._committed_offset
+        acked_index_of = self._acked_index
+        acked_of = self._acked
+        acked_now: list[Message] = []
+        with ack_lock:
+            try:
+                for message in messages:
+                    if message.acked:
+                        continue
+                    message.acked = True
+                    if not acks_enabled_for(message.topic):
+                        continue
+                    tp = message.tp
+                    offset = message.offset
+                    committed = committed_offset[tp]
+                    if committed is None or offset >= committed:
+                        acked_index = acked_index_of[tp]
+                        if offset not in acked_index:
+                            acked_index.add(offset)
+                            acked_of[tp].append(offset)
+                            acked_now.append(message)
+                self._n_acked += len(acked_now)
+            finally:
+                notify(self._waiting_for_ack)
+        monitor = self._monitor_only()
+        if monitor is None:
+            on_message_out = self.app.sensors.on_message_out
+            for message in acked_now:
+                on_message_out(message.tp, message.offset, message)
+        else:
+            monitor.messages_active -= len(acked_now)
+        return len(acked_now)
+
     def _apply_deferred_pauses(self) -> None:
         self._handing_over = False
         if self._deferred_pauses:
@@ -165,8 +229,6 @@ class Consumer(aiokafka_driver.Consumer):
         num_since_yield = 0
         inbox = inbox_of(self.app)
         bulk_topics = inbox.topics if inbox is not None else frozenset()
-        unacked_add = self._unacked_messages.add
-        on_message_in = self._on_message_in
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -190,9 +252,9 @@ class Consumer(aiokafka_driver.Consumer):
                         # rebalance to end and decides by the generation the record was fetched in, and by the
                         # records it dropped before (streamproc/readmission.py). A record dropped here, after
                         # the fetch position moved past it, would be lost if the rebalance's seek came first.
+                        # tracked as Faust's streams track, but not in ``_unacked_messages``: a weak set read only
+                        # by ``wait_empty``, which this app turns off (``stream_wait_empty=False``)
                         message.tracked = True
-                        unacked_add(message)
-                        on_message_in(tp, offset, message)
                         fetched.append(message)
                         set_read_offset(tp, offset)
                         continue
@@ -210,6 +272,7 @@ class Consumer(aiokafka_driver.Consumer):
                     set_read_offset(tp, offset)
                 if fetched:
                     assert inbox is not None
+                    self._received(fetched)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
