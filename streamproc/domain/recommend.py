@@ -31,6 +31,14 @@ ALL_SEGMENTS = -1  # the population-wide favourites (cold start: no segment yet)
 POPULAR_MEMO_SIZE = 4096  # (segment, focus) combinations whose popular_in_segment scores an index keeps
 
 
+def _memoize(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    """Keep ``value`` in one of an index's memos, bounded: past ``POPULAR_MEMO_SIZE`` entries (many distinct
+    baskets' category mixes, say) the memo starts over."""
+    if len(memo) >= POPULAR_MEMO_SIZE:
+        memo.clear()
+    memo[key] = value
+
+
 @dataclass(frozen=True, slots=True)
 class RecConfig:
     k: int = 10
@@ -274,9 +282,7 @@ class RecIndex:
             value = share if not focus or category_of(pid) in focus else share * 0.5
             if value > popular.get(pid, 0.0):
                 popular[pid] = value
-        if len(self._popular) >= POPULAR_MEMO_SIZE:  # many distinct baskets' category mixes: start over
-            self._popular.clear()
-        self._popular[key] = popular
+        _memoize(self._popular, key, popular)
         return popular
 
     def popular_ranked(self, segment: int, focus: frozenset[str], k: int) -> list[tuple[float, str]]:
@@ -288,9 +294,7 @@ class RecIndex:
             weight = self.cfg.weight_popular_in_segment
             scores = self.popular_in_segment(segment, focus, k)
             found = sorted([(-(weight * share), pid) for pid, share in scores.items() if weight * share > 0.0])
-            if len(self._ranked) >= POPULAR_MEMO_SIZE:
-                self._ranked.clear()
-            self._ranked[key] = found
+            _memoize(self._ranked, key, found)
         return found
 
     def in_catalogue(self, pid: str, at: int, excluded: frozenset[str] = frozenset()) -> bool:
@@ -430,9 +434,7 @@ def recommend(
     ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
     out = [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
     if impersonal_key is not None:
-        if len(index._impersonal) >= POPULAR_MEMO_SIZE:
-            index._impersonal.clear()
-        index._impersonal[impersonal_key] = [dict(item) for item in out]
+        _memoize(index._impersonal, impersonal_key, [dict(item) for item in out])
     return out
 
 
