@@ -78,6 +78,13 @@ def frozen(worker, **env):
     return worker
 
 
+def uninterrupted(worker_factory, settings, count):
+    """What one worker never interrupted leaves after ``count`` events: the Redis snapshot and the output ids."""
+    frozen(worker_factory(settings)).start().wait_processed(count, timeout=120)
+    time.sleep(1)
+    return redis_snapshot(settings), output_ids(settings)
+
+
 # the crashed runs spread each sweep pass over many batches (at most 40 customers per step), the baselines not
 SPREAD_SWEEP = {"STREAMPROC_SWEEP_BUDGET": "40"}
 
@@ -91,10 +98,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
     for env in (baseline, crashed):
         seed_checkpoint(env, payloads)  # one frozen model: outputs depend on the events alone
         produce(env, payloads)
-    frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
-    time.sleep(1)
-    expected = redis_snapshot(baseline)
-    expected_alerts, expected_recs = output_ids(baseline)
+    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, baseline, len(payloads))
     assert expected_recs, "the frozen model recommends nothing: the comparison would be empty"
 
     rnd = random.Random(5)
@@ -127,10 +131,7 @@ def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_fa
     for env in (single, pair):
         seed_checkpoint(env, payloads)
         produce(env, payloads)
-    frozen(worker_factory(single)).start().wait_processed(len(payloads), timeout=120)
-    time.sleep(1)
-    expected = redis_snapshot(single)
-    expected_alerts, expected_recs = output_ids(single)
+    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, single, len(payloads))
 
     survivor = frozen(worker_factory(pair, "survivor"), **SPREAD_SWEEP).start()
     victim = frozen(worker_factory(pair.model_copy(update={"web_port": free_port()}), "victim"), **SPREAD_SWEEP).start()
@@ -152,6 +153,47 @@ def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_fa
         time.sleep(1)
     assert len(owned) == 4, owned
     survivor.stop()
+
+
+@pytest.mark.faults
+def test_members_joining_and_leaving_mid_stream_lose_nothing(env_factory, worker_factory):
+    """Rebalance after rebalance while the input arrives: a second member joins and leaves (cleanly, then by
+    kill -9, then cleanly) three times, each time while a new part of the stream is being produced. Every
+    rebalance drops what was fetched before it, and what may be applied after it follows the offset fence's rule
+    (streamproc/readmission.py): the end state must be the one an uninterrupted worker leaves, with every record
+    applied (none stranded behind a dropped one)."""
+    payloads = sim_payloads(customers=200, days=90, seed=31)
+    single, churned = env_factory(), env_factory()
+    for env in (single, churned):
+        seed_checkpoint(env, payloads)
+    produce(single, payloads)
+    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, single, len(payloads))
+
+    parts = [payloads[k * len(payloads) // 4 : (k + 1) * len(payloads) // 4] for k in range(4)]
+    small = {**SPREAD_SWEEP, "STREAMPROC_BATCH_MAX_EVENTS": "50"}  # a rebalance finds records at every stage
+    steady = frozen(worker_factory(churned, "steady"), **small).start()
+    steady.wait_ready()
+    produce(churned, parts[0])
+    for round_, sig in enumerate((signal.SIGTERM, signal.SIGKILL, signal.SIGTERM)):
+        guest = frozen(worker_factory(churned.model_copy(update={"web_port": free_port()}), f"guest{round_}"),
+                       **small).start()
+        guest.wait_ready()
+        deadline = time.monotonic() + 60  # it owns partitions: its lag gauges appear
+        while time.monotonic() < deadline and not any(k.startswith("streamproc_consumer_lag_records{")
+                                                      for k in guest.metrics()):
+            time.sleep(0.1)
+        part = parts[round_ + 1]
+        produce(churned, part[: len(part) // 10])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and processed_total(guest.metrics()) < 100:
+            time.sleep(0.05)
+        assert processed_total(guest.metrics()) >= 100, "the guest never got partitions"
+        produce(churned, part[len(part) // 10 :])  # and leave while both members have a backlog
+        guest.stop(sig)
+    wait_equal(churned, expected, timeout=180)
+    assert output_ids(churned) == (expected_alerts, expected_recs)
+    assert steady.metrics().get("streamproc_rebalances_total", 0) >= 4
+    steady.stop()
 
 
 def test_forget_erases_every_trace_and_a_replay_does_not_bring_the_customer_back(topics, worker_factory):
