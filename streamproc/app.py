@@ -375,14 +375,14 @@ class Worker:
             self.metrics.input_dropped.inc(readmission.dropped - dropped_before)
         if readmission.holes and self.app.flow_control.is_active():
             consumer = self.app.consumer
-            for tp, offset in readmission.rewinds(generation, consumer.assignment()):
-                try:
-                    await consumer.seek(tp, offset)
-                except Exception as exc:  # revoked meanwhile, say: asked again in the next generation it is here
-                    readmission.seek_failed(tp)
-                    log.warning("could not seek %s back to offset %d: %r", tp, offset, exc)
-                else:
-                    log.info("%s: read again from offset %d (records after it were dropped)", tp, offset)
+            committed = cast(dict[TP, int | None], consumer._committed_offset)  # type: ignore[attr-defined]
+            rewinds = dict(readmission.rewinds(generation, consumer.assignment(), committed.get))
+            if rewinds:
+                log.info("read again from the first dropped record: %s", rewinds)
+                if isinstance(consumer, FastConsumer):
+                    consumer.rewind(rewinds)  # before its next fetch
+                else:  # Faust's stock consumer: at once, through its consumer thread
+                    await consumer.seek_wait(rewinds)
         return admitted
 
     def _ack_messages(self, messages: list[Message]) -> None:

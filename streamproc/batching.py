@@ -4,7 +4,8 @@
 cancelled by a shutdown would still be committed. This reader drains the agent's channel queue in bulk
 (``get_nowait`` until empty, then one awaited ``get``) and leaves acking to the caller, who acks only
 what was applied. It keeps Faust's bookkeeping: messages are tracked as unacked (so the committed
-offset never passes an event in flight) and events from a previous consumer generation are skipped.
+offset never passes an event in flight); events of a previous consumer generation are passed on for the caller
+to drop. (What Faust's stock consumer drops inside its own queues during a rebalance it never hands over.)
 """
 
 from __future__ import annotations
@@ -49,16 +50,15 @@ async def drain_batches(
         except StopAsyncIteration:
             pass  # closing: process what we have, the next get() ends the loop
         batch: list[EventT] = []
+        await app.flow_control.acquire()  # during a rebalance, wait for its end: then the generation decides
         generation = app.consumer_generation_id
-        active = app.flow_control.is_active()
         for item in raw:
             if not isinstance(item, EventT):
                 continue
             message = item.message
-            if not active or message.generation_id != generation:
-                # fetched before a rebalance: the new owner re-reads it from the committed offset
-                continue
-            if message.topic in acking_topics and not message.tracked:
+            # fetched before a rebalance: passed on untracked, for the caller to drop (and to hold back what
+            # follows it, streamproc/readmission.py); the new owner re-reads it from the committed offset
+            if message.generation_id == generation and message.topic in acking_topics and not message.tracked:
                 message.tracked = True
                 consumer.unacked.add(message)
                 on_message_in(message.tp, message.offset, message)

@@ -10,8 +10,10 @@ before the rebalance's seek is such a later record.
 So a drop opens a *hole* at X: every record of the partition above X is dropped too, until one at or below X
 arrives, which proves the partition is being read again from X or before (the rebalance's seek to the committed
 offset, or the worker's own seek: :meth:`Readmission.rewinds` lists the partitions to seek back, once per
-generation, for a hole no seek has closed). Records come in fetch order per partition, which is what makes an
-offset at or below X a proof. Pure: no Faust, no Kafka; the worker feeds it and seeks.
+generation, for a hole no seek has closed; the seek must not race a fetch in flight, or records fetched before
+it would move the read position past the hole again, so the consumer runs it between two fetches). Records
+come in fetch order per partition, which is what makes an offset at or below X a proof. Pure: no Faust, no
+Kafka; the worker feeds it and seeks.
 """
 
 from __future__ import annotations
@@ -63,16 +65,24 @@ class Readmission:
         if hole is None or offset < hole[0]:
             self.holes[partition] = [offset, None]
 
-    def rewinds(self, generation: int, assigned: Iterable[Partition]) -> list[tuple[Partition, int]]:
-        """Holes to seek back to, each once per generation and only while its partition is assigned here (a
-        partition that comes back later is sought again: its new reader may start above the hole)."""
+    def rewinds(self, generation: int, assigned: Iterable[Partition],
+                committed: Callable[[Partition], int | None] = lambda partition: None) -> list[tuple[Partition, int]]:
+        """Holes to seek back to, each once per generation. A hole of a partition not assigned here is forgotten:
+        whoever owns it reads it from the committed offset, and so does this worker if it gets it back. A hole
+        below the partition's committed offset moves up to it (everything below was applied by whoever
+        committed it; a seek below it would only read that again, or find it deleted by retention)."""
         out: list[tuple[Partition, int]] = []
         holes = self.holes
         if not holes:
             return out
-        for partition in assigned:
-            hole = holes.get(partition)
-            if hole is not None and hole[1] != generation:
+        assigned = set(assigned)
+        for partition in [p for p in holes if p not in assigned]:
+            del holes[partition]
+        for partition, hole in holes.items():
+            if hole[1] != generation:
+                floor = committed(partition)
+                if floor is not None and floor > hole[0]:
+                    hole[0] = floor
                 hole[1] = generation
                 out.append((partition, hole[0]))
         return out

@@ -205,6 +205,25 @@ class Consumer(aiokafka_driver.Consumer):
             monitor.messages_active -= len(acked_now)
         return len(acked_now)
 
+    _rewinds: dict[TP, int] | None = None
+
+    def rewind(self, offsets: dict[TP, int]) -> None:
+        """Seek these partitions back before the next fetch. Not at once: a fetch in flight would hand over records
+        from before the seek, and the drain loop would move the read offset past the rewind again (and count the
+        skipped offsets as a gap, committable unapplied)."""
+        if self._rewinds is None:
+            self._rewinds = {}
+        self._rewinds.update(offsets)
+
+    async def _seek_rewinds(self) -> None:
+        pending, self._rewinds = self._rewinds, None
+        if not pending:
+            return
+        try:  # through the consumer thread, which owns the fetch positions; sets the read offsets too
+            await self.seek_wait(pending)
+        except Exception as exc:  # revoked meanwhile, say: the next rebalance's seek takes over
+            self.log.warning("could not seek back to %r: %r", pending, exc)
+
     def _apply_deferred_pauses(self) -> None:
         self._handing_over = False
         if self._deferred_pauses:
@@ -232,6 +251,8 @@ class Consumer(aiokafka_driver.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
+                if self._rewinds:  # between two fetches: no fetch in flight can undo the seek
+                    await self._seek_rewinds()
                 self._apply_deferred_pauses()
                 self._handing_over = True
                 ait = cast(AsyncIterator[Any], getmany(timeout=1.0))

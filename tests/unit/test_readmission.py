@@ -117,15 +117,23 @@ def test_a_hole_drops_later_records_until_the_partition_is_read_again_from_it():
     assert r.holes == {} and r.dropped == 3
 
 
-def test_a_hole_of_a_partition_owned_elsewhere_is_sought_when_it_comes_back():
+def test_a_hole_of_a_partition_owned_elsewhere_is_forgotten():
+    r = Readmission()
+    r.admit([("p", 5, 1), ("q", 7, 1)], 2, position)
+    assert r.rewinds(2, ["q"]) == [("q", 7)]  # p is not assigned here: its owner reads it from the commit
+    assert "p" not in r.holes
+    assert r.admit([("p", 9, 3)], 3, position) == [("p", 9, 3)]  # back here: read from the commit, not held
+
+
+def test_a_failed_seek_is_asked_again_and_a_hole_below_the_commit_moves_up_to_it():
     r = Readmission()
     r.admit([("p", 5, 1)], 2, position)
-    assert r.rewinds(2, ["q"]) == []  # not assigned here: its owner reads it from the committed offset
-    assert r.rewinds(3, ["p"]) == [("p", 5)]  # back here, and its new reader may start above the hole
+    assert r.rewinds(2, ["p"], committed={"p": 3}.get) == [("p", 5)]
     r.seek_failed("p")
-    assert r.rewinds(3, ["p"]) == [("p", 5)]
-    r.admit([("p", 2, 3)], 3, position)
-    assert r.rewinds(4, ["p"]) == []
+    assert r.rewinds(2, ["p"], committed={"p": 8}.get) == [("p", 8)]  # applied below 8 by whoever committed it
+    assert r.admit([("p", 9, 2)], 2, position) == []
+    assert r.admit([("p", 8, 2), ("p", 9, 2)], 2, position) == [("p", 8, 2), ("p", 9, 2)]
+    assert r.rewinds(3, ["p"]) == []
 
 
 def test_records_dropped_elsewhere_open_a_hole_at_the_first_of_them():
