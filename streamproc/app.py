@@ -380,9 +380,14 @@ class Worker:
             if rewinds:
                 log.info("read again from the first dropped record: %s", rewinds)
                 if isinstance(consumer, FastConsumer):
-                    consumer.rewind(rewinds)  # before its next fetch
+                    consumer.rewind(rewinds, readmission.seek_failed)  # before its next fetch
                 else:  # Faust's stock consumer: at once, through its consumer thread
-                    await consumer.seek_wait(rewinds)
+                    try:
+                        await consumer.seek_wait(rewinds)
+                    except Exception as exc:  # revoked meanwhile, say: asked again by the next batch if not
+                        log.warning("could not seek back to %r: %r", rewinds, exc)
+                        for tp in rewinds:
+                            readmission.seek_failed(tp)
         return admitted
 
     def _ack_messages(self, messages: list[Message]) -> None:
@@ -390,9 +395,9 @@ class Worker:
         cast(FastConsumer, self.app.consumer).ack_applied(messages)
 
     def align(self, pairs: list[tuple[RawRecord, Message | EventT]]) -> list[tuple[RawRecord, Message | EventT]]:
-        """Hand the batch to the aligner and take what it releases (records fetched before a rebalance are
-        dropped: the partition's owner re-reads them from the committed offset); pause topic partitions that
-        run far ahead of the other topic, resume them once their held records drain."""
+        """Hand the batch to the aligner and take what it releases (``readmit`` then decides what of it may be
+        applied after a rebalance); pause topic partitions that run far ahead of the other topic, resume them
+        once their held records drain."""
         aligner = self.aligner
         assert aligner is not None
         received = self.received

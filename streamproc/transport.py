@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 from faust.sensors.monitor import Monitor
@@ -206,14 +206,16 @@ class Consumer(aiokafka_driver.Consumer):
         return len(acked_now)
 
     _rewinds: dict[TP, int] | None = None
+    _rewind_failed: Callable[[TP], None] | None = None
 
-    def rewind(self, offsets: dict[TP, int]) -> None:
-        """Seek these partitions back before the next fetch. Not at once: a fetch in flight would hand over records
-        from before the seek, and the drain loop would move the read offset past the rewind again (and count the
-        skipped offsets as a gap, committable unapplied)."""
+    def rewind(self, offsets: dict[TP, int], failed: Callable[[TP], None]) -> None:
+        """Seek these partitions back before the next fetch; ``failed(tp)`` for each if the seek fails. Not at once:
+        a fetch in flight would hand over records from before the seek, and the drain loop would move the read
+        offset past the rewind again (and count the skipped offsets as a gap, committable unapplied)."""
         if self._rewinds is None:
             self._rewinds = {}
         self._rewinds.update(offsets)
+        self._rewind_failed = failed
 
     async def _seek_rewinds(self) -> None:
         pending, self._rewinds = self._rewinds, None
@@ -221,8 +223,11 @@ class Consumer(aiokafka_driver.Consumer):
             return
         try:  # through the consumer thread, which owns the fetch positions; sets the read offsets too
             await self.seek_wait(pending)
-        except Exception as exc:  # revoked meanwhile, say: the next rebalance's seek takes over
+        except Exception as exc:  # revoked meanwhile, say: asked again by the next batch while still assigned
             self.log.warning("could not seek back to %r: %r", pending, exc)
+            if self._rewind_failed is not None:
+                for tp in pending:
+                    self._rewind_failed(tp)
 
     def _apply_deferred_pauses(self) -> None:
         self._handing_over = False
