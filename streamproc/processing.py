@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import hashlib
 import logging
 import time
@@ -62,7 +63,10 @@ SWEEP_BOUNDARIES_DAYS = (7, 14)
 SWEEP_CHUNK = 500  # customers refreshed per load+save round trip (bounds the sweep's working set)
 # customers per save call in a batch step: each chunk is saved while the next one is computed (chunks hold
 # different customers, so the order in which their scripts run does not matter)
-SAVE_CHUNK = 500
+SAVE_CHUNK = 150
+# customers per load call in a batch step: every chunk is asked for at once and folded as soon as its reply is
+# in, so only the first chunk's round trip is waited for (not the whole batch's)
+LOAD_CHUNK = 250
 
 
 class RawRecord(NamedTuple):
@@ -216,6 +220,17 @@ class Watermarks:
         return out
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """One attempt at a batch step's customers: their events, and what each one's fold gave."""
+
+    pending: dict[str, list[tuple[RawRecord, Positioned]]]
+    marks_wm: dict[int, int]
+    results: dict[str, BatchResult] = field(default_factory=dict)
+    outcomes: dict[str, FoldOutcome] = field(default_factory=dict)
+    states: dict[str, CustomerState] = field(default_factory=dict)
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -356,58 +371,12 @@ class BatchProcessor:
         for attempt in range(MAX_SAVE_ATTEMPTS):
             if not pending:
                 break
-            t0 = time.perf_counter()
-            loaded = await self.store.load(list(pending))
-            self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
-            updates: list[Update] = []
-            outcomes: dict[str, FoldOutcome] = {}
-            customer_results: dict[str, BatchResult] = {}
-            states: dict[str, CustomerState] = {}
-            saving: list[asyncio.Future[SaveResult]] = []  # chunks of ``updates`` sent to the store
-            sent = 0
-            try:
-                for cid, items in pending.items():
-                    row = loaded[cid]
-                    customer_result = customer_results[cid] = BatchResult()
-                    if row.erased:
-                        for rec, _ in items:
-                            customer_result.outcome.count(rec.source, "erased")
-                        continue
-                    state, outcome = self._fold_customer(cid, row, items, customer_result)
-                    outcomes[cid] = outcome
-                    states[cid] = state
-                    partition = items[-1][0].partition
-                    # a batch that was all replays changes nothing; anything else moves at least a fence
-                    if row.blob is None or outcome.total("applied") or outcome.total("duplicate") or (
-                        customer_result.dead_letters
-                    ):
-                        as_of = self.as_of(state, self.swept_to(partition))
-                        feats = features(state, as_of, self.fold)
-                        model = (
-                            self._model_step(cid, state, row.model, feats, as_of, marks_wm.get(partition),
-                                             customer_result, outcome.triggers)
-                            if self.models_enabled else None
-                        )
-                        updates.append(Update(cid, row.version, state, feats, model, partition,
-                                              customer_result.outputs_blob()))
-                        if len(updates) - sent >= SAVE_CHUNK:
-                            # Redis runs this chunk's script while the next chunk is computed
-                            saving.append(asyncio.ensure_future(self.store.save(updates[sent:])))
-                            sent = len(updates)
-                            await asyncio.sleep(0)  # lets the save write its command
-                t0 = time.perf_counter()
-                if sent < len(updates):
-                    saving.append(asyncio.ensure_future(self.store.save(updates[sent:])))
-                failed = {cid for saved_chunk in await asyncio.gather(*saving) for cid in saved_chunk.failed}
-            except BaseException:
-                # an error (a chunk's save, or the fold) is raised once every chunk in flight has ended, so a retry
-                # never races a save of this attempt
-                await asyncio.gather(*saving, return_exceptions=True)
-                raise
+            attempt_of = _Attempt(pending, marks_wm)
+            updates, failed = await self._load_step_save(list(pending), functools.partial(self._step, attempt_of))
+            outcomes, customer_results, states = attempt_of.outcomes, attempt_of.results, attempt_of.states
             for up in updates:
                 if up.outputs and up.customer_id not in failed:
                     customer_results[up.customer_id].outbox[up.partition] = [up.outbox_field]
-            self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
             for cid, outcome in outcomes.items():
                 if cid not in failed:
                     result.outcome.merge(outcome)
@@ -445,6 +414,43 @@ class BatchProcessor:
         if wm is not None:
             self.metrics.watermark.set(wm / 1000)
         return result
+
+    async def _timed_load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+        t0 = time.perf_counter()
+        loaded = await self.store.load(customer_ids, with_features)
+        self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
+        return loaded
+
+    async def _timed_save(self, updates: list[Update]) -> SaveResult:
+        t0 = time.perf_counter()
+        saved = await self.store.save(updates)
+        self.metrics.redis_seconds.labels("save").observe(time.perf_counter() - t0)
+        return saved
+
+    def _step(self, attempt: _Attempt, cid: str, row: Loaded) -> Update | None:
+        """One customer's part of a batch step: the fold, then (unless it changed nothing) features and the model
+        step, as the update to save (None: nothing to save, or an erased customer)."""
+        items = attempt.pending[cid]
+        customer_result = attempt.results[cid] = BatchResult()
+        if row.erased:
+            for rec, _ in items:
+                customer_result.outcome.count(rec.source, "erased")
+            return None
+        state, outcome = self._fold_customer(cid, row, items, customer_result)
+        attempt.states[cid], attempt.outcomes[cid] = state, outcome
+        partition = items[-1][0].partition
+        # a batch that was all replays changes nothing; anything else moves at least a fence
+        if not (row.blob is None or outcome.total("applied") or outcome.total("duplicate")
+                or customer_result.dead_letters):
+            return None
+        as_of = self.as_of(state, self.swept_to(partition))
+        feats = features(state, as_of, self.fold)
+        model = (
+            self._model_step(cid, state, row.model, feats, as_of, attempt.marks_wm.get(partition), customer_result,
+                             outcome.triggers)
+            if self.models_enabled else None
+        )
+        return Update(cid, row.version, state, feats, model, partition, customer_result.outputs_blob())
 
     def _side_effects(
         self, by_customer: dict[str, list[tuple[RawRecord, Positioned]]], saved: dict[str, CustomerState],
@@ -707,41 +713,75 @@ class BatchProcessor:
         return running
 
     async def _refresh(self, customer_ids: list[str], wm: int, partition: int, outputs: BatchResult) -> int:
+        touched = 0
         for _ in range(MAX_SAVE_ATTEMPTS):
-            loaded = await self.store.load(customer_ids, with_features=True)
-            updates = []
             partials: dict[str, BatchResult] = {}
-            for cid in customer_ids:
-                row = loaded[cid]
-                if row.blob is None or row.erased:
-                    continue
-                state = row.pristine(cid)
-                as_of = self.as_of(state, wm)  # the silence boundary passed, as a batch would store it
-                stored = row.features
-                # features are a function of the state and the instant: when neither moved since they were
-                # stored (a snapshot instant between two silence boundaries, the usual case), keep them
-                if stored is not None and stored.get("as_of_ts") == as_of and stored.keys() == self._feature_names:
-                    feats, unchanged = stored, True
-                else:
-                    feats, unchanged = features(state, as_of, self.fold), False
-                partial = partials[cid] = BatchResult()
-                model = (
-                    self._model_step(cid, state, row.model, feats, as_of, wm, partial)
-                    if self.models_enabled else None
-                )
-                updates.append(Update(cid, row.version, state, feats, model, partition, partial.outputs_blob(),
-                                      features_unchanged=unchanged))
-            result = await self.store.save(updates)
+            updates, failed = await self._load_step_save(
+                customer_ids, functools.partial(self._refreshed, wm, partition, partials), with_features=True)
             for up in updates:
-                if up.customer_id not in result.failed:
+                if up.customer_id not in failed:
                     partial = partials[up.customer_id]
                     if up.outputs:
                         partial.outbox[partition] = [up.outbox_field]
                     outputs.absorb(partial)
-            if not result.failed:
-                return len(updates)
-            customer_ids = result.failed
+            touched += len(updates) - len(failed)
+            if not failed:
+                return touched
+            customer_ids = [up.customer_id for up in updates if up.customer_id in failed]
         raise RuntimeError(f"sweep could not save {len(customer_ids)} customers")
+
+    def _refreshed(self, wm: int, partition: int, partials: dict[str, BatchResult], cid: str, row: Loaded) -> (
+        Update | None
+    ):
+        """A silent customer's stored features and model outputs as of the silence boundary ``wm`` passed."""
+        if row.blob is None or row.erased:
+            return None
+        state = row.pristine(cid)
+        as_of = self.as_of(state, wm)  # the silence boundary passed, as a batch would store it
+        stored = row.features
+        # features are a function of the state and the instant: when neither moved since they were
+        # stored (a snapshot instant between two silence boundaries, the usual case), keep them
+        if stored is not None and stored.get("as_of_ts") == as_of and stored.keys() == self._feature_names:
+            feats, unchanged = stored, True
+        else:
+            feats, unchanged = features(state, as_of, self.fold), False
+        partial = partials[cid] = BatchResult()
+        model = self._model_step(cid, state, row.model, feats, as_of, wm, partial) if self.models_enabled else None
+        return Update(cid, row.version, state, feats, model, partition, partial.outputs_blob(),
+                      features_unchanged=unchanged)
+
+    async def _load_step_save(
+        self, customer_ids: list[str], step: Callable[[str, Loaded], Update | None], with_features: bool = False,
+    ) -> tuple[list[Update], set[str]]:
+        """Load, step and save customers with Redis working beside the CPU: loads go out in chunks all at once and
+        each chunk is stepped as soon as its reply is in; updates are saved in chunks while the next ones are
+        computed (chunks hold different customers, so the order their scripts run in does not matter). Returns
+        the updates and the customers whose save lost the version check. An error is raised once every call in
+        flight has ended, so a retry never races a save of this attempt."""
+        chunks = [customer_ids[i : i + LOAD_CHUNK] for i in range(0, len(customer_ids), LOAD_CHUNK)]
+        loading = [asyncio.ensure_future(self._timed_load(chunk, with_features)) for chunk in chunks]
+        updates: list[Update] = []
+        saving: list[asyncio.Future[SaveResult]] = []
+        sent = 0
+        try:
+            for chunk, load in zip(chunks, loading, strict=True):
+                loaded = await load
+                for cid in chunk:
+                    update = step(cid, loaded[cid])
+                    if update is None:
+                        continue
+                    updates.append(update)
+                    if len(updates) - sent >= SAVE_CHUNK:
+                        saving.append(asyncio.ensure_future(self._timed_save(updates[sent:])))
+                        sent = len(updates)
+                        await asyncio.sleep(0)  # lets the save write its command
+            if sent < len(updates):
+                saving.append(asyncio.ensure_future(self._timed_save(updates[sent:])))
+            failed = {cid for saved in await asyncio.gather(*saving) for cid in saved.failed}
+        except BaseException:
+            await asyncio.gather(*loading, *saving, return_exceptions=True)
+            raise
+        return updates, failed
 
     def _count(self, result: BatchResult) -> None:
         self.metrics.orders.inc(result.outcome.orders)

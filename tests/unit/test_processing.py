@@ -245,6 +245,63 @@ async def test_chunked_saves_retry_what_lost_a_race_and_settle_before_an_error(m
     assert [(await store.features(f"c{i}"))["clicks"] for i in range(10)] == [3] * 10
 
 
+async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_settles_every_call(monkeypatch):
+    import streamproc.processing as processing
+
+    monkeypatch.setattr(processing, "LOAD_CHUNK", 4)
+    monkeypatch.setattr(processing, "SAVE_CHUNK", 3)
+
+    class SlowLoads(InMemoryFeatureStore):
+        def __init__(self):
+            super().__init__()
+            self.log, self.in_flight, self.fail_chunk, self.loads = [], 0, None, 0
+
+        async def load(self, customer_ids, with_features=False):
+            self.loads += 1
+            chunk = self.loads
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(0.01 * chunk)  # each chunk answers later than the one before
+                if chunk == self.fail_chunk:
+                    raise ConnectionError("redis went away")
+                loaded = await super().load(customer_ids, with_features)
+                self.log.append(("loaded", len(customer_ids)))
+                return loaded
+            finally:
+                self.in_flight -= 1
+
+        async def save(self, updates):
+            self.log.append(("save", len(updates)))
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(0.005)
+                return await super().save(updates)
+            finally:
+                self.in_flight -= 1
+
+    batch = [rec("clicks", i, click(i, cid=f"c{i}")) for i in range(10)]
+    reference, proc = make()
+    await proc.process(batch)
+
+    store, proc = make(SlowLoads())
+    await proc.process(batch)
+    assert [n for what, n in store.log if what == "loaded"] == [4, 4, 2]
+    # the first chunk was folded and its first save sent before the last chunk's load had answered
+    assert store.log.index(("save", 3)) < store.log.index(("loaded", 2))
+    assert store.rows == reference.rows
+
+    store, proc = make(SlowLoads())
+    store.fail_chunk = 3
+    with pytest.raises(ConnectionError):
+        await proc.process(batch)
+    assert store.in_flight == 0  # the saves of the chunks before had ended before the error was raised
+    assert 0 < len(store.rows) < 10
+    store.fail_chunk = None
+    result = await proc.process(batch)  # the retry: what was saved is fenced, the rest applied once
+    assert result.total("applied") + result.total("replayed") == 10
+    assert store.rows == reference.rows
+
+
 def sim_records(customers=40, days=120, seed=3):
     from streamproc.simulate import SimulationConfig, Simulator
 
