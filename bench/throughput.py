@@ -6,7 +6,7 @@
 4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
 
 Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer] [--trainer-process]
-[--intake-floor].
+[--intake-floor] [--waits].
 ``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures the naive Faust agent of
 ``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records; ``--intake-floor`` a
 worker whose batch step only counts (``bench/intake_floor.py``), the cost of the runtime itself. Not a test.
@@ -106,12 +106,13 @@ def idle_cpu_seconds() -> float:
 
 
 def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
-               trainer_process: bool = False, intake_floor: bool = False) -> dict[str, Any]:
+               trainer_process: bool = False, intake_floor: bool = False, waits: Path | None = None) -> dict[str, Any]:
     """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
     from the first processed event to the last, summed over the processes. With ``trainer_process``, the
     production layout: scoring-only workers and `streamproc trainer` in a process of its own."""
     command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
                else [sys.executable, str(ROOT / "bench" / "intake_floor.py")] if intake_floor
+               else [sys.executable, str(ROOT / "bench" / "waits.py")] if waits is not None
                else [sys.executable, "-m", "streamproc.cli", "worker"])
     spy = None
     procs = []
@@ -122,6 +123,8 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
                "STREAMPROC_LOG_LEVEL": "WARNING", "STREAMPROC_STATE_DIR": str(ROOT / ".local" / f"bench-w{i}")}
         if trainer_process:
             env["STREAMPROC_TRAINER_ENABLED"] = "false"
+        if waits is not None:
+            env["BENCH_WAITS"] = str(waits.with_suffix(f".{i}.json"))
         with open(log.with_suffix(f".{i}.log"), "wb") as out:
             procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT))
     helpers: list[subprocess.Popen[bytes]] = []
@@ -175,7 +178,13 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
         cores["machine_idle"] = round((idle_cpu_seconds() - cpu_at_first["idle"]) / (now - first_at), 2)
         if spy is not None:
             spy.wait(30)
-        return {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
+        measured = {"events_per_s": rate, "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs),
+                    "cores_busy": cores}
+        if waits is not None:
+            time.sleep(2.5)  # bench/waits.py writes every 2 s
+            measured["event_loop_waits"] = [json.loads(waits.with_suffix(f".{i}.json").read_text())
+                                            for i in range(workers)]
+        return measured
     finally:
         for p in procs + helpers:
             p.terminate()
@@ -192,6 +201,8 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="measure bench/naive_agent.py instead of streamproc")
     parser.add_argument("--trainer-process", action="store_true",
                         help="the production layout: scoring-only worker(s), `streamproc trainer` learns alone")
+    parser.add_argument("--waits", action="store_true",
+                        help="run the worker(s) under bench/waits.py: where each event loop waits, by phase")
     parser.add_argument("--intake-floor", action="store_true",
                         help="a worker whose batch step only counts (bench/intake_floor.py): the runtime's cost")
     args = parser.parse_args()
@@ -213,7 +224,8 @@ def main() -> None:
     mem_before = int(r.info("memory")["used_memory"])
     log = ROOT / ".local" / f"bench-worker-{tag}.log"
     log.parent.mkdir(exist_ok=True)
-    worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process, args.intake_floor)
+    worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process, args.intake_floor,
+                        log.with_suffix(".waits") if args.waits else None)
     customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer else "cust:*", count=1000))
     mem_after = int(r.info("memory")["used_memory"])
     result = {
@@ -232,6 +244,7 @@ def main() -> None:
         "redis_bytes_per_customer": round((mem_after - mem_before) / max(customers_stored, 1)),
         # CPU seconds per second of the measured interval, per role (the workers summed): where the cores went
         "cores_busy": worker["cores_busy"],
+        **({"event_loop_waits": worker["event_loop_waits"]} if args.waits else {}),
     }
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results"

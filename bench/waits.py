@@ -1,0 +1,94 @@
+"""A streamproc worker that measures where its event loop waits: the wall time the loop's thread spends blocked
+in ``epoll``, by what the ingest task was awaiting then (a batch's loads and saves, its side effects, the sweep,
+the emit, or the next input). Started by ``bench/throughput.py --waits``; not for production.
+
+Every 2 s it writes ``BENCH_WAITS`` (JSON): seconds measured since the first batch and, per phase, the share of
+them the loop sat in ``epoll``. A py-spy profile without ``--idle`` drops those samples instead of showing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import selectors
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from streamproc import app, cli, processing
+from streamproc.adapters import feature_store
+
+OUT = Path(os.environ.get("BENCH_WAITS", "waits.json"))
+LOOP_THREAD = threading.get_ident()
+blocked: dict[str, float] = {}
+awaiting = ["input"]  # what the ingest task awaits now, innermost last
+ingest_task: list[asyncio.Task[Any] | None] = [None]
+started: list[float] = []
+
+_select = selectors.EpollSelector.select
+
+
+def select(self: selectors.EpollSelector, timeout: float | None = None) -> Any:
+    if threading.get_ident() != LOOP_THREAD or not started:
+        return _select(self, timeout)
+    t0 = time.perf_counter()
+    try:
+        return _select(self, timeout)
+    finally:
+        blocked[awaiting[-1]] = blocked.get(awaiting[-1], 0.0) + time.perf_counter() - t0
+
+
+def phase(cls: type, name: str, label: str, first: bool = False) -> None:
+    """While the ingest task awaits ``cls.name``, its waits count as ``label`` (nothing if the code has no such
+    method: older versions can be measured too)."""
+    original = getattr(cls, name, None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    async def measured(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if first and ingest_task[0] is None:
+            ingest_task[0] = task
+            started.append(time.perf_counter())
+        if task is not ingest_task[0]:
+            return await original(*args, **kwargs)
+        awaiting.append(label)
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            awaiting.pop()
+
+    setattr(cls, name, measured)
+
+
+phase(app.Worker, "apply_with_retry", "batch step: other", first=True)
+phase(processing.BatchProcessor, "_load_step_save", "batch step: loads and saves")
+phase(feature_store.RedisFeatureStore, "load", "batch step: loads and saves")
+phase(feature_store.RedisFeatureStore, "save", "batch step: loads and saves")
+phase(feature_store.RedisFeatureStore, "after_batch", "batch step: side effects")
+phase(processing.BatchProcessor, "sweep", "sweep")
+phase(app.Worker, "emit", "emit")
+
+
+def report() -> None:
+    while True:
+        time.sleep(2)
+        if started:
+            elapsed = time.perf_counter() - started[0]
+            ranked = sorted(blocked.items(), key=lambda kv: -kv[1])
+            shares = {label: round(seconds / elapsed, 4) for label, seconds in ranked}
+            OUT.write_text(json.dumps({"seconds": round(elapsed, 1), "blocked_share": shares,
+                                       "blocked_total": round(sum(blocked.values()) / elapsed, 4)}))
+
+
+selectors.EpollSelector.select = select  # type: ignore[method-assign,assignment]
+threading.Thread(target=report, daemon=True).start()
+sys.argv = ["streamproc", "worker"]
+cli.main()
