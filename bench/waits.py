@@ -2,8 +2,9 @@
 in ``epoll``, by what the ingest task was awaiting then (a batch's loads and saves, its side effects, the sweep,
 the emit, or the next input). Started by ``bench/throughput.py --waits``; not for production.
 
-Every 2 s it writes ``BENCH_WAITS`` (JSON): seconds measured since the first batch and, per phase, the share of
-them the loop sat in ``epoll``. A py-spy profile without ``--idle`` drops those samples instead of showing them.
+Every 2 s it writes ``BENCH_WAITS`` (JSON): seconds measured since the 21st batch step (``BENCH_WAITS_SKIP``: the
+start, with its partition assignment, is left out) and, per phase, the share of them the loop sat in ``epoll``.
+A py-spy profile without ``--idle`` drops those samples instead of showing them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ blocked: dict[str, float] = {}
 awaiting = ["input"]  # what the ingest task awaits now, innermost last
 ingest_task: list[asyncio.Task[Any] | None] = [None]
 started: list[float] = []
+steps = [0]
+last_step = [0.0]
+blocked_at_last_step: dict[str, float] = {}
+SKIP_STEPS = int(os.environ.get("BENCH_WAITS_SKIP", "20"))  # batch steps before measuring starts
 
 _select = selectors.EpollSelector.select
 
@@ -56,7 +61,14 @@ def phase(cls: type, name: str, label: str, first: bool = False) -> None:
         task = asyncio.current_task()
         if first and ingest_task[0] is None:
             ingest_task[0] = task
-            started.append(time.perf_counter())
+        if first and task is ingest_task[0] and not started:
+            steps[0] += 1
+            if steps[0] > SKIP_STEPS:  # past the start (partition assignment, the first fetches)
+                started.append(time.perf_counter())
+        if first and task is ingest_task[0] and started:
+            last_step[0] = time.perf_counter()
+            blocked_at_last_step.clear()
+            blocked_at_last_step.update(blocked)
         if task is not ingest_task[0]:
             return await original(*args, **kwargs)
         awaiting.append(label)
@@ -78,14 +90,19 @@ phase(app.Worker, "emit", "emit")
 
 
 def report() -> None:
+    """Shares of the time from the measured start to the last batch step (after it, a worker that is done before
+    the others only waits for input that never comes), and when that step began."""
     while True:
         time.sleep(2)
-        if started:
-            elapsed = time.perf_counter() - started[0]
-            ranked = sorted(blocked.items(), key=lambda kv: -kv[1])
-            shares = {label: round(seconds / elapsed, 4) for label, seconds in ranked}
-            OUT.write_text(json.dumps({"seconds": round(elapsed, 1), "blocked_share": shares,
-                                       "blocked_total": round(sum(blocked.values()) / elapsed, 4)}))
+        if started and last_step[0]:
+            elapsed = last_step[0] - started[0]
+            ranked = sorted(blocked_at_last_step.items(), key=lambda kv: -kv[1])
+            OUT.write_text(json.dumps({
+                "seconds": round(elapsed, 1),
+                "blocked_share": {label: round(seconds / elapsed, 4) for label, seconds in ranked},
+                "blocked_total": round(sum(blocked_at_last_step.values()) / elapsed, 4),
+                "first_step_at": round(started[0], 2), "last_step_at": round(last_step[0], 2),  # perf_counter
+            }))
 
 
 selectors.EpollSelector.select = select  # type: ignore[method-assign,assignment]
