@@ -60,12 +60,12 @@ MAX_SAVE_ATTEMPTS = 5
 # Days of silence at which a silent customer's stored features are refreshed by the inactivity sweep
 # (window edges and lifecycle thresholds are added to these). Lookups always compute exactly as of now.
 SWEEP_BOUNDARIES_DAYS = (7, 14)
-SWEEP_CHUNK = 500  # customers refreshed per load+save round trip (bounds the sweep's working set)
-# customers per save call in a batch step: each chunk is saved while the next one is computed (chunks hold
-# different customers, so the order in which their scripts run does not matter)
+SWEEP_CHUNK = 500  # customers refreshed per sweep step (bounds the sweep's working set)
+# customers per save call of a batch or sweep step: each chunk is saved while the next one is computed (chunks
+# hold different customers, so the order in which their scripts run does not matter)
 SAVE_CHUNK = 150
-# customers per load call in a batch step: every chunk is asked for at once and folded as soon as its reply is
-# in, so only the first chunk's round trip is waited for (not the whole batch's)
+# customers per load call of a batch or sweep step: every chunk is asked for at once and folded as soon as its
+# reply is in, so only the first chunk's round trip is waited for (not the whole step's)
 LOAD_CHUNK = 250
 
 
