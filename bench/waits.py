@@ -4,13 +4,15 @@ the emit, or the next input). Started by ``bench/throughput.py --waits``; not fo
 
 Every 2 s it writes ``BENCH_WAITS`` (JSON): seconds measured since the 21st batch step (``BENCH_WAITS_SKIP``: the
 start, with its partition assignment, is left out) and, per phase, the share of them the loop sat in ``epoll``.
-A py-spy profile without ``--idle`` drops those samples instead of showing them.
+A py-spy profile without ``--idle`` drops those samples instead of showing them. Also the cyclic garbage
+collector's runs and seconds per generation over the whole process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import os
 import selectors
@@ -89,6 +91,23 @@ phase(processing.BatchProcessor, "sweep", "sweep")
 phase(app.Worker, "emit", "emit")
 
 
+gc_runs: dict[int, list[float]] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}  # generation -> [collections, seconds]
+gc_started = [0.0]
+
+
+def on_gc(event: str, info: dict[str, int]) -> None:
+    """The cyclic collector's runs and time, over the whole process (a pause the loop cannot wait through)."""
+    if event == "start":
+        gc_started[0] = time.perf_counter()
+    else:
+        runs = gc_runs[info["generation"]]
+        runs[0] += 1
+        runs[1] += time.perf_counter() - gc_started[0]
+
+
+gc.callbacks.append(on_gc)
+
+
 def report() -> None:
     """Shares of the time from the measured start to the last batch step (after it, a worker that is done before
     the others only waits for input that never comes), and when that step began."""
@@ -101,6 +120,7 @@ def report() -> None:
                 "seconds": round(elapsed, 1),
                 "blocked_share": {label: round(seconds / elapsed, 4) for label, seconds in ranked},
                 "blocked_total": round(sum(blocked_at_last_step.values()) / elapsed, 4),
+                "gc_collections_and_seconds": {g: [int(n), round(t, 3)] for g, (n, t) in gc_runs.items()},
                 "first_step_at": round(started[0], 2), "last_step_at": round(last_step[0], 2),  # perf_counter
             }))
 
