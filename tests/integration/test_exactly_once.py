@@ -78,11 +78,20 @@ def frozen(worker, **env):
     return worker
 
 
-def uninterrupted(worker_factory, settings, count):
-    """What one worker never interrupted leaves after ``count`` events: the Redis snapshot and the output ids."""
-    frozen(worker_factory(settings)).start().wait_processed(count, timeout=120)
+def against_baseline(env_factory, worker_factory, payloads, fill=True):
+    """Two environments seeded with one frozen model (outputs then depend on the events alone): a baseline where one
+    worker never interrupted processes ``payloads``, and the one the test disturbs (``payloads`` produced into it
+    too unless ``fill`` is false). Returns that environment and what the baseline's worker left: the Redis snapshot
+    and the output ids."""
+    baseline, disturbed = env_factory(), env_factory()
+    for env in (baseline, disturbed):
+        seed_checkpoint(env, payloads)
+    produce(baseline, payloads)
+    if fill:
+        produce(disturbed, payloads)
+    frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
     time.sleep(1)
-    return redis_snapshot(settings), output_ids(settings)
+    return disturbed, redis_snapshot(baseline), output_ids(baseline)
 
 
 # the crashed runs spread each sweep pass over many batches (at most 40 customers per step), the baselines not
@@ -94,11 +103,7 @@ SPREAD_SWEEP = {"STREAMPROC_SWEEP_BUDGET": "40"}
 def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_factory, worker_factory,
                                                                            fast_consumer):
     payloads = sim_payloads(customers=200, days=90, seed=21, duplicate_fraction=0.01)
-    baseline, crashed = env_factory(), env_factory()
-    for env in (baseline, crashed):
-        seed_checkpoint(env, payloads)  # one frozen model: outputs depend on the events alone
-        produce(env, payloads)
-    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, baseline, len(payloads))
+    crashed, expected, (expected_alerts, expected_recs) = against_baseline(env_factory, worker_factory, payloads)
     assert expected_recs, "the frozen model recommends nothing: the comparison would be empty"
 
     rnd = random.Random(5)
@@ -127,11 +132,7 @@ def test_kill_9_mid_stream_leaves_redis_and_outputs_as_an_uninterrupted_run(env_
 @pytest.mark.faults
 def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_factory, worker_factory):
     payloads = sim_payloads(customers=200, days=90, seed=23)
-    single, pair = env_factory(), env_factory()
-    for env in (single, pair):
-        seed_checkpoint(env, payloads)
-        produce(env, payloads)
-    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, single, len(payloads))
+    pair, expected, (expected_alerts, expected_recs) = against_baseline(env_factory, worker_factory, payloads)
 
     survivor = frozen(worker_factory(pair, "survivor"), **SPREAD_SWEEP).start()
     victim = frozen(worker_factory(pair.model_copy(update={"web_port": free_port()}), "victim"), **SPREAD_SWEEP).start()
@@ -163,11 +164,8 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(env_factory, worker
     (streamproc/readmission.py): the end state must be the one an uninterrupted worker leaves, with every record
     applied (none stranded behind a dropped one)."""
     payloads = sim_payloads(customers=200, days=90, seed=31)
-    single, churned = env_factory(), env_factory()
-    for env in (single, churned):
-        seed_checkpoint(env, payloads)
-    produce(single, payloads)
-    expected, (expected_alerts, expected_recs) = uninterrupted(worker_factory, single, len(payloads))
+    churned, expected, (expected_alerts, expected_recs) = against_baseline(env_factory, worker_factory, payloads,
+                                                                          fill=False)  # produced part by part
 
     parts = [payloads[k * len(payloads) // 4 : (k + 1) * len(payloads) // 4] for k in range(4)]
     small = {**SPREAD_SWEEP, "STREAMPROC_BATCH_MAX_EVENTS": "50"}  # a rebalance finds records at every stage
