@@ -105,13 +105,15 @@ def idle_cpu_seconds() -> float:
     return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")  # idle, iowait
 
 
-def steady_rate(progress: list[tuple[float, float]], expected: int, low: float = 0.25, high: float = 0.9) -> float:
+def steady_rate(progress: list[tuple[float, float]], expected: int, low: float = 0.25,
+                high: float = 0.9) -> float | None:
     """Events/s over the middle of a run, from the sample where ``low`` of the events were processed to the one
     where ``high`` were: without the start (with two workers, the group's rebalance when the second one joins,
-    a pause of seconds that a long-running group pays once) and the end (one worker done before the other)."""
+    a pause of seconds that a long-running group pays once) and the end (one worker done before the other).
+    None when a run is too short for two samples between them."""
     start = next((t, n) for t, n in progress if n >= low * expected)
     end = next((t, n) for t, n in progress if n >= high * expected)
-    return (end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else float("nan")
+    return (end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else None
 
 
 def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
@@ -189,8 +191,8 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
         cores["machine_idle"] = round((idle_cpu_seconds() - cpu_at_first["idle"]) / (now - first_at), 2)
         if spy is not None:
             spy.wait(30)
-        measured = {"events_per_s": rate, "steady_events_per_s": steady_rate(progress, expected),
-                    "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
+        measured: dict[str, Any] = {"events_per_s": rate, "steady_events_per_s": steady_rate(progress, expected),
+                                    "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
         if waits is not None:
             time.sleep(2.5)  # bench/waits.py writes every 2 s
             measured["event_loop_waits"] = [json.loads(waits.with_suffix(f".{i}.json").read_text())
@@ -217,6 +219,8 @@ def main() -> None:
     parser.add_argument("--intake-floor", action="store_true",
                         help="a worker whose batch step only counts (bench/intake_floor.py): the runtime's cost")
     args = parser.parse_args()
+    if args.waits and (args.peer or args.intake_floor):
+        parser.error("--waits measures streamproc's own worker: not with --peer or --intake-floor")
 
     base = Settings()
     Infra(base).up()
@@ -250,7 +254,8 @@ def main() -> None:
         "produce_events_per_s": round(produce_rate),
         "ceiling_events_per_s": round(ceiling_rate),
         "worker_events_per_s": round(worker["events_per_s"]),
-        "steady_events_per_s": round(worker["steady_events_per_s"]),  # from 25 % to 90 % of the events
+        # from 25 % to 90 % of the events (None: too short a run)
+        "steady_events_per_s": None if worker["steady_events_per_s"] is None else round(worker["steady_events_per_s"]),
         "worker_vs_ceiling": round(worker["events_per_s"] / ceiling_rate, 3),
         "worker_rss_peak_mb": round(worker["rss_peak_mb"], 1),
         "redis_bytes_per_customer": round((mem_after - mem_before) / max(customers_stored, 1)),
