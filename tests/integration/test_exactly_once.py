@@ -157,18 +157,21 @@ def test_two_workers_one_killed_the_survivor_finishes_as_one_worker_would(env_fa
 
 
 @pytest.mark.faults
-def test_members_joining_and_leaving_mid_stream_lose_nothing(env_factory, worker_factory):
+@pytest.mark.parametrize("fast_consumer", ["true", "false"], ids=["bulk-delivery", "stock-consumer"])
+def test_members_joining_and_leaving_mid_stream_lose_nothing(env_factory, worker_factory, fast_consumer):
     """Rebalance after rebalance while the input arrives: a second member joins and leaves (cleanly, then by
     kill -9, then cleanly) three times, each time while a new part of the stream is being produced. Every
     rebalance drops what was fetched before it, and what may be applied after it follows the offset fence's rule
     (streamproc/readmission.py): the end state must be the one an uninterrupted worker leaves, with every record
-    applied (none stranded behind a dropped one)."""
+    applied (none stranded behind a dropped one). Both input paths: Faust's stock consumer drops what its own
+    queues hold at a rebalance, where the readmission rule never sees it, and must still lose nothing."""
     payloads = sim_payloads(customers=200, days=90, seed=31)
     churned, expected, (expected_alerts, expected_recs) = against_baseline(env_factory, worker_factory, payloads,
                                                                           fill=False)  # produced part by part
 
     parts = [payloads[k * len(payloads) // 4 : (k + 1) * len(payloads) // 4] for k in range(4)]
-    small = {**SPREAD_SWEEP, "STREAMPROC_BATCH_MAX_EVENTS": "50"}  # a rebalance finds records at every stage
+    # a rebalance finds records at every stage
+    small = {**SPREAD_SWEEP, "STREAMPROC_BATCH_MAX_EVENTS": "50", "STREAMPROC_FAST_CONSUMER": fast_consumer}
     steady = frozen(worker_factory(churned, "steady"), **small).start()
     steady.wait_ready()
     produce(churned, parts[0])
