@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,7 +167,8 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
                 cpu_at_first = {role: sum(map(cpu_seconds, pids())) for role, pids in roles.items()}
                 cpu_at_first["idle"] = idle_cpu_seconds()
             # BENCH_PYSPY=FILE: profile the first worker for BENCH_PYSPY_SECONDS (10), starting BENCH_PYSPY_AFTER
-            # seconds (0) after its first processed event; collapsed stacks for bench/profile_summary.py
+            # seconds (0) after its first processed event, at most until the run ends; collapsed stacks for
+            # bench/profile_summary.py
             # (BENCH_PYSPY_IDLE=1: idle stacks too, to see what it waits for)
             if (spy is None and first_at is not None and os.environ.get("BENCH_PYSPY")
                     and now - first_at >= float(os.environ.get("BENCH_PYSPY_AFTER", "0"))):
@@ -190,6 +192,8 @@ def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, p
         # kernel's networking and anything else running
         cores["machine_idle"] = round((idle_cpu_seconds() - cpu_at_first["idle"]) / (now - first_at), 2)
         if spy is not None:
+            if spy.poll() is None:  # asked for longer than the run: stopped like Ctrl-C, it writes what it has
+                spy.send_signal(signal.SIGINT)
             spy.wait(30)
         measured: dict[str, Any] = {"events_per_s": rate, "steady_events_per_s": steady_rate(progress, expected),
                                     "rss_peak_mb": max(rss_peak_mb(p.pid) for p in procs), "cores_busy": cores}
