@@ -57,7 +57,7 @@ topics: infra-up ## create the declared topics (fails on a mismatch)
 	$(SP) topics apply
 
 .PHONY: schemas
-schemas: $(STAMP) ## regenerate topics/schemas/*.json from the pydantic models
+schemas: $(STAMP) ## regenerate streamproc/contracts/schemas/*.json from the pydantic models
 	$(SP) topics schemas
 
 .PHONY: worker

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import signal
 import sys
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -30,9 +33,11 @@ from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.domain.models import ModelConfig
 from streamproc.domain.recommend import RecConfig
+from streamproc.errors import FatalStepError, is_transient, root_cause
 from streamproc.metrics import Metrics
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.readmission import Readmission
+from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 from streamproc.settings import Settings
 from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
@@ -43,6 +48,18 @@ ALERTS_TOPIC = "churn-alerts"
 RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
 
+@dataclass
+class Delivery:
+    """One output handed to the producer: what it was (to dead-letter it if the broker refuses it) and the
+    future of the broker's acknowledgement."""
+
+    name: str  # declared topic name
+    key: str
+    output_id: str
+    value: bytes
+    future: Any = None
+
+
 Pair = tuple[RawRecord, Message | EventT]  # an input record and its Faust handle (acked once applied)
 
 log = logging.getLogger("streamproc.worker")
@@ -51,6 +68,7 @@ TRAINING_RECORD_EXAMPLES = 500  # examples per training-topic record (~150-200 K
 RETRY_MAX_SECONDS = 5.0
 MAX_UNCONFIRMED = 8  # emits whose broker acknowledgements may be awaited at once (bounds outputs in flight)
 SHUTDOWN_CONFIRM_S = 10.0  # a clean stop waits this long at most for outputs still being confirmed
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE: a step failed for good (the log and stderr say which and why)
 SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
 
 
@@ -60,6 +78,8 @@ def decode_limits(settings: Settings) -> DecodeLimits:
         max_items_per_transaction=settings.max_items_per_transaction,
         max_future_skew_ms=int(settings.max_future_skew_s * 1000),
         min_event_time_ms=settings.min_event_time_ms,
+        unknown_fields=settings.unknown_fields,
+        dead_letter_max_original_bytes=settings.dead_letter_max_original_bytes,
     )
 
 
@@ -156,6 +176,7 @@ class Worker:
             pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
             excluded_products=frozenset(settings.rec_excluded_products),
             sweep_budget=settings.sweep_budget,
+            fault_event_id=settings.fault_inject_event_id,
         )
         self.last_batch_at = 0.0  # monotonic time of the last applied batch
         self.step_lock = asyncio.Lock()  # one batch or sweep step at a time (the ingest agent, the sweep timer)
@@ -173,6 +194,8 @@ class Worker:
         self.received: dict[tuple[str, int], int] = {}  # (topic, partition) -> newest offset handed to the aligner
         self.paused: set[TP] = set()  # input partitions paused because the aligner holds too much of them
         self.readmission = Readmission()  # what may be applied after a rebalance
+        self.fatal: FatalStepError | None = None  # why the worker is stopping, if a step failed for good
+        self.sweep_failures = 0  # sweep steps in a row that failed with an error that is not transient
         self.app = self._build_app()
 
     def _build_app(self) -> faust.App:
@@ -449,21 +472,36 @@ class Worker:
         if not self.processor.sweep_pending:
             return
         async with self.step_lock:
+            if self.fatal is not None:
+                return
             try:
                 await self.processor.sweep(self.emit)
+                self.sweep_failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next batch or tick retries; its outputs are parked in the outbox
                 self.outbox_checked.clear()
                 log.warning("sweep step failed (%s: %s)", type(exc).__name__, exc)
+                try:
+                    self.sweep_failures = self._count_failure(exc, self.sweep_failures, "the inactivity sweep")
+                except FatalStepError as fatal:
+                    self.stop_fatally(fatal)
 
     async def apply_with_retry(self, records: list[RawRecord]) -> None:
-        """Apply a batch; on a Redis or Kafka error back off and retry, never acking what failed."""
+        """Apply a batch; on a lost connection or a timeout back off and retry as long as it takes, never acking
+        what failed; on anything else, a few attempts, then the worker stops (``stop_fatally``) and this waits to
+        be cancelled by the shutdown, so nothing after the batch is applied."""
         async with self.step_lock:
-            await self._apply_with_retry(records)
+            try:
+                await self._apply_with_retry(records)
+            except FatalStepError as exc:
+                self.stop_fatally(exc)
+        if self.fatal is not None:
+            await asyncio.Event().wait()
 
     async def _apply_with_retry(self, records: list[RawRecord]) -> None:
         delay = 0.1
+        failures = 0  # of this batch's attempts that failed with an error that is not transient
         while True:
             try:
                 if self.settings.models_enabled and not self.model_checked:
@@ -488,11 +526,37 @@ class Worker:
                 # what this attempt saved is fenced now, so its outputs only exist in the outbox: re-send the
                 # parked outputs of every partition on the next attempt
                 self.outbox_checked.clear()
-                self.metrics.redis_errors.inc()
+                failures = self._count_failure(exc, failures, f"a batch of {len(records)} records")
                 log.warning("batch of %d failed (%s: %s); retrying in %.1fs", len(records),
                             type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _count_failure(self, exc: Exception, failures: int, what: str) -> int:
+        """Count a failed step; returns the failures so far that were not transient. Raises FatalStepError once
+        there were ``step_max_attempts`` of those: retrying an error that is not a lost connection or a timeout
+        would only spin on it."""
+        transient = is_transient(exc)
+        self.metrics.redis_errors.inc()
+        self.metrics.step_failures.labels("transient" if transient else "other").inc()
+        if transient:
+            return failures
+        failures += 1
+        if failures >= self.settings.step_max_attempts:
+            cause = root_cause(exc)
+            raise FatalStepError(f"{what} failed {failures} times with {type(cause).__name__}: {cause} (not a lost "
+                                 "connection or a timeout, so another attempt would fail the same way)") from exc
+        return failures
+
+    def stop_fatally(self, exc: FatalStepError) -> None:
+        """Stop the worker with a clear error and a non-zero exit (``run_worker``): Faust's own shutdown, as on
+        SIGTERM, so what was applied is committed and the failed batch is read again by the next owner."""
+        if self.fatal is not None:
+            return
+        self.fatal = exc
+        self.metrics.fatal_stops.inc()
+        log.critical("stopping the worker: %s", exc)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def update_population(self) -> None:
         """Population gauges from Redis: every worker reports the same totals (use max() across workers)."""
@@ -533,54 +597,99 @@ class Worker:
         output was parked in the outbox in the same atomic save as the state it came from: once acknowledged the
         parked copies are cleared; if a delivery fails (or the worker dies first) they stay parked and are sent
         again (``resend_parked``). Straight to the transport's producer: the records are already serialised, so
-        Faust's per-message topic machinery would only add cost. A send the producer refuses raises, and the
-        batch is retried."""
-        producer = self.app.producer
-        topic = self.settings.topic
-        deliveries = []
-
-        async def send(name: str, key: str, value: bytes) -> None:
-            deliveries.append(await producer.send(topic(name), key.encode(), value, None, None, None))
-
+        Faust's per-message topic machinery would only add cost. An output the producer or the broker refuses for
+        what it is (too large, say) goes to the dead-letter topic as ``output_rejected`` instead; a refusal that
+        may pass (a lost connection) raises, and the batch is retried."""
+        deliveries: list[Delivery] = []
         for letter in result.dead_letters:
-            await send(DLQ_TOPIC, letter.dlq_id, orjson.dumps(letter.model_dump(mode="json")))
+            await self._send(deliveries, DLQ_TOPIC, letter.dlq_id, letter.dlq_id,
+                             orjson.dumps(letter.model_dump(mode="json")))
         for alert in result.alerts:
-            await send(ALERTS_TOPIC, alert["customer_id"], orjson.dumps(alert))
+            await self._send(deliveries, ALERTS_TOPIC, alert["customer_id"], alert["alert_id"], orjson.dumps(alert))
             self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
         for move in result.segment_moves:
-            await send(MOVES_TOPIC, move["customer_id"], orjson.dumps(move))
+            await self._send(deliveries, MOVES_TOPIC, move["customer_id"], f"{move['customer_id']}:{move['ts']}",
+                             orjson.dumps(move))
         for rec in result.recommendations:
-            await send(RECOMMENDATIONS_TOPIC, rec["customer_id"], orjson.dumps(rec))
+            await self._send(deliveries, RECOMMENDATIONS_TOPIC, rec["customer_id"], rec["recommendation_id"],
+                             orjson.dumps(rec))
         # the trainer's examples go as arrays, up to TRAINING_RECORD_EXAMPLES per record, in order
-        training_records = 0
         for start in range(0, len(result.examples), TRAINING_RECORD_EXAMPLES):
             chunk = result.examples[start : start + TRAINING_RECORD_EXAMPLES]
-            await send(TRAINING_TOPIC, chunk[0]["id"], orjson.dumps(chunk))
-            training_records += 1
+            await self._send(deliveries, TRAINING_TOPIC, chunk[0]["id"], chunk[0]["id"],
+                             orjson.dumps({"schema_version": OUTPUT_SCHEMA_VERSION, "examples": chunk}))
         self.metrics.segment_moves.inc(len(result.segment_moves))
         if not deliveries and not result.outbox:
             return
         unconfirmed = self.unconfirmed
-        unconfirmed.append(asyncio.ensure_future(self._confirm(deliveries, result, training_records)))
+        unconfirmed.append(asyncio.ensure_future(self._confirm(deliveries, result)))
         while unconfirmed and (len(unconfirmed) > MAX_UNCONFIRMED or unconfirmed[0].done()):
             await unconfirmed.popleft()  # never raises: _confirm handles its own failures
 
-    async def _confirm(self, deliveries: list[Any], result: BatchResult, training_records: int) -> None:
-        """Wait for the broker's acknowledgements of one emit, count what it has, clear the parked copies."""
+    async def _send(self, deliveries: list[Delivery], name: str, key: str, output_id: str, value: bytes) -> None:
+        """Send one output (or, if the producer refuses it for good, its dead letter) and note its delivery."""
+        sent = Delivery(name, key, output_id, value)
         try:
-            await asyncio.gather(*deliveries)
+            sent.future = await self.app.producer.send(self.settings.topic(name), key.encode(), value, None, None,
+                                                       None)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            sent.future = await self._send_rejected(sent, exc)
+        deliveries.append(sent)
+
+    async def _send_rejected(self, output: Delivery, exc: BaseException) -> Any:
+        """The producer or the broker refused ``output`` for what it is: send its dead letter instead (a bounded
+        copy; for a dead letter that was refused itself, the letter without the copied bytes). Returns the
+        delivery future; raises FatalStepError if even that is refused."""
+        cause = root_cause(exc)
+        log.warning("the broker refused an output for %s (%s: %s): dead-lettered as output_rejected", output.name,
+                    type(cause).__name__, cause)
+        if output.name == DLQ_TOPIC:
+            letter = DeadLetter.model_validate_json(output.value).model_copy(
+                update={"key_b64": None, "value_b64": None, "value_preview": None,
+                        "detail": f"{orjson.loads(output.value).get('detail', '')} (dead letter without its copied "
+                                  f"bytes: {type(cause).__name__})"[:2000]})
+        else:
+            letter = DeadLetter.of_bytes(
+                f"output:{self.settings.topic(output.name)}:{output.output_id}", "output_rejected",
+                f"{type(cause).__name__}: {cause}", self.settings.topic(output.name), output.key.encode(),
+                output.value, self.settings.dead_letter_max_original_bytes)
+        self.metrics.dlq_records.labels(letter.reason if output.name != DLQ_TOPIC else "dead_letter_stripped").inc()
+        try:
+            return await self.app.producer.send(self.settings.topic(DLQ_TOPIC), letter.dlq_id.encode(),
+                                                orjson.dumps(letter.model_dump(mode="json")), None, None, None)
+        except Exception as again:
+            if is_transient(again) or output.name == DLQ_TOPIC:
+                raise
+            # the letter of an output was refused: its smaller stripped form is the last try
+            return await self._send_rejected(Delivery(DLQ_TOPIC, letter.dlq_id, letter.dlq_id,
+                                                      orjson.dumps(letter.model_dump(mode="json"))), again)
+
+    async def _confirm(self, deliveries: list[Delivery], result: BatchResult) -> None:
+        """Wait for the broker's acknowledgements of one emit, count what it has, clear the parked copies. An
+        output the broker refused for what it is goes to the dead-letter topic (and counts as handled); after a
+        refusal that may pass, everything stays parked and is sent again."""
+        try:
+            outcomes = await asyncio.gather(*(d.future for d in deliveries), return_exceptions=True)
+            for delivery, outcome in zip(deliveries, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if is_transient(outcome):
+                        raise outcome
+                    delivery.future = await self._send_rejected(delivery, outcome)
+                    delivery.name = DLQ_TOPIC
+                    await delivery.future
         except Exception as exc:  # still parked: re-sent from the outbox
+            if not is_transient(exc):  # even the dead letter was refused: nothing left to isolate
+                self.stop_fatally(FatalStepError(f"an output and its dead letter were refused: {exc!r}"))
+                return
             self.outbox_checked.clear()
             self.metrics.delivery_failures.inc()
             log.warning("output delivery failed (%s: %s); the outputs stay parked and are sent again",
                         type(exc).__name__, exc)
             return
-        produced = {DLQ_TOPIC: len(result.dead_letters), ALERTS_TOPIC: len(result.alerts),
-                    MOVES_TOPIC: len(result.segment_moves), TRAINING_TOPIC: training_records,
-                    RECOMMENDATIONS_TOPIC: len(result.recommendations)}
-        for name, n in produced.items():
-            if n:
-                self.metrics.records_produced.labels(name).inc(n)
+        for name, n in Counter(d.name for d in deliveries).items():
+            self.metrics.records_produced.labels(name).inc(n)
         # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
         for trigger, n in Counter(rec["trigger"] for rec in result.recommendations).items():
             self.metrics.recommendations.labels(trigger).inc(n)
@@ -609,7 +718,7 @@ class Worker:
             owned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic in self.kind_of}
         except Exception:  # no consumer yet
             return
-        if not owned - self.outbox_checked:
+        if not owned - self.outbox_checked or self.fatal is not None:
             return
         async with self.step_lock:
             try:
@@ -721,8 +830,14 @@ def run_worker(settings: Settings) -> None:
     wait_for_topics(settings, (*INPUT_TOPICS, TRAINING_TOPIC))
     worker = Worker(settings)
     (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
-    FaustWorker(
-        worker.app,
-        loglevel=settings.log_level.lower() if settings.log_level.lower() != "warning" else "warn",
-        quiet=True,
-    ).execute_from_commandline()
+    try:
+        FaustWorker(
+            worker.app,
+            loglevel=settings.log_level.lower() if settings.log_level.lower() != "warning" else "warn",
+            quiet=True,
+        ).execute_from_commandline()
+    except SystemExit:
+        if worker.fatal is None:
+            raise
+        print(f"error: {worker.fatal}", file=sys.stderr, flush=True)
+        raise SystemExit(FATAL_EXIT_CODE) from None

@@ -12,11 +12,21 @@ from typing import Any
 
 import orjson
 
-from streamproc.settings import Settings
+from streamproc.settings import Settings, SettingsError, env_warnings, load_settings
 
 
 def _settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a configuration error ends the command (status 2) with one line per
+    problem instead of a traceback, and a STREAMPROC_ variable that nothing reads gets a warning."""
+    for warning in env_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print("error: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_infra(args: argparse.Namespace) -> int:

@@ -88,7 +88,7 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         "topic_prefix": "demo.", "redis_url": f"{base_url}/{DEMO_REDIS_DB}",
         "app_id": f"streamproc-demo-{int(time.time())}",
     })
-    print("== 2/5 topics from topics/topics.toml (demo.* topics, recreated)")
+    print("== 2/5 topics from streamproc/contracts/topics.toml (demo.* topics, recreated)")
     delete_topics(settings, list(load_specs()))
     _flush_redis(settings)
     report = apply_topics(settings)

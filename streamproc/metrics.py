@@ -35,6 +35,11 @@ class Metrics:
             "streamproc_dlq_records_total", "Records sent to the dead-letter topic, by reason.", ["reason"],
             registry=r,
         )
+        self.unknown_fields = Counter(
+            "streamproc_unknown_fields_total",
+            "Events applied with fields their contract does not declare (ignored; STREAMPROC_UNKNOWN_FIELDS=ignore).",
+            ["kind"], registry=r,
+        )
         self.late_events = Counter(
             "streamproc_late_events_total", "Events older than the watermark, by policy applied.", ["policy"],
             registry=r,
@@ -63,6 +68,16 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "streamproc_redis_errors_total", "Redis errors (each retried with backoff).", registry=r
+        )
+        self.step_failures = Counter(
+            "streamproc_step_failures_total",
+            "Failed batch or sweep steps, by error: transient (a lost connection or a timeout, retried as long as it "
+            "takes) or other (retried STREAMPROC_STEP_MAX_ATTEMPTS times, then the worker stops).",
+            ["error"], registry=r,
+        )
+        self.fatal_stops = Counter(
+            "streamproc_fatal_stops_total", "Times the worker stopped itself after a step failed for good.",
+            registry=r,
         )
         self.delivery_failures = Counter(
             "streamproc_output_delivery_failures_total",

@@ -7,7 +7,6 @@ metrics bundle are injected, so the whole step runs against the in-memory store 
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import functools
 import hashlib
@@ -48,11 +47,12 @@ from streamproc.domain.customer import (
     features,
     month_label,
 )
-from streamproc.domain.events import DecodeLimits, Rejection, decode_event
+from streamproc.domain.events import DecodeLimits, Rejection, decode_event_noting_unknown
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
+from streamproc.errors import InjectedFault, TransientError
 from streamproc.metrics import Metrics, observe_many
-from streamproc.schemas import DeadLetter
+from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 
 log = logging.getLogger(__name__)
 
@@ -132,28 +132,16 @@ class BatchResult:
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
 
-    def reject(self, record: RawRecord, reason: str, detail: str) -> None:
-        self.dead_letters.append(dead_letter(record, reason, detail))
+    def reject(self, record: RawRecord, reason: str, detail: str, max_original_bytes: int) -> None:
+        self.dead_letters.append(dead_letter(record, reason, detail, max_original_bytes))
         self.outcome.count(record.source, "dead_lettered")
 
 
-def dead_letter(record: RawRecord, reason: str, detail: str) -> DeadLetter:
-    text: str | None
-    try:
-        text = record.value.decode("utf-8")[:1000] if record.value is not None else None
-    except UnicodeDecodeError:
-        text = None
-    return DeadLetter(
-        dlq_id=f"{record.topic}:{record.partition}:{record.offset}",
-        reason=reason,
-        detail=detail[:2000],
-        source_topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
+def dead_letter(record: RawRecord, reason: str, detail: str, max_original_bytes: int) -> DeadLetter:
+    return DeadLetter.of_bytes(
+        f"{record.topic}:{record.partition}:{record.offset}", reason, detail, record.topic, record.key, record.value,
+        max_original_bytes, partition=record.partition, offset=record.offset,
         record_timestamp_ms=record.timestamp_ms,
-        key_b64=base64.b64encode(record.key).decode() if record.key is not None else None,
-        value_b64=base64.b64encode(record.value).decode() if record.value is not None else None,
-        value_preview=text,
     )
 
 
@@ -249,7 +237,9 @@ class BatchProcessor:
         pseudonymize: Callable[[str], str] | None = None,
         excluded_products: frozenset[str] = frozenset(),
         sweep_budget: int | None = None,
+        fault_event_id: str | None = None,
     ) -> None:
+        self.fault_event_id = fault_event_id  # the fault-injection test hook (``_inject_fault``)
         self.excluded_products = excluded_products
         # customers one sweep() call refreshes at most (None: every due one): a pass that visits many (every
         # live customer at a snapshot instant) is spread over the following calls instead of stalling ingest
@@ -285,16 +275,19 @@ class BatchProcessor:
         consumed: dict[str, int] = defaultdict(int)
         for rec in records:
             consumed[rec.kind] += 1
-            decoded = decode_event(rec.kind, rec.value, self.limits, rec.timestamp_ms)
+            decoded, unknown = decode_event_noting_unknown(rec.kind, rec.value, self.limits, rec.timestamp_ms)
             if isinstance(decoded, Rejection):
-                result.reject(rec, decoded.reason, decoded.detail)
+                result.reject(rec, decoded.reason, decoded.detail, self.limits.dead_letter_max_original_bytes)
                 continue
+            if unknown:
+                self.metrics.unknown_fields.labels(rec.kind).inc()
             source = rec.source
             if marks.observe(source, decoded.ts):
                 self.metrics.late_events.labels(self.late_policy).inc()
                 if self.late_policy == "dlq":
                     wm = marks.watermark(source)
-                    result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}")
+                    result.reject(rec, "late_event", f"event time {decoded.ts} is behind the watermark {wm}",
+                                  self.limits.dead_letter_max_original_bytes)
                     continue
             if self.pseudonymize is not None:
                 decoded = decoded.model_copy(update={"customer_id": self.pseudonymize(decoded.customer_id)})
@@ -302,31 +295,6 @@ class BatchProcessor:
         for kind, n in consumed.items():
             self.metrics.events_consumed.labels(kind).inc(n)
         return valid
-
-    def _fold_customer(
-        self, cid: str, loaded: Loaded, items: list[tuple[RawRecord, Positioned]], result: BatchResult
-    ) -> tuple[CustomerState, FoldOutcome]:
-        """Fold one customer's events into their state; poison events go to ``result``."""
-        positioned = [pos for _, pos in items]
-        try:
-            return apply_events(loaded.pristine(cid), positioned, self.fold)
-        except Exception:
-            # A poison event: redo the fold one event at a time and dead-letter the ones that raise.
-            state = loaded.pristine(cid)
-            total = FoldOutcome()
-            for rec, pos in items:
-                trial = copy.deepcopy(state)
-                try:
-                    trial, outcome = apply_events(trial, [pos], self.fold)
-                except Exception as exc:
-                    log.warning("poison event at %s:%s offset %s: %r", rec.topic, rec.partition, rec.offset, exc)
-                    result.reject(rec, "processing_error", f"{type(exc).__name__}: {exc}")
-                    # keep the fence moving past it so a replay does not reapply it
-                    state.offsets[pos.source] = max(state.offsets.get(pos.source, -1), pos.offset)
-                    continue
-                state = trial
-                total.merge(outcome)
-            return state, total
 
     def partitions_changed(self) -> None:
         """Partitions moved between workers (a rebalance): before the next step, reload every partition's stored
@@ -394,7 +362,7 @@ class BatchProcessor:
             else:
                 pending = {}
         if pending:
-            raise RuntimeError(f"{len(pending)} customers could not be saved after {MAX_SAVE_ATTEMPTS} attempts")
+            raise TransientError(f"{len(pending)} customers could not be saved after {MAX_SAVE_ATTEMPTS} attempts")
 
         t0 = time.perf_counter()
         effects = self._side_effects(by_customer, saved, marks)
@@ -429,15 +397,36 @@ class BatchProcessor:
 
     def _step(self, attempt: _Attempt, cid: str, row: Loaded) -> Update | None:
         """One customer's part of a batch step: the fold, then (unless it changed nothing) features and the model
-        step, as the update to save (None: nothing to save, or an erased customer)."""
+        step, as the update to save (None: nothing to save, or an erased customer). Pure code that raises on these
+        events raises on every retry too: the events it raises on are dead-lettered (``_isolate``) and the rest
+        applied, so one customer's poison never stalls the partition."""
         items = attempt.pending[cid]
         customer_result = attempt.results[cid] = BatchResult()
         if row.erased:
             for rec, _ in items:
                 customer_result.outcome.count(rec.source, "erased")
             return None
-        state, outcome = self._fold_customer(cid, row, items, customer_result)
+        try:
+            state, outcome = apply_events(row.pristine(cid), [pos for _, pos in items], self.fold)
+            self._inject_fault(items)
+            update = self._features_and_model(attempt, cid, row, items, state, outcome, customer_result)
+        except Exception as exc:
+            log.warning("a customer's step raised (%s: %s): isolating the events", type(exc).__name__, exc)
+            customer_result = attempt.results[cid] = BatchResult()
+            state, outcome = self._isolate(cid, row, items, attempt.marks_wm, customer_result)
+            try:
+                update = self._features_and_model(attempt, cid, row, items, state, outcome, customer_result)
+            except Exception as again:  # not one event's doing: none of the customer's events of this batch
+                customer_result = attempt.results[cid] = BatchResult()
+                state, outcome = self._reject_all(row.pristine(cid), items, again, customer_result)
+                update = self._features_and_model(attempt, cid, row, items, state, outcome, customer_result)
         attempt.states[cid], attempt.outcomes[cid] = state, outcome
+        return update
+
+    def _features_and_model(
+        self, attempt: _Attempt, cid: str, row: Loaded, items: list[tuple[RawRecord, Positioned]],
+        state: CustomerState, outcome: FoldOutcome, customer_result: BatchResult,
+    ) -> Update | None:
         partition = items[-1][0].partition
         # a batch that was all replays changes nothing; anything else moves at least a fence
         if not (row.blob is None or outcome.total("applied") or outcome.total("duplicate")
@@ -451,6 +440,51 @@ class BatchProcessor:
             if self.models_enabled else None
         )
         return Update(cid, row.version, state, feats, model, partition, customer_result.outputs_blob())
+
+    def _isolate(
+        self, cid: str, row: Loaded, items: list[tuple[RawRecord, Positioned]], marks_wm: dict[int, int],
+        result: BatchResult,
+    ) -> tuple[CustomerState, FoldOutcome]:
+        """Apply the customer's events one at a time, each followed by a trial of the features and the model step
+        on copies; an event after which any of it raises is dead-lettered (``processing_error``) and its offset
+        fenced, so a replay does not apply it either. Deterministic: the same events give the same letters."""
+        state = row.pristine(cid)
+        total = FoldOutcome()
+        for rec, pos in items:
+            try:
+                trial, outcome = apply_events(copy.deepcopy(state), [pos], self.fold)
+                self._inject_fault([(rec, pos)])
+                as_of = self.as_of(trial, self.swept_to(rec.partition))
+                feats = features(trial, as_of, self.fold)
+                if self.models_enabled:
+                    self._model_step(cid, copy.deepcopy(trial), row.model, feats, as_of, marks_wm.get(rec.partition),
+                                     BatchResult(), outcome.triggers)
+            except Exception as exc:
+                self._poisoned(state, rec, pos, exc, result)
+                continue
+            state = trial
+            total.merge(outcome)
+        return state, total
+
+    def _reject_all(
+        self, state: CustomerState, items: list[tuple[RawRecord, Positioned]], exc: Exception, result: BatchResult,
+    ) -> tuple[CustomerState, FoldOutcome]:
+        for rec, pos in items:
+            self._poisoned(state, rec, pos, exc, result)
+        return state, FoldOutcome()
+
+    def _poisoned(self, state: CustomerState, rec: RawRecord, pos: Positioned, exc: Exception,
+                  result: BatchResult) -> None:
+        """Dead-letter an event the step raised on, and move the fence past it so a replay does not reapply it."""
+        log.warning("poison event at %s:%s offset %s: %r", rec.topic, rec.partition, rec.offset, exc)
+        result.reject(rec, "processing_error", f"{type(exc).__name__}: {exc}",
+                      self.limits.dead_letter_max_original_bytes)
+        state.offsets[pos.source] = max(state.offsets.get(pos.source, -1), pos.offset)
+
+    def _inject_fault(self, items: list[tuple[RawRecord, Positioned]]) -> None:
+        """The fault-injection test hook: raise for a chosen event id (``fault_inject_event_id``)."""
+        if self.fault_event_id is not None and any(pos.event.event_id == self.fault_event_id for _, pos in items):
+            raise InjectedFault(f"injected fault for event {self.fault_event_id}")
 
     def _side_effects(
         self, by_customer: dict[str, list[tuple[RawRecord, Positioned]]], saved: dict[str, CustomerState],
@@ -529,7 +563,8 @@ class BatchProcessor:
             segment = bundle.segment(segment_inputs(now_values, state))
         names = self.segment_names
         if segment is not None and mstate.segment is not None and segment != mstate.segment:
-            out.segment_moves.append({"customer_id": cid, "ts": as_of, "from_segment": mstate.segment,
+            out.segment_moves.append({"schema_version": OUTPUT_SCHEMA_VERSION, "customer_id": cid, "ts": as_of,
+                                      "from_segment": mstate.segment,
                                       "to_segment": segment, "to_name": names.get(segment), "model_version": version})
         mstate.segment, mstate.churn_p, mstate.model_version = segment, round(p, 4), version
         return mstate.to_dict()
@@ -548,7 +583,8 @@ class BatchProcessor:
             out.recommendations.append(win_back)
         names = self.segment_names
         out.alerts.append({
-            "alert_id": f"{cid}:{point}", "customer_id": cid, "ts": point, "probability": round(p, 4),
+            "schema_version": OUTPUT_SCHEMA_VERSION, "alert_id": f"{cid}:{point}", "customer_id": cid, "ts": point,
+            "probability": round(p, 4),
             "risk_level": level, "segment": names.get(mstate.segment) if mstate.segment is not None else None,
             "value_tier": tier, "clv": profile["clv"], "lifecycle_stage": profile["lifecycle_stage"],
             "model_version": bundle.version, "reasons": top_reasons(bundle.contributions(x), x),
@@ -594,7 +630,8 @@ class BatchProcessor:
             return None
         rec_id = f"{cid}:{trigger}:{event_id}"
         mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
-        return {"recommendation_id": rec_id, "customer_id": cid, "ts": at, "trigger": trigger, "items": items,
+        return {"schema_version": OUTPUT_SCHEMA_VERSION, "recommendation_id": rec_id, "customer_id": cid, "ts": at,
+                "trigger": trigger, "items": items,
                 "strategy_version": index.cfg.version, "model_version": bundle.version,
                 "segment": self.segment_names.get(mstate.segment) if mstate.segment is not None else None}
 
@@ -728,7 +765,7 @@ class BatchProcessor:
             if not failed:
                 return touched
             customer_ids = [up.customer_id for up in updates if up.customer_id in failed]
-        raise RuntimeError(f"sweep could not save {len(customer_ids)} customers")
+        raise TransientError(f"sweep could not save {len(customer_ids)} customers")
 
     def _refreshed(self, wm: int, partition: int, partials: dict[str, BatchResult], cid: str, row: Loaded) -> (
         Update | None

@@ -6,11 +6,18 @@ Everything below the CLI and the Faust app receives plain values or this object;
 
 from __future__ import annotations
 
+import difflib
+import operator
+import os
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvParseError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,8 +30,31 @@ def pseudonym(key: str, customer_id: str) -> str:
     return "p" + hmac.new(key.encode(), customer_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+ENV_PREFIX = "STREAMPROC_"
+Port = Annotated[int, Field(ge=1, le=65535)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+# the keys retention_actions may use: value_tier (domain/customer.py) and risk_level (domain/churn.py)
+VALUE_TIERS = ("high", "medium", "low")
+RISK_LEVELS = ("critical", "high", "medium")
+# cross-field rules (a, relation, b), each reported as "STREAMPROC_A=x <relation> STREAMPROC_B=y"
+ORDER_RULES: tuple[tuple[str, str, str], ...] = (
+    ("alert_rearm_threshold", "<", "alert_threshold"),  # else no hysteresis (or no alert below the re-arm level)
+    ("alert_threshold", "<=", "risk_high"),  # else no alert is ever graded "medium"
+    ("risk_high", "<=", "risk_critical"),
+    ("tier_medium_spend", "<", "tier_high_spend"),
+    ("lifecycle_at_risk_days", "<", "lifecycle_churned_days"),  # else no customer is ever "at_risk"
+    ("kafka_heartbeat_interval_s", "<", "kafka_session_timeout_s"),  # else the group evicts live members
+    ("kafka_controller_port", "!=", "kafka_port"),  # both listeners of the local broker
+)
+_RELATIONS: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
+    "<": (operator.lt, "must be below"),
+    "<=": (operator.le, "must not exceed"),
+    "!=": (operator.ne, "must differ from"),
+}
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STREAMPROC_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # --- connections (default: the local services started by `streamproc infra up`)
     kafka_bootstrap: str = ""
@@ -42,10 +72,11 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
 
     # --- local infrastructure (streamproc infra up)
-    kafka_port: int = 19092
-    kafka_controller_port: int = 19093
-    redis_port: int = 16379
-    kafka_heap: str = "1g"
+    kafka_port: Port = 19092
+    kafka_controller_port: Port = 19093
+    redis_port: Port = 16379
+    # the broker's -Xmx; infra derives -Xms from it and reads megabytes or gigabytes only (infra.min_heap)
+    kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[mg]$")
     state_dir: Path = PROJECT_ROOT / ".local"
     cache_dir: Path = PROJECT_ROOT / ".cache"
 
@@ -53,7 +84,7 @@ class Settings(BaseSettings):
     app_id: str = "streamproc"
     topic_prefix: str = ""
     web_host: str = "127.0.0.1"  # loopback by default; set 0.0.0.0 (with a token) to serve others
-    web_port: int = 6066
+    web_port: Port = 6066
     http_token: SecretStr | None = None  # when set, /customers/* requires "Authorization: Bearer <token>"
     # when set, customer ids are replaced at the edge by HMAC-SHA256(key, id): raw ids never reach Redis or
     # the output topics (the dead-letter topic keeps the original bytes of what it could not read)
@@ -65,7 +96,8 @@ class Settings(BaseSettings):
     # Faust logs an error for a partition with a backlog that no stream has taken records of for this long
     stream_processing_timeout_s: float = Field(default=300.0, gt=0)
     fast_consumer: bool = True  # streamproc/transport.py; false: Faust's stock consumer
-    batch_linger_s: float = 0.05  # wait this long for a batch to fill (latency bound ~ linger + processing)
+    # wait this long for a batch to fill (latency bound ~ linger + processing)
+    batch_linger_s: float = Field(default=0.05, ge=0)
     # stream-time alignment of the input topics (streamproc/align.py): while one topic's partition has unread
     # records on the broker, hold the other's newer records back, at most this long and this many per partition
     align_inputs: bool = True
@@ -73,80 +105,141 @@ class Settings(BaseSettings):
     align_hold_limit: int = Field(default=10_000, ge=1)
     align_pause_at: int = Field(default=1_000, ge=1)  # pause fetching a topic partition this far ahead
     # a killed worker's partitions move to the survivors after this long
-    kafka_session_timeout_s: float = 10.0
-    kafka_heartbeat_interval_s: float = 2.0
-    log_level: str = "INFO"
+    kafka_session_timeout_s: float = Field(default=10.0, gt=0)
+    kafka_heartbeat_interval_s: float = Field(default=2.0, gt=0)  # below the session timeout (ORDER_RULES)
+    # what both logging.basicConfig (trainer) and Faust (worker) accept, in any case
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warn|warning|error|critical)$")
 
     # --- input limits (bad input is data: anything beyond these goes to the DLQ)
-    max_payload_bytes: int = 64 * 1024
-    max_items_per_transaction: int = 200
-    max_future_skew_s: float = 24 * 3600.0
-    min_event_time_ms: int = 946_684_800_000  # 2000-01-01: older timestamps are absurd
+    # at most the producer's max request size (1 MB): a bigger record never reaches the topic to be read
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1, le=1_000_000)
+    max_items_per_transaction: int = Field(default=200, ge=1)
+    max_future_skew_s: float = Field(default=24 * 3600.0, ge=0)
+    min_event_time_ms: int = Field(default=946_684_800_000, ge=0)  # 2000-01-01: older timestamps are absurd
+    # fields a contract does not declare: "ignore" (counted in streamproc_unknown_fields_total, the rest applied:
+    # a producer may add an optional field before every consumer knows it) or "reject" (dead-lettered)
+    unknown_fields: Literal["ignore", "reject"] = "ignore"
+    # a dead letter keeps the original key and value bytes up to this size each; a larger one keeps its size, its
+    # SHA-256 and a preview (the record itself stays on its input topic, at the offset the dead letter names).
+    # Bounded so that a dead letter (base64 is 4/3 of the bytes) always fits the broker's 1 MB record limit.
+    dead_letter_max_original_bytes: int = Field(default=256 * 1024, ge=0, le=512 * 1024)
+    # a batch step that fails with an error that is not a lost connection or a timeout is tried this many times;
+    # then the worker stops with a non-zero exit (what can be isolated, an event or an output, is dead-lettered
+    # before that: see README "Dead letters")
+    step_max_attempts: int = Field(default=3, ge=1)
+    # test hook: an event with this event id makes its customer's step raise after the fold (fault-injection
+    # tests of the isolation path; never set in production)
+    fault_inject_event_id: str | None = None
 
     # --- event time
-    allowed_lateness_s: float = 3600.0
+    allowed_lateness_s: float = Field(default=3600.0, ge=0)
     late_event_policy: Literal["apply", "dlq"] = "apply"
-    dedup_horizon_s: float = 7 * 24 * 3600.0
-    dedup_max_ids: int = 32
+    dedup_horizon_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    dedup_max_ids: int = Field(default=32, ge=1)  # 0 would forget every id at once: no deduplication at all
 
     # --- features
-    session_gap_s: float = 30 * 60.0
-    windows_days: tuple[int, ...] = (7, 30, 90)
-    lifecycle_new_days: int = 30
-    lifecycle_at_risk_days: int = 30
-    lifecycle_churned_days: int = 90
-    clv_period_days: int = 30
-    clv_periods: int = 12
-    clv_discount_rate: float = 0.01
-    clv_retention_probability: float = 0.8
-    tier_high_spend: float = 1000.0
-    tier_medium_spend: float = 500.0
-    sweep_interval_s: float = 3600.0  # event time between inactivity sweeps
+    session_gap_s: float = Field(default=30 * 60.0, gt=0)
+    windows_days: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=(7, 30, 90), min_length=1)
+    lifecycle_new_days: int = Field(default=30, ge=1)
+    lifecycle_at_risk_days: int = Field(default=30, ge=1)  # below lifecycle_churned_days
+    lifecycle_churned_days: int = Field(default=90, ge=1)
+    clv_period_days: int = Field(default=30, ge=1)
+    clv_periods: int = Field(default=12, ge=1)
+    clv_discount_rate: float = Field(default=0.01, ge=0)
+    clv_retention_probability: Probability = 0.8
+    tier_high_spend: float = Field(default=1000.0, ge=0)
+    tier_medium_spend: float = Field(default=500.0, ge=0)  # below tier_high_spend
+    sweep_interval_s: float = Field(default=3600.0, gt=0)  # event time between inactivity sweeps
     # customers the sweep refreshes per batch at most: a snapshot instant that visits every live customer is
     # spread over the following batches (and continued between batches) instead of stalling ingest
     sweep_budget: int = Field(default=250, ge=1)
     # unset: the watermark waits for both input topics (replays are deterministic however far they drift
     # apart); set: a topic trailing the other by more than this much event time (or silent) stops holding it
-    max_source_skew_s: float | None = None
+    max_source_skew_s: float | None = Field(default=None, ge=0)
 
     # --- models (off: a pure feature-store worker, no snapshots, scores, alerts or trainer)
     models_enabled: bool = True
     # every worker runs a trainer as a member of the trainer group, and the one that owns the training
     # partition learns; false: a scoring-only worker (run `streamproc trainer` alone, or freeze the checkpoint)
     trainer_enabled: bool = True
-    trainer_metrics_port: int | None = None  # `streamproc trainer` serves /metrics here when set
-    churn_horizon_days: int = 60
-    snapshot_cadence_days: int = 7
+    trainer_metrics_port: Port | None = None  # `streamproc trainer` serves /metrics here when set
+    churn_horizon_days: int = Field(default=60, ge=1)
+    snapshot_cadence_days: int = Field(default=7, ge=1)
     churn_label_on: Literal["purchase", "activity"] = "purchase"
-    alert_threshold: float = 0.7
-    alert_rearm_threshold: float = 0.5
-    alert_cooldown_days: float = 14.0
-    risk_high: float = 0.8
-    risk_critical: float = 0.9
+    # churn probabilities, ordered: alert_rearm_threshold < alert_threshold <= risk_high <= risk_critical (an
+    # alert is raised at alert_threshold and graded medium/high/critical by the risk levels; ORDER_RULES)
+    alert_threshold: float = Field(default=0.7, gt=0, le=1)
+    alert_rearm_threshold: Probability = 0.5  # 0: never re-armed (one alert per customer)
+    alert_cooldown_days: float = Field(default=14.0, ge=0)
+    risk_high: Probability = 0.8
+    risk_critical: Probability = 0.9
     retention_actions: dict[str, dict[str, str]] | None = None  # value tier -> risk level -> action
     classifier: Literal["logreg", "hat", "arf"] = "logreg"
     segmenter: Literal["kmeans", "streamkmeans"] = "kmeans"
-    n_segments: int = 5
-    kmeans_halflife: float = 0.005
+    n_segments: int = Field(default=5, ge=2, le=50)  # k-means: one segment segments nothing
+    kmeans_halflife: float = Field(default=0.005, gt=0, le=1)  # river: the step of a centre toward a point
     model_seed: int = 42
-    checkpoint_interval_s: float = 5.0
-    checkpoint_keep: int = 10
-    model_reload_s: float = 2.0
-    expire_after_days: int = 400  # event-time silence after which a customer's features are dropped
+    checkpoint_interval_s: float = Field(default=5.0, gt=0)
+    checkpoint_keep: int = Field(default=10, ge=1)
+    model_reload_s: float = Field(default=2.0, gt=0)
+    # event-time silence after which a customer's features are dropped
+    expire_after_days: int = Field(default=400, ge=1)
 
     # --- recommendations (need models_enabled: the co-purchase model is learned by the trainer)
     rec_k: int = Field(default=10, ge=1, le=100)
-    rec_halflife_days: float = 30.0  # co-purchase and best-seller counts halve every this many event days
-    rec_max_pairs: int = 200_000  # memory bound of the co-purchase pair counts
-    rec_max_items: int = 20_000
-    rec_min_pair_count: float = 2.0
-    rec_exclude_bought_days: int = 30
-    rec_viewed_days: int = 14
-    rec_catalogue_days: int = 90  # not sold for this long: treated as out of the catalogue
-    rec_weight_bought_together: float = 1.0
-    rec_weight_viewed_not_bought: float = 0.8
-    rec_weight_popular_in_segment: float = 0.4
+    # co-purchase and best-seller counts halve every this many event days
+    rec_halflife_days: float = Field(default=30.0, gt=0)
+    rec_max_pairs: int = Field(default=200_000, ge=1)  # memory bound of the co-purchase pair counts
+    rec_max_items: int = Field(default=20_000, ge=1)
+    rec_min_pair_count: float = Field(default=2.0, ge=0)
+    rec_exclude_bought_days: int = Field(default=30, ge=0)
+    rec_viewed_days: int = Field(default=14, ge=0)
+    rec_catalogue_days: int = Field(default=90, ge=1)  # not sold for this long: treated as out of the catalogue
+    rec_weight_bought_together: float = Field(default=1.0, ge=0)
+    rec_weight_viewed_not_bought: float = Field(default=0.8, ge=0)
+    rec_weight_popular_in_segment: float = Field(default=0.4, ge=0)
     rec_excluded_products: frozenset[str] = frozenset()  # withdrawn from the catalogue: never recommended
+
+    @field_validator("http_token", "pseudonymize_key")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        # set but blank protects nothing: "Bearer " would open /customers/*, and a blank HMAC key is no secret
+        if not secret.strip():
+            raise ValueError("must not be blank (unset it to turn the feature off)")
+        # a server strips a header's surrounding whitespace: a token read with a trailing newline never matches
+        if info.field_name == "http_token" and secret != secret.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+    @field_validator("retention_actions")
+    @classmethod
+    def _known_keys(cls, table: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]] | None:
+        # a key that is never looked up would silently leave the default action in place
+        rows = (table or {}).items()
+        unknown = [tier for tier, _ in rows if tier not in VALUE_TIERS]
+        unknown += [f"{tier}.{level}" for tier, row in rows for level in row if level not in RISK_LEVELS]
+        if unknown:
+            raise ValueError(f"must be keyed by value tier ({', '.join(VALUE_TIERS)}), then risk level "
+                             f"({', '.join(RISK_LEVELS)}); unknown: {', '.join(unknown)}")
+        return table
+
+    @model_validator(mode="after")
+    def _rules(self) -> Settings:
+        broken = [
+            InitErrorDetails(type=PydanticCustomError("settings_rule", f"{verb} {env_name(b)}={getattr(self, b)!r}"),
+                             loc=(a,), input=getattr(self, a))
+            for a, relation, b in ORDER_RULES
+            for holds, verb in [_RELATIONS[relation]]
+            if not holds(getattr(self, a), getattr(self, b))
+        ]
+        if broken:
+            # one error per broken rule, at its first variable, so that all are reported and each like a range
+            # error (pydantic-core passes a ValidationError raised in a validator on with its line errors)
+            raise ValidationError.from_exception_data(type(self).__name__, broken)
+        return self
 
     @model_validator(mode="after")
     def _local_defaults(self) -> Settings:
@@ -191,3 +284,77 @@ class Settings(BaseSettings):
             scheme, rest = self.redis_url.split("://", 1)
             out["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
         return out
+
+
+SECRET_FIELDS = frozenset(
+    name for name, info in Settings.model_fields.items() if SecretStr in (info.annotation, *get_args(info.annotation))
+)
+# STREAMPROC_ variables read outside Settings on purpose, so not typos: the test suite's switch to require the
+# compiled core (tests/unit/test_compiled_core.py; `make test` sets it)
+ENV_READ_ELSEWHERE = frozenset({"STREAMPROC_REQUIRE_COMPILED"})
+
+
+class SettingsError(ValueError):
+    """Invalid configuration: one line per problem, each naming its environment variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(problems))
+        self.problems = problems
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _shown(field: str, value: object) -> str:
+    if field in SECRET_FIELDS and value is not None:
+        return "**********"
+    # as given; quoted where it would not read back plainly (empty, surrounding whitespace, a newline)
+    if isinstance(value, str) and value and value.isprintable() and value == value.strip():
+        return value
+    return repr(value)
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per error: ``STREAMPROC_X=<value given, secrets masked> <rule>``, no traceback."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        # pydantic says "Input should be ...", "String should match ...", and "Value error, ..." for a ValueError
+        rule = re.sub(r"^\w+ should\b", "must", error["msg"].removeprefix("Value error, "))
+        if not error["loc"]:
+            lines.append(rule)
+            continue
+        field, *inner = (str(part) for part in error["loc"])
+        where = env_name(field) + "".join(f"[{part}]" for part in inner)  # [1]: an item of a list setting
+        lines.append(f"{where}={_shown(field, error['input'])}{' ' if rule.startswith('must') else ': '}{rule}")
+    return lines
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or a SettingsError listing what is wrong (one line per problem)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+    except EnvParseError as exc:
+        # a list or dict setting is JSON in the environment; pydantic-settings stops at the first that is not
+        match = re.search(r'field "(\w+)"', str(exc))
+        if match is None:
+            raise SettingsError([str(exc)]) from None
+        field = match[1]
+        given = next((value for var, value in os.environ.items() if var.upper() == env_name(field)), "")
+        raise SettingsError([f"{env_name(field)}={_shown(field, given)} must be JSON ({exc.__cause__})"]) from None
+
+
+def env_warnings(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each STREAMPROC_* variable that nothing reads: a typo would otherwise be silently ignored."""
+    known = {env_name(name) for name in Settings.model_fields} | ENV_READ_ELSEWHERE
+    # compared without the prefix, which every name shares and would make anything look close
+    suffixes = sorted(name.removeprefix(ENV_PREFIX) for name in known)
+    lines = []
+    for var in sorted(environ):
+        name = var.upper()  # pydantic-settings matches names in any case
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+            lines.append(f"{var} matches no setting" + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""))
+    return lines

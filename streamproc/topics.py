@@ -1,4 +1,4 @@
-"""Topics as code: declarations in ``topics/topics.toml``, applied to the broker with kafka-python."""
+"""Topics as code: declarations in ``streamproc/contracts/topics.toml``, applied to the broker with kafka-python."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from streamproc.settings import PROJECT_ROOT, Settings
+from streamproc.contracts import SCHEMAS_DIR, TOPICS_FILE
+from streamproc.settings import Settings
 
-TOPICS_FILE = PROJECT_ROOT / "topics" / "topics.toml"
-SCHEMAS_DIR = PROJECT_ROOT / "topics" / "schemas"
+__all__ = ["SCHEMAS_DIR", "TOPICS_FILE"]
 
 INPUT_TOPICS = ("clicks", "transactions")
 DLQ_TOPIC = "streamproc-dlq"

@@ -40,13 +40,16 @@ log = logging.getLogger("streamproc.trainer")
 
 
 def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:
-    """The examples of one training-topic record: an array of them (a batch step's), or one example object
-    (records written before batches). An undecodable record yields none (logged)."""
+    """The examples of one training-topic record: ``{"schema_version", "examples"}`` (a batch step's), or, as
+    written by earlier versions, an array of examples or one example object. An undecodable record yields none
+    (logged)."""
     try:
         decoded = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         log.warning("skipping an undecodable training record at offset %s: %s", offset, exc)
         return []
+    if isinstance(decoded, dict) and "examples" in decoded:
+        return list(decoded["examples"])
     return decoded if isinstance(decoded, list) else [decoded]
 
 

@@ -11,7 +11,7 @@ from streamproc.topics import INPUT_TOPICS, SCHEMAS_DIR, load_specs
 
 
 def test_schemas_in_topics_folder_are_not_stale():
-    assert stale_schemas(SCHEMAS_DIR) == [], "run `make schemas` and commit topics/schemas/"
+    assert stale_schemas(SCHEMAS_DIR) == [], "run `make schemas` and commit streamproc/contracts/schemas/"
 
 
 def test_stale_schema_is_detected(tmp_path):
@@ -57,7 +57,7 @@ def test_docker_compose_file_is_valid():
     assert out.returncode == 0, out.stderr
 
 
-def test_training_records_hold_arrays_of_examples_and_single_examples_still_read():
+def test_training_records_hold_versioned_batches_and_earlier_forms_still_read():
     import orjson
     from pydantic import ValidationError
 
@@ -66,12 +66,14 @@ def test_training_records_hold_arrays_of_examples_and_single_examples_still_read
 
     examples = [{"kind": "segment", "id": "d:1", "ts": 1, "x": {"a": 1.0}},
                 {"kind": "basket", "id": "d:e1", "ts": 2, "items": [["p", "c", 1]], "amount": 3.0}]
-    assert training_examples(orjson.dumps(examples)) == examples
-    assert training_examples(orjson.dumps(examples[0])) == [examples[0]]  # a record of the earlier form
+    record = {"schema_version": 1, "examples": examples}
+    assert training_examples(orjson.dumps(record)) == examples
+    assert training_examples(orjson.dumps(examples)) == examples  # the earlier forms: an array, one example
+    assert training_examples(orjson.dumps(examples[0])) == [examples[0]]
     assert training_examples(b'[{"kind": "seg') == []  # undecodable: skipped, not raised
-    assert len(TrainingBatch.model_validate(examples).root) == 2
-    with pytest.raises(ValidationError):
-        TrainingBatch.model_validate([{**examples[0], "customer_id": "c1"}])  # no customer ids on this topic
+    assert len(TrainingBatch.model_validate(record).examples) == 2
+    with pytest.raises(ValidationError):  # no customer ids on this topic
+        TrainingBatch.model_validate({"schema_version": 1, "examples": [{**examples[0], "customer_id": "c1"}]})
 
 
 def test_the_trainer_learns_every_example_of_a_record_once_and_counts_them():
