@@ -287,6 +287,7 @@ class Worker:
         self.metrics.rebalances.inc()
         # partitions may have moved: report lag only for what this worker owns now
         self.metrics.consumer_lag.clear()
+        self.metrics.input_offset.clear()
         self.last_offsets.clear()
         self.outbox_checked.clear()
         self.processor.partitions_changed()
@@ -781,7 +782,9 @@ class Worker:
             done = self.last_offsets.get((tp.topic, tp.partition))
             if done is None:  # nothing processed since start: fall back to the committed position
                 done = self._committed(tp)
-            self.metrics.consumer_lag.labels(self.kind_of[tp.topic], str(tp.partition)).set(max(0, high - done - 1))
+            kind, partition = self.kind_of[tp.topic], str(tp.partition)
+            self.metrics.consumer_lag.labels(kind, partition).set(max(0, high - done - 1))
+            self.metrics.input_offset.labels(kind, partition).set(done)
 
 
 def _message_of(handle: Message | EventT) -> Message:

@@ -106,6 +106,11 @@ class Metrics:
             "streamproc_consumer_lag_records", "Records behind the log end, by input partition.",
             ["topic", "partition"], registry=r,
         )
+        self.input_offset = Gauge(
+            "streamproc_input_offset", "The last applied offset (or, before one, the committed one), by input "
+            "partition: a partition whose offset stands still while its lag grows is stalled.",
+            ["topic", "partition"], registry=r,
+        )
         self.last_batch = Gauge(
             "streamproc_last_batch_timestamp_seconds", "Wall time when this worker last applied a batch.",
             registry=r,

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,6 +156,14 @@ class TrainingBatch(BaseModel):
 
     schema_version: int = OUTPUT_SCHEMA_VERSION
     examples: list[TrainingExample]
+
+
+def examples_of(record: Any) -> list[dict[str, Any]]:
+    """The examples of one decoded training record: a TrainingBatch, or, as written by earlier versions, an array
+    of examples or one example."""
+    if isinstance(record, dict) and "examples" in record:
+        return list(record["examples"])
+    return record if isinstance(record, list) else [record]
 
 
 class SegmentMove(BaseModel):

@@ -20,6 +20,26 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# run from a checkout (an editable install, `make`, CI), PROJECT_ROOT is the repository and the state and caches
+# stay beside it, as they always have; installed from a wheel (the image, `pip install .`) it is only the
+# interpreter's lib directory, so the user's XDG base directories are used instead
+IN_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
+
+
+def _xdg_dir(variable: str, fallback: str) -> Path:
+    # the XDG spec: an unset, empty or relative value is ignored (a relative one would depend on the cwd)
+    base = os.environ.get(variable, "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / fallback) / "streamproc"
+
+
+def default_state_dir() -> Path:
+    """``.local`` of the checkout, else ``$XDG_STATE_HOME/streamproc`` (``~/.local/state/streamproc``)."""
+    return PROJECT_ROOT / ".local" if IN_CHECKOUT else _xdg_dir("XDG_STATE_HOME", ".local/state")
+
+
+def default_cache_dir() -> Path:
+    """``.cache`` of the checkout, else ``$XDG_CACHE_HOME/streamproc`` (``~/.cache/streamproc``)."""
+    return PROJECT_ROOT / ".cache" if IN_CHECKOUT else _xdg_dir("XDG_CACHE_HOME", ".cache")
 
 
 def pseudonym(key: str, customer_id: str) -> str:
@@ -77,8 +97,9 @@ class Settings(BaseSettings):
     redis_port: Port = 16379
     # the broker's -Xmx; infra derives -Xms from it and reads megabytes or gigabytes only (infra.min_heap)
     kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[mg]$")
-    state_dir: Path = PROJECT_ROOT / ".local"
-    cache_dir: Path = PROJECT_ROOT / ".cache"
+    # STREAMPROC_STATE_DIR / STREAMPROC_CACHE_DIR override these; read when the settings are made, not imported
+    state_dir: Path = Field(default_factory=default_state_dir)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
 
     # --- worker
     app_id: str = "streamproc"

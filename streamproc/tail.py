@@ -7,6 +7,7 @@ from typing import Any
 
 from kafka import KafkaConsumer
 
+from streamproc.schemas import examples_of
 from streamproc.settings import Settings
 from streamproc.topics import kafka_security_kwargs, load_specs
 
@@ -37,9 +38,10 @@ def read_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s:
 
 
 def read_training_examples(settings: Settings, idle_timeout_s: float = 3.0) -> tuple[list[dict], int]:
-    """Every example on the training topic in order (its records hold arrays of them), and the record count."""
+    """Every example on the training topic in order (its records hold batches of them), and the record count."""
     records: list[Any] = read_topic(settings, "streamproc-training", 10**8, idle_timeout_s)
-    return [e for r in records for e in (r if isinstance(r, list) else [r])], len(records)
+    return [e for r in records for e in examples_of(r)], len(records)
+
 
 
 def tail_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s: float, as_json: bool) -> int:

@@ -27,6 +27,7 @@ from streamproc.adapters.model_store import ModelStore, StaleCheckpoint
 from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.metrics import Metrics
 from streamproc.offline import learn
+from streamproc.schemas import examples_of
 from streamproc.settings import Settings
 from streamproc.topics import aiokafka_security_kwargs
 
@@ -48,9 +49,7 @@ def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:
     except orjson.JSONDecodeError as exc:
         log.warning("skipping an undecodable training record at offset %s: %s", offset, exc)
         return []
-    if isinstance(decoded, dict) and "examples" in decoded:
-        return list(decoded["examples"])
-    return decoded if isinstance(decoded, list) else [decoded]
+    return examples_of(decoded)
 
 
 class Trainer:
