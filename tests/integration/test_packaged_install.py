@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +85,7 @@ def _build_wheel(scratch: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The checkout's wheel in a new venv (built and installed once for the module)."""
     work = tmp_path_factory.mktemp("packaged")
     assert not _inside(work, ROOT), "the scratch directory must be outside the checkout"
@@ -98,7 +98,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     done = result.run([result.python, "-m", "pip", "install", "--quiet", str(wheel)], os.environ,
                       timeout=PIP_TIMEOUT_S)
     assert done.returncode == 0, f"pip install failed:\n{done.stdout}{done.stderr}"
-    return result
+    yield result
+    # a venv is ~300 MB, and pytest keeps the temporary directories of its last runs
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _plain_env(**extra: str) -> dict[str, str]:
