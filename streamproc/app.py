@@ -564,9 +564,11 @@ class Worker:
         try:
             census = await self.store.census()
             population = await self.store.population()
+            overdue = await self.store.overdue_labels(await self.store.sweep_marks())
         except Exception as exc:  # Redis down: keep the last values, the batch loop reports the error
             log.debug("population gauges not updated: %s", exc)
             return
+        self.metrics.overdue_labels.set(overdue)
         self.metrics.customers.clear()
         by_stage_tier: dict[tuple[str, str], int] = {}
         by_segment: dict[str, int] = {}

@@ -138,6 +138,11 @@ class Metrics:
             "matured (metric: roc_auc, log_loss, precision, recall; window: overall or rolling).",
             ["metric", "window"], registry=r,
         )
+        self.overdue_labels = Gauge(
+            "streamproc_overdue_labels",
+            "Customers with a pending churn label that should have matured by their partition's sweep mark "
+            "(a snapshot D matures at the first grid instant a horizon after it; should stay 0).", registry=r,
+        )
         self.labels_matured = Gauge(
             "streamproc_model_labels_matured", "Matured churn labels the current model has learned from.",
             registry=r,

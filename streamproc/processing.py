@@ -27,6 +27,7 @@ from streamproc.domain.churn import (
     grid_points,
     inputs_at,
     mature_labels,
+    maturity_span,
     profile_at,
     retention_action,
     risk_level,
@@ -46,6 +47,7 @@ from streamproc.domain.customer import (
     calendar_month,
     features,
     month_label,
+    prune_days,
 )
 from streamproc.domain.events import DecodeLimits, Rejection, decode_event_noting_unknown
 from streamproc.domain.models import ModelBundle
@@ -206,6 +208,16 @@ class Watermarks:
             if candidates:
                 out[partition] = self.partition_marks[partition] = max(candidates)
         return out
+
+
+@dataclass(slots=True)
+class ChurnStep:
+    """What a customer's churn bookkeeping decided in one step, for scoring once the features are computed."""
+
+    mstate: ModelState
+    digest: str  # the customer's pseudonymous id in training examples
+    snapshotted: bool = False
+    alerts: list[tuple[int, float, dict[str, float], dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -407,7 +419,8 @@ class BatchProcessor:
                 customer_result.outcome.count(rec.source, "erased")
             return None
         try:
-            state, outcome = apply_events(row.pristine(cid), [pos for _, pos in items], self.fold)
+            # the buckets are pruned once the churn bookkeeping has read them (``_derive``)
+            state, outcome = apply_events(row.pristine(cid), [pos for _, pos in items], self.fold, prune=False)
             self._inject_fault(items)
             update = self._features_and_model(attempt, cid, row, items, state, outcome, customer_result)
         except Exception as exc:
@@ -433,13 +446,10 @@ class BatchProcessor:
                 or customer_result.dead_letters):
             return None
         as_of = self.as_of(state, self.swept_to(partition))
-        feats = features(state, as_of, self.fold)
-        model = (
-            self._model_step(cid, state, row.model, feats, as_of, attempt.marks_wm.get(partition), customer_result,
-                             outcome.triggers)
-            if self.models_enabled else None
-        )
-        return Update(cid, row.version, state, feats, model, partition, customer_result.outputs_blob())
+        feats, model, _ = self._derive(cid, state, row.model, as_of, attempt.marks_wm.get(partition), customer_result,
+                                       outcome.triggers)
+        return Update(cid, row.version, state, feats, model, partition, customer_result.outputs_blob(),
+                      label_due=self._label_due(state))
 
     def _isolate(
         self, cid: str, row: Loaded, items: list[tuple[RawRecord, Positioned]], marks_wm: dict[int, int],
@@ -452,13 +462,10 @@ class BatchProcessor:
         total = FoldOutcome()
         for rec, pos in items:
             try:
-                trial, outcome = apply_events(copy.deepcopy(state), [pos], self.fold)
+                trial, outcome = apply_events(copy.deepcopy(state), [pos], self.fold, prune=False)
                 self._inject_fault([(rec, pos)])
-                as_of = self.as_of(trial, self.swept_to(rec.partition))
-                feats = features(trial, as_of, self.fold)
-                if self.models_enabled:
-                    self._model_step(cid, copy.deepcopy(trial), row.model, feats, as_of, marks_wm.get(rec.partition),
-                                     BatchResult(), outcome.triggers)
+                self._derive(cid, copy.deepcopy(trial), row.model, self.as_of(trial, self.swept_to(rec.partition)),
+                             marks_wm.get(rec.partition), BatchResult(), outcome.triggers)
             except Exception as exc:
                 self._poisoned(state, rec, pos, exc, result)
                 continue
@@ -507,51 +514,83 @@ class BatchProcessor:
                         hll[f"sp:cohort:{month_label(cohort)}:{month - cohort}"].add(cid)
         return BatchSideEffects(dict(last_seen), dict(marks.max_ts), dict(hll))
 
-    def _model_step(
-        self, cid: str, state: CustomerState, model_blob: bytes | None, feats: dict[str, Any], as_of: int,
-        watermark: int | None, out: BatchResult, triggers: list[Trigger] | None = None,
-    ) -> dict[str, Any]:
-        """Snapshots, matured labels, scores, segment, alerts and recommendations for one customer. Mutates
-        ``state``'s snapshot bookkeeping (deterministic) and returns the model outputs to store
-        (checkpoint-dependent)."""
-        mstate = ModelState.from_dict(orjson.loads(model_blob) if model_blob else None)
-        bundle = self.bundle
+    def _derive(
+        self, cid: str, state: CustomerState, model_blob: bytes | None, as_of: int, watermark: int | None,
+        out: BatchResult, triggers: list[Trigger] | None = None, stored: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
+        """What a customer's state gives: the churn bookkeeping on the grid up to ``watermark``, then the features
+        as of ``as_of`` (``stored`` ones kept when they are as of that instant already), then the model outputs.
+        The bookkeeping reads the day buckets before the fold's pruning drops old ones (a snapshot's label and
+        inputs must not depend on which later events were applied first). Returns the features, the model outputs
+        to store (None with models off) and whether the features are the stored ones."""
+        churn = self._churn_step(cid, state, model_blob, watermark, out) if self.models_enabled else None
+        prune_days(state, self.fold)
+        # features are a function of the state and the instant: when neither moved since they were stored (a sweep
+        # visit between two silence boundaries, the usual case), keep them
+        unchanged = stored is not None and stored.get("as_of_ts") == as_of and stored.keys() == self._feature_names
+        feats = stored if unchanged and stored is not None else features(state, as_of, self.fold)
+        model = self._score(cid, state, churn, feats, as_of, out, triggers) if churn is not None else None
+        return feats, model, unchanged
+
+    def _churn_step(
+        self, cid: str, state: CustomerState, model_blob: bytes | None, watermark: int | None, out: BatchResult,
+    ) -> ChurnStep:
+        """Snapshots at the grid instants up to ``watermark`` and the labels that matured by then, as training
+        examples; each snapshot scored with the current checkpoint. Mutates ``state``'s snapshot bookkeeping, a
+        function of the events alone (``take_snapshots``); the scores depend on the checkpoint."""
+        step = ChurnStep(ModelState.from_dict(orjson.loads(model_blob) if model_blob else None),
+                         hashlib.blake2b(cid.encode(), digest_size=8).hexdigest())
+        if watermark is None:
+            return step
+        mstate, digest, bundle = step.mstate, step.digest, self.bundle
         version = bundle.version if bundle else None
-        digest = hashlib.blake2b(cid.encode(), digest_size=8).hexdigest()
-        snapshotted = False
-        if watermark is not None:
-            for point, values in take_snapshots(state, watermark, self.churn):
-                snapshotted = True
-                x = churn_inputs(values)
-                # an untrained model says nothing: its 0.0 must not be scored later as a confident answer
-                p = bundle.churn_probability(x) if bundle and bundle.churn_examples else None
-                state.pending.append(point)
-                mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
-                out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
-                                     "x": segment_inputs(values, state)})
-                # alerts are decided on this grid: every live customer is scored at every grid instant from
-                # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
-                if bundle is not None and p is not None and should_alert(mstate, p, point, self.churn):
-                    self._alert(cid, state, mstate, feats, point, p, x, values, bundle, out)
-            state.pending = state.pending[-self.churn.max_pending :]
-            # silence labels mature on the snapshot grid, where every live customer is visited
-            step = self.churn.cadence_days * DAY_MS
-            for point, label in mature_labels(state, watermark - watermark % step, self.churn):
-                then = inputs_at(state, point)
-                scored = mstate.scored_at.pop(str(point), [None, None])
-                if then is None:
-                    continue
-                out.examples.append({"kind": "churn", "id": f"{digest}:{point}", "ts": point, "label": label,
-                                     "x": churn_inputs(then), "p": scored[0], "v": scored[1]})
-            live = {str(p) for p in state.pending}
-            mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
+        for point, values in take_snapshots(state, watermark, self.churn):
+            step.snapshotted = True
+            x = churn_inputs(values)
+            # an untrained model says nothing: its 0.0 must not be scored later as a confident answer
+            p = bundle.churn_probability(x) if bundle and bundle.churn_examples else None
+            state.pending.append(point)
+            mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
+            out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
+                                 "x": segment_inputs(values, state)})
+            # alerts are decided on this grid: every live customer is scored at every grid instant from
+            # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
+            if bundle is not None and p is not None and should_alert(mstate, p, point, self.churn):
+                step.alerts.append((point, p, x, values))
+        # labels mature on the snapshot grid, where the sweep visits every customer with a snapshot to mature;
+        # nothing is dropped before it matured (``mature_labels`` keeps at most ``max_pending`` of the rest)
+        grid = self.churn.cadence_days * DAY_MS
+        for point, label in mature_labels(state, watermark - watermark % grid, self.churn):
+            # the last purchase and active days as they were when the snapshot was taken (their buckets may be
+            # pruned by now)
+            then = inputs_at(state, point, anchor=state.anchors.pop(point, None))
+            scored = mstate.scored_at.pop(str(point), [None, None])
+            if then is None:
+                continue
+            out.examples.append({"kind": "churn", "id": f"{digest}:{point}", "ts": point, "label": label,
+                                 "x": churn_inputs(then), "p": scored[0], "v": scored[1]})
+        live = {str(p) for p in state.pending}
+        mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
+        return step
+
+    def _score(
+        self, cid: str, state: CustomerState, churn: ChurnStep, feats: dict[str, Any], as_of: int, out: BatchResult,
+        triggers: list[Trigger] | None = None,
+    ) -> dict[str, Any]:
+        """The alerts the churn step decided, recommendations for the triggers, and the customer's current churn
+        probability and segment; returns the model outputs to store (checkpoint-dependent)."""
+        mstate, bundle = churn.mstate, self.bundle
+        for point, p, x, values in churn.alerts:
+            assert bundle is not None  # an alert needs a score
+            self._alert(cid, state, mstate, feats, point, p, x, values, bundle, out)
         if triggers:
-            self._recommend_on(cid, digest, state, mstate, feats, triggers, out)
+            self._recommend_on(cid, churn.digest, state, mstate, feats, triggers, out)
         if bundle is None:
             return mstate.to_dict()
         now_values = inputs_at(state, as_of + 1, exact=True)
         if now_values is None:
             return mstate.to_dict()
+        version = bundle.version
         x = churn_inputs(now_values)
         p = bundle.churn_probability(x)
         if bundle.churn_examples:
@@ -559,7 +598,7 @@ class BatchProcessor:
         # the segment is re-assigned at snapshot instants (weekly), under a new model version, or if unknown:
         # segments stay stable between those, and the k-means distance computations stay off the hot path
         segment = mstate.segment
-        if segment is None or snapshotted or mstate.model_version != version:
+        if segment is None or churn.snapshotted or mstate.model_version != version:
             segment = bundle.segment(segment_inputs(now_values, state))
         names = self.segment_names
         if segment is not None and mstate.segment is not None and segment != mstate.segment:
@@ -739,7 +778,10 @@ class BatchProcessor:
         # events were already applied: a topic can run ahead of the other)
         points = grid_points(low, wm, self.churn) if self.models_enabled else []
         if points:
-            ranges.append((points[0] - live, 2**62))
+            # every customer live at a grid instant of the pass, and every one with a snapshot whose label matures at
+            # one of them (taken at most ``live`` after the last event, maturing ``maturity_span`` later): so an
+            # overdue snapshot matures at its grid instant even for a customer who never sends another event
+            ranges.append((points[0] - live - maturity_span(self.churn), 2**62))
         found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
         due: set[str] = set().union(*found[:-1])
         expired = found[-1]
@@ -775,17 +817,15 @@ class BatchProcessor:
             return None
         state = row.pristine(cid)
         as_of = self.as_of(state, wm)  # the silence boundary passed, as a batch would store it
-        stored = row.features
-        # features are a function of the state and the instant: when neither moved since they were
-        # stored (a snapshot instant between two silence boundaries, the usual case), keep them
-        if stored is not None and stored.get("as_of_ts") == as_of and stored.keys() == self._feature_names:
-            feats, unchanged = stored, True
-        else:
-            feats, unchanged = features(state, as_of, self.fold), False
         partial = partials[cid] = BatchResult()
-        model = self._model_step(cid, state, row.model, feats, as_of, wm, partial) if self.models_enabled else None
+        feats, model, unchanged = self._derive(cid, state, row.model, as_of, wm, partial, stored=row.features)
         return Update(cid, row.version, state, feats, model, partition, partial.outputs_blob(),
-                      features_unchanged=unchanged)
+                      features_unchanged=unchanged, label_due=self._label_due(state))
+
+    def _label_due(self, state: CustomerState) -> int | None:
+        """The grid instant the oldest pending label matures at (the store's maturity index: a label still pending
+        once the sweep mark passed it is overdue, ``streamproc_overdue_labels``)."""
+        return min(state.pending) + maturity_span(self.churn) if state.pending else None
 
     async def _load_step_save(
         self, customer_ids: list[str], step: Callable[[str, Loaded], Update | None], with_features: bool = False,

@@ -11,6 +11,8 @@ Redis layout (one hash per customer, hash-tagged so a customer's keys share a cl
     sp:outbox:<p>          hash   "<customer>:<version>" -> outputs of that save not yet confirmed by the broker
     sp:erased              set    digests of erased customer ids (a replay must not bring them back)
     sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
+    sp:due:<p>             zset   customer -> the grid instant their oldest pending churn label matures at (moved
+                                  inside the save): a member at or below the sweep mark is overdue
     sp:sweep               hash   partition -> watermark up to which the sweep has run
     sp:wm                  hash   input source (kind:partition) -> largest event time seen
     sp:agg:buyers          HLL    customers with at least one purchase
@@ -115,6 +117,7 @@ class Update:
     partition: int = 0  # input partition the customer belongs to (census and outbox live per partition)
     outputs: bytes = b""  # JSON outputs to park in the outbox with this save ("" for none)
     features_unchanged: bool = False  # ``features`` are the stored ones: the row is kept, not rewritten
+    label_due: int | None = None  # when the oldest pending churn label matures (None: nothing pending)
 
     @property
     def outbox_field(self) -> str:
@@ -173,6 +176,11 @@ class FeatureStore(abc.ABC):
     async def set_sweep_mark(self, partition: int, watermark: int) -> None: ...
 
     @abc.abstractmethod
+    async def overdue_labels(self, marks: dict[int, int]) -> int:
+        """Customers whose oldest pending churn label matures at or before their partition's sweep mark in
+        ``marks``: labels the sweep should have matured (0 unless something is wrong)."""
+
+    @abc.abstractmethod
     async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
         """For each (low, high]: the customers of a partition whose last event time falls in it."""
 
@@ -204,20 +212,20 @@ class FeatureStore(abc.ABC):
         pass
 
 
-# KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash; last, the feature
-# schemas hash. ARGV per update: expected version, feature row ("" keeps the stored one), state blob, census key,
-# model JSON, outputs JSON ("" none); then (schema id, names JSON) for each feature schema the rows use, stored
-# in the same atomic step.
+# KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash, its partition's label
+# maturity index; last, the feature schemas hash. ARGV per update: expected version, feature row ("" keeps the stored
+# one), state blob, census key, model JSON, outputs JSON ("" none), when its oldest pending label matures ("" none);
+# then (schema id, names JSON) for each feature schema the rows use, stored in the same atomic step.
 # Returns, per update, the previous census key ("" if none) or false when the version check failed.
 _SAVE_LUA = """
 local out = {}
-local n = (#KEYS - 1) / 3
-for j = 6 * n + 1, #ARGV, 2 do
+local n = (#KEYS - 1) / 4
+for j = 7 * n + 1, #ARGV, 2 do
   redis.call('HSETNX', KEYS[#KEYS], ARGV[j], ARGV[j + 1])
 end
 for i = 1, n do
-  local key, census, outbox = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local a = 6 * i - 5
+  local key, census, outbox, due = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
+  local a = 7 * i - 6
   local current = redis.call('HMGET', key, '_v', 'k')
   local version = current[1] or '0'
   if version == ARGV[a] then
@@ -233,8 +241,14 @@ for i = 1, n do
       if old ~= '' then redis.call('HINCRBY', census, old, -1) end
       redis.call('HINCRBY', census, ARGV[a + 3], 1)
     end
+    local customer = string.sub(key, 7, -2)
     if ARGV[a + 5] ~= '' then
-      redis.call('HSET', outbox, string.sub(key, 7, -2) .. ':' .. next_version, ARGV[a + 5])
+      redis.call('HSET', outbox, customer .. ':' .. next_version, ARGV[a + 5])
+    end
+    if ARGV[a + 6] ~= '' then
+      redis.call('ZADD', due, ARGV[a + 6], customer)
+    else
+      redis.call('ZREM', due, customer)
     end
     out[i] = old
   else
@@ -347,12 +361,14 @@ class RedisFeatureStore(FeatureStore):
             keys.append(customer_key(up.customer_id))
             keys.append(f"sp:census:{up.partition}")
             keys.append(f"sp:outbox:{up.partition}")
+            keys.append(f"sp:due:{up.partition}")
             args.append(str(up.expected_version))
             args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
             args.append(_encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
             args.append(up.outputs)
+            args.append(b"" if up.label_due is None else str(up.label_due))
         keys.append(FEATURE_SCHEMAS_KEY)
         for schema_id, names in schemas.items():
             args.append(schema_id)
@@ -420,6 +436,12 @@ class RedisFeatureStore(FeatureStore):
     async def set_sweep_mark(self, partition: int, watermark: int) -> None:
         await self.redis.hset("sp:sweep", str(partition), str(watermark))
 
+    async def overdue_labels(self, marks: dict[int, int]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, mark in marks.items():
+            pipe.zcount(f"sp:due:{partition}", "-inf", mark)
+        return sum(await pipe.execute())
+
     async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
         pipe = self.redis.pipeline(transaction=False)
         for low, high in ranges:
@@ -439,6 +461,7 @@ class RedisFeatureStore(FeatureStore):
             if census_key:
                 pipe.hincrby(f"sp:census:{partition}", census_key.decode(), -1)
         pipe.zrem(f"sp:lastseen:{partition}", *customer_ids)
+        pipe.zrem(f"sp:due:{partition}", *customer_ids)
         await pipe.execute()
 
     async def state_blob(self, customer_id: str) -> bytes | None:
@@ -484,8 +507,9 @@ class RedisFeatureStore(FeatureStore):
                     pipe.hincrby(key, census_key.decode(), -1)
                     break
         pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
-        async for key in self.redis.scan_iter("sp:lastseen:*", count=100):
-            pipe.zrem(key, customer_id)
+        for pattern in ("sp:lastseen:*", "sp:due:*"):
+            async for key in self.redis.scan_iter(pattern, count=100):
+                pipe.zrem(key, customer_id)
         async for key in self.redis.scan_iter("sp:outbox:*", count=100):  # unsent outputs about them
             async for name, _ in self.redis.hscan_iter(key, match=f"{customer_id}:*"):
                 pipe.hdel(key, name)
@@ -510,6 +534,7 @@ class InMemoryFeatureStore(FeatureStore):
         self.models: dict[str, bytes] = {}
         self.census_counts: dict[int, dict[str, int]] = {}
         self.outboxes: dict[int, dict[str, bytes]] = {}
+        self.label_due: dict[int, dict[str, int]] = {}  # partition -> customer -> oldest pending label's maturity
 
     async def outbox(self, partition: int) -> dict[str, bytes]:
         return dict(self.outboxes.get(partition, {}))
@@ -537,6 +562,10 @@ class InMemoryFeatureStore(FeatureStore):
     async def set_sweep_mark(self, partition: int, watermark: int) -> None:
         self.marks[partition] = watermark
 
+    async def overdue_labels(self, marks: dict[int, int]) -> int:
+        return sum(1 for partition, mark in marks.items()
+                   for due in self.label_due.get(partition, {}).values() if due <= mark)
+
     async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
         table = self.last_seen.get(partition, {})
         return [sorted(c for c, ts in table.items() if low < ts <= high) for low, high in ranges]
@@ -550,6 +579,7 @@ class InMemoryFeatureStore(FeatureStore):
                 table = self.census_counts.setdefault(partition, {})
                 table[old] = table.get(old, 0) - 1
             self.last_seen.get(partition, {}).pop(cid, None)
+            self.label_due.get(partition, {}).pop(cid, None)
 
     async def state_blob(self, customer_id: str) -> bytes | None:
         row = self.rows.get(customer_id)
@@ -586,6 +616,11 @@ class InMemoryFeatureStore(FeatureStore):
             if up.outputs:
                 self.outboxes.setdefault(up.partition, {})[up.outbox_field] = up.outputs
             self.census_keys[up.customer_id] = up.census_key
+            due = self.label_due.setdefault(up.partition, {})
+            if up.label_due is None:
+                due.pop(up.customer_id, None)
+            else:
+                due[up.customer_id] = up.label_due
             self.models[up.customer_id] = orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS)
             previous = self.rows.get(up.customer_id)
             if up.features_unchanged and previous is not None:
@@ -618,7 +653,7 @@ class InMemoryFeatureStore(FeatureStore):
             if old and table.get(old):
                 table[old] -= 1
                 break
-        for table in self.last_seen.values():
+        for table in [*self.last_seen.values(), *self.label_due.values()]:
             table.pop(customer_id, None)
         for box in self.outboxes.values():
             for name in [n for n in box if n.startswith(f"{customer_id}:")]:

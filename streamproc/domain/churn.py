@@ -59,7 +59,8 @@ SEGMENT_FEATURES = ("log_monetary_avg", "log_tenure_days", "events_per_session",
 VIEW_SHARE = "view_share:"
 
 
-def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, float] | None:
+def inputs_at(state: CustomerState, at: int, exact: bool = False,
+              anchor: list[int] | None = None) -> dict[str, float] | None:
     """Model inputs as of instant ``at`` from the day buckets: events on days before the one ``at`` ends
     (for a snapshot at a UTC midnight: strictly before it). Times of the last purchase and event come
     from the buckets too (mid-day), so a snapshot's inputs read later are what they were when taken;
@@ -88,6 +89,9 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False) -> dict[str, f
             sessions_30 += row[SESSIONS]
         elif d >= end_day - 60:
             clicks_prev += row[CLICKS]
+    if anchor is not None:  # what the buckets said when the snapshot was taken (they may be pruned since)
+        last_purchase_day = max(last_purchase_day, anchor[0])
+        last_active_day = max(last_active_day, anchor[1])
     for session in state.open_sessions:  # not in the buckets until closed: count them by their start day
         if end_day - 30 <= session[0] // DAY_MS < end_day:
             sessions_30 += 1
@@ -182,21 +186,56 @@ def grid_points(after: int, upto: int, cfg: ChurnConfig) -> list[int]:
     return list(range(first, upto + 1, step))
 
 
+def last_days_before(state: CustomerState, point: int) -> tuple[int, int]:
+    """The last UTC day with a purchase, and with any event, strictly before instant ``point`` (a UTC midnight): -1
+    where none. From the events alone, whatever arrived after (the purchase that ends a long silence, say): the day
+    buckets, the newest event time, and the last active day kept with the last snapshot (``pre_day``: its bucket
+    may be pruned since)."""
+    end_day = -(-point // DAY_MS)
+    last_purchase, last_active = -1, state.pre_day
+    for d, row in state.days.items():
+        if d < end_day:
+            if row[PURCHASES] and d > last_purchase:
+                last_purchase = d
+            if (row[PURCHASES] or row[CLICKS] or row[SPEND]) and d > last_active:
+                last_active = d
+    last = state.last_event_ts
+    if last is not None and last < point:
+        last_active = max(last_active, last // DAY_MS)
+    return last_purchase, last_active
+
+
 def take_snapshots(state: CustomerState, upto: int, cfg: ChurnConfig) -> list[tuple[int, dict[str, float]]]:
     """Snapshots due up to instant ``upto`` (a watermark) that were not taken yet: (D, all inputs).
-    Marks them taken; the caller scores them and adds them to ``state.pending``."""
+
+    A grid instant D gets a snapshot iff the customer had an event before D and was silent at most
+    ``silent_horizons`` horizons at D, judged on events before D only (day granularity, which is the same test
+    as on exact times since D is a midnight and the cut-off whole days). ``snapshot_ts`` is the last snapshot
+    taken, not the last instant looked at: a silent instant leaves no trace, so the state does not depend on how
+    far (or how often) the customer was visited past the silence cut-off."""
     taken: list[tuple[int, dict[str, float]]] = []
     start = state.snapshot_ts if state.snapshot_ts else (state.first_event_ts or upto) - 1
+    silent_days = cfg.silent_horizons * cfg.horizon_days
     for point in grid_points(start, upto, cfg):
-        last = state.last_event_ts or 0
-        if point - last > cfg.silent_horizons * cfg.horizon_days * DAY_MS and last < point:
-            state.snapshot_ts = point
+        if state.first_event_ts is None or state.first_event_ts >= point:
+            continue
+        last_purchase_day, last_active_day = last_days_before(state, point)
+        if last_active_day < 0 or point // DAY_MS - last_active_day > silent_days:
             continue
         values = inputs_at(state, point)
+        if values is None:
+            continue
         state.snapshot_ts = point
-        if values is not None:
-            taken.append((point, values))
+        state.pre_day = last_active_day
+        state.anchors[point] = [last_purchase_day, last_active_day]
+        taken.append((point, values))
     return taken
+
+
+def maturity_span(cfg: ChurnConfig) -> int:
+    """From a snapshot instant to the grid instant its label matures at (the first one horizon or more later)."""
+    step = cfg.cadence_days * DAY_MS
+    return -(-cfg.horizon_days * DAY_MS // step) * step
 
 
 def _bought_in(state: CustomerState, lo: int, hi: int, cfg: ChurnConfig) -> bool:
@@ -234,6 +273,9 @@ def mature_labels(state: CustomerState, watermark: int, cfg: ChurnConfig) -> lis
         else:
             keep.append(point)
     state.pending = keep[-cfg.max_pending :]
+    # the anchors of matured snapshots stay for the caller to read their inputs (it pops them)
+    matured = {point for point, _ in done}
+    state.anchors = {k: v for k, v in state.anchors.items() if k in matured or k in state.pending}
     return done
 
 

@@ -109,6 +109,12 @@ class CustomerState:
     # churn labels: the last snapshot instant and the snapshots whose label is still unknown
     snapshot_ts: int = 0
     pending: list[int] = field(default_factory=list)
+    # the last UTC day with an event before ``snapshot_ts`` (-1: none known): the silence test of later grid
+    # instants needs it once that day's bucket is pruned
+    pre_day: int = -1
+    # pending snapshot D -> [last purchase day, last active day] before D, as read when D was taken (the buckets
+    # holding them may be pruned before D's label matures)
+    anchors: dict[int, list[int]] = field(default_factory=dict)
     bought: dict[str, int] = field(default_factory=dict)  # product -> newest purchase time
     # product -> [newest view time, category, views since it entered the list]
     viewed: dict[str, list[Any]] = field(default_factory=dict)
@@ -136,7 +142,8 @@ class CustomerState:
             "m": [month_keys, [self.months[k] for k in month_keys]],
             "s": sorted(self.open_sessions), "sc": self.closed,
             "cv": self.cat_views, "cs": self.cat_spend,
-            "ch": self.snapshot_ts, "pd": self.pending, "b": self.bought, "v": self.viewed,
+            "ch": self.snapshot_ts, "pd": self.pending, "pa": self.pre_day,
+            "pk": [[k, *v] for k, v in sorted(self.anchors.items())], "b": self.bought, "v": self.viewed,
         }
 
     @classmethod
@@ -152,7 +159,8 @@ class CustomerState:
             max_ts=t[4], max_click_ts=t[5],
             days=_int_keyed(days), months=_int_keyed(months),
             open_sessions=data["s"], closed=data["sc"], cat_views=data["cv"], cat_spend=data["cs"],
-            snapshot_ts=data.get("ch", 0), pending=data.get("pd", []), bought=data.get("b", {}),
+            snapshot_ts=data.get("ch", 0), pending=data.get("pd", []), pre_day=data.get("pa", -1),
+            anchors={a[0]: list(a[1:]) for a in data.get("pk", [])}, bought=data.get("b", {}),
             viewed=data.get("v", {}),
         )
 
@@ -348,7 +356,7 @@ def _remember(state: CustomerState, kind: str, sid: str, ts: int, cfg: FoldConfi
     return True
 
 
-def _prune_days(state: CustomerState, cfg: FoldConfig) -> None:
+def prune_days(state: CustomerState, cfg: FoldConfig) -> None:
     oldest_day = state.max_ts // DAY_MS - cfg.day_horizon
     if state.days and min(state.days) < oldest_day:
         state.days = {d: row for d, row in state.days.items() if d >= oldest_day}
@@ -439,9 +447,10 @@ def _apply_one(state: CustomerState, event: Event, cfg: FoldConfig) -> Trigger |
 
 
 def apply_events(
-    state: CustomerState, events: Iterable[Positioned], cfg: FoldConfig
+    state: CustomerState, events: Iterable[Positioned], cfg: FoldConfig, prune: bool = True
 ) -> tuple[CustomerState, FoldOutcome]:
-    """Fold a customer's events (in arrival order) into their state. Mutates and returns ``state``."""
+    """Fold a customer's events (in arrival order) into their state. Mutates and returns ``state``. With
+    ``prune=False`` old day buckets stay until ``prune_days`` (the churn bookkeeping reads them first)."""
     outcome = FoldOutcome()
     triggers = outcome.triggers
     offsets = state.offsets
@@ -466,8 +475,10 @@ def apply_events(
                 outcome.refund_cents += cents(event.amount)
     for (source, result), n in counts.items():
         outcome.count(source, result, n)
-    _prune_days(state, cfg)
+    if prune:
+        prune_days(state, cfg)
     return state, outcome
+
 
 
 # --------------------------------------------------------------------------------------------------
