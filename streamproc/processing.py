@@ -95,6 +95,8 @@ class SweepPass:
     target: int
     due: list[str]
     done: int = 0
+    # last-seen times whose customers are dropped when the pass ends (silent ``expire_after_days``)
+    expire_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -757,6 +759,11 @@ class BatchProcessor:
                     await emit(chunk)
             if running.done < len(running.due):
                 break  # out of budget: the next call goes on from here
+            if running.expire_range is not None:
+                # asked again: a customer who came back while the pass ran is not silent any more
+                (expired,) = await self.store.silent_in_ranges(partition, [running.expire_range])
+                if expired:
+                    await self.store.expire(partition, expired)
             await self.store.set_sweep_mark(partition, running.target)
             self.swept[partition] = running.target
             del self.passes[partition]
@@ -782,13 +789,11 @@ class BatchProcessor:
             # one of them (taken at most ``live`` after the last event, maturing ``maturity_span`` later): so an
             # overdue snapshot matures at its grid instant even for a customer who never sends another event
             ranges.append((points[0] - live - maturity_span(self.churn), 2**62))
-        found = await self.store.silent_in_ranges(partition, [*ranges, (low - expire_span, wm - expire_span)])
-        due: set[str] = set().union(*found[:-1])
-        expired = found[-1]
-        if expired:
-            await self.store.expire(partition, expired)
-            due.difference_update(expired)
-        running = self.passes[partition] = SweepPass(wm, sorted(due))
+        # customers to expire are visited first (their last snapshots and labels are due however far behind the
+        # watermark the sweep is) and dropped when the pass ends
+        expire_range = (low - expire_span, wm - expire_span)
+        found = await self.store.silent_in_ranges(partition, [*ranges, expire_range])
+        running = self.passes[partition] = SweepPass(wm, sorted(set().union(*found)), expire_range=expire_range)
         return running
 
     async def _refresh(self, customer_ids: list[str], wm: int, partition: int, outputs: BatchResult) -> int:
