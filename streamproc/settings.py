@@ -256,6 +256,16 @@ class Settings(BaseSettings):
             for holds, verb in [_RELATIONS[relation]]
             if not holds(getattr(self, a), getattr(self, b))
         ]
+        # a customer is expired only after their last churn labels matured: snapshots are taken until 3 horizons of
+        # silence (ChurnConfig.silent_horizons), and each matures at the first snapshot instant a horizon later
+        cadence = self.snapshot_cadence_days
+        labelled = 3 * self.churn_horizon_days + -(-self.churn_horizon_days // cadence) * cadence
+        if self.expire_after_days <= labelled:
+            broken.append(InitErrorDetails(
+                type=PydanticCustomError("settings_rule", f"must exceed {labelled} days (3 x "
+                                         f"{env_name('churn_horizon_days')} + the days to a snapshot's label): a "
+                                         "customer must not be dropped before their last churn labels matured"),
+                loc=("expire_after_days",), input=self.expire_after_days))
         if broken:
             # one error per broken rule, at its first variable, so that all are reported and each like a range
             # error (pydantic-core passes a ValidationError raised in a validator on with its line errors)

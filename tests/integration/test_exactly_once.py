@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
+import orjson
 import pytest
 import redis
 
 from streamproc.adapters.feature_store import customer_key
 from streamproc.demo import processed_total
 from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic
+from streamproc.tail import read_topic, read_training_examples
 from tests.conftest import FROZEN_MODEL_ENV, free_port, produce, redis_snapshot, seed_checkpoint, worker_env
 
 pytestmark = pytest.mark.integration
@@ -24,8 +26,8 @@ def sim_payloads(customers=150, days=70, seed=9, **kw):
     return list(Simulator(SimulationConfig(customers=customers, days=days, seed=seed, **kw)).payloads())
 
 
-def run_to_end(worker_factory, settings, count):
-    worker = worker_factory(settings).start()
+def run_to_end(worker_factory, settings, count, **env):
+    worker = frozen(worker_factory(settings), **env).start()
     worker.wait_processed(count, timeout=120)
     time.sleep(0.5)
     return worker
@@ -53,6 +55,7 @@ def test_replaying_a_file_is_deterministic_and_equals_producing_directly(env_fac
     states = []
     for how in ("replay", "replay", "direct"):
         env = env_factory()
+        seed_checkpoint(env, payloads)  # one frozen model: the model outputs are compared too
         if how == "direct":
             produce(env, payloads)
         else:
@@ -64,6 +67,86 @@ def test_replaying_a_file_is_deterministic_and_equals_producing_directly(env_fac
     assert len([k for k in states[0] if k.startswith("cust:")]) > 120
     assert states[0] == states[1], "two replays of the same file differ"
     assert states[0] == states[2], "a replay differs from producing the same events directly"
+    assert any(isinstance(v, dict) and v.get(b"m", {}).get("segment") is not None for v in states[0].values())
+
+
+def settle(settings, timeout=120.0):
+    """The Redis snapshot once the worker is done: the input applied and the sweep caught up (nothing changes for
+    3 s and the sweep mark is stored)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        now = redis_snapshot(settings)
+        if now == last and now.get("sp:sweep"):
+            return now
+        last = now
+        time.sleep(3)
+    raise AssertionError("the worker never settled")
+
+
+def churn_bookkeeping(snapshot):
+    """Per customer: pending snapshots, the last snapshot instant, its last active day and the anchors."""
+    out = {}
+    for key, row in snapshot.items():
+        if key.startswith("cust:") and b"_s" in row:
+            state = orjson.loads(row[b"_s"])
+            out[key] = (state.get("ch"), state.get("pd"), state.get("pa"), state.get("pk"))
+    return out
+
+
+def training_data(settings):
+    """The churn and segment examples on the training topic: (kind, customer digest : instant, label)."""
+    examples, _ = read_training_examples(settings)
+    return Counter((e["kind"], e["id"], e.get("label")) for e in examples if e["kind"] in ("churn", "segment"))
+
+
+@pytest.mark.faults
+def test_churn_training_data_does_not_depend_on_batching_sweep_budget_or_kill_9(env_factory, worker_factory):
+    """A transactions-only shop (the clicks topic silent; STREAMPROC_MAX_SOURCE_SKEW_S lets time move), the same
+    history three times: default batches; batches of 50 with a sweep budget of 10 customers; and default batches
+    killed with SIGKILL at random points. Every customer's churn bookkeeping, the whole Redis state with the model
+    outputs, and the training examples by (customer, instant, label) are the same."""
+    payloads = [p for p in sim_payloads(customers=250, days=300, seed=41) if p[0] == "transactions"]
+    skew = {"STREAMPROC_MAX_SOURCE_SKEW_S": "3600"}
+    runs = {}
+    for name, env in (("default", skew), ("small", {**skew, "STREAMPROC_BATCH_MAX_EVENTS": "50",
+                                                     "STREAMPROC_SWEEP_BUDGET": "10"})):
+        settings = env_factory()
+        seed_checkpoint(settings, payloads)
+        produce(settings, payloads)
+        worker = run_to_end(worker_factory, settings, len(payloads), **env)
+        runs[name] = (settle(settings), training_data(settings))
+        worker.stop()
+
+    killed = env_factory()
+    seed_checkpoint(killed, payloads)
+    produce(killed, payloads)
+    rnd = random.Random(41)
+    for _ in range(3):
+        worker = frozen(worker_factory(killed), **skew).start()
+        worker.wait_ready()
+        target = processed_total(worker.metrics()) + rnd.randint(200, 1500)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and processed_total(worker.metrics()) < target:
+            time.sleep(rnd.uniform(0.0, 0.05))
+        worker.stop(signal.SIGKILL)
+    frozen(worker_factory(killed), **skew).start()
+    runs["killed"] = (settle(killed), training_data(killed))
+
+    expected_state, expected_examples = runs["default"]
+    books = churn_bookkeeping(expected_state)
+    assert sum(1 for _, pending, _, _ in books.values() if pending) > 50
+    labels = Counter(label for kind, _, label in expected_examples if kind == "churn")
+    assert labels[0] > 100 and labels[1] > 100, labels
+    for name in ("small", "killed"):
+        state, examples = runs[name]
+        differing = [k for k in books if churn_bookkeeping(state).get(k) != books[k]]
+        assert not differing, (name, len(differing), differing[:3])
+        assert state == expected_state, name
+        if name == "killed":  # outputs are at-least-once: a killed worker's examples may be sent again
+            examples = Counter(dict.fromkeys(examples, 1))
+        assert examples == expected_examples, (name, len(examples - expected_examples),
+                                               len(expected_examples - examples))
 
 
 def output_ids(settings):

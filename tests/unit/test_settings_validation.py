@@ -76,6 +76,10 @@ def test_defaults_are_valid() -> None:
     pytest.param({"KAFKA_CONTROLLER_PORT": "19092"},
                  "STREAMPROC_KAFKA_CONTROLLER_PORT=19092 must differ from STREAMPROC_KAFKA_PORT=19092",
                  id="same-local-kafka-ports"),
+    pytest.param({"EXPIRE_AFTER_DAYS": "243"},
+                 "STREAMPROC_EXPIRE_AFTER_DAYS=243 must exceed 243 days (3 x STREAMPROC_CHURN_HORIZON_DAYS + the days "
+                 "to a snapshot's label): a customer must not be dropped before their last churn labels matured",
+                 id="expiry-before-the-last-labels"),
     pytest.param({"N_SEGMENTS": "51"}, "STREAMPROC_N_SEGMENTS=51 must be less than or equal to 50", id="many-segments"),
     pytest.param({"WEB_PORT": "70000"}, "STREAMPROC_WEB_PORT=70000 must be less than or equal to 65535", id="port"),
     pytest.param({"MAX_PAYLOAD_BYTES": "2000000"},
