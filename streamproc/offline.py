@@ -49,6 +49,7 @@ async def run_offline(
         result = await proc.process(records[i : i + batch])
         await proc.sweep()
         result.absorb(proc.sweep_outputs)
+        store.outboxes.clear()  # the outputs are taken here, as a worker's are delivered: nothing to re-send
         if on_result is not None:
             on_result(result)
         for example in result.examples:

@@ -670,7 +670,10 @@ class BatchProcessor:
         if not items:
             return None
         rec_id = f"{cid}:{trigger}:{event_id}"
-        mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
+        last = mstate.last_rec
+        # the latest in event time (not the last made: the two input topics are read at their own pace)
+        if last is None or (at, rec_id) >= (last["ts"], last["id"]):
+            mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
         return {"schema_version": OUTPUT_SCHEMA_VERSION, "recommendation_id": rec_id, "customer_id": cid, "ts": at,
                 "trigger": trigger, "items": items,
                 "strategy_version": index.cfg.version, "model_version": bundle.version,

@@ -91,19 +91,22 @@ def env_factory(infra: Settings, tmp_path: Path):
         delete_run_topics(s)
 
 
-# Only what depends on when a checkpoint was written is left out: the model version a customer was scored with and
-# the probability (in the model outputs `m`, and the probabilities of pending snapshots), and the checkpoints
-# themselves. The model outputs' segment, alert state, last recommendation and pending snapshot instants are
-# compared, and so is the census (by stage, tier and segment). Tests that compare runs score with one frozen
-# checkpoint (FROZEN_MODEL_ENV, seed_checkpoint). Write counts (_v) are left out too.
+# Left out, in the model outputs `m`: what depends on when a checkpoint was written (the model version a customer was
+# scored with, the probability, the probabilities of pending snapshots) and what reads the customer's state as it is
+# when a step runs rather than as of an event-time instant, so that it depends on how far the other input topic had
+# been read (the segment, re-assigned from session habits and category views so far, with the census key that holds
+# it, and the last recommendation's items, ranked with the top categories so far). The alert state (armed, last
+# alert) and the instants scored are compared. Write counts (_v) are left out too; checkpoints are not compared.
 MODEL_DEPENDENT_KEYS = ("sp:model:",)
 
 
 def model_outputs(raw: bytes) -> dict[str, object]:
-    """A customer's model outputs without the checkpoint-dependent parts: the version and the probability."""
+    """A customer's model outputs without the parts that depend on checkpoint timing or on input interleaving."""
     outputs = orjson.loads(raw)
-    outputs.pop("model_version", None)
-    outputs.pop("churn_p", None)
+    for name in ("model_version", "churn_p", "segment"):
+        outputs.pop(name, None)
+    if outputs.get("rec"):
+        outputs["rec"] = {k: v for k, v in outputs["rec"].items() if k != "items"}  # which trigger, not the items
     outputs["scored"] = sorted(outputs.get("scored", {}))  # the instants scored, not the scores
     return outputs
 
@@ -120,17 +123,19 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
             name = key.decode()
             if name.startswith(MODEL_DEPENDENT_KEYS):
                 continue
-            if name.startswith("sp:census:"):  # a sum over partitions: compare the totals without zeros
-                census = out.setdefault("census", {})
+            if name.startswith("sp:census:"):  # customers by stage|tier (the segment part is left out, above)
+                census = out.setdefault("census by stage and tier", {})
                 assert isinstance(census, dict)
                 for k, v in r.hgetall(key).items():
-                    census[k] = census.get(k, 0) + int(v)
-                    if not census[k]:
-                        del census[k]
+                    stage_tier = k.decode().rsplit("|", 1)[0]
+                    census[stage_tier] = census.get(stage_tier, 0) + int(v)
+                    if not census[stage_tier]:
+                        del census[stage_tier]
                 continue
             if kind == b"hash":
                 row = r.hgetall(key)
                 row.pop(b"_v", None)
+                row.pop(b"k", None)  # the census key, with the segment
                 if b"m" in row:
                     row[b"m"] = model_outputs(row[b"m"])
                 out[name] = row
