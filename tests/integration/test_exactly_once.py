@@ -77,8 +77,8 @@ def test_replaying_a_file_is_deterministic_and_equals_producing_directly(env_fac
 
 
 def settle(settings, timeout=120.0):
-    """The Redis snapshot once the worker is done: the input applied and the sweep caught up (nothing changes for
-    3 s and the sweep mark is stored)."""
+    """The Redis snapshot once a worker that has applied the whole input is done: the sweep caught up (the sweep mark
+    is stored and nothing changes for 5 s)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -86,7 +86,7 @@ def settle(settings, timeout=120.0):
         if now == last and now.get("sp:sweep"):
             return now
         last = now
-        time.sleep(3)
+        time.sleep(5)
     raise AssertionError("the worker never settled")
 
 
@@ -114,30 +114,36 @@ def test_churn_training_data_does_not_depend_on_batching_sweep_budget_or_kill_9(
     outputs, and the training examples by (customer, instant, label) are the same."""
     payloads = [p for p in sim_payloads(customers=250, days=300, seed=41) if p[0] == "transactions"]
     skew = {"STREAMPROC_MAX_SOURCE_SKEW_S": "3600"}
-    runs = {}
-    for name, env in (("default", skew), ("small", {**skew, "STREAMPROC_BATCH_MAX_EVENTS": "50",
-                                                     "STREAMPROC_SWEEP_BUDGET": "10"})):
-        settings = env_factory()
+    envs = {name: env_factory() for name in ("default", "small", "killed")}
+    for settings in envs.values():
         seed_checkpoint(settings, payloads)
         produce(settings, payloads)
-        worker = run_to_end(worker_factory, settings, len(payloads), **env)
-        runs[name] = (settle(settings), training_data(settings))
-        worker.stop()
+    runs = {}
+    worker = run_to_end(worker_factory, envs["default"], len(payloads), **skew)
+    expected_state = settle(envs["default"])
+    runs["default"] = (expected_state, training_data(envs["default"]))
+    worker.stop()
 
-    killed = env_factory()
-    seed_checkpoint(killed, payloads)
-    produce(killed, payloads)
+    small = {**skew, "STREAMPROC_BATCH_MAX_EVENTS": "50", "STREAMPROC_SWEEP_BUDGET": "10"}
+    worker = run_to_end(worker_factory, envs["small"], len(payloads), **small)
+    wait_equal(envs["small"], expected_state, timeout=180)
+    time.sleep(2)  # the last outputs delivered
+    runs["small"] = (redis_snapshot(envs["small"]), training_data(envs["small"]))
+    worker.stop()
+
     rnd = random.Random(41)
     for _ in range(3):
-        worker = frozen(worker_factory(killed), **skew).start()
+        worker = frozen(worker_factory(envs["killed"]), **skew).start()
         worker.wait_ready()
         target = processed_total(worker.metrics()) + rnd.randint(200, 1500)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and processed_total(worker.metrics()) < target:
             time.sleep(rnd.uniform(0.0, 0.05))
         worker.stop(signal.SIGKILL)
-    frozen(worker_factory(killed), **skew).start()
-    runs["killed"] = (settle(killed), training_data(killed))
+    frozen(worker_factory(envs["killed"]), **skew).start()
+    wait_equal(envs["killed"], expected_state, timeout=180)
+    time.sleep(2)
+    runs["killed"] = (redis_snapshot(envs["killed"]), training_data(envs["killed"]))
 
     expected_state, expected_examples = runs["default"]
     books = churn_bookkeeping(expected_state)
