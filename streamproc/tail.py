@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from streamproc.schemas import examples_of
 from streamproc.settings import Settings
@@ -13,28 +14,49 @@ from streamproc.topics import kafka_security_kwargs, load_specs
 
 
 def read_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s: float) -> list[dict]:
-    """Every record of a declared topic (decoded JSON values), oldest first, up to ``max_records``."""
+    """Every record of a declared topic (decoded JSON values), oldest first, up to ``max_records``: read up to the
+    end offsets the topic had when the read began (not until a pause, which on a busy machine can come early).
+    ``idle_timeout_s`` bounds a wait in which nothing arrives, and the wait for the topic's metadata."""
+    name = settings.topic(topic)
     consumer = KafkaConsumer(
-        settings.topic(topic),
         bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
-        consumer_timeout_ms=int(idle_timeout_s * 1000),
         **kafka_security_kwargs(settings),
     )
     out: list[dict] = []
     try:
-        for record in consumer:
-            try:
-                out.append(json.loads(record.value))
-            except ValueError:
-                out.append({"_raw": repr(record.value[:200])})
-            if len(out) >= max_records:
+        deadline = time.monotonic() + max(idle_timeout_s, 10.0)
+        partitions = consumer.partitions_for_topic(name)
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)
+            consumer.topics()  # refreshes the metadata
+            partitions = consumer.partitions_for_topic(name)
+        if not partitions:
+            return out
+        assigned = [TopicPartition(name, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        consumer.seek_to_beginning(*assigned)
+        ends = consumer.end_offsets(assigned)
+        left = {tp for tp in assigned if ends[tp] > 0}
+        idle_since = time.monotonic()
+        while left and len(out) < max_records:
+            batches = consumer.poll(timeout_ms=200, max_records=max_records - len(out))
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        try:
+                            out.append(json.loads(record.value))
+                        except ValueError:
+                            out.append({"_raw": repr(record.value[:200])})
+            left = {tp for tp in left if consumer.position(tp) < ends[tp]}
+            if batches:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_timeout_s:
                 break
     finally:
         consumer.close()
-    return out
+    return out[:max_records]
 
 
 def read_training_examples(settings: Settings, idle_timeout_s: float = 3.0) -> tuple[list[dict], int]:

@@ -152,6 +152,26 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
     return out
 
 
+def wait_delivered(settings: Settings, timeout: float = 60.0) -> None:
+    """Wait until the broker has confirmed every output a worker saved: a save parks its outputs in the outbox
+    (``sp:outbox:<p>``) and the worker clears them once the broker acknowledged them. Reading an output topic
+    before then can miss the newest."""
+    import redis
+
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            parked = sum(r.hlen(key) for key in r.scan_iter("sp:outbox:*", count=1000))
+            if not parked:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{parked} outputs still parked after {timeout}s")
+            time.sleep(0.2)
+    finally:
+        r.close()
+
+
 @pytest.fixture
 def topics(settings: Settings) -> Iterator[Settings]:
     from streamproc.topics import apply_topics, delete_run_topics

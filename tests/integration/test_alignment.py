@@ -12,7 +12,7 @@ import pytest
 from streamproc.producer import EventProducer
 from streamproc.simulate import SimulationConfig, Simulator
 from streamproc.tail import read_topic, read_training_examples
-from tests.conftest import FROZEN_MODEL_ENV, seed_checkpoint
+from tests.conftest import FROZEN_MODEL_ENV, seed_checkpoint, wait_delivered
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +33,7 @@ def scored_against_the_right_recommendation(settings, customers: list[str]) -> f
     at or before the purchase in event time (what hit-rate@k is meant to score)."""
     digest_of = {hashlib.blake2b(c.encode(), digest_size=8).hexdigest(): c for c in customers}
     recs: dict[str, list[dict]] = {}
+    wait_delivered(settings)
     for rec in read_topic(settings, "recommendations", 10_000_000, 3.0):
         recs.setdefault(rec["customer_id"], []).append(rec)
     baskets = [e for e in read_training_examples(settings)[0] if e["kind"] == "basket"]

@@ -15,7 +15,7 @@ from streamproc.app import decode_limits
 from streamproc.demo import processed_total
 from streamproc.domain.events import Rejection, decode_event
 from streamproc.tail import read_topic
-from tests.conftest import produce
+from tests.conftest import produce, wait_delivered
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -108,6 +108,7 @@ def test_fuzzed_payloads_are_applied_or_dead_lettered_and_counted(topics, worker
     metrics = worker.wait_processed(len(collected), timeout=120)
     time.sleep(1)
     assert worker.proc is not None and worker.proc.poll() is None, "the worker must stay up"
+    wait_delivered(topics)
     letters = read_topic(topics, "streamproc-dlq", 100_000, 3.0)
     assert len({letter["dlq_id"] for letter in letters}) == expected_invalid
     dead = sum(v for k, v in metrics.items() if k.startswith("streamproc_dlq_records_total"))

@@ -23,7 +23,7 @@ from streamproc.demo import metric_total
 from streamproc.simulate import SimulationConfig, Simulator
 from streamproc.tail import read_topic
 from streamproc.topics import SCHEMAS_DIR, load_specs
-from tests.conftest import FROZEN_MODEL_ENV, produce, seed_checkpoint
+from tests.conftest import FROZEN_MODEL_ENV, produce, seed_checkpoint, wait_delivered
 from tests.integration.test_faults import own_redis
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,7 @@ def test_every_output_record_of_a_run_honours_its_published_schema(topics, worke
     worker.extra_env = dict(FROZEN_MODEL_ENV)
     worker.start()
     worker.wait_processed(len(history), timeout=180)
-    time.sleep(2)
+    wait_delivered(settings)
     specs = load_specs()
     seen = {}
     for name in ("churn-alerts", "recommendations", "segment-moves", "streamproc-training", "streamproc-dlq"):

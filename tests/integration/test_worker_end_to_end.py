@@ -10,7 +10,7 @@ import redis
 from streamproc.adapters.feature_store import customer_key, read_features
 from streamproc.demo import processed_total
 from streamproc.tail import read_topic
-from tests.conftest import produce
+from tests.conftest import produce, wait_delivered
 
 pytestmark = pytest.mark.integration
 T0 = 1_767_261_600_000
@@ -72,6 +72,7 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     assert feats("cust19")["monetary_total"] == 29.0
     assert not r.exists(customer_key("bad"))
 
+    wait_delivered(settings)
     letters = read_topic(settings, "streamproc-dlq", 100, 5.0)
     by_reason = {d["reason"]: d for d in letters}
     assert sorted(by_reason) == sorted(BAD)
