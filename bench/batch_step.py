@@ -29,13 +29,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine  # noqa: E402
 
 from streamproc.adapters.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore  # noqa: E402
-from streamproc.app import churn_config, decode_limits, fold_config  # noqa: E402
 from streamproc.cli import tune_gc  # noqa: E402
 from streamproc.domain.models import ModelBundle  # noqa: E402
 from streamproc.infra import Infra  # noqa: E402
-from streamproc.metrics import Metrics  # noqa: E402
 from streamproc.offline import run_offline  # noqa: E402
-from streamproc.processing import BatchProcessor, RawRecord  # noqa: E402
+from streamproc.pipeline.factory import build_processor  # noqa: E402
+from streamproc.processing import RawRecord  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 
@@ -65,8 +64,7 @@ def as_records(payloads: list[tuple[str, bytes, bytes]]) -> list[RawRecord]:
 
 async def measure(records: list[RawRecord], store: FeatureStore, settings: Settings, batch: int,
                   trained: bytes | None, models: bool = True) -> dict[str, float]:
-    proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
-                          churn=churn_config(settings), sweep_budget=batch, models_enabled=models)
+    proc = build_processor(settings.model_copy(update={"models_enabled": models, "sweep_budget": batch}), store)
     if trained is not None:
         proc.bundle = ModelBundle.loads(trained)
     outputs = 0

@@ -28,18 +28,16 @@ from streamproc.adapters.model_store import ModelStore, RedisModelStore
 from streamproc.align import TopicAligner
 from streamproc.batching import ack_batch, drain_batches, mark_taken
 from streamproc.compiled import status as compiled_status
-from streamproc.domain.churn import ChurnConfig
-from streamproc.domain.customer import FoldConfig
-from streamproc.domain.events import DecodeLimits
-from streamproc.domain.models import ModelConfig
-from streamproc.domain.recommend import RecConfig
+from streamproc.config import model_config
 from streamproc.errors import FatalStepError, is_transient, root_cause
+from streamproc.lookup import lookup
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor, BatchResult, RawRecord
+from streamproc.pipeline.factory import build_processor
+from streamproc.processing import BatchResult, RawRecord
 from streamproc.readmission import Readmission
 from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 from streamproc.settings import Settings
-from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials
+from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, admin_client, faust_credentials
 from streamproc.trainer import TRAINING_TOPIC, Trainer
 from streamproc.transport import BulkInbox, attach_inbox, inbox_of, install_loop_bound_futures
 from streamproc.transport import Consumer as FastConsumer
@@ -70,64 +68,6 @@ MAX_UNCONFIRMED = 8  # emits whose broker acknowledgements may be awaited at onc
 SHUTDOWN_CONFIRM_S = 10.0  # a clean stop waits this long at most for outputs still being confirmed
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE: a step failed for good (the log and stderr say which and why)
 SWEEP_IDLE_S = 0.5  # no batch for this long: the sweep timer carries a pass on by itself
-
-
-def decode_limits(settings: Settings) -> DecodeLimits:
-    return DecodeLimits(
-        max_payload_bytes=settings.max_payload_bytes,
-        max_items_per_transaction=settings.max_items_per_transaction,
-        max_future_skew_ms=int(settings.max_future_skew_s * 1000),
-        min_event_time_ms=settings.min_event_time_ms,
-        unknown_fields=settings.unknown_fields,
-        dead_letter_max_original_bytes=settings.dead_letter_max_original_bytes,
-    )
-
-
-def fold_config(settings: Settings) -> FoldConfig:
-    return FoldConfig(
-        dedup_horizon_ms=int(settings.dedup_horizon_s * 1000),
-        dedup_max_ids=settings.dedup_max_ids,
-        session_gap_ms=int(settings.session_gap_s * 1000),
-        allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
-        windows_days=tuple(settings.windows_days),
-        new_days=settings.lifecycle_new_days,
-        at_risk_days=settings.lifecycle_at_risk_days,
-        churned_days=settings.lifecycle_churned_days,
-        clv_period_days=settings.clv_period_days,
-        clv_periods=settings.clv_periods,
-        clv_discount_rate=settings.clv_discount_rate,
-        clv_retention_probability=settings.clv_retention_probability,
-        tier_high=settings.tier_high_spend,
-        tier_medium=settings.tier_medium_spend,
-    )
-
-
-def churn_config(settings: Settings) -> ChurnConfig:
-    return ChurnConfig(
-        horizon_days=settings.churn_horizon_days, cadence_days=settings.snapshot_cadence_days,
-        label_on=settings.churn_label_on, alert_threshold=settings.alert_threshold,
-        rearm_threshold=settings.alert_rearm_threshold, cooldown_days=settings.alert_cooldown_days,
-        high_risk=settings.risk_high, critical_risk=settings.risk_critical,
-    )
-
-
-def rec_config(settings: Settings) -> RecConfig:
-    return RecConfig(
-        k=settings.rec_k, halflife_days=settings.rec_halflife_days, max_items=settings.rec_max_items,
-        max_pairs=settings.rec_max_pairs, min_pair_count=settings.rec_min_pair_count,
-        exclude_bought_days=settings.rec_exclude_bought_days, viewed_days=settings.rec_viewed_days,
-        catalogue_days=settings.rec_catalogue_days, weight_bought_together=settings.rec_weight_bought_together,
-        weight_viewed_not_bought=settings.rec_weight_viewed_not_bought,
-        weight_popular_in_segment=settings.rec_weight_popular_in_segment,
-    )
-
-
-def model_config(settings: Settings) -> ModelConfig:
-    return ModelConfig(
-        segmenter=settings.segmenter, n_segments=settings.n_segments, kmeans_halflife=settings.kmeans_halflife,
-        classifier=settings.classifier, seed=settings.model_seed, alert_threshold=settings.alert_threshold,
-        rec=rec_config(settings),
-    )
 
 
 class RawSchema(faust.Schema):
@@ -161,23 +101,7 @@ class Worker:
             Trainer(settings, self.models, self.metrics, model_config(settings))
             if settings.models_enabled and settings.trainer_enabled else None
         )
-        self.processor = BatchProcessor(
-            self.store,
-            self.metrics,
-            decode_limits(settings),
-            fold_config(settings),
-            late_policy=settings.late_event_policy,
-            expire_after_days=settings.expire_after_days,
-            sweep_interval_ms=int(settings.sweep_interval_s * 1000),
-            churn=churn_config(settings),
-            max_source_skew_ms=None if settings.max_source_skew_s is None else int(settings.max_source_skew_s * 1000),
-            action_table=settings.retention_actions,
-            models_enabled=settings.models_enabled,
-            pseudonymize=settings.customer_key if settings.pseudonymize_key else None,
-            excluded_products=frozenset(settings.rec_excluded_products),
-            sweep_budget=settings.sweep_budget,
-            fault_event_id=settings.fault_inject_event_id,
-        )
+        self.processor = build_processor(settings, self.store, self.metrics)
         self.last_batch_at = 0.0  # monotonic time of the last applied batch
         self.step_lock = asyncio.Lock()  # one batch or sweep step at a time (the ingest agent, the sweep timer)
         self.kind_of = {settings.topic(name): name for name in INPUT_TOPICS}
@@ -257,8 +181,6 @@ class Worker:
         @app.page("/customers/{customer_id}")
         class CustomerView(View):
             async def get(self, request: Request, customer_id: str) -> Response:
-                from streamproc.lookup import lookup
-
                 if not authorized(request):
                     return self.json({"error": "unauthorized"}, status=401)
                 found = await lookup(worker.store, worker.models, worker.settings,
@@ -805,8 +727,6 @@ def _generation_of(pair: Pair) -> int | None:
 def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:
     """Block until the broker reports every topic (Faust subscribes once and ignores a missing topic for
     good, so a worker started before `streamproc topics apply` would otherwise consume nothing)."""
-    from streamproc.topics import admin_client
-
     wanted = {settings.topic(name) for name in names}
     waited = 0.0
     while True:

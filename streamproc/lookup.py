@@ -12,6 +12,7 @@ import orjson
 
 from streamproc.adapters.feature_store import FeatureStore
 from streamproc.adapters.model_store import ModelStore
+from streamproc.config import fold_config
 from streamproc.domain.customer import CustomerState, features
 from streamproc.settings import Settings
 
@@ -19,8 +20,6 @@ from streamproc.settings import Settings
 async def lookup(
     store: FeatureStore, models: ModelStore, settings: Settings, customer_id: str
 ) -> dict[str, Any] | None:
-    from streamproc.app import fold_config
-
     blob = await store.state_blob(customer_id)
     if blob is None:
         return None

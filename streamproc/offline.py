@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from streamproc.adapters.feature_store import InMemoryFeatureStore
+from streamproc.config import model_config
 from streamproc.domain.models import ModelBundle
-from streamproc.metrics import Metrics
+from streamproc.pipeline.factory import build_processor
 from streamproc.processing import BatchProcessor, BatchResult, RawRecord
 from streamproc.settings import Settings
 
@@ -34,16 +35,14 @@ async def run_offline(
 ) -> tuple[ModelBundle, BatchProcessor, InMemoryFeatureStore]:
     """Run ``(topic, key, payload)`` records through the batch step and the trainer; returns the trained
     bundle, the processor and its in-memory store."""
-    from streamproc.app import churn_config, decode_limits, fold_config, model_config
-
     records = []
     offsets: dict[str, int] = {}
     for topic, key, payload in payloads:
         offsets[topic] = offsets.get(topic, -1) + 1
         records.append(RawRecord(topic, topic, 0, offsets[topic], key, payload, None))
     store = InMemoryFeatureStore()
-    proc = BatchProcessor(store, Metrics(), decode_limits(settings), fold_config(settings),
-                          churn=churn_config(settings))
+    proc = build_processor(settings, store)
+    proc.sweep_budget = None  # no ingest to keep responsive here: every sweep pass completes within its step
     trainer = ModelBundle(model_config(settings))
     for n, i in enumerate(range(0, len(records), batch)):
         result = await proc.process(records[i : i + batch])

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from prometheus_client import CollectorRegistry, start_http_server
 
-from streamproc.adapters.model_store import ModelStore, StaleCheckpoint
+from streamproc.adapters.feature_store import RedisFeatureStore
+from streamproc.adapters.model_store import ModelStore, RedisModelStore, StaleCheckpoint
+from streamproc.config import model_config
 from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.metrics import Metrics
 from streamproc.offline import learn
@@ -239,14 +243,6 @@ class Trainer:
 
 def run_trainer(settings: Settings) -> None:
     """``streamproc trainer``: a trainer alone in its process, with its metrics on ``trainer_metrics_port``."""
-    import signal
-
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    from streamproc.adapters.feature_store import RedisFeatureStore
-    from streamproc.adapters.model_store import RedisModelStore
-    from streamproc.app import model_config
-
     logging.basicConfig(level=settings.log_level.upper(),
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     registry = CollectorRegistry()

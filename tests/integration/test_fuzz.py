@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamproc.app import decode_limits
+from streamproc.config import decode_limits
 from streamproc.demo import processed_total
 from streamproc.domain.events import Rejection, decode_event
 from streamproc.tail import read_topic

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from streamproc.adapters.model_store import RedisModelStore
-from streamproc.app import model_config
+from streamproc.config import model_config
 from streamproc.demo import metric_total
 from streamproc.domain.models import ModelBundle
 from streamproc.offline import learn

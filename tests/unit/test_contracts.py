@@ -82,7 +82,7 @@ def test_the_trainer_learns_every_example_of_a_record_once_and_counts_them():
     import orjson
 
     from streamproc.adapters.model_store import InMemoryModelStore
-    from streamproc.app import model_config
+    from streamproc.config import model_config
     from streamproc.domain.churn import SEGMENT_FEATURES
     from streamproc.domain.models import ModelBundle
     from streamproc.metrics import Metrics

@@ -415,7 +415,7 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
     records = sim_records(customers=60, days=150, seed=12)
 
     async def outputs(sizes, sweep_budget=None):
-        from streamproc.app import churn_config
+        from streamproc.config import churn_config
 
         store = InMemoryFeatureStore()
         proc = BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig(allowed_lateness_ms=3_600_000),
