@@ -3,36 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
+import importlib
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-import orjson
+from streamproc.demo import run_demo
+from streamproc.infra import Infra, InfraError
+from streamproc.replay import run_replay
+from streamproc.schemas import stale_schemas, write_schemas
+from streamproc.settings import settings_from_env
+from streamproc.simulate import SimulationConfig, run_simulation
+from streamproc.tail import follow_alerts, tail_topic
+from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
 
-from streamproc.settings import Settings, SettingsError, env_warnings, load_settings
+# the one place the command line loads code late: these commands import Faust and River (seconds of start-up),
+# which the others (and ``--help``) should not wait for
+SERVICE_COMMANDS = "streamproc.service_commands"
 
 
-def _settings() -> Settings:
-    """The settings from the environment; a configuration error ends the command (status 2) with one line per
-    problem instead of a traceback, and a STREAMPROC_ variable that nothing reads gets a warning."""
-    for warning in env_warnings():
-        print(f"warning: {warning}", file=sys.stderr)
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print("error: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(2) from None
+def service(name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``name`` of ``SERVICE_COMMANDS``, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(SERVICE_COMMANDS), name)
+        return command(args)
+
+    return run
 
 
 def cmd_infra(args: argparse.Namespace) -> int:
-    from streamproc.infra import Infra, InfraError
-
-    infra = Infra(_settings())
+    infra = Infra(settings_from_env())
     try:
         if args.action == "up":
             for status in infra.up():
@@ -52,9 +54,6 @@ def cmd_infra(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streamproc.schemas import stale_schemas, write_schemas
-    from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
-
     if args.action == "schemas":
         if args.check:
             stale = stale_schemas(SCHEMAS_DIR)
@@ -71,7 +70,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
             print(f"{spec.name:<18} {spec.role:<7} partitions={spec.partitions} cleanup={spec.cleanup_policy} "
                   f"retention_ms={spec.retention_ms} schema={spec.schema}")
         return 0
-    report = apply_topics(_settings(), partitions_override=args.partitions)
+    report = apply_topics(settings_from_env(), partitions_override=args.partitions)
     for name in report.created:
         print(f"created   {name}")
     for name in report.unchanged:
@@ -81,193 +80,35 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
-def tune_gc(settings: Settings) -> None:
-    """A long-running process that allocates a few dozen short-lived objects per event: with Python's default
-    young-generation threshold (700 allocations) the cyclic collector runs every few events and, through the
-    older generations, keeps walking every live object (measured on the batch step: 40 % of its time). Collect
-    less often, and move what start-up created (modules, Faust, River) out of the collector's way."""
-    if settings.gc_young_threshold:
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(settings.gc_young_threshold, 20, 10)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from streamproc.app import run_worker
-
-    settings = _settings()
-    if args.web_port is not None:
-        settings = settings.model_copy(update={"web_port": args.web_port})
-    tune_gc(settings)
-    run_worker(settings)
-    return 0
-
-
-def cmd_trainer(args: argparse.Namespace) -> int:
-    from streamproc.trainer import run_trainer
-
-    settings = _settings()
-    tune_gc(settings)
-    run_trainer(settings)
-    return 0
-
-
-def cmd_customer(args: argparse.Namespace) -> int:
-    from streamproc.adapters.feature_store import RedisFeatureStore
-    from streamproc.adapters.model_store import RedisModelStore
-    from streamproc.lookup import lookup
-
-    settings = _settings()
-    async def run() -> int:
-        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
-        try:
-            if args.action == "show":
-                found = await lookup(store, RedisModelStore(store.redis), settings,
-                                     settings.customer_key(args.customer_id))
-                if found is None:
-                    print(f"no customer {args.customer_id!r}", file=sys.stderr)
-                    return 1
-                if args.json:
-                    print(json.dumps(found, indent=2, sort_keys=True))
-                else:
-                    feats = found["features"]
-                    width = max(len(k) for k in feats)
-                    for key in sorted(feats):
-                        print(f"{key:<{width}}  {feats[key]}")
-                    seg = found["segment"]
-                    print(f"{'segment':<{width}}  {seg.get('name', seg['id']) if seg else '-'}")
-                    print(f"{'churn_probability':<{width}}  {found['churn']['probability']}")
-                return 0
-            erased = await store.forget(settings.customer_key(args.customer_id))
-            print("erased" if erased else "no stored features; the erasure is recorded anyway")
-            return 0
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
-async def train_from_file(settings: Any, models: Any, path: str | None) -> int:
-    """Bootstrap the global models from recorded events (JSON lines or CSV, like ``replay``): the batch step
-    and the trainer run in this process, and the result becomes the current checkpoint for every worker."""
-    from pathlib import Path
-
-    from streamproc.offline import run_offline
-    from streamproc.replay import timed_events
-
-    if not path:
-        print("usage: streamproc models train FILE", file=sys.stderr)
-        return 2
-    timed = timed_events(Path(path))
-    payloads = [(target, str(e.get("customer_id", "")).encode(), orjson.dumps(e)) for _, _, target, e in timed]
-    bundle, _, _ = await run_offline(payloads, settings)
-    version = await models.save(bundle, settings.checkpoint_keep)
-    print(f"trained on {len(payloads)} events: checkpoint v{version} is current "
-          f"({bundle.churn_examples} churn, {bundle.segment_examples} segment examples)")
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from streamproc.adapters.feature_store import RedisFeatureStore
-    from streamproc.adapters.model_store import RedisModelStore
-
-    settings = _settings()
-    async def run() -> int:
-        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
-        models = RedisModelStore(store.redis)
-        try:
-            if args.action == "train":
-                return await train_from_file(settings, models, args.version)
-            if args.action == "rollback":
-                await models.set_current(int(args.version))
-                print(f"current model version is now {args.version}")
-                return 0
-            summary = await models.summary()
-            versions = await models.versions()
-            if summary is None:
-                print("no model checkpoint yet")
-                return 1
-            if args.json:
-                print(json.dumps({**summary, "versions": versions}, indent=2, sort_keys=True))
-                return 0
-            print(f"current version {summary['version']} (kept: {versions}); classifier {summary['classifier']}, "
-                  f"segmenter {summary['segmenter']}")
-            print(f"churn examples {summary['churn_examples']}, segment examples {summary['segment_examples']}, "
-                  f"drift detections {summary['drift_detections']}")
-            print("prequential (scored at snapshot time, once labels matured):")
-            for key in ("roc_auc", "log_loss", "precision", "recall", "rolling_roc_auc", "rolling_precision",
-                        "rolling_recall", "labels", "positive_rate"):
-                print(f"  {key:<18} {summary.get(key, 0):.4f}" if isinstance(summary.get(key), float)
-                      else f"  {key:<18} {summary.get(key)}")
-            if "rec_purchases" in summary:
-                print("recommendations (each purchase vs the last recommendation shown before it):")
-                print(f"  hit-rate@k {summary['rec_hit_rate']:.4f}  precision@k {summary['rec_precision']:.4f}  "
-                      f"on {summary['rec_purchases']} purchases")
-                print(f"  popularity baseline: hit-rate@k {summary['rec_baseline_hit_rate']:.4f}  "
-                      f"precision@k {summary['rec_baseline_precision']:.4f}")
-                print(f"  co-purchase model: {summary.get('rec_items', 0)} items, {summary.get('rec_pairs', 0)} pairs")
-            print("segments:")
-            for sid, profile in sorted(summary.get("segments", {}).items()):
-                centroid = ", ".join(f"{k}={v}" for k, v in profile["centroid"].items())
-                print(f"  {sid} {profile['name']:<45} size {profile.get('size_share', 0):.1%}, "
-                      f"spend {profile.get('spend_share', 0):.1%}: {centroid}")
-            return 0
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
 def cmd_alerts(args: argparse.Namespace) -> int:
-    from streamproc.tail import follow_alerts
-
-    return follow_alerts(_settings(), args.risk, args.tier, args.json, args.timeout, args.max)
+    return follow_alerts(settings_from_env(), args.risk, args.tier, args.json, args.timeout, args.max)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from streamproc.tail import tail_topic
-
-    return tail_topic(_settings(), args.topic, args.max, args.timeout, args.json)
+    return tail_topic(settings_from_env(), args.topic, args.max, args.timeout, args.json)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from streamproc.simulate import SimulationConfig, run_simulation
-
     cfg = SimulationConfig(
         customers=args.customers, days=args.days, seed=args.seed, bad_fraction=args.bad_fraction,
         duplicate_fraction=args.duplicate_fraction, start=args.start,
     )
-    return run_simulation(_settings(), cfg, rate=args.rate, out_dir=args.out, to_file=args.to_file,
+    return run_simulation(settings_from_env(), cfg, rate=args.rate, out_dir=args.out, to_file=args.to_file,
                           quiet=args.quiet)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from streamproc.replay import run_replay
-
     mapping = dict(item.split("=", 1) for item in args.map)
-    stats = run_replay(_settings(), Path(args.file), args.format, mapping, args.speed, args.topic, args.quiet)
+    stats = run_replay(settings_from_env(), Path(args.file), args.format, mapping, args.speed, args.topic, args.quiet)
     return 0 if stats.sent else 1
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from streamproc.evaluate import run_evaluate
-
-    run_evaluate(_settings(), Path(args.run), Path(args.out) if args.out else None)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamproc.demo import run_demo
-
-    return run_demo(_settings(), customers=args.customers, days=args.days, rate=args.rate)
+    return run_demo(settings_from_env(), customers=args.customers, days=args.days, rate=args.rate)
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
-    print(json.dumps(_settings().masked(), indent=2, default=str))
+    print(json.dumps(settings_from_env().masked(), indent=2, default=str))
     return 0
 
 
@@ -287,23 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a stream-processing worker")
     p.add_argument("--web-port", type=int, default=None)
-    p.set_defaults(func=cmd_worker)
+    p.set_defaults(func=service("cmd_worker"))
 
     p = sub.add_parser("trainer", help="run the global model trainer alone (scoring workers then run with "
                                        "STREAMPROC_TRAINER_ENABLED=false)")
-    p.set_defaults(func=cmd_trainer)
+    p.set_defaults(func=service("cmd_trainer"))
 
     p = sub.add_parser("customer", help="show or erase one customer")
     p.add_argument("action", choices=["show", "forget"])
     p.add_argument("customer_id")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_customer)
+    p.set_defaults(func=service("cmd_customer"))
 
     p = sub.add_parser("models", help="show the global models, roll back a version, or train from a file")
     p.add_argument("action", nargs="?", choices=["show", "rollback", "train"], default="show")
     p.add_argument("version", nargs="?", help="rollback: the version; train: the events file")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=service("cmd_models"))
 
     p = sub.add_parser("alerts", help="follow churn alerts: streamproc alerts tail [--risk high] [--tier high]")
     p.add_argument("action", choices=["tail"])
@@ -346,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a simulated run's outputs against its ground truth")
     p.add_argument("--run", default="runs/latest", help="the simulation's output folder (ground truth)")
     p.add_argument("--out", default=None, help="write the scores as JSON here")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=service("cmd_evaluate"))
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=1000)

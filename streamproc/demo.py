@@ -12,7 +12,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from streamproc.adapters.feature_store import RedisFeatureStore
+from streamproc.infra import Infra
+from streamproc.producer import EventProducer
 from streamproc.settings import Settings
+from streamproc.simulate import SimulationConfig, Simulator, write_truth
+from streamproc.tail import format_alert, read_topic
+from streamproc.topics import apply_topics, delete_topics, load_specs
 
 DEMO_REDIS_DB = 1
 
@@ -73,12 +79,6 @@ def stop_pipeline(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -
 
 
 def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
-    from streamproc.adapters.feature_store import RedisFeatureStore
-    from streamproc.infra import Infra
-    from streamproc.producer import EventProducer
-    from streamproc.simulate import SimulationConfig, Simulator, write_truth
-    from streamproc.topics import apply_topics, delete_topics, load_specs
-
     print("== 1/5 local infrastructure (real Kafka broker + Redis on loopback)")
     for status in Infra(settings).up():
         print("   " + status.line())
@@ -162,8 +162,6 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         env_cli = {**env}
         subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env_cli)
         print("   --- churn alerts (streamproc alerts tail), first 5")
-        from streamproc.tail import format_alert, read_topic
-
         for alert in read_topic(settings, "churn-alerts", 5, 2.0):
             print("   " + format_alert(alert))
         print("   --- recommendations (streamproc tail recommendations), first 3")

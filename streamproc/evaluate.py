@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from streamproc.adapters.feature_store import RedisFeatureStore, customer_key, decode_feature_row, feature_names_from
+from streamproc.adapters.model_store import RedisModelStore
+from streamproc.tail import read_topic
+
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """Area under the ROC curve (Mann-Whitney, ties count half). NaN with a single class."""
@@ -88,15 +92,6 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
     import asyncio
 
     import redis
-
-    from streamproc.adapters.feature_store import (
-        RedisFeatureStore,
-        customer_key,
-        decode_feature_row,
-        feature_names_from,
-    )
-    from streamproc.adapters.model_store import RedisModelStore
-    from streamproc.tail import read_topic
 
     truth = [json.loads(line) for line in (run_dir / "ground_truth.jsonl").read_text().splitlines() if line]
     client = redis.Redis.from_url(settings.redis_url)

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from streamproc.domain.events import parse_event_time
+from streamproc.producer import EventProducer
 from streamproc.settings import Settings
 
 INT_FIELDS = {"quantity"}
@@ -103,8 +104,6 @@ def run_replay(settings: Settings, path: Path, fmt: str | None = None, mapping: 
 
     ``speed`` 0 sends as fast as possible; otherwise event time runs ``speed`` times faster than wall time.
     """
-    from streamproc.producer import EventProducer
-
     stats = ReplayStats()
     timed = timed_events(path, fmt, mapping, topic, stats)
     producer = EventProducer(settings)

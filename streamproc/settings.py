@@ -10,6 +10,7 @@ import difflib
 import operator
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -389,3 +390,17 @@ def env_warnings(environ: Mapping[str, str] = os.environ) -> list[str]:
             close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
             lines.append(f"{var} matches no setting" + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""))
     return lines
+
+
+def settings_from_env() -> Settings:
+    """The settings from the environment; a configuration error ends the command (status 2) with one line per
+    problem instead of a traceback, and a STREAMPROC_ variable that nothing reads gets a warning."""
+    for warning in env_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print("error: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from streamproc.producer import EventProducer
 from streamproc.settings import Settings
 
 DAY_MS = 86_400_000
@@ -440,8 +441,6 @@ def run_simulation(settings: Settings, cfg: SimulationConfig, rate: float, out_d
                     fh.write(payload + b"\n")
                     sent += 1
     else:
-        from streamproc.producer import EventProducer
-
         producer = EventProducer(settings)
         try:
             for topic, key, payload in sim.payloads():

@@ -9,9 +9,9 @@ from collections import Counter
 import orjson
 
 from streamproc.adapters.model_store import InMemoryModelStore
-from streamproc.cli import train_from_file
 from streamproc.offline import run_offline
 from streamproc.processing import BatchResult
+from streamproc.service_commands import train_from_file
 from streamproc.settings import Settings
 from streamproc.simulate import SimulationConfig, Simulator
 
