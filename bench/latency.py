@@ -75,8 +75,7 @@ def main() -> None:
         while not scrape(settings.web_port):
             time.sleep(0.2)
         time.sleep(3)  # group join
-        producer = EventProducer(settings)
-        producer._producer.config["linger_ms"] = 2
+        producer = EventProducer(settings, linger_ms=2)
         sim = Simulator(SimulationConfig(customers=args.customers, days=365, seed=11))
         started = time.monotonic()
         sent = 0

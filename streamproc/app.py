@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
 from streamproc.adapters.model_store import ModelStore, RedisModelStore
 from streamproc.align import TopicAligner
-from streamproc.batching import ack_batch, drain_batches, mark_taken
 from streamproc.compiled import status as compiled_status
 from streamproc.config import model_config
 from streamproc.errors import FatalStepError, is_transient, root_cause
@@ -37,9 +36,19 @@ from streamproc.processing import BatchResult, RawRecord
 from streamproc.readmission import Readmission
 from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 from streamproc.settings import Settings
-from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, admin_client, faust_credentials
+from streamproc.topics import DLQ_TOPIC, INPUT_TOPICS, faust_credentials, wait_for_topics
 from streamproc.trainer import TRAINING_TOPIC, Trainer
-from streamproc.transport import BulkInbox, attach_inbox, inbox_of, install_loop_bound_futures
+from streamproc.transport import (
+    BulkInbox,
+    ack_batch,
+    attach_inbox,
+    committed_offset,
+    drain_batches,
+    inbox_of,
+    install_loop_bound_futures,
+    mark_taken,
+    sensors_told_in_bulk,
+)
 from streamproc.transport import Consumer as FastConsumer
 
 ALERTS_TOPIC = "churn-alerts"
@@ -256,7 +265,7 @@ class Worker:
         batches: AsyncIterator[list[Any]]
         log.info("input delivery: %s", "Faust's stock consumer" if inbox is None else "bulk (streamproc://)")
         if inbox is not None:
-            monitored = cast(FastConsumer, self.app.consumer)._monitor_only() is not None
+            monitored = sensors_told_in_bulk(self.app.consumer)
             log.info("sensors told of %s", "whole fetches and batches" if monitored else "every message")
         log.info("domain core: %s", compiled_status())
         if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
@@ -321,8 +330,8 @@ class Worker:
             self.metrics.input_dropped.inc(readmission.dropped - dropped_before)
         if readmission.holes and self.app.flow_control.is_active():
             consumer = self.app.consumer
-            committed = cast(dict[TP, int | None], consumer._committed_offset)  # type: ignore[attr-defined]
-            rewinds = dict(readmission.rewinds(generation, consumer.assignment(), committed.get))
+            rewinds = dict(readmission.rewinds(generation, consumer.assignment(),
+                                               lambda tp: committed_offset(consumer, tp)))
             if rewinds:
                 log.info("read again from the first dropped record: %s", rewinds)
                 if isinstance(consumer, FastConsumer):
@@ -383,7 +392,7 @@ class Worker:
 
     def _committed(self, tp: TP) -> int:
         """The last offset Faust committed for ``tp`` (-1: none yet)."""
-        committed = getattr(self.app.consumer, "_committed_offset", {}).get(tp)
+        committed = committed_offset(self.app.consumer, tp)
         return committed if committed is not None else -1
 
     async def continue_sweep(self) -> None:
@@ -722,30 +731,6 @@ def _position_of(pair: Pair) -> tuple[TP, int, int | None]:
 
 def _generation_of(pair: Pair) -> int | None:
     return _message_of(pair[1]).generation_id
-
-
-def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:
-    """Block until the broker reports every topic (Faust subscribes once and ignores a missing topic for
-    good, so a worker started before `streamproc topics apply` would otherwise consume nothing)."""
-    wanted = {settings.topic(name) for name in names}
-    waited = 0.0
-    while True:
-        try:
-            admin = admin_client(settings)
-            try:
-                missing = wanted - set(admin.list_topics())
-            finally:
-                admin.close()
-        except Exception as exc:  # broker not up yet
-            missing = wanted
-            log.debug("topic check failed: %s", exc)
-        if not missing:
-            return
-        if waited % 30 == 0:  # before Faust configures logging: straight to stderr
-            print(f"waiting for topics {', '.join(sorted(missing))} (run `streamproc topics apply`)",
-                  file=sys.stderr, flush=True)
-        time.sleep(poll_s)
-        waited += poll_s
 
 
 def run_worker(settings: Settings) -> None:

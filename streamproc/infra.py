@@ -253,7 +253,7 @@ class KafkaService(_Service):
     def format_storage(self, config: Path) -> None:
         if (self.dir / "data" / "meta.properties").exists():
             return
-        cluster_id = _kafka_cluster_id()
+        cluster_id = kafka_cluster_id()
         subprocess.run(
             [self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.tools.StorageTool",
              "format", f"--cluster-id={cluster_id}", "-c", str(config), "--ignore-formatted"],
@@ -294,7 +294,7 @@ def min_heap(heap: str) -> str:
     return "256m" if heap.endswith("g") or int(heap.rstrip("m") or 0) >= 256 else heap
 
 
-def _kafka_cluster_id() -> str:
+def kafka_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars).
 
     Like Kafka's own ``Uuid.randomUuid``, never one starting with ``-``: a command-line parser reads

@@ -233,6 +233,16 @@ class Metrics:
         )
 
 
+# the one place outside streamproc/transport.py that reads a third party's internals: observe_many's
+PROMETHEUS_CHECKED_AGAINST = "prometheus_client 0.26.0"
+PROMETHEUS_INTERNALS: dict[tuple[str, str], str] = {
+    ("prometheus_client.metrics.Histogram", "_upper_bounds"): "read: the bucket bounds",
+    ("prometheus_client.metrics.Histogram", "_buckets"): "incremented: the bucket counters",
+    ("prometheus_client.metrics.Histogram", "_sum"): "incremented: the sum",
+    ("prometheus_client.metrics.Histogram", "_labelnames"): "read: a labelled parent has no buckets of its own",
+}
+
+
 def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
     """``histogram.observe`` for each amount, counted into the buckets first, so a batch of records takes one
     increment per bucket it hits instead of a locked increment and a bucket scan per record. Falls back to

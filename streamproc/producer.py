@@ -9,12 +9,13 @@ from streamproc.topics import kafka_security_kwargs
 
 
 class EventProducer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, linger_ms: int = 20) -> None:
+        """``linger_ms``: how long a batch waits for more records (throughput; a latency probe wants less)."""
         self.settings = settings
         self._producer = KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             acks="all",
-            linger_ms=20,
+            linger_ms=linger_ms,
             batch_size=512 * 1024,
             max_request_size=4 * 1024 * 1024,
             retries=10,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from kafka.errors import TopicAlreadyExistsError
 
 from streamproc.contracts import SCHEMAS_DIR, TOPICS_FILE
 from streamproc.settings import Settings
+
+log = logging.getLogger("streamproc.topics")
 
 __all__ = ["SCHEMAS_DIR", "TOPICS_FILE"]
 
@@ -197,3 +202,27 @@ def _delete_present(settings: Settings, chosen: Callable[[str], bool], timeout_s
         return present
     finally:
         admin.close()
+
+
+def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:
+    """Block until the broker reports every topic (Faust subscribes once and ignores a missing topic for
+    good, so a worker started before `streamproc topics apply` would otherwise consume nothing)."""
+    wanted = {settings.topic(name) for name in names}
+    waited = 0.0
+    while True:
+        try:
+            admin = admin_client(settings)
+            try:
+                missing = wanted - set(admin.list_topics())
+            finally:
+                admin.close()
+        except Exception as exc:  # broker not up yet
+            missing = wanted
+            log.debug("topic check failed: %s", exc)
+        if not missing:
+            return
+        if waited % 30 == 0:  # before Faust configures logging: straight to stderr
+            print(f"waiting for topics {', '.join(sorted(missing))} (run `streamproc topics apply`)",
+                  file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+        waited += poll_s

@@ -12,22 +12,56 @@ messages, tracked as unacked exactly as Faust tracks what it delivers to a strea
 through the consumer (``Consumer.ack``) once it is applied, so commits, gaps and rebalances stay Faust's own;
 what it skips is the conductor's channel lookup, an ``Event`` per record, the channel queue and the stream's
 per-event ack.
+
+With Faust's stock consumer, :func:`drain_batches` reads an agent's stream in bulk instead: it drains the agent's
+channel queue (``get_nowait`` until empty, then one awaited ``get``) and leaves acking to the caller, who acks only
+what was applied (``Stream.take_events`` acks a batch in a ``finally`` block, so a batch that failed or was
+cancelled by a shutdown would be committed). Messages are tracked as unacked as Faust tracks them, so the
+committed offset never passes an event in flight; events of a previous consumer generation are passed on for the
+caller to drop.
+
+This is the one module that uses Faust's, mode's and aiokafka's internals: each private name is listed in
+``THIRD_PARTY_INTERNALS`` with the version it was checked against, and ``tests/unit/test_third_party_internals.py``
+fails if an upgrade removes one. Everything else goes through the public functions here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
+from aiokafka.producer.message_accumulator import MessageBatch
+from aiokafka.util import create_future
 from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, AppT, ConsumerT, Message
+from faust.types import TP, AppT, ConsumerT, EventT, Message, StreamT
 from faust.types.tuples import ack_lock
 from mode import Service, ServiceT
 from mode.utils.futures import notify
+
+CHECKED_AGAINST = "faust-streaming 0.15.3, mode-streaming 0.7.1, aiokafka 0.14.0"
+# (owner, private name): what this module reads, writes or overrides of it
+THIRD_PARTY_INTERNALS: dict[tuple[str, str], str] = {
+    ("aiokafka.producer.message_accumulator.MessageBatch.append", "_create_future"):
+        "a default argument replaced by install_loop_bound_futures",
+    ("faust.transport.consumer.Consumer", "_committed_offset"): "read: the last committed offset per partition",
+    ("faust.transport.consumer.Consumer", "_acked"): "written by ack_applied, as Consumer.ack does",
+    ("faust.transport.consumer.Consumer", "_acked_index"): "written by ack_applied, as Consumer.ack does",
+    ("faust.transport.consumer.Consumer", "_n_acked"): "written by ack_applied and the drain loop",
+    ("faust.transport.consumer.Consumer", "_waiting_for_ack"): "notified by ack_applied, as Consumer.ack does",
+    ("faust.transport.consumer.Consumer", "_on_message_in"): "called for a fetch handed over in bulk",
+    ("faust.transport.consumer.Consumer", "_read_offset"): "read and written by the drain loop",
+    ("faust.transport.consumer.Consumer", "_commit_every"): "read by the drain loop",
+    ("faust.transport.consumer.Consumer", "_add_gap"): "called by the drain loop",
+    ("faust.transport.consumer.Consumer", "_drain_messages"): "overridden: the drain loop",
+    ("faust.streams.Stream", "_on_message_in"): "called by drain_batches for each message it tracks",
+    ("mode.services.Service", "_stopped"): "read by the drain loop (the consumer's and the fetcher's)",
+}
 
 
 def install_loop_bound_futures(loop: asyncio.AbstractEventLoop) -> bool:
@@ -36,11 +70,6 @@ def install_loop_bound_futures(loop: asyncio.AbstractEventLoop) -> bool:
     ``getpid()`` system call (fork detection; 3.12 dropped it), and ``MessageBatch.append`` asks once per record
     produced: 2.5 % of a busy worker's time went to that syscall (py-spy ``--native``). Other threads' loops are
     untouched. Returns whether it was installed (False if aiokafka's ``append`` changed shape)."""
-    import threading
-
-    from aiokafka.producer.message_accumulator import MessageBatch
-    from aiokafka.util import create_future
-
     append = MessageBatch.append
     names = append.__code__.co_varnames[: append.__code__.co_argcount]
     defaults = append.__defaults__ or ()
@@ -114,13 +143,28 @@ class BulkInbox:
         return True
 
 
+_INBOXES: dict[int, BulkInbox] = {}  # id(app) -> its inbox (an app lives as long as its process)
+
+
 def attach_inbox(app: AppT, inbox: BulkInbox) -> None:
     """Deliver ``inbox.topics`` to ``inbox`` in bulk (only the ``streamproc://`` consumer does)."""
-    app._streamproc_inbox = inbox  # type: ignore[attr-defined]
+    _INBOXES[id(app)] = inbox
 
 
 def inbox_of(app: AppT) -> BulkInbox | None:
-    return cast(BulkInbox | None, getattr(app, "_streamproc_inbox", None))
+    return _INBOXES.get(id(app))
+
+
+def committed_offset(consumer: ConsumerT, tp: TP) -> int | None:
+    """The last offset Faust committed for ``tp`` (None: none yet)."""
+    committed: dict[TP, int | None] = getattr(consumer, "_committed_offset", {})
+    return committed.get(tp)
+
+
+def sensors_told_in_bulk(consumer: ConsumerT) -> bool:
+    """Whether the consumer tells the sensors about whole fetches and batches (the app's monitor is the only
+    sensor) rather than every message."""
+    return isinstance(consumer, Consumer) and consumer._monitor_only() is not None
 
 
 class Consumer(aiokafka_driver.Consumer):
@@ -324,3 +368,70 @@ class Consumer(aiokafka_driver.Consumer):
 
 class Transport(aiokafka_driver.Transport):
     Consumer: type[ConsumerT] = Consumer  # type: ignore[misc]
+
+
+async def drain_batches(
+    stream: StreamT, max_events: int, linger_s: float = 0.0, idle_s: float | None = None
+) -> AsyncIterator[list[EventT]]:
+    """Batches of up to ``max_events``. After the first event of a batch, wait up to ``linger_s`` for the
+    fetcher to deliver more (Faust hands records over one at a time): fewer, larger batches mean one
+    Redis round trip per many events instead of per few, at a bounded cost in latency. With ``idle_s``, an
+    empty batch comes after that long without records (for callers that hold records back on a timer)."""
+    app = stream.app
+    consumer = app.consumer
+    queue = stream.channel.queue  # type: ignore[attr-defined]
+    acking_topics = app.topics.acking_topics
+    on_message_in = stream._on_message_in  # type: ignore[attr-defined]
+    loop_time = asyncio.get_running_loop().time
+    while not stream.should_stop:
+        try:
+            first: Any = await (queue.get() if idle_s is None else asyncio.wait_for(queue.get(), idle_s))
+        except StopAsyncIteration:  # the channel was closed: the worker is stopping
+            return
+        except TimeoutError:
+            yield []
+            continue
+        raw: list[Any] = [first]
+        if linger_s and queue.qsize() < max_events:
+            deadline = loop_time() + linger_s
+            while queue.qsize() < max_events and loop_time() < deadline:
+                await asyncio.sleep(min(0.005, linger_s))
+        try:
+            while len(raw) < max_events and not queue.empty():
+                raw.append(queue.get_nowait())
+        except StopAsyncIteration:
+            pass  # closing: process what we have, the next get() ends the loop
+        batch: list[EventT] = []
+        await app.flow_control.acquire()  # during a rebalance, wait for its end: then the generation decides
+        generation = app.consumer_generation_id
+        for item in raw:
+            if not isinstance(item, EventT):
+                continue
+            message = item.message
+            # fetched before a rebalance: passed on untracked, for the caller to drop (and to hold back what
+            # follows it, streamproc/readmission.py); the new owner re-reads it from the committed offset
+            if message.generation_id == generation and message.topic in acking_topics and not message.tracked:
+                message.tracked = True
+                consumer.unacked.add(message)
+                on_message_in(message.tp, message.offset, message)
+            batch.append(item)
+        if batch:
+            mark_taken(app, [ev.message for ev in batch])
+            yield batch
+
+
+def mark_taken(app: AppT, messages: list[Message]) -> None:
+    """Tell Faust's monitor that a stream took records of these partitions now: its health check ("Stream has not
+    started processing TP", logged as an error for every partition with a backlog) reads that time, which a stream
+    sets per event and the bulk path would otherwise never set."""
+    monitor = app.monitor
+    if monitor is not None:
+        now = time.monotonic()
+        inbound = monitor.stream_inbound_time
+        for tp in {m.tp for m in messages}:
+            inbound[tp] = now
+
+
+async def ack_batch(stream: StreamT, batch: list[EventT]) -> None:
+    for event in batch:
+        await stream.ack(event)

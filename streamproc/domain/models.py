@@ -171,7 +171,7 @@ class ModelBundle:
             self.prequential = Prequential(self.cfg.alert_threshold, self.cfg.rolling_window)
 
     # ------------------------------------------------------------ learning (the trainer only)
-    def _segment_x(self, x: dict[str, float]) -> dict[str, float]:
+    def segment_vector(self, x: dict[str, float]) -> dict[str, float]:
         """A fixed input vector: the base traits, and a share (0 if none) for each of the categories seen most
         often, so that k-means compares every customer on the same axes."""
         out = {k: x.get(k, 0.0) for k in SEGMENT_FEATURES}
@@ -184,7 +184,7 @@ class ModelBundle:
         for key in x:
             if key.startswith(VIEW_SHARE):
                 self.segment_vocab[key] = self.segment_vocab.get(key, 0) + 1
-        vector = self._segment_x(x)
+        vector = self.segment_vector(x)
         self.segmenter.learn_one(vector)
         self.segment_examples += 1
         if self.segment_examples >= self.cfg.n_segments:  # who the snapshots belong to, decayed over ~5,000
@@ -264,11 +264,11 @@ class ModelBundle:
             return None
         cached = self.__dict__.get("_segment_fast")
         if cached is None or cached[0] != self.segment_examples:  # derived from what was learned so far
-            cached = (self.segment_examples, _NearestCenter.of(self.segmenter, list(self._segment_x({}))))
+            cached = (self.segment_examples, _NearestCenter.of(self.segmenter, list(self.segment_vector({}))))
             self.__dict__["_segment_fast"] = cached
         nearest = cached[1]
         if nearest is None:
-            return int(self.segmenter.predict_one(self._segment_x(x)))
+            return int(self.segmenter.predict_one(self.segment_vector(x)))
         return nearest(x)
 
     def segment_profiles(self) -> dict[int, dict[str, Any]]:
@@ -278,7 +278,7 @@ class ModelBundle:
             return {}
         scaler = self.segmenter["StandardScaler"]
         centers = self.segmenter[list(self.segmenter.steps)[-1]].centers
-        keys = list(self._segment_x({}))
+        keys = list(self.segment_vector({}))
         mix_total = sum(self.segment_mix.values()) or 1.0
         spend_total = sum(self.segment_spend.values()) or 1.0
         profiles: dict[int, dict[str, Any]] = {}

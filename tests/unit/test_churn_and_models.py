@@ -204,7 +204,7 @@ def test_fast_segment_assignment_agrees_with_river_and_follows_learning():
         for _ in range(400):
             bundle.learn_segment(example())
         probes = [example() for _ in range(300)] + [{}]
-        river = [int(bundle.segmenter.predict_one(bundle._segment_x(x))) for x in probes]
+        river = [int(bundle.segmenter.predict_one(bundle.segment_vector(x))) for x in probes]
         fast = [bundle.segment(x) for x in probes]
         assert fast == river, f"round {round_}"
         assert len(set(fast)) > 1
@@ -331,7 +331,7 @@ def test_segment_inputs_take_category_view_shares_and_session_habits():
     for i in range(10):
         bundle.learn_segment({**x, "view_share:books": i / 10})
     # every customer is compared on the same axes: categories they never viewed count as 0
-    assert set(bundle._segment_x({"log_monetary_avg": 1.0})) == {*SEGMENT_FEATURES_SET, "view_share:books",
+    assert set(bundle.segment_vector({"log_monetary_avg": 1.0})) == {*SEGMENT_FEATURES_SET, "view_share:books",
                                                                   "view_share:toys"}
     assert bundle.segment({"log_monetary_avg": 1.0}) in (0, 1)
 

@@ -17,7 +17,7 @@ def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyP
     draws = iter([dashed, dashed, plain])
     monkeypatch.setattr(infra.uuid, "uuid4", lambda: next(draws))
 
-    cluster_id = infra._kafka_cluster_id()
+    cluster_id = infra.kafka_cluster_id()
 
     assert not cluster_id.startswith("-")
     assert len(cluster_id) == 22
