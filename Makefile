@@ -27,16 +27,17 @@ system-deps: ## apt-get install redis-server, prometheus, docker-compose if miss
 	@command -v java >/dev/null || { echo "java (17+) is required"; exit 1; }
 	@command -v mvn >/dev/null || { echo "maven is required"; exit 1; }
 
-$(STAMP): pyproject.toml
+# the editable install builds the compiled core in place too (setup.py); setuptools in the venv is for `compile`
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
 .PHONY: compile clean-compiled
-compile: $(STAMP) ## build the compiled domain core with Cython (rebuilds what changed; same sources, same results)
-	$(PY) -m streamproc.compiled build
-clean-compiled: ## remove the compiled core: the pure-Python sources run
+compile: $(STAMP) ## build the compiled domain core in place: the package build's build_ext (rebuilds what changed)
+	$(PY) setup.py -q build_ext --inplace
+clean-compiled: ## remove the compiled core from the checkout: the pure-Python sources run
 	$(PY) -m streamproc.compiled clean
 
 .PHONY: kafka-jars

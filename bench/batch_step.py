@@ -34,7 +34,7 @@ from streamproc.domain.models import ModelBundle  # noqa: E402
 from streamproc.infra import Infra  # noqa: E402
 from streamproc.offline import run_offline  # noqa: E402
 from streamproc.pipeline.factory import build_processor  # noqa: E402
-from streamproc.processing import RawRecord  # noqa: E402
+from streamproc.pipeline.records import RawRecord  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 

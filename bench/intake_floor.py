@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamproc.cli import main  # noqa: E402
-from streamproc.processing import BatchProcessor, BatchResult, RawRecord  # noqa: E402
+from streamproc.pipeline.records import BatchResult, RawRecord  # noqa: E402
+from streamproc.pipeline.step import BatchProcessor  # noqa: E402
 
 
 async def count_only(self: BatchProcessor, records: list[RawRecord]) -> BatchResult:

@@ -36,7 +36,8 @@ from streamproc.domain.churn import ChurnConfig, maturity_span  # noqa: E402
 from streamproc.domain.customer import CustomerState, FoldConfig  # noqa: E402
 from streamproc.domain.events import DecodeLimits  # noqa: E402
 from streamproc.metrics import Metrics  # noqa: E402
-from streamproc.processing import BatchProcessor, RawRecord  # noqa: E402
+from streamproc.pipeline.records import RawRecord  # noqa: E402
+from streamproc.pipeline.step import BatchProcessor  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 
 CHURN = ChurnConfig()

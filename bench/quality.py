@@ -33,7 +33,7 @@ from common import machine  # noqa: E402
 
 from streamproc.evaluate import score_run  # noqa: E402
 from streamproc.offline import run_offline  # noqa: E402
-from streamproc.processing import BatchResult  # noqa: E402
+from streamproc.pipeline.records import BatchResult  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
 

@@ -24,8 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streamproc import app, cli, processing
+from streamproc import app, cli
 from streamproc.adapters import feature_store
+from streamproc.pipeline import step, store_calls
 
 OUT = Path(os.environ.get("BENCH_WAITS", "waits.json"))
 LOOP_THREAD = threading.get_ident()
@@ -83,11 +84,11 @@ def phase(cls: type, name: str, label: str, first: bool = False) -> None:
 
 
 phase(app.Worker, "apply_with_retry", "batch step: other", first=True)
-phase(processing.BatchProcessor, "_load_step_save", "batch step: loads and saves")
+phase(store_calls.StoreCalls, "load_step_save", "batch step: loads and saves")
 phase(feature_store.RedisFeatureStore, "load", "batch step: loads and saves")
 phase(feature_store.RedisFeatureStore, "save", "batch step: loads and saves")
 phase(feature_store.RedisFeatureStore, "after_batch", "batch step: side effects")
-phase(processing.BatchProcessor, "sweep", "sweep")
+phase(step.BatchProcessor, "sweep", "sweep")
 phase(app.Worker, "emit", "emit")
 
 

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from streamproc.processing import RawRecord
+from streamproc.pipeline.records import RawRecord
 
 T = TypeVar("T")
 

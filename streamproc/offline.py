@@ -14,7 +14,8 @@ from streamproc.adapters.feature_store import InMemoryFeatureStore
 from streamproc.config import model_config
 from streamproc.domain.models import ModelBundle
 from streamproc.pipeline.factory import build_processor
-from streamproc.processing import BatchProcessor, BatchResult, RawRecord
+from streamproc.pipeline.records import BatchResult, RawRecord
+from streamproc.pipeline.step import BatchProcessor
 from streamproc.settings import Settings
 
 

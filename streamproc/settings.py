@@ -323,7 +323,7 @@ SECRET_FIELDS = frozenset(
 )
 # STREAMPROC_ variables read outside Settings on purpose, so not typos: the test suite's switch to require the
 # compiled core (tests/unit/test_compiled_core.py; `make test` sets it)
-ENV_READ_ELSEWHERE = frozenset({"STREAMPROC_REQUIRE_COMPILED"})
+ENV_READ_ELSEWHERE = frozenset({"STREAMPROC_REQUIRE_COMPILED", "STREAMPROC_PURE_PYTHON"})  # tests; setup.py
 
 
 class SettingsError(ValueError):

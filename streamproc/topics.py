@@ -22,8 +22,13 @@ log = logging.getLogger("streamproc.topics")
 
 __all__ = ["SCHEMAS_DIR", "TOPICS_FILE"]
 
+# the declared names (streamproc/contracts/topics.toml), as the code refers to them
 INPUT_TOPICS = ("clicks", "transactions")
 DLQ_TOPIC = "streamproc-dlq"
+ALERTS_TOPIC = "churn-alerts"
+RECOMMENDATIONS_TOPIC = "recommendations"
+MOVES_TOPIC = "segment-moves"
+TRAINING_TOPIC = "streamproc-training"
 
 
 @dataclass(frozen=True)

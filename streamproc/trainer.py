@@ -33,9 +33,7 @@ from streamproc.metrics import Metrics
 from streamproc.offline import learn
 from streamproc.schemas import examples_of
 from streamproc.settings import Settings
-from streamproc.topics import aiokafka_security_kwargs
-
-TRAINING_TOPIC = "streamproc-training"
+from streamproc.topics import TRAINING_TOPIC, aiokafka_security_kwargs
 
 FETCH_MAX_RECORDS = 5000
 TRAINER_METADATA_MAX_AGE_MS = 5000

@@ -260,7 +260,7 @@ class RecIndex:
     _ranked: dict[tuple[int, frozenset[str], int], list[tuple[float, str]]] = field(
         default_factory=dict, compare=False, repr=False)
     # recommendations for customers with no history of their own (see ``recommend``), per what they depend on
-    _impersonal: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
+    impersonal: dict[tuple[Any, ...], list[dict[str, Any]]] = field(default_factory=dict, compare=False, repr=False)
 
     def popular_in_segment(self, segment: int, focus: frozenset[str], k: int) -> dict[str, float]:
         """popular_in_segment's candidates and scores: sales relative to the segment's best seller (its top 2k,
@@ -341,7 +341,7 @@ def recommend(
     if not customer.bought and index.available is not None and all(p in context for p in customer.viewed):
         impersonal_key = (tuple(context), customer.segment if customer.segment in index.favourites else ALL_SEGMENTS,
                           excluded, k, sources)
-        known = index._impersonal.get(impersonal_key)
+        known = index.impersonal.get(impersonal_key)
         if known is not None:
             return [dict(item) for item in known]
     # each source scores its candidates (an item's score per source is the best it got from that source), in
@@ -434,7 +434,7 @@ def recommend(
     ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
     out = [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
     if impersonal_key is not None:
-        _memoize(index._impersonal, impersonal_key, [dict(item) for item in out])
+        _memoize(index.impersonal, impersonal_key, [dict(item) for item in out])
     return out
 
 

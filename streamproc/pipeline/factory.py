@@ -6,7 +6,7 @@ from __future__ import annotations
 from streamproc.adapters.feature_store import FeatureStore
 from streamproc.config import churn_config, decode_limits, fold_config
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor
+from streamproc.pipeline.step import BatchProcessor
 from streamproc.settings import Settings
 
 

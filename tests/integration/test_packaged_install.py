@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # what the image's build stage copies (Dockerfile), less what .dockerignore leaves out: the wheel is built from a
 # scratch copy of these, so that only what pyproject.toml declares can reach it (a build/ left in the checkout by
 # an earlier build would keep files that are no longer declared) and the checkout gets no build/ of this test's
-BUILD_INPUTS = ("pyproject.toml", "README.md", "streamproc")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "streamproc")
 PIP_TIMEOUT_S = 600.0  # dependencies come from the registry on a cold pip cache
 # variables that would point the fresh venv's interpreter at the checkout's sources or at the dev venv
 LEAKY_VARIABLES = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"})
@@ -70,7 +70,9 @@ def _build_wheel(scratch: Path, out: Path) -> Path:
     source.mkdir()
     for name in BUILD_INPUTS:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+            # the checkout's own build of the compiled core stays behind: the wheel must build its own
+            shutil.copytree(ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so", ".compiled.json"))
         else:
             shutil.copy2(ROOT / name, source / name)
     wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(source)]
@@ -117,6 +119,15 @@ def test_the_installed_package_is_imported_and_lists_its_topics(installed: Insta
     for path in (module, topics_file):
         assert _inside(path, installed.venv) and not _inside(path, ROOT), path
     assert topics_file.is_file()
+
+    # the wheel carries the compiled domain core (setup.py), with the sources beside it
+    code = ("import streamproc.compiled as c, streamproc.domain.churn, streamproc.domain.recommend;"
+            " import streamproc.domain.customer as m; print(c.status()); print(m.__file__);"
+            " print(all((c.DOMAIN / f'{n}.py').is_file() for n in c.MODULES))")
+    done = installed.run([installed.python, "-c", code], _plain_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["compiled", done.stdout.split()[1], "True"], done.stdout
+    assert done.stdout.split()[1].endswith(".so") and _inside(Path(done.stdout.split()[1]), installed.venv)
 
     listed = installed.run([installed.streamproc, "topics", "list"], _plain_env())
     assert listed.returncode == 0, listed.stderr

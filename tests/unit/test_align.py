@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamproc.align import TopicAligner
-from streamproc.processing import RawRecord
+from streamproc.pipeline.records import RawRecord
 
 KINDS = ("clicks", "transactions")
 

@@ -20,7 +20,8 @@ from streamproc.domain.churn import ChurnConfig, maturity_span
 from streamproc.domain.customer import CustomerState, FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor, RawRecord
+from streamproc.pipeline.records import RawRecord
+from streamproc.pipeline.step import BatchProcessor
 from streamproc.simulate import SimulationConfig, Simulator
 
 CHURN = ChurnConfig()

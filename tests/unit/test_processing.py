@@ -9,7 +9,10 @@ from streamproc.domain import customer as customer_domain
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor, RawRecord
+from streamproc.pipeline import store_calls, sweep
+from streamproc.pipeline.outbox import recover_outbox
+from streamproc.pipeline.records import RawRecord
+from streamproc.pipeline.step import BatchProcessor
 
 T0 = 1_767_261_600_000
 
@@ -150,7 +153,7 @@ async def test_a_crash_between_the_save_and_the_side_effects_loses_nothing(monke
     assert store.last_seen == {} and store.hll == {}
     store.crash = False
     _, restarted = make(store)  # a new process: nothing in memory
-    parked = await restarted.recover_outbox(0)
+    parked = await recover_outbox(restarted.store, 0)
     assert [d.reason for d in parked.dead_letters] == ["processing_error"]
     again = await restarted.process(batch)
     assert again.total("replayed") == 4 and again.dead_letters == []
@@ -179,8 +182,6 @@ async def test_many_customers_in_one_batch(n):
 
 
 async def test_a_batch_is_saved_in_chunks_with_the_same_result_as_one_save(monkeypatch):
-    import streamproc.processing as processing
-
     class CountingStore(InMemoryFeatureStore):
         def __init__(self):
             super().__init__()
@@ -194,7 +195,7 @@ async def test_a_batch_is_saved_in_chunks_with_the_same_result_as_one_save(monke
     batch = [rec("clicks", i, click(i, cid=f"c{i % 23}", ts=T0 + i * 1000)) for i in range(300)]
     one, proc = make(CountingStore())
     await proc.process(batch)
-    monkeypatch.setattr(processing, "SAVE_CHUNK", 5)
+    monkeypatch.setattr(store_calls, "SAVE_CHUNK", 5)
     chunked, proc = make(CountingStore())
     result = await proc.process(batch)
     assert one.calls == [23] and chunked.calls == [5, 5, 5, 5, 3]
@@ -203,9 +204,7 @@ async def test_a_batch_is_saved_in_chunks_with_the_same_result_as_one_save(monke
 
 
 async def test_chunked_saves_retry_what_lost_a_race_and_settle_before_an_error(monkeypatch):
-    import streamproc.processing as processing
-
-    monkeypatch.setattr(processing, "SAVE_CHUNK", 4)
+    monkeypatch.setattr(store_calls, "SAVE_CHUNK", 4)
 
     class FlakyStore(InMemoryFeatureStore):
         mode = ""
@@ -246,10 +245,8 @@ async def test_chunked_saves_retry_what_lost_a_race_and_settle_before_an_error(m
 
 
 async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_settles_every_call(monkeypatch):
-    import streamproc.processing as processing
-
-    monkeypatch.setattr(processing, "LOAD_CHUNK", 4)
-    monkeypatch.setattr(processing, "SAVE_CHUNK", 3)
+    monkeypatch.setattr(store_calls, "LOAD_CHUNK", 4)
+    monkeypatch.setattr(store_calls, "SAVE_CHUNK", 3)
 
     class SlowLoads(InMemoryFeatureStore):
         def __init__(self):
@@ -451,9 +448,7 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
 
 
 async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
-    import streamproc.processing as processing
-
-    monkeypatch.setattr(processing, "SWEEP_CHUNK", 2)
+    monkeypatch.setattr(sweep, "SWEEP_CHUNK", 2)
     _, proc = make(max_source_skew_ms=0)
     day = 86_400_000
     await proc.process([rec("clicks", i, click(i, cid=f"quiet{i}", ts=T0)) for i in range(5)])

@@ -24,7 +24,8 @@ from streamproc.domain.recommend import (
     recommend,
 )
 from streamproc.metrics import Metrics
-from streamproc.processing import BatchProcessor, RawRecord
+from streamproc.pipeline.records import RawRecord
+from streamproc.pipeline.step import BatchProcessor
 
 T0 = 1_767_261_600_000
 
@@ -388,4 +389,4 @@ def test_cold_start_answers_are_computed_once_per_index_and_match_a_fresh_index(
             got[0]["score"] = -1.0  # callers own what they get: the next answer is not touched
     first_visits = {(tuple(ctx), c.segment if c.segment in favourites else ALL_SEGMENTS, ex, 5)
                     for c, ctx, ex, _ in asks if not c.bought and set(c.viewed) <= set(ctx)}
-    assert {key[:4] for key in shared._impersonal} == first_visits  # and nobody with a history of their own
+    assert {key[:4] for key in shared.impersonal} == first_visits  # and nobody with a history of their own

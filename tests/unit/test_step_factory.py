@@ -10,7 +10,7 @@ import orjson
 
 from streamproc.adapters.model_store import InMemoryModelStore
 from streamproc.offline import run_offline
-from streamproc.processing import BatchResult
+from streamproc.pipeline.records import BatchResult
 from streamproc.service_commands import train_from_file
 from streamproc.settings import Settings
 from streamproc.simulate import SimulationConfig, Simulator

@@ -52,7 +52,7 @@ async def test_a_full_inbox_holds_the_consumer_back_until_the_reader_takes():
 
 
 async def test_a_clean_stop_waits_for_outputs_still_being_confirmed(monkeypatch):
-    import streamproc.app as app_module
+    import streamproc.pipeline.outbox as outbox_module
     from streamproc.app import Worker
     from streamproc.settings import Settings
 
@@ -63,14 +63,14 @@ async def test_a_clean_stop_waits_for_outputs_still_being_confirmed(monkeypatch)
         await asyncio.sleep(delay)
         confirmed.append(name)
 
-    worker.unconfirmed.extend([asyncio.ensure_future(confirm(0.05, "slow")),
+    worker.outbox.unconfirmed.extend([asyncio.ensure_future(confirm(0.05, "slow")),
                                asyncio.ensure_future(confirm(0.0, "fast"))])
     await worker.app.on_before_shutdown.send()  # what Faust sends once the consumer has stopped
     assert confirmed == ["fast", "slow"]
 
-    monkeypatch.setattr(app_module, "SHUTDOWN_CONFIRM_S", 0.01)  # bounded: a stuck delivery does not hang a stop
+    monkeypatch.setattr(outbox_module, "SHUTDOWN_CONFIRM_S", 0.01)  # bounded: a stuck delivery does not hang a stop
     stuck = asyncio.ensure_future(confirm(60, "stuck"))
-    worker.unconfirmed.append(stuck)
+    worker.outbox.unconfirmed.append(stuck)
     await worker.app.on_before_shutdown.send()
     assert not stuck.done()
     stuck.cancel()

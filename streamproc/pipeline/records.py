@@ -1,0 +1,142 @@
+"""The records a batch step takes and gives: a consumed Kafka record, a step's result (dead letters, outputs,
+the outbox entries they were parked in) and the event-time watermarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+
+from streamproc.domain.customer import FoldOutcome
+from streamproc.schemas import DeadLetter
+
+
+class RawRecord(NamedTuple):
+    """One consumed Kafka record, as the agent saw it (a named tuple: one is made per record, and a frozen
+    dataclass costs three times as much to build)."""
+
+    topic: str  # physical topic name
+    kind: str  # declared input name: "clicks" or "transactions"
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+
+    @property
+    def source(self) -> str:
+        return f"{self.kind}:{self.partition}"
+
+
+@dataclass
+class BatchResult:
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    outcome: FoldOutcome = field(default_factory=FoldOutcome)  # (kind, outcome) counts
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    segment_moves: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # for the training topic
+    recommendations: list[dict[str, Any]] = field(default_factory=list)
+    outbox: dict[int, list[str]] = field(default_factory=dict)  # outbox entries these outputs were parked in
+
+    def absorb(self, other: BatchResult) -> None:
+        self.outcome.merge(other.outcome)
+        self.dead_letters.extend(other.dead_letters)
+        self.alerts.extend(other.alerts)
+        self.segment_moves.extend(other.segment_moves)
+        self.examples.extend(other.examples)
+        self.recommendations.extend(other.recommendations)
+        for partition, fields in other.outbox.items():
+            self.outbox.setdefault(partition, []).extend(fields)
+
+    def outputs_blob(self) -> bytes:
+        """What the outbox keeps of these outputs ("" when there are none)."""
+        if not (self.dead_letters or self.alerts or self.segment_moves or self.examples or self.recommendations):
+            return b""
+        return orjson.dumps({"a": self.alerts, "s": self.segment_moves, "e": self.examples,
+                             "r": self.recommendations, "d": [d.model_dump(mode="json") for d in self.dead_letters]})
+
+    @classmethod
+    def from_outbox(cls, blob: bytes) -> BatchResult:
+        data = orjson.loads(blob)
+        return cls(dead_letters=[DeadLetter.model_validate(d) for d in data.get("d", [])], alerts=data.get("a", []),
+                   segment_moves=data.get("s", []), examples=data.get("e", []),
+                   recommendations=data.get("r", []))
+
+    def total(self, outcome: str) -> int:
+        return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
+
+    def reject(self, record: RawRecord, reason: str, detail: str, max_original_bytes: int) -> None:
+        self.dead_letters.append(dead_letter(record, reason, detail, max_original_bytes))
+        self.outcome.count(record.source, "dead_lettered")
+
+
+def dead_letter(record: RawRecord, reason: str, detail: str, max_original_bytes: int) -> DeadLetter:
+    return DeadLetter.of_bytes(
+        f"{record.topic}:{record.partition}:{record.offset}", reason, detail, record.topic, record.key, record.value,
+        max_original_bytes, partition=record.partition, offset=record.offset,
+        record_timestamp_ms=record.timestamp_ms,
+    )
+
+
+class Watermarks:
+    """Per input partition: the largest event time seen, and the watermark that trails it.
+
+    Advanced event by event (replayed events included), so lateness decisions depend only on each
+    partition's content, not on how records were batched or on the wall clock.
+    """
+
+    def __init__(self, allowed_lateness_ms: int, kinds: tuple[str, ...] = ("clicks", "transactions"),
+                 max_skew_ms: int | None = None) -> None:
+        self.lateness = allowed_lateness_ms
+        self.max_skew = max_skew_ms
+        self.kinds = kinds
+        self.max_ts: dict[str, int] = {}
+        self.partition_marks: dict[int, int] = {}
+
+    def watermark(self, source: str) -> int | None:
+        top = self.max_ts.get(source)
+        return None if top is None else top - self.lateness
+
+    def observe(self, source: str, ts: int) -> bool:
+        """Record an event time; True if the event was late (older than the watermark before it)."""
+        top = self.max_ts.get(source)
+        late = top is not None and ts < top - self.lateness
+        if top is None or ts > top:
+            self.max_ts[source] = ts
+        return late
+
+    def copy(self) -> Watermarks:
+        twin = Watermarks(self.lateness, self.kinds, self.max_skew)
+        twin.max_ts = dict(self.max_ts)
+        twin.partition_marks = dict(self.partition_marks)
+        return twin
+
+    def overall(self) -> int | None:
+        """The worker's watermark: the largest event time it has seen, minus the allowed lateness."""
+        return max(self.max_ts.values()) - self.lateness if self.max_ts else None
+
+    def by_partition(self) -> dict[int, int]:
+        """Watermark per input partition number, a function of the data alone (never of the wall clock, so
+        a replay, a crash or a hand-over to another worker ends in the same place): the slower of its input
+        topics (clicks, transactions) minus the allowed lateness, so time-driven work (sweep, snapshots,
+        labels) waits for both, and nothing until both have been heard from. With ``max_skew`` set, a topic
+        more than that far behind the other (or never heard from) holds the partition back by at most that
+        much: liveness for a topic that can stay silent, at the price of determinism for replays whose topics
+        drift further apart than that. Never moves backwards."""
+        tops: dict[int, dict[str, int]] = {}
+        for source, top in self.max_ts.items():
+            kind, _, number = source.rpartition(":")
+            tops.setdefault(int(number), {})[kind] = top
+        out: dict[int, int] = {}
+        for partition, by_kind in tops.items():
+            heard = [by_kind[k] for k in self.kinds if k in by_kind]
+            candidates = [min(heard) - self.lateness] if len(heard) == len(self.kinds) else []
+            if self.max_skew is not None:
+                candidates.append(max(by_kind.values()) - self.lateness - self.max_skew)
+            previous = self.partition_marks.get(partition)
+            if previous is not None:
+                candidates.append(previous)
+            if candidates:
+                out[partition] = self.partition_marks[partition] = max(candidates)
+        return out
