@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +31,31 @@ class ModelConfig:
     rec: RecConfig = field(default_factory=RecConfig)
 
 
+class SeededKMeans(cluster.KMeans):
+    """River's KMeans without the dependence on Python's hash seed. River's ``predict_one`` visits the names of
+    ``{*center, *x}``, a set: a centre's missing coordinates are drawn from the shared random generator, and the
+    distances summed, in hash order, so two processes (two workers, a restarted trainer, a replay) trained
+    different models from the same examples. Here ``x``'s names come in ``x``'s order (drawing missing
+    coordinates in that order), then the centre's other names in insertion order: the arithmetic of
+    ``_NearestCenter``. Learning stays River's (it walks ``x.items()``)."""
+
+    def predict_one(self, x: dict[Hashable, Any]) -> int:
+        p = self.p
+
+        def distance(c: int) -> float:
+            center = self.centers[c]
+            near = sum([abs(center[k] - v) ** p for k, v in x.items()])
+            return near + sum(abs(v) ** p for k, v in center.items() if k not in x)
+
+        return min(self.centers, key=distance)
+
+
 def make_segmenter(cfg: ModelConfig) -> Any:
     if cfg.segmenter == "streamkmeans":
         model: Any = cluster.STREAMKMeans(chunk_size=100, n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife,
                                           seed=cfg.seed)
     elif cfg.segmenter == "kmeans":
-        model = cluster.KMeans(n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife, seed=cfg.seed)
+        model = SeededKMeans(n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife, seed=cfg.seed)
     else:
         raise ValueError(f"unknown segmenter {cfg.segmenter!r}")
     return preprocessing.StandardScaler() | model
@@ -58,8 +78,8 @@ _DERIVED = ("_rec_index", "_segment_fast")  # caches a bundle builds for scoring
 class _NearestCenter:
     """River's ``StandardScaler | KMeans`` prediction, with the scaler's statistics and the centres read once into
     lists: per customer, a loop over a fixed key order instead of a set union and dict lookups per centre. Same
-    arithmetic (``(x - mean) / var ** 0.5``, ``Σ |c - x| ** p``, the first nearest centre wins), so the same
-    segment except on distances equal to the last bit (River sums in the order of a set of names)."""
+    arithmetic (``(x - mean) / var ** 0.5``, ``Σ |c - x| ** p`` in the same order as ``SeededKMeans``, the first
+    nearest centre wins), so the same segment."""
 
     def __init__(self, keys: list[str], means: list[float], stds: list[float],
                  centers: list[tuple[int, list[float], float]], p: float) -> None:
@@ -69,7 +89,8 @@ class _NearestCenter:
     def of(cls, pipeline: Any, keys: list[str]) -> _NearestCenter | None:
         """The fast form of a fitted pipeline, or None when it is not one this class reproduces exactly."""
         steps = list(getattr(pipeline, "steps", {}).values())
-        if len(steps) != 2 or (type(steps[0]), type(steps[1])) != (preprocessing.StandardScaler, cluster.KMeans):
+        if len(steps) != 2 or type(steps[0]) is not preprocessing.StandardScaler or type(steps[1]) not in (
+                cluster.KMeans, SeededKMeans):
             return None
         scaler, kmeans = steps
         if scaler.window_size is not None or not scaler.with_std or not all(k in scaler.vars for k in keys):
@@ -312,6 +333,9 @@ class ModelBundle:
         bundle = pickle.loads(blob)
         if not isinstance(bundle, ModelBundle):
             raise TypeError("not a model bundle")
+        last = list(getattr(bundle.segmenter, "steps", {}).values())[-1:]
+        if last and type(last[0]) is cluster.KMeans:  # a checkpoint from before SeededKMeans: the same state
+            last[0].__class__ = SeededKMeans
         return bundle
 
     def summary(self) -> dict[str, Any]:
