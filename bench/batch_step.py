@@ -28,15 +28,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
 
-from streamproc.adapters.feature_store import FeatureStore, InMemoryFeatureStore, RedisFeatureStore  # noqa: E402
+from streamproc.adapters.memory import InMemoryFeatureStore  # noqa: E402
+from streamproc.adapters.redis_store import RedisFeatureStore  # noqa: E402
 from streamproc.cli import tune_gc  # noqa: E402
 from streamproc.domain.models import ModelBundle  # noqa: E402
-from streamproc.infra import Infra  # noqa: E402
-from streamproc.offline import run_offline  # noqa: E402
 from streamproc.pipeline.factory import build_processor  # noqa: E402
 from streamproc.pipeline.records import RawRecord  # noqa: E402
+from streamproc.ports import FeatureStore  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.infra import Infra  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.training.offline import run_offline  # noqa: E402
 
 PARTITIONS = 4
 BENCH_DB = 14

@@ -13,8 +13,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from streamproc.infra import Infra  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
+from streamproc.tools.infra import Infra  # noqa: E402
 from streamproc.topics import apply_topics  # noqa: E402
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import isolated_run  # noqa: E402
 
-from streamproc.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
+from streamproc.tools.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
 from streamproc.topics import delete_run_topics  # noqa: E402
 
 

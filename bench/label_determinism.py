@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore  # noqa: E402
+from streamproc.adapters.memory import InMemoryFeatureStore  # noqa: E402
 from streamproc.compiled import status as compiled_status  # noqa: E402
 from streamproc.domain.churn import ChurnConfig, maturity_span  # noqa: E402
 from streamproc.domain.customer import CustomerState, FoldConfig  # noqa: E402
@@ -38,7 +38,7 @@ from streamproc.domain.events import DecodeLimits  # noqa: E402
 from streamproc.metrics import Metrics  # noqa: E402
 from streamproc.pipeline.records import RawRecord  # noqa: E402
 from streamproc.pipeline.step import BatchProcessor  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
 
 CHURN = ChurnConfig()
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import isolated_run, machine  # noqa: E402
 
-from streamproc.demo import processed_total, scrape  # noqa: E402
-from streamproc.producer import EventProducer  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.demo import processed_total, scrape  # noqa: E402
+from streamproc.tools.producer import EventProducer  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
 from streamproc.topics import delete_run_topics  # noqa: E402
 
 METRIC = "streamproc_end_to_end_latency_seconds"

@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
 
-from streamproc.evaluate import score_run  # noqa: E402
-from streamproc.offline import run_offline  # noqa: E402
 from streamproc.pipeline.records import BatchResult  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.evaluate import score_run  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.training.offline import run_offline  # noqa: E402
 
 
 def skewed(payloads: list[tuple[str, bytes, bytes]], hours: float) -> list[tuple[str, bytes, bytes]]:

@@ -32,10 +32,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import isolated_run, machine  # noqa: E402
 from latency import METRIC, quantiles  # noqa: E402
 
-from streamproc.demo import processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
-from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.demo import processed_total, scrape, start_pipeline, stop_pipeline  # noqa: E402
+from streamproc.tools.producer import EventProducer  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
 from streamproc.topics import delete_run_topics  # noqa: E402
 
 SIMULATION_START = "2023-01-01T00:00:00+00:00"

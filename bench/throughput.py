@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine  # noqa: E402
 
-from streamproc.demo import processed_total, scrape  # noqa: E402
-from streamproc.infra import Infra  # noqa: E402
-from streamproc.producer import EventProducer  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
-from streamproc.simulate import SimulationConfig, Simulator  # noqa: E402
+from streamproc.tools.demo import processed_total, scrape  # noqa: E402
+from streamproc.tools.infra import Infra  # noqa: E402
+from streamproc.tools.producer import EventProducer  # noqa: E402
+from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
 from streamproc.topics import INPUT_TOPICS, apply_topics, delete_run_topics  # noqa: E402
 
 

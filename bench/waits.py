@@ -24,9 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streamproc import app, cli
-from streamproc.adapters import feature_store
+from streamproc import cli
+from streamproc.adapters import redis_store
 from streamproc.pipeline import step, store_calls
+from streamproc.runtime import app
 
 OUT = Path(os.environ.get("BENCH_WAITS", "waits.json"))
 LOOP_THREAD = threading.get_ident()
@@ -85,9 +86,9 @@ def phase(cls: type, name: str, label: str, first: bool = False) -> None:
 
 phase(app.Worker, "apply_with_retry", "batch step: other", first=True)
 phase(store_calls.StoreCalls, "load_step_save", "batch step: loads and saves")
-phase(feature_store.RedisFeatureStore, "load", "batch step: loads and saves")
-phase(feature_store.RedisFeatureStore, "save", "batch step: loads and saves")
-phase(feature_store.RedisFeatureStore, "after_batch", "batch step: side effects")
+phase(redis_store.RedisFeatureStore, "load", "batch step: loads and saves")
+phase(redis_store.RedisFeatureStore, "save", "batch step: loads and saves")
+phase(redis_store.RedisFeatureStore, "after_batch", "batch step: side effects")
 phase(step.BatchProcessor, "sweep", "sweep")
 phase(app.Worker, "emit", "emit")
 

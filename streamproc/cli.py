@@ -9,13 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from streamproc.demo import run_demo
-from streamproc.infra import Infra, InfraError
-from streamproc.replay import run_replay
 from streamproc.schemas import stale_schemas, write_schemas
 from streamproc.settings import settings_from_env
-from streamproc.simulate import SimulationConfig, run_simulation
-from streamproc.tail import follow_alerts, tail_topic
+from streamproc.tools.demo import run_demo
+from streamproc.tools.infra import Infra, InfraError
+from streamproc.tools.replay import run_replay
+from streamproc.tools.simulate import SimulationConfig, run_simulation
+from streamproc.tools.tail import follow_alerts, tail_topic
 from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
 
 # the one place the command line loads code late: these commands import Faust and River (seconds of start-up),

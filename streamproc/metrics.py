@@ -233,7 +233,7 @@ class Metrics:
         )
 
 
-# the one place outside streamproc/transport.py that reads a third party's internals: observe_many's
+# the one place outside streamproc/runtime/consumer.py that reads a third party's internals: observe_many's
 PROMETHEUS_CHECKED_AGAINST = "prometheus_client 0.26.0"
 PROMETHEUS_INTERNALS: dict[tuple[str, str], str] = {
     ("prometheus_client.metrics.Histogram", "_upper_bounds"): "read: the bucket bounds",

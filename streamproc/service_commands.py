@@ -14,15 +14,15 @@ from typing import Any
 
 import orjson
 
-from streamproc.adapters.feature_store import RedisFeatureStore
 from streamproc.adapters.model_store import RedisModelStore
-from streamproc.app import run_worker
-from streamproc.evaluate import run_evaluate
-from streamproc.lookup import lookup
-from streamproc.offline import run_offline
-from streamproc.replay import timed_events
+from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.pipeline.lookup import lookup
+from streamproc.runtime.app import run_worker
 from streamproc.settings import Settings, settings_from_env
-from streamproc.trainer import run_trainer
+from streamproc.tools.evaluate import run_evaluate
+from streamproc.tools.replay import timed_events
+from streamproc.training.offline import run_offline
+from streamproc.training.trainer import run_trainer
 
 
 def tune_gc(settings: Settings) -> None:

@@ -117,10 +117,10 @@ class Settings(BaseSettings):
     gc_young_threshold: int = Field(default=50_000, ge=0)
     # Faust logs an error for a partition with a backlog that no stream has taken records of for this long
     stream_processing_timeout_s: float = Field(default=300.0, gt=0)
-    fast_consumer: bool = True  # streamproc/transport.py; false: Faust's stock consumer
+    fast_consumer: bool = True  # streamproc/runtime/consumer.py; false: Faust's stock consumer
     # wait this long for a batch to fill (latency bound ~ linger + processing)
     batch_linger_s: float = Field(default=0.05, ge=0)
-    # stream-time alignment of the input topics (streamproc/align.py): while one topic's partition has unread
+    # stream-time alignment of the input topics (streamproc/pipeline/align.py): while one topic's partition has unread
     # records on the broker, hold the other's newer records back, at most this long and this many per partition
     align_inputs: bool = True
     align_max_wait_s: float = Field(default=2.0, ge=0)

@@ -1,4 +1,4 @@
-"""Fixtures: the real Kafka broker and Redis (started through streamproc.infra), isolated per test by a
+"""Fixtures: the real Kafka broker and Redis (started through streamproc.tools.infra), isolated per test by a
 unique topic prefix, consumer group and Redis database."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def base_settings() -> Settings:
 @pytest.fixture(scope="session")
 def infra(base_settings: Settings) -> Iterator[Settings]:
     """Start (or reuse) the local broker and Redis once per session."""
-    from streamproc.infra import Infra
+    from streamproc.tools.infra import Infra
 
     Infra(base_settings).up()
     yield base_settings
@@ -188,9 +188,9 @@ def seed_checkpoint(settings: Settings, payloads: list[tuple[str, bytes, bytes]]
     recommendations are a function of the events alone (and runs can be compared output for output)."""
     import asyncio
 
-    from streamproc.adapters.feature_store import RedisFeatureStore
     from streamproc.adapters.model_store import RedisModelStore
-    from streamproc.offline import run_offline
+    from streamproc.adapters.redis_store import RedisFeatureStore
+    from streamproc.training.offline import run_offline
 
     async def run() -> int:
         bundle, _, _ = await run_offline(payloads, settings)
@@ -208,7 +208,7 @@ FROZEN_MODEL_ENV = {"STREAMPROC_TRAINER_ENABLED": "false"}
 
 def produce(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
     """Send (topic, key, value) records to the declared topics and wait until the broker has them."""
-    from streamproc.producer import EventProducer
+    from streamproc.tools.producer import EventProducer
 
     producer = EventProducer(settings)
     for topic, key, value in records:
@@ -258,12 +258,12 @@ class WorkerProcess:
         return self
 
     def metrics(self) -> dict[str, float]:
-        from streamproc.demo import scrape
+        from streamproc.tools.demo import scrape
 
         return scrape(self.settings.web_port)
 
     def wait_processed(self, count: int, timeout: float = 60.0) -> dict[str, float]:
-        from streamproc.demo import processed_total
+        from streamproc.tools.demo import processed_total
 
         deadline = time.monotonic() + timeout
         last: dict[str, float] = {}

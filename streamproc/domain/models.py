@@ -45,15 +45,16 @@ class SeededKMeans(cluster.KMeans):
         def distance(c: int) -> float:
             center = self.centers[c]
             near = sum([abs(center[k] - v) ** p for k, v in x.items()])
-            return near + sum(abs(v) ** p for k, v in center.items() if k not in x)
+            total: float = near + sum(abs(v) ** p for k, v in center.items() if k not in x)
+            return total
 
         return min(self.centers, key=distance)
 
 
 def make_segmenter(cfg: ModelConfig) -> Any:
     if cfg.segmenter == "streamkmeans":
-        model: Any = cluster.STREAMKMeans(chunk_size=100, n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife,
-                                          seed=cfg.seed)
+        model: Any = cluster.STREAMKMeans(  # type: ignore[no-untyped-call]  # River's, unannotated
+            chunk_size=100, n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife, seed=cfg.seed)
     elif cfg.segmenter == "kmeans":
         model = SeededKMeans(n_clusters=cfg.n_segments, halflife=cfg.kmeans_halflife, seed=cfg.seed)
     else:
@@ -136,9 +137,11 @@ class Prequential:
     n: int = 0
 
     def __post_init__(self) -> None:
-        self.rolling_auc = utils.Rolling(metrics.ROCAUC(), window_size=self.window)
-        self.rolling_precision = utils.Rolling(metrics.Precision(), window_size=self.window)
-        self.rolling_recall = utils.Rolling(metrics.Recall(), window_size=self.window)
+        # River's metric constructors are unannotated
+        self.rolling_auc = utils.Rolling(metrics.ROCAUC(), window_size=self.window)  # type: ignore[no-untyped-call]
+        self.rolling_precision = utils.Rolling(metrics.Precision(),  # type: ignore[no-untyped-call]
+                                               window_size=self.window)
+        self.rolling_recall = utils.Rolling(metrics.Recall(), window_size=self.window)  # type: ignore[no-untyped-call]
 
     def update(self, label: int, p: float) -> None:
         y = bool(label)

@@ -3,10 +3,10 @@ benchmarks all get it here, so every setting that shapes what the step computes 
 
 from __future__ import annotations
 
-from streamproc.adapters.feature_store import FeatureStore
 from streamproc.config import churn_config, decode_limits, fold_config
 from streamproc.metrics import Metrics
 from streamproc.pipeline.step import BatchProcessor
+from streamproc.ports import FeatureStore
 from streamproc.settings import Settings
 
 

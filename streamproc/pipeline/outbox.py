@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from streamproc.adapters.feature_store import FeatureStore
 from streamproc.errors import FatalStepError, is_transient, root_cause
 from streamproc.metrics import Metrics
 from streamproc.pipeline.records import BatchResult
+from streamproc.ports import FeatureStore
 from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 from streamproc.settings import Settings
 from streamproc.topics import ALERTS_TOPIC, DLQ_TOPIC, MOVES_TOPIC, RECOMMENDATIONS_TOPIC, TRAINING_TOPIC

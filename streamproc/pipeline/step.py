@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from streamproc.adapters.feature_store import BatchSideEffects, FeatureStore, Loaded, Update
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import (
     CustomerState,
@@ -37,6 +36,7 @@ from streamproc.pipeline.model_step import ModelStep
 from streamproc.pipeline.records import BatchResult, RawRecord, Watermarks
 from streamproc.pipeline.store_calls import StoreCalls
 from streamproc.pipeline.sweep import MAX_SAVE_ATTEMPTS, Sweeper
+from streamproc.ports import BatchSideEffects, FeatureStore, Loaded, Update
 
 log = logging.getLogger(__name__)
 

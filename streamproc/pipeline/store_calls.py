@@ -6,8 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from streamproc.adapters.feature_store import FeatureStore, Loaded, SaveResult, Update
 from streamproc.metrics import Metrics
+from streamproc.ports import FeatureStore, Loaded, SaveResult, Update
 
 # customers per save call of a batch or sweep step: each chunk is saved while the next one is computed (chunks
 # hold different customers, so the order in which their scripts run does not matter)

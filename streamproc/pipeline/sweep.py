@@ -7,7 +7,6 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streamproc.adapters.feature_store import FeatureStore, Loaded, Update
 from streamproc.domain.churn import ChurnConfig, grid_points, maturity_span
 from streamproc.domain.customer import DAY_MS
 from streamproc.errors import TransientError
@@ -15,6 +14,7 @@ from streamproc.metrics import Metrics
 from streamproc.pipeline.derive import Derivation
 from streamproc.pipeline.records import BatchResult, Watermarks
 from streamproc.pipeline.store_calls import StoreCalls
+from streamproc.ports import FeatureStore, Loaded, Update
 
 MAX_SAVE_ATTEMPTS = 5  # a customer's save that keeps losing the version race: a transient error after these
 SWEEP_CHUNK = 500  # customers refreshed per sweep step (bounds the sweep's working set)

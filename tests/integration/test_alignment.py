@@ -9,9 +9,9 @@ import hashlib
 import orjson
 import pytest
 
-from streamproc.producer import EventProducer
-from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic, read_training_examples
+from streamproc.tools.producer import EventProducer
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.tools.tail import read_topic, read_training_examples
 from tests.conftest import FROZEN_MODEL_ENV, seed_checkpoint, wait_delivered
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ import orjson
 import pytest
 import redis
 
-from streamproc.adapters.feature_store import customer_key
-from streamproc.demo import processed_total
-from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic, read_training_examples
+from streamproc.adapters.feature_rows import customer_key
+from streamproc.tools.demo import processed_total
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.tools.tail import read_topic, read_training_examples
 from tests.conftest import (
     FROZEN_MODEL_ENV,
     free_port,
@@ -265,8 +265,8 @@ def test_members_joining_and_leaving_mid_stream_lose_nothing(env_factory, worker
     """Rebalance after rebalance while the input arrives: a second member joins and leaves (cleanly, then by
     kill -9, then cleanly) three times, each time while a new part of the stream is being produced. Every
     rebalance drops what was fetched before it, and what may be applied after it follows the offset fence's rule
-    (streamproc/readmission.py): the end state must be the one an uninterrupted worker leaves, with every record
-    applied (none stranded behind a dropped one). Both input paths: Faust's stock consumer drops what its own
+    (streamproc/pipeline/readmission.py): the end state must be the one an uninterrupted worker leaves, with every
+    record applied (none stranded behind a dropped one). Both input paths: Faust's stock consumer drops what its own
     queues hold at a rebalance, where the readmission rule never sees it, and must still lose nothing."""
     payloads = sim_payloads(customers=200, days=90, seed=31)
     churned, expected, (expected_alerts, expected_recs) = against_baseline(env_factory, worker_factory, payloads,

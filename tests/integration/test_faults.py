@@ -7,11 +7,11 @@ import time
 import pytest
 import redis
 
-from streamproc.adapters.feature_store import decode_feature_row, feature_names_from
-from streamproc.demo import processed_total
-from streamproc.infra import RedisService
-from streamproc.producer import EventProducer
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.adapters.feature_rows import decode_feature_row, feature_names_from
+from streamproc.tools.demo import processed_total
+from streamproc.tools.infra import RedisService
+from streamproc.tools.producer import EventProducer
+from streamproc.tools.simulate import SimulationConfig, Simulator
 from tests.conftest import free_port, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -119,7 +119,7 @@ def test_a_password_protected_redis_with_an_acl_user(topics, worker_factory, tmp
 def own_kafka(settings, state_dir):
     """Settings pointing at a broker of the test's own (so it can be stopped without disturbing the other
     tests), and its service handle (not started)."""
-    from streamproc.infra import KafkaService
+    from streamproc.tools.infra import KafkaService
 
     port, controller = free_port(), free_port()
     own = settings.model_copy(update={"kafka_port": port, "kafka_controller_port": controller,
@@ -162,7 +162,7 @@ def test_outputs_parked_by_a_dead_worker_are_sent_without_waiting_for_new_input(
     more input ever comes for it."""
     import orjson
 
-    from streamproc.tail import read_topic
+    from streamproc.tools.tail import read_topic
 
     r = redis.Redis.from_url(topics.redis_url)
     alert = {"alert_id": "parked:1", "customer_id": "parked", "ts": 1, "probability": 0.9, "risk_level": "high",

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamproc.config import decode_limits
-from streamproc.demo import processed_total
 from streamproc.domain.events import Rejection, decode_event
-from streamproc.tail import read_topic
+from streamproc.tools.demo import processed_total
+from streamproc.tools.tail import read_topic
 from tests.conftest import produce, wait_delivered
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from streamproc.demo import metric_total as total
-from streamproc.demo import processed_total
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.demo import metric_total as total
+from streamproc.tools.demo import processed_total
+from streamproc.tools.simulate import SimulationConfig, Simulator
 from tests.conftest import produce
 
 pytestmark = pytest.mark.integration

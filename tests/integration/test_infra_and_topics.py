@@ -4,7 +4,7 @@ import sys
 import pytest
 from kafka.admin import NewTopic
 
-from streamproc.infra import Infra
+from streamproc.tools.infra import Infra
 from streamproc.topics import admin_client, apply_topics, load_specs
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ def test_services_are_up_and_a_second_up_reuses_them(infra):
 def test_customer_hashes_are_stored_as_compact_listpacks(infra, settings):
     import redis
 
-    from streamproc.infra import HASH_MAX_LISTPACK_VALUE
+    from streamproc.tools.infra import HASH_MAX_LISTPACK_VALUE
 
     if not {s.name: s for s in Infra(infra).status()}["redis"].owned:
         pytest.skip("a Redis streamproc did not start: its configuration is the operator's")

@@ -23,10 +23,10 @@ from typing import Any
 import orjson
 import pytest
 
-from streamproc.demo import processed_total
-from streamproc.producer import EventProducer
 from streamproc.settings import Settings
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.demo import processed_total
+from streamproc.tools.producer import EventProducer
+from streamproc.tools.simulate import SimulationConfig, Simulator
 from tests.conftest import WorkerProcess
 from tests.unit.test_dashboards import load_dashboards, metric_names, panel_targets
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from streamproc.demo import processed_total, scrape
 from streamproc.settings import Settings
+from streamproc.tools.demo import processed_total, scrape
 from streamproc.topics import admin_client, delete_run_topics, load_specs
 from tests.conftest import produce, worker_env
 

@@ -17,11 +17,11 @@ from jsonschema import Draft202012Validator, FormatChecker
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from streamproc.adapters.feature_store import read_features
-from streamproc.app import FATAL_EXIT_CODE
-from streamproc.demo import metric_total
-from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic
+from streamproc.adapters.feature_rows import read_features
+from streamproc.runtime.app import FATAL_EXIT_CODE
+from streamproc.tools.demo import metric_total
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.tools.tail import read_topic
 from streamproc.topics import SCHEMAS_DIR, load_specs
 from tests.conftest import FROZEN_MODEL_ENV, produce, seed_checkpoint, wait_delivered
 from tests.integration.test_faults import own_redis

@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from streamproc.schemas import Recommendation, TrainingExample
-from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_topic, read_training_examples
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.tools.tail import read_topic, read_training_examples
 from tests.conftest import produce
 
 pytestmark = pytest.mark.integration

@@ -11,11 +11,11 @@ import redis
 
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.config import model_config
-from streamproc.demo import metric_total
 from streamproc.domain.models import ModelBundle
-from streamproc.offline import learn
-from streamproc.simulate import SimulationConfig, Simulator
-from streamproc.tail import read_training_examples
+from streamproc.tools.demo import metric_total
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.tools.tail import read_training_examples
+from streamproc.training.offline import learn
 from tests.conftest import FROZEN_MODEL_ENV, WorkerProcess, free_port, produce
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ import orjson
 import pytest
 import redis
 
-from streamproc.adapters.feature_store import customer_key, read_features
-from streamproc.demo import processed_total
-from streamproc.tail import read_topic
+from streamproc.adapters.feature_rows import customer_key, read_features
+from streamproc.tools.demo import processed_total
+from streamproc.tools.tail import read_topic
 from tests.conftest import produce, wait_delivered
 
 pytestmark = pytest.mark.integration
@@ -179,7 +179,7 @@ def test_a_backlog_drained_in_bulk_raises_no_stream_health_errors(topics, worker
     """Faust's health check logs "Stream has not started processing TP" for a partition with a backlog that no
     stream took records of; the bulk reader bypasses the stream, so it reports what it takes. With a 2 s timeout
     the check runs during the drain (it logged such errors before the reader reported)."""
-    from streamproc.simulate import SimulationConfig, Simulator
+    from streamproc.tools.simulate import SimulationConfig, Simulator
 
     payloads = list(itertools.islice(Simulator(SimulationConfig(customers=5000, days=90, seed=3)).payloads(), 150_000))
     produce(topics, payloads)

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamproc.align import TopicAligner
+from streamproc.pipeline.align import TopicAligner
 from streamproc.pipeline.records import RawRecord
 
 KINDS = ("clicks", "transactions")

@@ -9,7 +9,7 @@ import faust
 from faust.sensors.monitor import Monitor
 from faust.types import TP, Message
 
-from streamproc.transport import Consumer
+from streamproc.runtime.consumer import Consumer
 
 
 def an_app() -> faust.App:

@@ -235,7 +235,7 @@ def test_linear_contributions_are_weight_times_scaled_value():
 def test_checkpoints_keep_versions_and_roll_back():
     import asyncio
 
-    from streamproc.adapters.model_store import InMemoryModelStore
+    from streamproc.adapters.memory import InMemoryModelStore
 
     async def run():
         store = InMemoryModelStore()
@@ -258,7 +258,7 @@ def test_checkpoints_keep_versions_and_roll_back():
 
 async def model_store_contract(store) -> None:
     """What every ModelStore does with versions and fenced (trainer) saves; also run against Redis."""
-    from streamproc.adapters.model_store import StaleCheckpoint
+    from streamproc.ports import StaleCheckpoint
 
     bundle = ModelBundle(ModelConfig())
     assert await store.save(bundle, keep=3) == 1  # unfenced (a bootstrap): always accepted
@@ -284,7 +284,7 @@ async def model_store_contract(store) -> None:
 def test_model_store_contract_in_memory():
     import asyncio
 
-    from streamproc.adapters.model_store import InMemoryModelStore
+    from streamproc.adapters.memory import InMemoryModelStore
 
     asyncio.run(model_store_contract(InMemoryModelStore()))
 

@@ -15,14 +15,14 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore
+from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.domain.churn import ChurnConfig, maturity_span
 from streamproc.domain.customer import CustomerState, FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.metrics import Metrics
 from streamproc.pipeline.records import RawRecord
 from streamproc.pipeline.step import BatchProcessor
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.simulate import SimulationConfig, Simulator
 
 CHURN = ChurnConfig()
 SKEW_MS = 3_600_000  # transactions only: the silent clicks topic must not hold time back

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = """
 import asyncio, hashlib, json, orjson
 from streamproc import compiled
-from streamproc.offline import run_offline
+from streamproc.training.offline import run_offline
 from streamproc.settings import Settings
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.simulate import SimulationConfig, Simulator
 
 outputs = []
 def keep(result):

@@ -62,7 +62,7 @@ def test_training_records_hold_versioned_batches_and_earlier_forms_still_read():
     from pydantic import ValidationError
 
     from streamproc.schemas import TrainingBatch
-    from streamproc.trainer import training_examples
+    from streamproc.training.trainer import training_examples
 
     examples = [{"kind": "segment", "id": "d:1", "ts": 1, "x": {"a": 1.0}},
                 {"kind": "basket", "id": "d:e1", "ts": 2, "items": [["p", "c", 1]], "amount": 3.0}]
@@ -81,12 +81,12 @@ def test_the_trainer_learns_every_example_of_a_record_once_and_counts_them():
 
     import orjson
 
-    from streamproc.adapters.model_store import InMemoryModelStore
+    from streamproc.adapters.memory import InMemoryModelStore
     from streamproc.config import model_config
     from streamproc.domain.churn import SEGMENT_FEATURES
     from streamproc.domain.models import ModelBundle
     from streamproc.metrics import Metrics
-    from streamproc.trainer import Trainer
+    from streamproc.training.trainer import Trainer
 
     settings = Settings(_env_file=None)
     trainer = Trainer(settings, InMemoryModelStore(), Metrics(), model_config(settings))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from streamproc.evaluate import adjusted_rand, precision_recall, roc_auc, score_run
+from streamproc.tools.evaluate import adjusted_rand, precision_recall, roc_auc, score_run
 
 
 def test_roc_auc_by_hand():

@@ -13,10 +13,10 @@ import hashlib
 
 import orjson
 
-from streamproc.offline import run_offline
 from streamproc.pipeline.records import BatchResult
 from streamproc.settings import Settings
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.training.offline import run_offline
 
 HISTORY = SimulationConfig(customers=800, days=200, seed=2026, bad_fraction=0.01, duplicate_fraction=0.01)
 FINGERPRINT = "d3d08839211d74af5695c85a7816038b25c3a41b6d7c475ab82e2b2ffb621fc4"

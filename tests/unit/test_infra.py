@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from streamproc import infra
+from streamproc.tools import infra
 
 
 def test_kafka_cluster_id_never_looks_like_an_option(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,7 @@ import base64
 import orjson
 import pytest
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore, Update
+from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.domain import customer as customer_domain
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
@@ -13,6 +13,7 @@ from streamproc.pipeline import store_calls, sweep
 from streamproc.pipeline.outbox import recover_outbox
 from streamproc.pipeline.records import RawRecord
 from streamproc.pipeline.step import BatchProcessor
+from streamproc.ports import Update
 
 T0 = 1_767_261_600_000
 
@@ -300,7 +301,7 @@ async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_set
 
 
 def sim_records(customers=40, days=120, seed=3):
-    from streamproc.simulate import SimulationConfig, Simulator
+    from streamproc.tools.simulate import SimulationConfig, Simulator
 
     sim = Simulator(SimulationConfig(customers=customers, days=days, seed=seed))
     offsets = {}
@@ -401,9 +402,9 @@ async def test_census_counts_customers_by_stage_and_tier_as_they_move():
 
 
 async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one_model():
-    from streamproc.offline import run_offline
     from streamproc.settings import Settings
-    from streamproc.simulate import SimulationConfig, Simulator
+    from streamproc.tools.simulate import SimulationConfig, Simulator
+    from streamproc.training.offline import run_offline
 
     payloads = list(Simulator(SimulationConfig(customers=60, days=150, seed=12)).payloads())
     settings = Settings(_env_file=None)
@@ -467,9 +468,9 @@ async def test_the_sweep_hands_over_its_outputs_chunk_by_chunk(monkeypatch):
 async def test_the_sweep_keeps_stored_features_only_where_recomputing_gives_the_same():
     """A snapshot-instant refresh between two silence boundaries keeps the stored feature row; the result must
     be exactly what recomputing every time gives (features, state and every output)."""
-    from streamproc.offline import run_offline
     from streamproc.settings import Settings
-    from streamproc.simulate import SimulationConfig, Simulator
+    from streamproc.tools.simulate import SimulationConfig, Simulator
+    from streamproc.training.offline import run_offline
 
     payloads = list(Simulator(SimulationConfig(customers=80, days=160, seed=21)).payloads())
     settings = Settings(_env_file=None)
@@ -488,7 +489,7 @@ async def test_the_sweep_keeps_stored_features_only_where_recomputing_gives_the_
 
     async def run(store_cls):
         outputs = []
-        import streamproc.offline as offline
+        import streamproc.training.offline as offline
 
         original = offline.InMemoryFeatureStore
         offline.InMemoryFeatureStore = store_cls

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from streamproc.readmission import Readmission
+from streamproc.pipeline.readmission import Readmission
 
 LOG_SIZE = 60
 PARTITIONS = (0, 1)

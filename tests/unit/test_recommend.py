@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore
+from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.domain.customer import CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, DecodeLimits, Transaction
 from streamproc.domain.models import ModelBundle, ModelConfig

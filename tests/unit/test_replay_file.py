@@ -1,6 +1,6 @@
 import orjson
 
-from streamproc.replay import read_events, topic_of
+from streamproc.tools.replay import read_events, topic_of
 
 
 def test_csv_rows_are_typed_and_mapped(tmp_path):

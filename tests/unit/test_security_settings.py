@@ -33,7 +33,7 @@ def test_ssl_files_are_passed_through(tmp_path):
 
 
 def test_the_worker_app_gets_the_credentials():
-    from streamproc.app import Worker
+    from streamproc.runtime.app import Worker
 
     s = Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="svc",
                  kafka_sasl_password=SecretStr("pw"))

@@ -4,7 +4,7 @@ from collections import Counter
 import orjson
 
 from streamproc.domain.events import DecodeLimits, Rejection, decode_event
-from streamproc.simulate import PERSONAS, SimulationConfig, Simulator
+from streamproc.tools.simulate import PERSONAS, SimulationConfig, Simulator
 
 
 def digest(cfg: SimulationConfig) -> str:

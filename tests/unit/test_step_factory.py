@@ -8,12 +8,12 @@ from collections import Counter
 
 import orjson
 
-from streamproc.adapters.model_store import InMemoryModelStore
-from streamproc.offline import run_offline
+from streamproc.adapters.memory import InMemoryModelStore
 from streamproc.pipeline.records import BatchResult
 from streamproc.service_commands import train_from_file
 from streamproc.settings import Settings
-from streamproc.simulate import SimulationConfig, Simulator
+from streamproc.tools.simulate import SimulationConfig, Simulator
+from streamproc.training.offline import run_offline
 
 DAY_MS = 86_400_000
 # a young model scores low: a low threshold makes sure alerts are raised, so the action table is tried

@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from streamproc.metrics import PROMETHEUS_INTERNALS
-from streamproc.transport import THIRD_PARTY_INTERNALS
+from streamproc.runtime.consumer import THIRD_PARTY_INTERNALS
 
 ALL = {**THIRD_PARTY_INTERNALS, **PROMETHEUS_INTERNALS}
 

@@ -6,7 +6,7 @@ import asyncio
 
 from faust.types import TP, Message
 
-from streamproc.transport import BulkInbox
+from streamproc.runtime.consumer import BulkInbox
 
 
 def messages(topic: str, offsets: range) -> list[Message]:
@@ -53,7 +53,7 @@ async def test_a_full_inbox_holds_the_consumer_back_until_the_reader_takes():
 
 async def test_a_clean_stop_waits_for_outputs_still_being_confirmed(monkeypatch):
     import streamproc.pipeline.outbox as outbox_module
-    from streamproc.app import Worker
+    from streamproc.runtime.app import Worker
     from streamproc.settings import Settings
 
     worker = Worker(Settings(_env_file=None))

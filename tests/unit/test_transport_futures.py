@@ -9,7 +9,7 @@ import aiokafka.util
 from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
 from aiokafka.structs import TopicPartition
 
-from streamproc.transport import install_loop_bound_futures
+from streamproc.runtime.consumer import install_loop_bound_futures
 
 
 def a_batch() -> MessageBatch:

@@ -18,22 +18,17 @@ import faust
 from faust.types import EventT, Message
 from prometheus_client import CollectorRegistry
 
-from streamproc.adapters.feature_store import FeatureStore, RedisFeatureStore
-from streamproc.adapters.model_store import ModelStore, RedisModelStore
+from streamproc.adapters.model_store import RedisModelStore
+from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.compiled import status as compiled_status
 from streamproc.config import model_config
 from streamproc.errors import FatalStepError, is_transient, root_cause
-from streamproc.gauges import report_model_summary, report_population
-from streamproc.http_views import add_views
-from streamproc.intake import Intake, message_of
 from streamproc.metrics import Metrics
 from streamproc.pipeline.factory import build_processor
 from streamproc.pipeline.outbox import OutboxSender
 from streamproc.pipeline.records import RawRecord
-from streamproc.settings import Settings
-from streamproc.topics import INPUT_TOPICS, TRAINING_TOPIC, faust_credentials, wait_for_topics
-from streamproc.trainer import Trainer
-from streamproc.transport import (
+from streamproc.ports import FeatureStore, ModelStore
+from streamproc.runtime.consumer import (
     BulkInbox,
     ack_batch,
     attach_inbox,
@@ -43,7 +38,13 @@ from streamproc.transport import (
     mark_taken,
     sensors_told_in_bulk,
 )
-from streamproc.transport import Consumer as FastConsumer
+from streamproc.runtime.consumer import Consumer as FastConsumer
+from streamproc.runtime.gauges import report_model_summary, report_population
+from streamproc.runtime.http import add_views
+from streamproc.runtime.intake import Intake, message_of
+from streamproc.settings import Settings
+from streamproc.topics import INPUT_TOPICS, TRAINING_TOPIC, faust_credentials, wait_for_topics
+from streamproc.training.trainer import Trainer
 
 log = logging.getLogger("streamproc.worker")
 
@@ -74,7 +75,7 @@ def faust_app(s: Settings) -> faust.App:
     return faust.App(
         s.app_id,
         broker=f"kafka://{s.kafka_bootstrap}",
-        # our consumer subclass (streamproc/transport.py): less per-record machinery, same semantics
+        # our consumer subclass (streamproc/runtime/consumer.py): less per-record machinery, same semantics
         broker_consumer=f"{'streamproc' if s.fast_consumer else 'kafka'}://{s.kafka_bootstrap}",
         store="memory://",
         value_serializer="raw",
@@ -110,7 +111,8 @@ class Worker:
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
                 settings.redis_url, **settings.redis_kwargs()).redis
         )
-        # the global trainer's group member (streamproc/trainer.py): learns where it owns the training partition
+        # the global trainer's group member (streamproc/training/trainer.py): learns where it owns the training
+        # partition
         self.trainer: Trainer | None = (
             Trainer(settings, self.models, self.metrics, model_config(settings))
             if settings.models_enabled and settings.trainer_enabled else None
@@ -179,7 +181,7 @@ class Worker:
             monitored = sensors_told_in_bulk(self.app.consumer)
             log.info("sensors told of %s", "whole fetches and batches" if monitored else "every message")
         log.info("domain core: %s", compiled_status())
-        if inbox is not None:  # whole fetches from the consumer (streamproc/transport.py)
+        if inbox is not None:  # whole fetches from the consumer (streamproc/runtime/consumer.py)
             batches = self._inbox_batches(inbox, stream, idle_s)
         else:
             batches = drain_batches(stream, self.settings.batch_max_events, self.settings.batch_linger_s, idle_s)

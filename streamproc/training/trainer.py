@@ -25,21 +25,22 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from prometheus_client import CollectorRegistry, start_http_server
 
-from streamproc.adapters.feature_store import RedisFeatureStore
-from streamproc.adapters.model_store import ModelStore, RedisModelStore, StaleCheckpoint
+from streamproc.adapters.model_store import RedisModelStore
+from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.config import model_config
 from streamproc.domain.models import ModelBundle, ModelConfig
 from streamproc.metrics import Metrics
-from streamproc.offline import learn
+from streamproc.ports import ModelStore, StaleCheckpoint
 from streamproc.schemas import examples_of
 from streamproc.settings import Settings
 from streamproc.topics import TRAINING_TOPIC, aiokafka_security_kwargs
+from streamproc.training.offline import learn
 
 FETCH_MAX_RECORDS = 5000
 TRAINER_METADATA_MAX_AGE_MS = 5000
 LEARN_SLICE = 200  # examples learned between yields to the event loop
 
-log = logging.getLogger("streamproc.trainer")
+log = logging.getLogger("streamproc.training.trainer")
 
 
 def training_examples(value: bytes, offset: int = -1) -> list[dict[str, Any]]:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import orjson
 
-from streamproc.producer import EventProducer
 from streamproc.settings import Settings
+from streamproc.tools.producer import EventProducer
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000

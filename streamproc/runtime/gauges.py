@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Any
 
-from streamproc.adapters.feature_store import FeatureStore
 from streamproc.metrics import Metrics
+from streamproc.ports import FeatureStore
 
 log = logging.getLogger("streamproc.worker")
 

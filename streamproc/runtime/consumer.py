@@ -320,7 +320,7 @@ class Consumer(aiokafka_driver.Consumer):
                     if message.topic in bulk_topics:
                         # Handed over even during a rebalance (Faust drops those): the reader waits for the
                         # rebalance to end and decides by the generation the record was fetched in, and by the
-                        # records it dropped before (streamproc/readmission.py). A record dropped here, after
+                        # records it dropped before (streamproc/pipeline/readmission.py). A record dropped here, after
                         # the fetch position moved past it, would be lost if the rebalance's seek came first.
                         # tracked as Faust's streams track, but not in ``_unacked_messages``: a weak set read only
                         # by ``wait_empty``, which this app turns off (``stream_wait_empty=False``)
@@ -409,7 +409,7 @@ async def drain_batches(
                 continue
             message = item.message
             # fetched before a rebalance: passed on untracked, for the caller to drop (and to hold back what
-            # follows it, streamproc/readmission.py); the new owner re-reads it from the committed offset
+            # follows it, streamproc/pipeline/readmission.py); the new owner re-reads it from the committed offset
             if message.generation_id == generation and message.topic in acking_topics and not message.tracked:
                 message.tracked = True
                 consumer.unacked.add(message)

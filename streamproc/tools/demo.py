@@ -12,12 +12,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from streamproc.adapters.feature_store import RedisFeatureStore
-from streamproc.infra import Infra
-from streamproc.producer import EventProducer
+from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.settings import Settings
-from streamproc.simulate import SimulationConfig, Simulator, write_truth
-from streamproc.tail import format_alert, read_topic
+from streamproc.tools.infra import Infra
+from streamproc.tools.producer import EventProducer
+from streamproc.tools.simulate import SimulationConfig, Simulator, write_truth
+from streamproc.tools.tail import format_alert, read_topic
 from streamproc.topics import apply_topics, delete_topics, load_specs
 
 DEMO_REDIS_DB = 1

@@ -10,10 +10,9 @@ import faust
 from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
-from streamproc.adapters.feature_store import FeatureStore
-from streamproc.adapters.model_store import ModelStore
-from streamproc.lookup import lookup
 from streamproc.metrics import Metrics
+from streamproc.pipeline.lookup import lookup
+from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 
 log = logging.getLogger("streamproc.worker")

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 
 from streamproc.domain.events import parse_event_time
-from streamproc.producer import EventProducer
 from streamproc.settings import Settings
+from streamproc.tools.producer import EventProducer
 
 INT_FIELDS = {"quantity"}
 FLOAT_FIELDS = {"amount", "unit_price", "duration_s"}

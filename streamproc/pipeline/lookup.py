@@ -10,10 +10,9 @@ from typing import Any
 
 import orjson
 
-from streamproc.adapters.feature_store import FeatureStore
-from streamproc.adapters.model_store import ModelStore
 from streamproc.config import fold_config
 from streamproc.domain.customer import CustomerState, features
+from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 
 

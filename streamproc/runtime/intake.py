@@ -1,6 +1,6 @@
 """What of the consumed input may be applied, and when: the two input topics aligned by record time (a topic far
 ahead of the other is held back, and its partitions paused), and nothing fetched before a rebalance, nor after a
-record dropped in one, until the partition is read again from there (streamproc/readmission.py)."""
+record dropped in one, until the partition is read again from there (streamproc/pipeline/readmission.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 import faust
 from faust.types import TP, EventT, Message
 
-from streamproc.align import TopicAligner
 from streamproc.metrics import Metrics
+from streamproc.pipeline.align import TopicAligner
+from streamproc.pipeline.readmission import Readmission
 from streamproc.pipeline.records import RawRecord
-from streamproc.readmission import Readmission
+from streamproc.runtime.consumer import Consumer as FastConsumer
+from streamproc.runtime.consumer import committed_offset
 from streamproc.settings import Settings
 from streamproc.topics import INPUT_TOPICS
-from streamproc.transport import Consumer as FastConsumer
-from streamproc.transport import committed_offset
 
 log = logging.getLogger("streamproc.worker")
 
@@ -29,8 +29,8 @@ class Intake:
         self.settings = settings
         self.metrics = metrics
         self.app = app
-        # input records held back until the other topic of their partition catches up (streamproc/align.py)
-        # a consumed record's handle: the Message (bulk delivery, streamproc/transport.py) or Faust's Event
+        # input records held back until the other topic of their partition catches up (streamproc/pipeline/align.py)
+        # a consumed record's handle: the Message (bulk delivery, streamproc/runtime/consumer.py) or Faust's Event
         self.aligner: TopicAligner[Message | EventT] | None = (
             TopicAligner(tuple(INPUT_TOPICS), settings.align_max_wait_s, settings.align_hold_limit,
                          settings.align_pause_at) if settings.align_inputs else None
@@ -95,7 +95,7 @@ class Intake:
 
     async def readmit(self, pairs: list[Pair]) -> list[Pair]:
         """The records that may be applied: none fetched before the last rebalance, and none of a partition after
-        one dropped until the partition is read again from it (streamproc/readmission.py); partitions left with
+        one dropped until the partition is read again from it (streamproc/pipeline/readmission.py); partitions left with
         such a hole are sought back to it."""
         readmission = self.readmission
         generation = self.app.consumer_generation_id

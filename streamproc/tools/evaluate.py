@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from streamproc.adapters.feature_store import RedisFeatureStore, customer_key, decode_feature_row, feature_names_from
+from streamproc.adapters.feature_rows import customer_key, decode_feature_row, feature_names_from
 from streamproc.adapters.model_store import RedisModelStore
-from streamproc.tail import read_topic
+from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.tools.tail import read_topic
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:

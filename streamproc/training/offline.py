@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from streamproc.adapters.feature_store import InMemoryFeatureStore
+from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.config import model_config
 from streamproc.domain.models import ModelBundle
 from streamproc.pipeline.factory import build_processor

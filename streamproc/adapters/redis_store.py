@@ -1,0 +1,273 @@
+"""The online feature store on Redis (the layout: ``streamproc/adapters/feature_rows.py``; the scripts:
+``streamproc/adapters/lua/``).
+
+A save is a compare-and-set on ``_v``: it applies only if nobody wrote the customer since it was loaded
+(a zombie worker after a rebalance loses), and the state blob carries the offset fences, so state and
+fence change in one atomic step. The same script moves the customer between census keys and parks the
+save's outputs (alerts, recommendations, training examples) in a transactional outbox: a worker killed
+after the save but before the broker had the outputs re-sends them from the outbox on restart, because
+the replayed events themselves are fenced and would produce nothing.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import hiredis
+import orjson
+import redis.asyncio as aioredis
+
+from streamproc.adapters.feature_rows import (
+    ERASED_KEY,
+    FEATURE_SCHEMAS_KEY,
+    customer_key,
+    decode_feature_row,
+    encode_feature_row,
+    encode_state,
+    erasure_digest,
+    feature_schema_id,
+)
+from streamproc.ports import BatchSideEffects, FeatureStore, Loaded, SaveResult, Update
+
+
+def lua(name: str) -> str:
+    """A Lua script of this package (``streamproc/adapters/lua/<name>.lua``)."""
+    return resources.files("streamproc.adapters").joinpath("lua", f"{name}.lua").read_text()
+
+
+_LOAD_FIELDS = ("_v", "_s", "m")
+
+
+class _PackInC:
+    """Commands packed by hiredis (``hiredis.pack_command``, C) instead of redis-py's Python loop: the same bytes
+    on the wire, in about half the time for a batch's multi-megabyte script calls (thousands of arguments)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # redis-py's own splitting of a command name holding spaces ("CONFIG GET")
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # an argument type hiredis does not pack (e.g. a memoryview): redis-py's way
+            packed: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+            return packed
+
+
+_PACKING_CLASSES: dict[type, type] = {}
+
+
+def _packing_in_c(connection_class: type) -> Any:
+    if connection_class not in _PACKING_CLASSES:
+        name = f"PackInC{connection_class.__name__}"
+        _PACKING_CLASSES[connection_class] = type(name, (_PackInC, connection_class), {})
+    return _PACKING_CLASSES[connection_class]
+
+
+class RedisFeatureStore(FeatureStore):
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._save = client.register_script(lua("save_customers"))
+        self._load = client.register_script(lua("load_customers"))
+        self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
+        self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
+
+    @classmethod
+    def from_url(cls, url: str, password: str | None = None, **kwargs: Any) -> RedisFeatureStore:
+        client = aioredis.from_url(url, password=password, decode_responses=False, **kwargs)
+        pool = client.connection_pool
+        pool.connection_class = _packing_in_c(pool.connection_class)  # plain, TLS or unix socket alike
+        return cls(client)
+
+    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+        if not customer_ids:
+            return {}
+        # one script call for the whole batch: one command to encode and one reply to parse, instead of one
+        # HMGET per customer
+        digests = [erasure_digest(cid) for cid in customer_ids]
+        fields = (*_LOAD_FIELDS, "f") if with_features else _LOAD_FIELDS
+        flat = await self._load(keys=[*(customer_key(cid) for cid in customer_ids), ERASED_KEY],
+                                args=[*digests, *fields])
+        width = len(fields) + 1  # the fields, then the erasure flag
+        out: dict[str, Loaded] = {}
+        for i, cid in enumerate(customer_ids):
+            version, blob, model, *row, erased = flat[width * i : width * (i + 1)]
+            feats = await self._decode_row(row[0]) if row and row[0] else None
+            out[cid] = Loaded(int(version or 0), blob or None, bool(erased), model or None, feats)
+        return out
+
+    async def save(self, updates: list[Update]) -> SaveResult:
+        if not updates:
+            return SaveResult([], {})
+        keys: list[str] = []
+        args: list[str | bytes] = []
+        schema_ids = self._schema_ids
+        schemas: dict[str, tuple[str, ...]] = {}
+        for up in updates:
+            names = tuple(up.features)
+            schema_id = schema_ids.get(names)
+            if schema_id is None:
+                schema_id = schema_ids[names] = feature_schema_id(names)
+            schemas[schema_id] = names
+            keys.append(customer_key(up.customer_id))
+            keys.append(f"sp:census:{up.partition}")
+            keys.append(f"sp:outbox:{up.partition}")
+            keys.append(f"sp:due:{up.partition}")
+            args.append(str(up.expected_version))
+            args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
+            args.append(encode_state(up.state))
+            args.append(up.census_key)
+            args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
+            args.append(up.outputs)
+            args.append(b"" if up.label_due is None else str(up.label_due))
+        keys.append(FEATURE_SCHEMAS_KEY)
+        for schema_id, names in schemas.items():
+            args.append(schema_id)
+            args.append(orjson.dumps(names))
+        replies = await self._save(keys=keys, args=args)
+        result = SaveResult([], {})
+        for up, reply in zip(updates, replies, strict=True):
+            if reply is None:
+                result.failed.append(up.customer_id)
+            else:
+                result.previous_census[up.customer_id] = reply.decode() or None
+        return result
+
+    async def _decode_row(self, raw: bytes) -> dict[str, Any]:
+        """A stored feature row as a dict, its schema's names fetched once per process."""
+        try:
+            return decode_feature_row(raw, self._schema_names.__getitem__)
+        except KeyError as unknown:  # a schema this process has not read yet
+            schema_id = unknown.args[0]
+            names = await self.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)
+            if names is None:
+                raise KeyError(f"feature schema {schema_id} is not stored") from None
+            self._schema_names[schema_id] = orjson.loads(names)
+            return decode_feature_row(raw, self._schema_names.__getitem__)
+
+    async def after_batch(self, effects: BatchSideEffects) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, seen in effects.last_seen.items():
+            if seen:
+                pipe.zadd(f"sp:lastseen:{partition}", seen, gt=True)
+        if effects.watermarks:
+            # only ever moves forward: HSET of the max is safe because one worker owns a partition
+            pipe.hset("sp:wm", mapping={k: str(v) for k, v in effects.watermarks.items()})
+        for key, members in effects.hll.items():
+            pipe.pfadd(key, *members)
+        await pipe.execute()
+
+    async def outbox(self, partition: int) -> dict[str, bytes]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(f"sp:outbox:{partition}")  # type: ignore[assignment]
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def clear_outbox(self, fields: dict[int, list[str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, names in fields.items():
+            if names:
+                pipe.hdel(f"sp:outbox:{partition}", *names)
+        await pipe.execute()
+
+    async def census(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        async for key in self.redis.scan_iter("sp:census:*", count=100):
+            raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[assignment]
+            for k, v in raw.items():
+                totals[k.decode()] = totals.get(k.decode(), 0) + int(v)
+        return {k: v for k, v in totals.items() if v}
+
+    async def load_watermarks(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall("sp:wm")  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def sweep_marks(self) -> dict[int, int]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall("sp:sweep")  # type: ignore[assignment]
+        return {int(k): int(v) for k, v in raw.items()}
+
+    async def set_sweep_mark(self, partition: int, watermark: int) -> None:
+        await self.redis.hset("sp:sweep", str(partition), str(watermark))
+
+    async def overdue_labels(self, marks: dict[int, int]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for partition, mark in marks.items():
+            pipe.zcount(f"sp:due:{partition}", "-inf", mark)
+        return sum(await pipe.execute())
+
+    async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for low, high in ranges:
+            pipe.zrangebyscore(f"sp:lastseen:{partition}", f"({low}", high)
+        return [[m.decode() for m in found] for found in await pipe.execute()]
+
+    async def expire(self, partition: int, customer_ids: list[str]) -> None:
+        if not customer_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for cid in customer_ids:
+            pipe.hget(customer_key(cid), "k")
+        previous = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for cid, census_key in zip(customer_ids, previous, strict=True):
+            pipe.delete(customer_key(cid))
+            if census_key:
+                pipe.hincrby(f"sp:census:{partition}", census_key.decode(), -1)
+        pipe.zrem(f"sp:lastseen:{partition}", *customer_ids)
+        pipe.zrem(f"sp:due:{partition}", *customer_ids)
+        await pipe.execute()
+
+    async def state_blob(self, customer_id: str) -> bytes | None:
+        blob: bytes | None = await self.redis.hget(customer_key(customer_id), "_s")  # type: ignore[assignment]
+        return blob or None
+
+    async def population(self) -> dict[str, float]:
+        buyers = await self.redis.pfcount("sp:agg:buyers")
+        repeat = await self.redis.pfcount("sp:agg:repeat")
+        out: dict[str, float] = {"buyers": buyers, "repeat_buyers": repeat,
+                                 "repeat_purchase_rate": repeat / buyers if buyers else 0.0}
+        sizes: dict[str, int] = {}
+        async for key in self.redis.scan_iter("sp:cohort:*", count=500):
+            name = key.decode()
+            _, _, month, k = name.split(":")
+            if k == "0":
+                sizes[month] = await self.redis.pfcount(name)
+        async for key in self.redis.scan_iter("sp:cohort:*", count=500):
+            name = key.decode()
+            _, _, month, k = name.split(":")
+            if k != "0" and sizes.get(month):
+                out[f"retention:{month}:{k}"] = await self.redis.pfcount(name) / sizes[month]
+        for month, size in sizes.items():
+            out[f"cohort_size:{month}"] = size
+        return out
+
+    async def features(self, customer_id: str) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
+        return await self._decode_row(raw) if raw else None
+
+    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
+        return orjson.loads(raw) if raw else None
+
+    async def forget(self, customer_id: str) -> bool:
+        census_key: bytes | None = await self.redis.hget(customer_key(customer_id), "k")  # type: ignore[assignment]
+        deleted = await self.redis.delete(customer_key(customer_id))
+        pipe = self.redis.pipeline(transaction=False)
+        if deleted and census_key:
+            # the census is read as a sum over partitions: take the customer off any partition holding the key
+            async for key in self.redis.scan_iter("sp:census:*", count=100):
+                if await self.redis.hget(key, census_key.decode()):
+                    pipe.hincrby(key, census_key.decode(), -1)
+                    break
+        pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
+        for pattern in ("sp:lastseen:*", "sp:due:*"):
+            async for key in self.redis.scan_iter(pattern, count=100):
+                pipe.zrem(key, customer_id)
+        async for key in self.redis.scan_iter("sp:outbox:*", count=100):  # unsent outputs about them
+            async for name, _ in self.redis.hscan_iter(key, match=f"{customer_id}:*"):
+                pipe.hdel(key, name)
+        await pipe.execute()
+        return bool(deleted)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
