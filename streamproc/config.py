@@ -6,7 +6,7 @@ from __future__ import annotations
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
-from streamproc.domain.models import ModelConfig
+from streamproc.domain.model_config import ModelConfig
 from streamproc.domain.recommend import RecConfig
 from streamproc.settings import Settings
 

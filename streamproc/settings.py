@@ -20,6 +20,16 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as EnvParseError
 
+from streamproc.domain.churn import ChurnConfig
+from streamproc.domain.customer import FoldConfig
+from streamproc.domain.events import DecodeLimits
+from streamproc.domain.model_config import ModelConfig
+from streamproc.domain.recommend import RecConfig
+
+# Each tunable the domain has is defaulted there, once: a setting takes its default from the domain's config
+# (in the settings' units), and streamproc/config.py maps the settings back onto the configs.
+_LIMITS, _FOLD, _CHURN, _MODEL, _REC = DecodeLimits(), FoldConfig(), ChurnConfig(), ModelConfig(), RecConfig()
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # run from a checkout (an editable install, `make`, CI), PROJECT_ROOT is the repository and the state and caches
 # stay beside it, as they always have; installed from a wheel (the image, `pip install .`) it is only the
@@ -134,17 +144,17 @@ class Settings(BaseSettings):
 
     # --- input limits (bad input is data: anything beyond these goes to the DLQ)
     # at most the producer's max request size (1 MB): a bigger record never reaches the topic to be read
-    max_payload_bytes: int = Field(default=64 * 1024, ge=1, le=1_000_000)
-    max_items_per_transaction: int = Field(default=200, ge=1)
-    max_future_skew_s: float = Field(default=24 * 3600.0, ge=0)
-    min_event_time_ms: int = Field(default=946_684_800_000, ge=0)  # 2000-01-01: older timestamps are absurd
+    max_payload_bytes: int = Field(default=_LIMITS.max_payload_bytes, ge=1, le=1_000_000)
+    max_items_per_transaction: int = Field(default=_LIMITS.max_items_per_transaction, ge=1)
+    max_future_skew_s: float = Field(default=_LIMITS.max_future_skew_ms / 1000, ge=0)
+    min_event_time_ms: int = Field(default=_LIMITS.min_event_time_ms, ge=0)  # 2000-01-01: older timestamps are absurd
     # fields a contract does not declare: "ignore" (counted in streamproc_unknown_fields_total, the rest applied:
     # a producer may add an optional field before every consumer knows it) or "reject" (dead-lettered)
-    unknown_fields: Literal["ignore", "reject"] = "ignore"
+    unknown_fields: Literal["ignore", "reject"] = _LIMITS.unknown_fields
     # a dead letter keeps the original key and value bytes up to this size each; a larger one keeps its size, its
     # SHA-256 and a preview (the record itself stays on its input topic, at the offset the dead letter names).
     # Bounded so that a dead letter (base64 is 4/3 of the bytes) always fits the broker's 1 MB record limit.
-    dead_letter_max_original_bytes: int = Field(default=256 * 1024, ge=0, le=512 * 1024)
+    dead_letter_max_original_bytes: int = Field(default=_LIMITS.dead_letter_max_original_bytes, ge=0, le=512 * 1024)
     # a batch step that fails with an error that is not a lost connection or a timeout is tried this many times;
     # then the worker stops with a non-zero exit (what can be isolated, an event or an output, is dead-lettered
     # before that: see README "Dead letters")
@@ -154,23 +164,24 @@ class Settings(BaseSettings):
     fault_inject_event_id: str | None = None
 
     # --- event time
-    allowed_lateness_s: float = Field(default=3600.0, ge=0)
+    allowed_lateness_s: float = Field(default=_FOLD.allowed_lateness_ms / 1000, ge=0)
     late_event_policy: Literal["apply", "dlq"] = "apply"
-    dedup_horizon_s: float = Field(default=7 * 24 * 3600.0, ge=0)
-    dedup_max_ids: int = Field(default=32, ge=1)  # 0 would forget every id at once: no deduplication at all
+    dedup_horizon_s: float = Field(default=_FOLD.dedup_horizon_ms / 1000, ge=0)
+    # 0 would forget every id at once: no deduplication at all
+    dedup_max_ids: int = Field(default=_FOLD.dedup_max_ids, ge=1)
 
     # --- features
-    session_gap_s: float = Field(default=30 * 60.0, gt=0)
-    windows_days: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=(7, 30, 90), min_length=1)
-    lifecycle_new_days: int = Field(default=30, ge=1)
-    lifecycle_at_risk_days: int = Field(default=30, ge=1)  # below lifecycle_churned_days
-    lifecycle_churned_days: int = Field(default=90, ge=1)
-    clv_period_days: int = Field(default=30, ge=1)
-    clv_periods: int = Field(default=12, ge=1)
-    clv_discount_rate: float = Field(default=0.01, ge=0)
-    clv_retention_probability: Probability = 0.8
-    tier_high_spend: float = Field(default=1000.0, ge=0)
-    tier_medium_spend: float = Field(default=500.0, ge=0)  # below tier_high_spend
+    session_gap_s: float = Field(default=_FOLD.session_gap_ms / 1000, gt=0)
+    windows_days: tuple[Annotated[int, Field(ge=1)], ...] = Field(default=_FOLD.windows_days, min_length=1)
+    lifecycle_new_days: int = Field(default=_FOLD.new_days, ge=1)
+    lifecycle_at_risk_days: int = Field(default=_FOLD.at_risk_days, ge=1)  # below lifecycle_churned_days
+    lifecycle_churned_days: int = Field(default=_FOLD.churned_days, ge=1)
+    clv_period_days: int = Field(default=_FOLD.clv_period_days, ge=1)
+    clv_periods: int = Field(default=_FOLD.clv_periods, ge=1)
+    clv_discount_rate: float = Field(default=_FOLD.clv_discount_rate, ge=0)
+    clv_retention_probability: Probability = _FOLD.clv_retention_probability
+    tier_high_spend: float = Field(default=_FOLD.tier_high, ge=0)
+    tier_medium_spend: float = Field(default=_FOLD.tier_medium, ge=0)  # below tier_high_spend
     sweep_interval_s: float = Field(default=3600.0, gt=0)  # event time between inactivity sweeps
     # customers the sweep refreshes per batch at most: a snapshot instant that visits every live customer is
     # spread over the following batches (and continued between batches) instead of stalling ingest
@@ -185,22 +196,22 @@ class Settings(BaseSettings):
     # partition learns; false: a scoring-only worker (run `streamproc trainer` alone, or freeze the checkpoint)
     trainer_enabled: bool = True
     trainer_metrics_port: Port | None = None  # `streamproc trainer` serves /metrics here when set
-    churn_horizon_days: int = Field(default=60, ge=1)
-    snapshot_cadence_days: int = Field(default=7, ge=1)
-    churn_label_on: Literal["purchase", "activity"] = "purchase"
+    churn_horizon_days: int = Field(default=_CHURN.horizon_days, ge=1)
+    snapshot_cadence_days: int = Field(default=_CHURN.cadence_days, ge=1)
+    churn_label_on: Literal["purchase", "activity"] = _CHURN.label_on
     # churn probabilities, ordered: alert_rearm_threshold < alert_threshold <= risk_high <= risk_critical (an
     # alert is raised at alert_threshold and graded medium/high/critical by the risk levels; ORDER_RULES)
-    alert_threshold: float = Field(default=0.7, gt=0, le=1)
-    alert_rearm_threshold: Probability = 0.5  # 0: never re-armed (one alert per customer)
-    alert_cooldown_days: float = Field(default=14.0, ge=0)
-    risk_high: Probability = 0.8
-    risk_critical: Probability = 0.9
+    alert_threshold: float = Field(default=_CHURN.alert_threshold, gt=0, le=1)
+    alert_rearm_threshold: Probability = _CHURN.rearm_threshold  # 0: never re-armed (one alert per customer)
+    alert_cooldown_days: float = Field(default=_CHURN.cooldown_days, ge=0)
+    risk_high: Probability = _CHURN.high_risk
+    risk_critical: Probability = _CHURN.critical_risk
     retention_actions: dict[str, dict[str, str]] | None = None  # value tier -> risk level -> action
-    classifier: Literal["logreg", "hat", "arf"] = "logreg"
-    segmenter: Literal["kmeans", "streamkmeans"] = "kmeans"
-    n_segments: int = Field(default=5, ge=2, le=50)  # k-means: one segment segments nothing
-    kmeans_halflife: float = Field(default=0.005, gt=0, le=1)  # river: the step of a centre toward a point
-    model_seed: int = 42
+    classifier: Literal["logreg", "hat", "arf"] = _MODEL.classifier
+    segmenter: Literal["kmeans", "streamkmeans"] = _MODEL.segmenter
+    n_segments: int = Field(default=_MODEL.n_segments, ge=2, le=50)  # k-means: one segment segments nothing
+    kmeans_halflife: float = Field(default=_MODEL.kmeans_halflife, gt=0, le=1)  # river: a centre's step toward a point
+    model_seed: int = _MODEL.seed
     checkpoint_interval_s: float = Field(default=5.0, gt=0)
     checkpoint_keep: int = Field(default=10, ge=1)
     model_reload_s: float = Field(default=2.0, gt=0)
@@ -208,18 +219,18 @@ class Settings(BaseSettings):
     expire_after_days: int = Field(default=400, ge=1)
 
     # --- recommendations (need models_enabled: the co-purchase model is learned by the trainer)
-    rec_k: int = Field(default=10, ge=1, le=100)
+    rec_k: int = Field(default=_REC.k, ge=1, le=100)
     # co-purchase and best-seller counts halve every this many event days
-    rec_halflife_days: float = Field(default=30.0, gt=0)
-    rec_max_pairs: int = Field(default=200_000, ge=1)  # memory bound of the co-purchase pair counts
-    rec_max_items: int = Field(default=20_000, ge=1)
-    rec_min_pair_count: float = Field(default=2.0, ge=0)
-    rec_exclude_bought_days: int = Field(default=30, ge=0)
-    rec_viewed_days: int = Field(default=14, ge=0)
-    rec_catalogue_days: int = Field(default=90, ge=1)  # not sold for this long: treated as out of the catalogue
-    rec_weight_bought_together: float = Field(default=1.0, ge=0)
-    rec_weight_viewed_not_bought: float = Field(default=0.8, ge=0)
-    rec_weight_popular_in_segment: float = Field(default=0.4, ge=0)
+    rec_halflife_days: float = Field(default=_REC.halflife_days, gt=0)
+    rec_max_pairs: int = Field(default=_REC.max_pairs, ge=1)  # memory bound of the co-purchase pair counts
+    rec_max_items: int = Field(default=_REC.max_items, ge=1)
+    rec_min_pair_count: float = Field(default=_REC.min_pair_count, ge=0)
+    rec_exclude_bought_days: int = Field(default=_REC.exclude_bought_days, ge=0)
+    rec_viewed_days: int = Field(default=_REC.viewed_days, ge=0)
+    rec_catalogue_days: int = Field(default=_REC.catalogue_days, ge=1)  # not sold this long: out of the catalogue
+    rec_weight_bought_together: float = Field(default=_REC.weight_bought_together, ge=0)
+    rec_weight_viewed_not_bought: float = Field(default=_REC.weight_viewed_not_bought, ge=0)
+    rec_weight_popular_in_segment: float = Field(default=_REC.weight_popular_in_segment, ge=0)
     rec_excluded_products: frozenset[str] = frozenset()  # withdrawn from the catalogue: never recommended
 
     @field_validator("http_token", "pseudonymize_key")

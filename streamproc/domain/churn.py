@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from streamproc.domain.customer import (
     CARTS,
@@ -38,7 +38,7 @@ class ChurnConfig:
     cadence_days: int = 7
     silent_horizons: int = 3  # no snapshots once silent this many horizons
     max_pending: int = 12
-    label_on: str = "purchase"  # or "activity": any event counts as not churned
+    label_on: Literal["purchase", "activity"] = "purchase"  # activity: any event counts as not churned
     alert_threshold: float = 0.7
     rearm_threshold: float = 0.5  # hysteresis: below this a customer can be alerted again
     cooldown_days: float = 14.0

@@ -15,20 +15,8 @@ from typing import Any
 from river import cluster, drift, forest, linear_model, metrics, optim, preprocessing, tree, utils
 
 from streamproc.domain.churn import SEGMENT_FEATURES, VIEW_SHARE
-from streamproc.domain.recommend import CoPurchaseModel, RecConfig, RecIndex
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    segmenter: str = "kmeans"  # or "streamkmeans"
-    n_segments: int = 5
-    kmeans_halflife: float = 0.005
-    max_segment_categories: int = 24  # category view shares used as segmentation inputs (most seen first)
-    classifier: str = "logreg"  # or "hat" (Hoeffding adaptive tree) or "arf" (adaptive random forest)
-    seed: int = 42
-    alert_threshold: float = 0.7
-    rolling_window: int = 2000
-    rec: RecConfig = field(default_factory=RecConfig)
+from streamproc.domain.model_config import ModelConfig
+from streamproc.domain.recommend import CoPurchaseModel, RecIndex
 
 
 class SeededKMeans(cluster.KMeans):

@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.config import model_config
-from streamproc.domain.models import ModelBundle, ModelConfig
+from streamproc.domain.model_config import ModelConfig
+from streamproc.domain.models import ModelBundle
 from streamproc.metrics import Metrics
 from streamproc.ports import ModelStore, StaleCheckpoint
 from streamproc.schemas import examples_of

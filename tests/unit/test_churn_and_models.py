@@ -26,7 +26,8 @@ from streamproc.domain.churn import (
 from streamproc.domain.churn import SEGMENT_FEATURES as SEGMENT_FEATURES_SET
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, Item, Transaction
-from streamproc.domain.models import ModelBundle, ModelConfig, name_segments
+from streamproc.domain.model_config import ModelConfig
+from streamproc.domain.models import ModelBundle, name_segments
 
 T0 = int(datetime(2026, 1, 5, tzinfo=UTC).timestamp() * 1000)  # a Monday; the weekly grid falls on Thursdays
 CFG = ChurnConfig(horizon_days=60, cadence_days=7)

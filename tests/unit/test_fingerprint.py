@@ -19,7 +19,7 @@ from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.training.offline import run_offline
 
 HISTORY = SimulationConfig(customers=800, days=200, seed=2026, bad_fraction=0.01, duplicate_fraction=0.01)
-FINGERPRINT = "d3d08839211d74af5695c85a7816038b25c3a41b6d7c475ab82e2b2ffb621fc4"
+FINGERPRINT = "540ac77232f20cc99212ec37c443e6cd456a6d5913e92644dd1e84b6b79f0326"
 
 
 def _digest(items: list[bytes]) -> str:

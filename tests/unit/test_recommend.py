@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.domain.customer import CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, DecodeLimits, Transaction
-from streamproc.domain.models import ModelBundle, ModelConfig
+from streamproc.domain.model_config import ModelConfig
+from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import (
     ALL_SEGMENTS,
     BOUGHT_TOGETHER,

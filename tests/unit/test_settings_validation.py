@@ -217,3 +217,26 @@ def test_cli_warns_about_a_typo_and_carries_on(
     assert '"alert_threshold": 0.7' in out
     assert err.splitlines() == [
         "warning: STREAMPROC_ALERT_TRESHOLD matches no setting (did you mean STREAMPROC_ALERT_THRESHOLD?)"]
+
+
+def test_each_tunable_has_one_default_the_domain_configs() -> None:
+    """The settings take their defaults from the domain's configs: mapped back (streamproc/config.py), the default
+    settings give exactly the default configs, so no setting can drift from the domain's default."""
+    from streamproc.config import churn_config, decode_limits, fold_config, model_config, rec_config
+    from streamproc.domain.churn import ChurnConfig
+    from streamproc.domain.customer import FoldConfig
+    from streamproc.domain.events import DecodeLimits
+    from streamproc.domain.model_config import ModelConfig
+    from streamproc.domain.recommend import RecConfig
+
+    defaults = Settings(_env_file=None)
+    assert decode_limits(defaults) == DecodeLimits()
+    assert fold_config(defaults) == FoldConfig()
+    assert churn_config(defaults) == ChurnConfig()
+    assert rec_config(defaults) == RecConfig()
+    assert model_config(defaults) == ModelConfig()
+    # and a setting given reaches its config (the mapping is not a constant)
+    changed = Settings(_env_file=None, session_gap_s=60, rec_k=3, churn_horizon_days=30)
+    assert fold_config(changed).session_gap_ms == 60_000
+    assert rec_config(changed).k == 3 and model_config(changed).rec.k == 3
+    assert churn_config(changed).horizon_days == 30
