@@ -32,11 +32,12 @@ from common import machine  # noqa: E402
 
 from streamproc.adapters.memory import InMemoryFeatureStore  # noqa: E402
 from streamproc.compiled import status as compiled_status  # noqa: E402
+from streamproc.contracts.outputs import ChurnExample, SegmentExample  # noqa: E402
 from streamproc.domain.churn import ChurnConfig, maturity_span  # noqa: E402
 from streamproc.domain.customer import CustomerState, FoldConfig  # noqa: E402
 from streamproc.domain.events import DecodeLimits  # noqa: E402
 from streamproc.metrics import Metrics  # noqa: E402
-from streamproc.pipeline.records import RawRecord  # noqa: E402
+from streamproc.pipeline.records import Example, RawRecord  # noqa: E402
 from streamproc.pipeline.step import BatchProcessor  # noqa: E402
 from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
 
@@ -62,11 +63,11 @@ async def run(records: list[RawRecord], spec: str) -> dict[str, Any]:
     examples: Counter[tuple[Any, ...]] = Counter()
     swept = 0
 
-    def keep(found: list[dict[str, Any]]) -> None:
+    def keep(found: list[Example]) -> None:
         store.outboxes.clear()  # delivered, as the worker clears them once the broker has them
         for e in found:
-            if e["kind"] in ("churn", "segment"):
-                examples[(e["kind"], e["id"], e["ts"], e.get("label"))] += 1
+            if isinstance(e, ChurnExample | SegmentExample):
+                examples[(e.kind, e.id, e.ts, getattr(e, "label", None))] += 1
 
     started = time.perf_counter()
     for start in range(0, len(records), size):

@@ -61,7 +61,7 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
         nonlocal moves, alerted
         moves += len(result.segment_moves)
         alerted += len(result.alerts)
-        alerted_ids.update(a["customer_id"] for a in result.alerts)
+        alerted_ids.update(a.customer_id for a in result.alerts)
 
     started = time.perf_counter()
     trainer, _, store = await run_offline(payloads, settings, batch, checkpoint_every, count)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,20 +223,21 @@ class ModelBundle:
         self.churn_examples += 1
         return drifted
 
-    def learn_basket(self, example: dict[str, Any]) -> None:
-        """A purchase: first score the recommendation shown before it (and the popularity baseline at this
-        instant) on what was bought, then learn the basket."""
+    def learn_basket(self, ts: int, items: Sequence[Sequence[Any]], segment: int | None,
+                     rec: Sequence[str] | None = None, amount: float | None = None) -> None:
+        """A purchase (``items``: [product id, category, quantity] per line): first score the recommendation shown
+        before it (and the popularity baseline at this instant) on what was bought, then learn the basket."""
         assert self.recs is not None
-        bought = {line[0] for line in example["items"]}
-        if example.get("rec") is not None:
-            self.recs.hits.update(bought, list(example["rec"]), self.recs.popular())
-        lines = [(str(pid), str(cat), int(qty)) for pid, cat, qty in example["items"]]
-        self.recs.learn_basket(int(example["ts"]), lines, example.get("segment"))
-        if example.get("segment") is not None and example.get("amount"):
-            seg = int(example["segment"])
+        bought = {line[0] for line in items}
+        if rec is not None:
+            self.recs.hits.update(bought, list(rec), self.recs.popular())
+        lines = [(str(pid), str(cat), int(qty)) for pid, cat, qty in items]
+        self.recs.learn_basket(int(ts), lines, segment)
+        if segment is not None and amount:
+            seg = int(segment)
             for k in self.segment_spend:
                 self.segment_spend[k] *= 1 - 1 / 5000
-            self.segment_spend[seg] = self.segment_spend.get(seg, 0.0) + float(example["amount"])
+            self.segment_spend[seg] = self.segment_spend.get(seg, 0.0) + float(amount)
 
     def rec_index(self) -> RecIndex:
         """The scoring view of the co-purchase model; built once per loaded checkpoint."""

@@ -5,10 +5,22 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
+from streamproc.contracts.outputs import (
+    BasketExample,
+    ChurnAlert,
+    ChurnExample,
+    Reason,
+    Recommendation,
+    RecommendationTrigger,
+    RecommendedItem,
+    RiskLevel,
+    SegmentExample,
+    SegmentMove,
+)
 from streamproc.domain.churn import (
     ChurnConfig,
     ModelState,
@@ -28,7 +40,6 @@ from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
 from streamproc.metrics import Metrics
 from streamproc.pipeline.records import BatchResult
-from streamproc.schemas import OUTPUT_SCHEMA_VERSION
 
 
 @dataclass(slots=True)
@@ -72,8 +83,7 @@ class ModelStep:
             p = bundle.churn_probability(x) if bundle and bundle.churn_examples else None
             state.pending.append(point)
             mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
-            out.examples.append({"kind": "segment", "id": f"{digest}:{point}", "ts": point,
-                                 "x": segment_inputs(values, state)})
+            out.examples.append(SegmentExample(id=f"{digest}:{point}", ts=point, x=segment_inputs(values, state)))
             # alerts are decided on this grid: every live customer is scored at every grid instant from
             # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
             if bundle is not None and p is not None and should_alert(mstate, p, point, self.churn):
@@ -88,8 +98,8 @@ class ModelStep:
             scored = mstate.scored_at.pop(str(point), [None, None])
             if then is None:
                 continue
-            out.examples.append({"kind": "churn", "id": f"{digest}:{point}", "ts": point, "label": label,
-                                 "x": churn_inputs(then), "p": scored[0], "v": scored[1]})
+            out.examples.append(ChurnExample(id=f"{digest}:{point}", ts=point, label=label, x=churn_inputs(then),
+                                             p=scored[0], v=scored[1]))
         live = {str(p) for p in state.pending}
         mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
         return step
@@ -123,9 +133,8 @@ class ModelStep:
             segment = bundle.segment(segment_inputs(now_values, state))
         names = self.segment_names
         if segment is not None and mstate.segment is not None and segment != mstate.segment:
-            out.segment_moves.append({"schema_version": OUTPUT_SCHEMA_VERSION, "customer_id": cid, "ts": as_of,
-                                      "from_segment": mstate.segment,
-                                      "to_segment": segment, "to_name": names.get(segment), "model_version": version})
+            out.segment_moves.append(SegmentMove(customer_id=cid, ts=as_of, from_segment=mstate.segment,
+                                                 to_segment=segment, to_name=names.get(segment), model_version=version))
         mstate.segment, mstate.churn_p, mstate.model_version = segment, round(p, 4), version
         return mstate.to_dict()
 
@@ -142,15 +151,15 @@ class ModelStep:
         if win_back is not None:
             out.recommendations.append(win_back)
         names = self.segment_names
-        out.alerts.append({
-            "schema_version": OUTPUT_SCHEMA_VERSION, "alert_id": f"{cid}:{point}", "customer_id": cid, "ts": point,
-            "probability": round(p, 4),
-            "risk_level": level, "segment": names.get(mstate.segment) if mstate.segment is not None else None,
-            "value_tier": tier, "clv": profile["clv"], "lifecycle_stage": profile["lifecycle_stage"],
-            "model_version": bundle.version, "reasons": top_reasons(bundle.contributions(x), x),
-            "action": retention_action(tier, level, self.action_table),
-            "recommended_items": win_back["items"] if win_back else [],
-        })
+        out.alerts.append(ChurnAlert(
+            alert_id=f"{cid}:{point}", customer_id=cid, ts=point, probability=round(p, 4),
+            risk_level=cast("RiskLevel", level),
+            segment=names.get(mstate.segment) if mstate.segment is not None else None,
+            value_tier=tier, clv=profile["clv"], lifecycle_stage=profile["lifecycle_stage"],
+            model_version=bundle.version, reasons=cast("list[Reason]", top_reasons(bundle.contributions(x), x)),
+            action=retention_action(tier, level, self.action_table),
+            recommended_items=win_back.items if win_back else [],
+        ))
 
     def _recommend_on(
         self, cid: str, digest: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any],
@@ -162,11 +171,11 @@ class ModelStep:
             if trig.kind == "purchase":
                 shown = mstate.last_rec
                 before = shown["items"] if shown and shown["ts"] <= trig.ts else None
-                out.examples.append({
-                    "kind": "basket", "id": f"{digest}:{trig.event_id}", "ts": trig.ts,
-                    "items": [[p, c, q] for p, c, q in zip(trig.items, trig.categories, trig.quantities, strict=True)],
-                    "segment": mstate.segment, "rec": before, "amount": trig.amount,
-                })
+                out.examples.append(BasketExample(
+                    id=f"{digest}:{trig.event_id}", ts=trig.ts,
+                    items=list(zip(trig.items, trig.categories, trig.quantities, strict=True)),
+                    segment=mstate.segment, rec=before, amount=trig.amount,
+                ))
             rec = self._recommendation(cid, state, mstate, feats, trig.ts, trig.kind, trig.event_id, trig.items)
             if rec is not None:
                 out.recommendations.append(rec)
@@ -174,7 +183,7 @@ class ModelStep:
     def _recommendation(
         self, cid: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any], at: int, trigger: str,
         event_id: str, context: tuple[str, ...],
-    ) -> dict[str, Any] | None:
+    ) -> Recommendation | None:
         bundle = self.bundle
         if bundle is None:
             return None
@@ -185,7 +194,7 @@ class ModelStep:
             viewed={p: (v[0], v[1], v[2] if len(v) > 2 else 1) for p, v in state.viewed.items() if v[0] <= at},
             top_categories=feats.get("top_categories", []), segment=mstate.segment,
         )
-        items = recommend(index, view, at, list(context), self.excluded_products)
+        items = cast("list[RecommendedItem]", recommend(index, view, at, list(context), self.excluded_products))
         if not items:
             return None
         rec_id = f"{cid}:{trigger}:{event_id}"
@@ -193,10 +202,10 @@ class ModelStep:
         # the latest in event time (not the last made: the two input topics are read at their own pace)
         if last is None or (at, rec_id) >= (last["ts"], last["id"]):
             mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
-        return {"schema_version": OUTPUT_SCHEMA_VERSION, "recommendation_id": rec_id, "customer_id": cid, "ts": at,
-                "trigger": trigger, "items": items,
-                "strategy_version": index.cfg.version, "model_version": bundle.version,
-                "segment": self.segment_names.get(mstate.segment) if mstate.segment is not None else None}
+        return Recommendation(
+            recommendation_id=rec_id, customer_id=cid, ts=at, trigger=cast("RecommendationTrigger", trigger),
+            items=items, strategy_version=index.cfg.version, model_version=bundle.version,
+            segment=self.segment_names.get(mstate.segment) if mstate.segment is not None else None)
 
     @property
     def segment_names(self) -> dict[int, str]:

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
+from streamproc.contracts.outputs import DeadLetter, TrainingBatch
 from streamproc.errors import FatalStepError, is_transient, root_cause
 from streamproc.metrics import Metrics
 from streamproc.pipeline.records import BatchResult
 from streamproc.ports import FeatureStore
-from streamproc.schemas import OUTPUT_SCHEMA_VERSION, DeadLetter
 from streamproc.settings import Settings
 from streamproc.topics import ALERTS_TOPIC, DLQ_TOPIC, MOVES_TOPIC, RECOMMENDATIONS_TOPIC, TRAINING_TOPIC
 
@@ -73,19 +73,19 @@ class OutboxSender:
             await self._send(deliveries, DLQ_TOPIC, letter.dlq_id, letter.dlq_id,
                              orjson.dumps(letter.model_dump(mode="json")))
         for alert in result.alerts:
-            await self._send(deliveries, ALERTS_TOPIC, alert["customer_id"], alert["alert_id"], orjson.dumps(alert))
-            self.metrics.alerts.labels(alert["risk_level"], alert["value_tier"]).inc()
+            await self._send(deliveries, ALERTS_TOPIC, alert.customer_id, alert.alert_id, orjson.dumps(alert))
+            self.metrics.alerts.labels(alert.risk_level, alert.value_tier).inc()
         for move in result.segment_moves:
-            await self._send(deliveries, MOVES_TOPIC, move["customer_id"], f"{move['customer_id']}:{move['ts']}",
+            await self._send(deliveries, MOVES_TOPIC, move.customer_id, f"{move.customer_id}:{move.ts}",
                              orjson.dumps(move))
         for rec in result.recommendations:
-            await self._send(deliveries, RECOMMENDATIONS_TOPIC, rec["customer_id"], rec["recommendation_id"],
+            await self._send(deliveries, RECOMMENDATIONS_TOPIC, rec.customer_id, rec.recommendation_id,
                              orjson.dumps(rec))
         # the trainer's examples go as arrays, up to TRAINING_RECORD_EXAMPLES per record, in order
         for start in range(0, len(result.examples), TRAINING_RECORD_EXAMPLES):
             chunk = result.examples[start : start + TRAINING_RECORD_EXAMPLES]
-            await self._send(deliveries, TRAINING_TOPIC, chunk[0]["id"], chunk[0]["id"],
-                             orjson.dumps({"schema_version": OUTPUT_SCHEMA_VERSION, "examples": chunk}))
+            await self._send(deliveries, TRAINING_TOPIC, chunk[0].id, chunk[0].id,
+                             orjson.dumps(TrainingBatch(examples=chunk)))
         self.metrics.segment_moves.inc(len(result.segment_moves))
         if not deliveries and not result.outbox:
             return
@@ -158,9 +158,9 @@ class OutboxSender:
         for name, n in Counter(d.name for d in deliveries).items():
             self.metrics.records_produced.labels(name).inc(n)
         # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
-        for trigger, n in Counter(rec["trigger"] for rec in result.recommendations).items():
+        for trigger, n in Counter(rec.trigger for rec in result.recommendations).items():
             self.metrics.recommendations.labels(trigger).inc(n)
-        for kind, n in Counter(example["kind"] for example in result.examples).items():
+        for kind, n in Counter(example.kind for example in result.examples).items():
             self.metrics.training_examples.labels(kind).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             try:

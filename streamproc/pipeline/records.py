@@ -4,12 +4,24 @@ the outbox entries they were parked in) and the event-time watermarks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import orjson
 
+from streamproc.contracts.outputs import (
+    BasketExample,
+    ChurnAlert,
+    ChurnExample,
+    DeadLetter,
+    Recommendation,
+    SegmentExample,
+    SegmentMove,
+    example_of,
+    record_of,
+)
 from streamproc.domain.customer import FoldOutcome
-from streamproc.schemas import DeadLetter
+
+Example = SegmentExample | ChurnExample | BasketExample
 
 
 class RawRecord(NamedTuple):
@@ -33,10 +45,10 @@ class RawRecord(NamedTuple):
 class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     outcome: FoldOutcome = field(default_factory=FoldOutcome)  # (kind, outcome) counts
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    segment_moves: list[dict[str, Any]] = field(default_factory=list)
-    examples: list[dict[str, Any]] = field(default_factory=list)  # for the training topic
-    recommendations: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[ChurnAlert] = field(default_factory=list)
+    segment_moves: list[SegmentMove] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # for the training topic
+    recommendations: list[Recommendation] = field(default_factory=list)
     outbox: dict[int, list[str]] = field(default_factory=dict)  # outbox entries these outputs were parked in
 
     def absorb(self, other: BatchResult) -> None:
@@ -59,9 +71,12 @@ class BatchResult:
     @classmethod
     def from_outbox(cls, blob: bytes) -> BatchResult:
         data = orjson.loads(blob)
-        return cls(dead_letters=[DeadLetter.model_validate(d) for d in data.get("d", [])], alerts=data.get("a", []),
-                   segment_moves=data.get("s", []), examples=data.get("e", []),
-                   recommendations=data.get("r", []))
+        # parked by this code's own outputs_blob: rebuilt without validation, as the step built them
+        return cls(dead_letters=[DeadLetter.model_validate(d) for d in data.get("d", [])],
+                   alerts=[record_of(ChurnAlert, a) for a in data.get("a", [])],
+                   segment_moves=[record_of(SegmentMove, m) for m in data.get("s", [])],
+                   examples=[example_of(e) for e in data.get("e", [])],
+                   recommendations=[record_of(Recommendation, r) for r in data.get("r", [])])
 
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)

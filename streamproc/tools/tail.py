@@ -8,7 +8,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamproc.schemas import examples_of
+from streamproc.contracts.outputs import examples_of
 from streamproc.settings import Settings
 from streamproc.topics import kafka_security_kwargs, load_specs
 

@@ -12,22 +12,23 @@ from collections.abc import Callable, Iterable
 
 from streamproc.adapters.memory import InMemoryFeatureStore
 from streamproc.config import model_config
+from streamproc.contracts.outputs import BasketExample, ChurnExample
 from streamproc.domain.models import ModelBundle
 from streamproc.pipeline.factory import build_processor
-from streamproc.pipeline.records import BatchResult, RawRecord
+from streamproc.pipeline.records import BatchResult, Example, RawRecord
 from streamproc.pipeline.step import BatchProcessor
 from streamproc.settings import Settings
 
 
-def learn(bundle: ModelBundle, example: dict) -> None:
+def learn(bundle: ModelBundle, example: Example) -> None:
     """One training example, as the trainer agent learns it."""
-    if example["kind"] == "churn":
-        bundle.learn_churn(example["x"], int(example["label"]), example.get("p"))
-    elif example["kind"] == "basket":
-        bundle.learn_basket(example)
+    if isinstance(example, ChurnExample):
+        bundle.learn_churn(example.x, int(example.label), example.p)
+    elif isinstance(example, BasketExample):
+        bundle.learn_basket(example.ts, example.items, example.segment, example.rec, example.amount)
     else:
-        bundle.learn_segment(example["x"])
-    bundle.event_time = max(bundle.event_time, int(example["ts"]))
+        bundle.learn_segment(example.x)
+    bundle.event_time = max(bundle.event_time, int(example.ts))
 
 
 async def run_offline(

@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.config import model_config
+from streamproc.contracts.outputs import example_of, examples_of
 from streamproc.domain.model_config import ModelConfig
 from streamproc.domain.models import ModelBundle
 from streamproc.metrics import Metrics
 from streamproc.ports import ModelStore, StaleCheckpoint
-from streamproc.schemas import examples_of
 from streamproc.settings import Settings
 from streamproc.topics import TRAINING_TOPIC, aiokafka_security_kwargs
 from streamproc.training.offline import learn
@@ -121,10 +121,11 @@ class Trainer:
             for example in examples:
                 try:
                     drifts = bundle.drift_detections
-                    learn(bundle, example)
+                    typed = example_of(example)
+                    learn(bundle, typed)
                     if bundle.drift_detections > drifts:
-                        log.warning("churn model drift detected (ADWIN) at event time %s", example["ts"])
-                    self.metrics.examples_learned.labels(example["kind"]).inc()
+                        log.warning("churn model drift detected (ADWIN) at event time %s", typed.ts)
+                    self.metrics.examples_learned.labels(typed.kind).inc()
                 except Exception as exc:  # a malformed example must not stop learning
                     log.warning("skipping a bad training example at offset %s: %s", record.offset, exc)
             bundle.training_offset = record.offset

@@ -8,7 +8,7 @@ import urllib.request
 import orjson
 import pytest
 
-from streamproc.schemas import Recommendation, TrainingExample
+from streamproc.contracts.outputs import Recommendation, TrainingExample, validate
 from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.tools.tail import read_topic, read_training_examples
 from tests.conftest import produce
@@ -52,7 +52,7 @@ def test_a_purchase_publishes_a_recommendation_with_reasons_and_the_lookup_shows
         found = [r for r in records if r["customer_id"] == "rec-customer"]
     assert found, worker.log_tail()
     (rec,) = found
-    Recommendation.model_validate(rec)  # the published record honours its contract
+    validate(Recommendation, rec)  # the published record honours its contract
     assert rec["trigger"] == "purchase" and rec["recommendation_id"] == "rec-customer:purchase:rec-test-1"
     items = [i["product_id"] for i in rec["items"]]
     assert anchor not in items  # just bought
@@ -66,7 +66,7 @@ def test_a_purchase_publishes_a_recommendation_with_reasons_and_the_lookup_shows
 
     # the purchase reached the trainer as a basket, in its contract, without the customer id
     baskets = [e for e in read_training_examples(settings)[0] if e["kind"] == "basket"]
-    assert baskets and all(TrainingExample.model_validate(e) for e in baskets)
+    assert baskets and all(validate(TrainingExample, e) for e in baskets)
     assert not any("rec-customer" in orjson.dumps(e).decode() for e in baskets)
     metrics = worker.metrics()
     assert metrics.get('streamproc_recommendations_total{trigger="purchase"}', 0) >= 1

@@ -11,6 +11,7 @@ import redis
 
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.config import model_config
+from streamproc.contracts.outputs import example_of
 from streamproc.domain.models import ModelBundle
 from streamproc.tools.demo import metric_total
 from streamproc.tools.simulate import SimulationConfig, Simulator
@@ -105,7 +106,7 @@ def test_a_killed_trainer_is_replaced_and_every_example_is_learned_exactly_once(
     # the same examples, learned once each in topic order, by one process that never crashed
     reference = ModelBundle(model_config(settings))
     for example in examples:
-        learn(reference, example)
+        learn(reference, example_of(example))
     assert final.churn_examples == reference.churn_examples > 0
     assert final.segment_examples == reference.segment_examples > 0
     assert final.class_counts == reference.class_counts

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamproc.adapters.memory import InMemoryFeatureStore
+from streamproc.contracts.outputs import ChurnExample, SegmentExample
 from streamproc.domain.churn import ChurnConfig, maturity_span
 from streamproc.domain.customer import CustomerState, FoldConfig
 from streamproc.domain.events import DecodeLimits
 from streamproc.metrics import Metrics
-from streamproc.pipeline.records import RawRecord
+from streamproc.pipeline.records import Example, RawRecord
 from streamproc.pipeline.step import BatchProcessor
 from streamproc.tools.simulate import SimulationConfig, Simulator
 
@@ -52,7 +53,7 @@ async def run(sizes: list[int], budget: int | None, idle_steps: int, restart_eve
     records = history()
     store = InMemoryFeatureStore()
     proc = processor(store)
-    examples: list[dict[str, Any]] = []
+    examples: list[Example] = []
     start = batches = 0
     while start < len(records):
         chunk = list(records[start : start + sizes[batches % len(sizes)]])
@@ -85,9 +86,9 @@ def bookkeeping(store: InMemoryFeatureStore) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-def example_keys(examples: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
-    return Counter((e["kind"], e["id"], e["ts"], e.get("label"), orjson.dumps(e.get("x"), option=orjson.OPT_SORT_KEYS))
-                   for e in examples if e["kind"] in ("churn", "segment"))
+def example_keys(examples: list[Example]) -> Counter[tuple[Any, ...]]:
+    return Counter((e.kind, e.id, e.ts, getattr(e, "label", None), orjson.dumps(e.x, option=orjson.OPT_SORT_KEYS))
+                   for e in examples if isinstance(e, ChurnExample | SegmentExample))
 
 
 @functools.cache

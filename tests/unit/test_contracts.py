@@ -61,7 +61,7 @@ def test_training_records_hold_versioned_batches_and_earlier_forms_still_read():
     import orjson
     from pydantic import ValidationError
 
-    from streamproc.schemas import TrainingBatch
+    from streamproc.contracts.outputs import TrainingBatch, validate
     from streamproc.training.trainer import training_examples
 
     examples = [{"kind": "segment", "id": "d:1", "ts": 1, "x": {"a": 1.0}},
@@ -71,9 +71,9 @@ def test_training_records_hold_versioned_batches_and_earlier_forms_still_read():
     assert training_examples(orjson.dumps(examples)) == examples  # the earlier forms: an array, one example
     assert training_examples(orjson.dumps(examples[0])) == [examples[0]]
     assert training_examples(b'[{"kind": "seg') == []  # undecodable: skipped, not raised
-    assert len(TrainingBatch.model_validate(record).examples) == 2
+    assert len(validate(TrainingBatch, record).examples) == 2
     with pytest.raises(ValidationError):  # no customer ids on this topic
-        TrainingBatch.model_validate({"schema_version": 1, "examples": [{**examples[0], "customer_id": "c1"}]})
+        validate(TrainingBatch, {"schema_version": 1, "examples": [{**examples[0], "customer_id": "c1"}]})
 
 
 def test_the_trainer_learns_every_example_of_a_record_once_and_counts_them():

@@ -31,7 +31,9 @@ def _digest(items: list[bytes]) -> str:
 
 
 def _canonical(record: object) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    """The record as JSON with its keys sorted at every level (orjson sorts a dict's, not a dataclass's: the
+    record is read back as dicts first)."""
+    return orjson.dumps(orjson.loads(orjson.dumps(record)), option=orjson.OPT_SORT_KEYS)
 
 
 async def fingerprint_parts() -> dict[str, str]:

@@ -426,16 +426,16 @@ async def test_alerts_and_recommendation_ids_do_not_depend_on_batching_under_one
             result = await proc.process(records[i : i + n])
             await proc.sweep()
             result.absorb(proc.sweep_outputs)
-            alerts.update({a["alert_id"]: (a["probability"], a["value_tier"], a["lifecycle_stage"], a["clv"])
+            alerts.update({a.alert_id: (a.probability, a.value_tier, a.lifecycle_stage, a.clv)
                            for a in result.alerts})
-            recs.update(r["recommendation_id"] for r in result.recommendations)
+            recs.update(r.recommendation_id for r in result.recommendations)
             i += n
             k += 1
         while proc.sweep_pending:
             await proc.sweep()
-            alerts.update({a["alert_id"]: (a["probability"], a["value_tier"], a["lifecycle_stage"], a["clv"])
+            alerts.update({a.alert_id: (a.probability, a.value_tier, a.lifecycle_stage, a.clv)
                            for a in proc.sweep_outputs.alerts})
-            recs.update(r["recommendation_id"] for r in proc.sweep_outputs.recommendations)
+            recs.update(r.recommendation_id for r in proc.sweep_outputs.recommendations)
         return alerts, recs
 
     one_alerts, one_recs = await outputs([5000])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamproc.adapters.memory import InMemoryFeatureStore
+from streamproc.contracts.outputs import BasketExample
 from streamproc.domain.customer import CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, DecodeLimits, Transaction
 from streamproc.domain.model_config import ModelConfig
@@ -235,9 +236,9 @@ def raw(kind, offset, payload):
 async def test_the_worker_recommends_after_a_purchase_and_the_trainer_scores_the_next_one():
     bundle = ModelBundle(ModelConfig(rec=RecConfig(min_pair_count=0)))
     for i in range(20):  # p1 and p2 are bought together; p9 sells alone
-        bundle.learn_basket({"ts": T0, "items": [["p1", "books", 1], ["p2", "books", 1]], "segment": None})
-        bundle.learn_basket({"ts": T0, "items": [["p9", "toys", 1]], "segment": None})
-        bundle.learn_basket({"ts": T0, "items": [[f"x{i}", "toys", 1]], "segment": None})
+        bundle.learn_basket(T0, [["p1", "books", 1], ["p2", "books", 1]], None)
+        bundle.learn_basket(T0, [["p9", "toys", 1]], None)
+        bundle.learn_basket(T0, [[f"x{i}", "toys", 1]], None)
     store = InMemoryFeatureStore()
     proc = BatchProcessor(store, Metrics(), DecodeLimits(), FoldConfig())
     proc.bundle = bundle
@@ -246,20 +247,21 @@ async def test_the_worker_recommends_after_a_purchase_and_the_trainer_scores_the
                                                         "unit_price": 5.0}]}
     result = await proc.process([raw("transactions", 0, buy)])
     (rec,) = result.recommendations
-    assert rec["trigger"] == "purchase" and rec["recommendation_id"] == "u:purchase:t1"
+    assert rec.trigger == "purchase" and rec.recommendation_id == "u:purchase:t1"
     # rule confidence 1.0 × weight 1.0, plus 0.4 as a best seller (no segment yet: everyone's favourites)
-    assert rec["items"][0] == {"product_id": "p2", "score": pytest.approx(1.4), "reason": BOUGHT_TOGETHER}
-    assert "p1" not in [i["product_id"] for i in rec["items"]]
-    (first,) = [e for e in result.examples if e["kind"] == "basket"]
-    assert first["rec"] is None  # nothing was shown before the first purchase
+    assert rec.items[0] == {"product_id": "p2", "score": pytest.approx(1.4), "reason": BOUGHT_TOGETHER}
+    assert "p1" not in [i["product_id"] for i in rec.items]
+    (first,) = [e for e in result.examples if isinstance(e, BasketExample)]
+    assert first.rec is None  # nothing was shown before the first purchase
     assert (await store.model_outputs("u"))["rec"]["items"][0] == "p2"
 
     again = dict(buy, event_id="t2", order_id="o2", ts=T0 + 2000,
                  items=[{"product_id": "p2", "category": "books", "quantity": 1, "unit_price": 5.0}])
     result = await proc.process([raw("transactions", 1, again)])
-    (second,) = [e for e in result.examples if e["kind"] == "basket"]
-    assert second["rec"][0] == "p2"
-    bundle.learn_basket(second)  # the trainer: p2 was shown and bought (a hit); it is not a top-10 best seller
+    (second,) = [e for e in result.examples if isinstance(e, BasketExample)]
+    assert second.rec is not None and second.rec[0] == "p2"
+    # the trainer: p2 was shown and bought (a hit); it is not a top-10 best seller
+    bundle.learn_basket(second.ts, second.items, second.segment, second.rec, second.amount)
     summary = bundle.summary()
     assert summary["rec_purchases"] == 1 and summary["rec_hit_rate"] == 1.0
     assert summary["rec_precision"] == pytest.approx(0.1)
@@ -268,7 +270,7 @@ async def test_the_worker_recommends_after_a_purchase_and_the_trainer_scores_the
 
 def test_the_bundle_round_trips_through_pickle_without_its_derived_index():
     bundle = ModelBundle(ModelConfig())
-    bundle.learn_basket({"ts": T0, "items": [["a", "c", 1], ["b", "c", 1]], "segment": 2})
+    bundle.learn_basket(T0, [["a", "c", 1], ["b", "c", 1]], 2)
     index = bundle.rec_index()
     back = ModelBundle.loads(bundle.dumps())
     assert "_rec_index" not in back.__dict__ and bundle.rec_index() is index

@@ -40,7 +40,7 @@ async def test_models_train_honours_the_settings_the_worker_honours() -> None:
     default_out, default_rows = await offline(Settings(**EAGER))
     assert not [d for d in default_out.dead_letters if d.reason == "late_event"]  # applied, by default
     assert "c0000001" in default_rows
-    recommended = Counter(item["product_id"] for rec in default_out.recommendations for item in rec["items"])
+    recommended = Counter(item["product_id"] for rec in default_out.recommendations for item in rec.items)
     excluded = {pid for pid, _ in recommended.most_common(3)}
     assert default_out.alerts, "the history must raise alerts, or the action table would go untried"
 
@@ -53,9 +53,9 @@ async def test_models_train_honours_the_settings_the_worker_honours() -> None:
     assert [d.reason for d in out.dead_letters] == ["late_event"]
     assert not any(cid.startswith("c0") for cid in rows), "customer ids are pseudonymised before they are stored"
     assert custom.customer_key("c0000001") in rows
-    shown = {item["product_id"] for rec in out.recommendations for item in rec["items"]}
+    shown = {item["product_id"] for rec in out.recommendations for item in rec.items}
     assert shown and not shown & excluded
-    assert out.alerts and {a["action"] for a in out.alerts} <= {"mail them", "call them", "call them now"}
+    assert out.alerts and {a.action for a in out.alerts} <= {"mail them", "call them", "call them now"}
 
 
 async def test_models_train_saves_a_checkpoint_trained_through_the_same_step(tmp_path) -> None:

@@ -1,0 +1,258 @@
+"""The records streamproc publishes, as the classes the pipeline builds on its hot path: each is serialised once,
+by orjson, straight from these objects, and ``streamproc/contracts/schemas/`` is generated from these same classes
+(``streamproc.schemas``). Plain slotted dataclasses, not pydantic models: one is built per output, and validating
+what the pipeline itself made would only cost time; pydantic reads their annotations for the schemas and for
+``validate`` (tests, tools, a consumer checking what it read).
+
+Field order is the order of the keys in the published JSON."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, with_config
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
+
+# The version of every output record's layout (``schema_version`` in each record): raised when a field is
+# removed or changes meaning; adding an optional field keeps it (consumers ignore fields they do not know).
+OUTPUT_SCHEMA_VERSION = 1
+
+PREVIEW_CHARS = 1000  # a dead letter's readable preview of the value
+
+R = TypeVar("R")
+
+RiskLevel = Literal["medium", "high", "critical"]
+RecommendationTrigger = Literal["purchase", "product_view", "add_to_cart", "churn_alert"]
+
+_CLOSED = ConfigDict(extra="forbid")  # a record with a field its contract does not have is invalid
+
+
+class DeadLetter(BaseModel):
+    """A record that could not be applied (or an output the broker refused), with where it came from and a bounded
+    copy of its bytes: the whole key and value up to ``dead_letter_max_original_bytes`` each, otherwise their size
+    and SHA-256 only (the original stays on its input topic at ``partition``/``offset``). A pydantic model: rare,
+    and re-read when the broker refuses a dead letter itself."""
+
+    model_config = _CLOSED
+
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    dlq_id: str = Field(description="source_topic:partition:offset (an output: output:topic:output id); unique")
+    reason: str = Field(description="Stable reason code, e.g. invalid_json, validation, late_event")
+    detail: str = Field(description="Readable explanation")
+    source_topic: str = Field(description="The input topic (output_rejected: the output topic it was meant for)")
+    partition: int | None = Field(default=None, description="Input partition (None for output_rejected)")
+    offset: int | None = Field(default=None, description="Input offset (None for output_rejected)")
+    record_timestamp_ms: int | None = None
+    key_size: int | None = Field(default=None, description="Key length in bytes (None: no key)")
+    key_sha256: str | None = Field(default=None, description="SHA-256 of the key bytes, hex")
+    key_b64: str | None = Field(default=None, description="Original key bytes, base64 (absent over the size limit)")
+    value_size: int | None = Field(default=None, description="Value length in bytes (None: no value)")
+    value_sha256: str | None = Field(default=None, description="SHA-256 of the value bytes, hex")
+    value_b64: str | None = Field(
+        default=None, description="Original value bytes, base64 (absent when value_size is over the size limit)")
+    value_preview: str | None = Field(
+        default=None, description=f"The value's first {PREVIEW_CHARS} characters as UTF-8 (undecodable bytes replaced)")
+
+    @classmethod
+    def of_bytes(
+        cls, dlq_id: str, reason: str, detail: str, source_topic: str, key: bytes | None, value: bytes | None,
+        max_original_bytes: int, partition: int | None = None, offset: int | None = None,
+        record_timestamp_ms: int | None = None,
+    ) -> DeadLetter:
+        """A dead letter whose size is bounded whatever the record's: bytes over ``max_original_bytes`` are
+        described (size, digest, preview), not copied."""
+        return cls(
+            dlq_id=dlq_id, reason=reason, detail=detail[:2000], source_topic=source_topic, partition=partition,
+            offset=offset, record_timestamp_ms=record_timestamp_ms,
+            key_size=None if key is None else len(key),
+            key_sha256=None if key is None else hashlib.sha256(key).hexdigest(),
+            key_b64=_kept(key, max_original_bytes),
+            value_size=None if value is None else len(value),
+            value_sha256=None if value is None else hashlib.sha256(value).hexdigest(),
+            value_b64=_kept(value, max_original_bytes),
+            # at most 4 bytes a character: the slice holds the preview's characters, whatever they are
+            value_preview=None if value is None else value[: 4 * PREVIEW_CHARS].decode("utf-8", "replace")[
+                :PREVIEW_CHARS],
+        )
+
+
+def _kept(data: bytes | None, limit: int) -> str | None:
+    return base64.b64encode(data).decode() if data is not None and len(data) <= limit else None
+
+
+@with_config(_CLOSED)
+class Reason(TypedDict):
+    """A feature that pushed a churn score up (built by ``domain.churn.top_reasons``)."""
+
+    feature: str
+    value: float
+    contribution: Annotated[float, Field(description="Weight × scaled value for the linear model")]
+
+
+@with_config(_CLOSED)
+class RecommendedItem(TypedDict):
+    """One recommended product (built by ``domain.recommend.recommend``)."""
+
+    product_id: str
+    score: float
+    reason: Literal["bought_together", "popular_in_segment", "viewed_not_bought"]
+
+
+@dataclass(slots=True, kw_only=True)
+class ChurnAlert:
+    """A customer whose churn probability crossed the alert threshold."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    alert_id: Annotated[str, Field(description="Derived from the customer and the triggering event, never random")]
+    customer_id: str
+    ts: Annotated[int, Field(description="Event time of the score, epoch milliseconds")]
+    probability: Annotated[float, Field(ge=0, le=1)]
+    risk_level: RiskLevel
+    segment: str | None = None
+    value_tier: Literal["low", "medium", "high"]
+    clv: float | None = None
+    lifecycle_stage: str | None = None
+    model_version: int
+    reasons: list[Reason]
+    action: Annotated[str, Field(description="Recommended retention action")]
+    recommended_items: Annotated[
+        list[RecommendedItem], Field(description="Next best action: the items most likely to bring them back")]
+
+
+@dataclass(slots=True, kw_only=True)
+class Recommendation:
+    """Products recommended to one customer, with the reason for each."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    recommendation_id: Annotated[
+        str, Field(description="customer : trigger : triggering event id (stable across replays)")]
+    customer_id: str
+    ts: Annotated[int, Field(description="Event time, epoch milliseconds")]
+    trigger: RecommendationTrigger
+    items: Annotated[list[RecommendedItem], Field(description="Best first, at most k")]
+    strategy_version: str
+    model_version: Annotated[int | None, Field(description="Checkpoint whose rules and favourites ranked them")] = None
+    segment: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class SegmentMove:
+    """A customer's segment changed."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    customer_id: str
+    ts: int
+    from_segment: int
+    to_segment: int
+    to_name: str | None = None
+    model_version: int | None = None
+
+
+# Training examples: the single trainer's input, with no customer id (``id`` is a digest of it).
+ExampleId = Annotated[str, Field(description="digest of the customer id : snapshot instant or event id; unique")]
+
+
+@dataclass(slots=True, kw_only=True)
+class SegmentExample:
+    """A customer's inputs to the segmenter at a snapshot instant."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    kind: Literal["segment"] = "segment"
+    id: ExampleId
+    ts: Annotated[int, Field(description="Snapshot instant (event time, epoch ms)")]
+    x: dict[str, float]
+
+
+@dataclass(slots=True, kw_only=True)
+class ChurnExample:
+    """A matured churn label: the inputs at a snapshot instant and what happened within the horizon after it."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    kind: Literal["churn"] = "churn"
+    id: ExampleId
+    ts: Annotated[int, Field(description="Snapshot instant (event time, epoch ms)")]
+    label: Annotated[int, Field(description="1: churned within the horizon, 0: bought again")]
+    x: dict[str, float]
+    p: Annotated[float | None, Field(description="Churn probability predicted at snapshot time")] = None
+    v: Annotated[int | None, Field(description="Model version of that prediction")] = None
+
+
+@dataclass(slots=True, kw_only=True)
+class BasketExample:
+    """A purchase, for the co-purchase model and the hit rate of the recommendation shown before it."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    kind: Literal["basket"] = "basket"
+    id: ExampleId
+    ts: Annotated[int, Field(description="Purchase time (event time, epoch ms)")]
+    items: Annotated[list[tuple[str, str, int]], Field(description="[product id, category, quantity] per line")]
+    segment: Annotated[int | None, Field(description="The buyer's segment when they bought")] = None
+    rec: Annotated[
+        list[str] | None, Field(description="Items of the last recommendation shown before the purchase")] = None
+    amount: Annotated[float | None, Field(description="Order total (spend share per segment)")] = None
+
+
+TrainingExample = Annotated[SegmentExample | ChurnExample | BasketExample, Field(discriminator="kind")]
+
+
+@dataclass(slots=True, kw_only=True)
+class TrainingBatch:
+    """One record of the training topic: the examples of one batch step, in the order they were made (a record
+    per example cost the worker a producer call each: every live customer sends one at every snapshot instant).
+    The trainer also reads records written by earlier versions: an array of examples, or one example object."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    examples: list[TrainingExample]
+
+
+# what each kind of example is built as (the trainer reads JSON back into these)
+EXAMPLE_KINDS: dict[str, type[SegmentExample | ChurnExample | BasketExample]] = {
+    "segment": SegmentExample, "churn": ChurnExample, "basket": BasketExample}
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def adapter(record_type: Any) -> TypeAdapter[Any]:
+    """The pydantic view of a record type (built once): its JSON Schema, and validation of data against it."""
+    found = _ADAPTERS.get(record_type)
+    if found is None:
+        found = _ADAPTERS[record_type] = TypeAdapter(record_type)
+    return found
+
+
+def validate(record_type: Any, data: Any) -> Any:
+    """``data`` (decoded JSON) as a ``record_type``, or pydantic's ValidationError saying what breaks its contract."""
+    return adapter(record_type).validate_python(data)
+
+
+def examples_of(record: Any) -> list[dict[str, Any]]:
+    """The examples of one decoded training record, as JSON objects: a TrainingBatch, or, as written by earlier
+    versions, an array of examples or one example."""
+    if isinstance(record, dict) and "examples" in record:
+        return list(record["examples"])
+    return record if isinstance(record, list) else [record]
+
+
+def record_of(record_type: type[R], data: dict[str, Any]) -> R:
+    """A decoded record rebuilt as the class it was built as, without validation (it was made by a worker), and
+    ignoring fields this version does not know (an optional field added later); TypeError if a field it needs
+    is missing."""
+    names = _FIELD_NAMES.get(record_type)
+    if names is None:
+        names = _FIELD_NAMES[record_type] = frozenset(f.name for f in fields(record_type))  # type: ignore[arg-type]
+    return record_type(**{k: v for k, v in data.items() if k in names})
+
+
+def example_of(data: dict[str, Any]) -> SegmentExample | ChurnExample | BasketExample:
+    """A decoded example as the record it was built as (KeyError or TypeError if it is none of them)."""
+    return record_of(EXAMPLE_KINDS[data["kind"]], data)
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
