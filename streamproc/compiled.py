@@ -28,7 +28,7 @@ from pathlib import Path
 
 DOMAIN = Path(__file__).resolve().parent / "domain"
 # the hot pure modules: the per-customer fold and features, churn snapshots and inputs, the recommender
-MODULES = ("customer", "churn", "recommend")
+MODULES = ("customer", "features", "churn", "recommend")
 MANIFEST_NAME = ".compiled.json"  # {module: SHA-256 of the source it was compiled from}, beside the modules
 MANIFEST = DOMAIN / MANIFEST_NAME
 

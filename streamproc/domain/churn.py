@@ -27,9 +27,8 @@ from streamproc.domain.customer import (
     VIEWS,
     CustomerState,
     FoldConfig,
-    session_totals,
-    value_tier,
 )
+from streamproc.domain.features import session_totals, value_tier
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,33 +67,11 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
     if state.first_event_ts is None or state.first_event_ts >= at:
         return None
     end_day = -(-at // DAY_MS)  # days >= end_day are after ``at``
-    # one pass over the buckets: what happened after, in the last 30 days, in the 30 before, and when
-    after_purchases = after_spend = 0
-    clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = 0
-    last_purchase_day = last_active_day = -1
-    for d, row in state.days.items():
-        if d >= end_day:
-            after_purchases += row[PURCHASES]
-            after_spend += row[SPEND]
-            continue
-        if row[PURCHASES] and d > last_purchase_day:
-            last_purchase_day = d
-        if (row[PURCHASES] or row[CLICKS] or row[SPEND]) and d > last_active_day:
-            last_active_day = d
-        if d >= end_day - 30:
-            clicks_30 += row[CLICKS]
-            purchases_30 += row[PURCHASES]
-            views_30 += row[VIEWS]
-            carts_30 += row[CARTS]
-            sessions_30 += row[SESSIONS]
-        elif d >= end_day - 60:
-            clicks_prev += row[CLICKS]
+    (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
+     last_purchase_day, last_active_day) = _scan_days(state, end_day)
     if anchor is not None:  # what the buckets said when the snapshot was taken (they may be pruned since)
         last_purchase_day = max(last_purchase_day, anchor[0])
         last_active_day = max(last_active_day, anchor[1])
-    for session in state.open_sessions:  # not in the buckets until closed: count them by their start day
-        if end_day - 30 <= session[0] // DAY_MS < end_day:
-            sessions_30 += 1
     purchases = state.purchases - after_purchases
     net_cents = state.spend_cents - state.refund_cents - after_spend
     last_purchase: float | None
@@ -129,6 +106,37 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
         "log_sessions_30d": math.log1p(sessions_30),
         "click_trend_30d": (clicks_30 - clicks_prev) / (clicks_30 + clicks_prev) if clicks_30 + clicks_prev else 0.0,
     }
+
+
+def _scan_days(state: CustomerState, end_day: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+    """One pass over the day buckets: what happened on or after ``end_day`` (purchases, spend), in the 30 days
+    before it, in the 30 before those (clicks), and the last days with a purchase and with any activity. Open
+    sessions are not in the buckets until closed: they count by their start day."""
+    after_purchases = after_spend = 0
+    clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = 0
+    last_purchase_day = last_active_day = -1
+    for d, row in state.days.items():
+        if d >= end_day:
+            after_purchases += row[PURCHASES]
+            after_spend += row[SPEND]
+            continue
+        if row[PURCHASES] and d > last_purchase_day:
+            last_purchase_day = d
+        if (row[PURCHASES] or row[CLICKS] or row[SPEND]) and d > last_active_day:
+            last_active_day = d
+        if d >= end_day - 30:
+            clicks_30 += row[CLICKS]
+            purchases_30 += row[PURCHASES]
+            views_30 += row[VIEWS]
+            carts_30 += row[CARTS]
+            sessions_30 += row[SESSIONS]
+        elif d >= end_day - 60:
+            clicks_prev += row[CLICKS]
+    for session in state.open_sessions:
+        if end_day - 30 <= session[0] // DAY_MS < end_day:
+            sessions_30 += 1
+    return (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
+            last_purchase_day, last_active_day)
 
 
 def churn_inputs(values: dict[str, float]) -> dict[str, float]:

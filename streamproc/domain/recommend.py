@@ -347,60 +347,80 @@ def recommend(
     # each source scores its candidates (an item's score per source is the best it got from that source), in
     # the fixed blending order: bought_together, viewed_not_bought, popular_in_segment
     scored: list[tuple[str, float, dict[str, float]]] = []
-
     if BOUGHT_TOGETHER in sources:
-        # anchors: the context at full strength, then every item of the customer's latest purchases, damped by
-        # how many purchases ago (the context, when there is one, counts as the newest)
-        anchors = dict.fromkeys(context, 1.0)
-        if customer.bought:
-            bought = sorted([(ts, pid) for pid, ts in customer.bought.items() if ts <= at])
-            instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
-            shift = 1 if context else 0
-            damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
-            for ts, pid in reversed(bought):
-                if ts in damps and pid not in anchors:
-                    anchors[pid] = damps[ts]
-        found: dict[str, float] = {}
-        get_found = found.get
-        related = index.related
-        for anchor, damp in anchors.items():
-            for pid, confidence in related.get(anchor, ()):
-                value = confidence * damp
-                if value > get_found(pid, 0.0):
-                    found[pid] = value
-        # the 2k strongest (sorted()[:n] is what heapq.nsmallest returns; the lists are short)
-        strongest = sorted([(-v, pid) for pid, v in found.items()])[: k * 2]
-        top = -strongest[0][0] if strongest else 1.0
-        # relative to the strongest rule, like the other sources
-        scored.append((BOUGHT_TOGETHER, cfg.weight_bought_together,
-                       {pid: -negative / top for negative, pid in strongest}))
+        scored.append((BOUGHT_TOGETHER, cfg.weight_bought_together, _bought_together(index, customer, at, context, k)))
     # the categories of what triggered it (the product being looked at) say what the customer is after now
     category_of = index.category.get
     focus: frozenset[str] = frozenset(c for c in map(category_of, context) if c is not None)
     if VIEWED_NOT_BOUGHT in sources:
-        tops = set(customer.top_categories) | focus
-        window = cfg.viewed_days * DAY_MS
-        week = 7 * DAY_MS
-        viewed: dict[str, float] = {}
-        for pid, (ts, cat, views) in customer.viewed.items():
-            age = at - ts
-            if 0 <= age <= window:
-                interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
-                viewed[pid] = interest * 0.5 ** (age / week) * (1.0 if cat in tops else 0.5)
-        scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, viewed))
+        scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, _viewed_not_bought(cfg, customer, at, focus)))
     popular: list[tuple[float, str]] = []
     if POPULAR_IN_SEGMENT in sources:
         seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
         popular = index.popular_ranked(seg, focus, k)
-
     # never shown: bought within the horizon, what they are looking at right now (not news to them), withdrawn
     # items, and items out of the catalogue
     horizon = cfg.exclude_bought_days * DAY_MS
     blocked = {pid for pid, ts in customer.bought.items() if at - horizon <= ts <= at}
     blocked.update(context, excluded)
+    totals, reasons = _blend(index, at, k, scored, popular, blocked)
+    ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
+    out = [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
+    if impersonal_key is not None:
+        _memoize(index.impersonal, impersonal_key, [dict(item) for item in out])
+    return out
+
+
+def _bought_together(index: RecIndex, customer: CustomerView, at: int, context: list[str], k: int) -> dict[str, float]:
+    """Items bought together with the anchors: the context at full strength, then every item of the customer's
+    latest purchases, damped by how many purchases ago (the context, when there is one, counts as the newest);
+    the 2k strongest, relative to the strongest rule found."""
+    cfg = index.cfg
+    anchors = dict.fromkeys(context, 1.0)
+    if customer.bought:
+        bought = sorted([(ts, pid) for pid, ts in customer.bought.items() if ts <= at])
+        instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
+        shift = 1 if context else 0
+        damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
+        for ts, pid in reversed(bought):
+            if ts in damps and pid not in anchors:
+                anchors[pid] = damps[ts]
+    found: dict[str, float] = {}
+    get_found = found.get
+    related = index.related
+    for anchor, damp in anchors.items():
+        for pid, confidence in related.get(anchor, ()):
+            value = confidence * damp
+            if value > get_found(pid, 0.0):
+                found[pid] = value
+    # the 2k strongest (sorted()[:n] is what heapq.nsmallest returns; the lists are short)
+    strongest = sorted([(-v, pid) for pid, v in found.items()])[: k * 2]
+    top = -strongest[0][0] if strongest else 1.0
+    return {pid: -negative / top for negative, pid in strongest}
+
+
+def _viewed_not_bought(cfg: RecConfig, customer: CustomerView, at: int, focus: frozenset[str]) -> dict[str, float]:
+    """Items viewed within the window: interest (1 - 0.5^views) times the recency of the last view (halving per
+    week), halved outside the customer's top categories and the trigger's."""
+    tops = set(customer.top_categories) | focus
+    window = cfg.viewed_days * DAY_MS
+    week = 7 * DAY_MS
+    viewed: dict[str, float] = {}
+    for pid, (ts, cat, views) in customer.viewed.items():
+        age = at - ts
+        if 0 <= age <= window:
+            interest = 1.0 - 0.5**views  # one view: 0.5, two: 0.75, ...
+            viewed[pid] = interest * 0.5 ** (age / week) * (1.0 if cat in tops else 0.5)
+    return viewed
+
+
+def _blend(
+    index: RecIndex, at: int, k: int, scored: list[tuple[str, float, dict[str, float]]],
+    popular: list[tuple[float, str]], blocked: set[str],
+) -> tuple[dict[str, float], dict[str, tuple[float, str]]]:
+    """Per candidate, the weighted source scores summed in the fixed source order, and its reason the source that
+    contributed most (blocked items and items out of the catalogue left out)."""
     available = index.available
-    # blend: per candidate, the weighted source scores summed in the fixed source order, and its reason the
-    # source that contributed most
     totals: dict[str, float] = {}
     reasons: dict[str, tuple[float, str]] = {}
     for source, weight, found_by in scored:
@@ -431,11 +451,7 @@ def recommend(
             totals[pid] = -negative
             reasons[pid] = (-negative, POPULAR_IN_SEGMENT)
             alone += 1
-    ranked = sorted([(-total, pid) for pid, total in totals.items()])[:k]  # = heapq.nsmallest(k, ...)
-    out = [{"product_id": pid, "score": round(-negative, 4), "reason": reasons[pid][1]} for negative, pid in ranked]
-    if impersonal_key is not None:
-        _memoize(index.impersonal, impersonal_key, [dict(item) for item in out])
-    return out
+    return totals, reasons
 
 
 def precision_at_k(bought: set[str], recommended: list[str], k: int) -> float:

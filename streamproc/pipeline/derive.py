@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from streamproc.domain.churn import ChurnConfig, maturity_span
-from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Trigger, features, prune_days
+from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Trigger, prune_days
+from streamproc.domain.features import features
 from streamproc.pipeline.model_step import ModelStep
 from streamproc.pipeline.records import BatchResult
 

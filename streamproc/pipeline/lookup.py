@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 
 from streamproc.config import fold_config
-from streamproc.domain.customer import CustomerState, features
+from streamproc.domain.customer import CustomerState
+from streamproc.domain.features import features
 from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 

@@ -44,6 +44,8 @@ from faust.types.tuples import ack_lock
 from mode import Service, ServiceT
 from mode.utils.futures import notify
 
+YIELD_EVERY = 100  # records delivered one by one between two yields to the event loop, as in Faust's loop
+
 CHECKED_AGAINST = "faust-streaming 0.15.3, mode-streaming 0.7.1, aiokafka 0.14.0"
 # (owner, private name): what this module reads, writes or overrides of it
 THIRD_PARTY_INTERNALS: dict[tuple[str, str], str] = {
@@ -280,74 +282,10 @@ class Consumer(aiokafka_driver.Consumer):
             super().pause_partitions(pauses)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - exercised end to end
-        # Faust's loop (faust/transport/consumer.py), with the per-record wait_first made conditional.
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = cast(Service, self)._stopped.is_set
-        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
-        suspended = self.suspend_flow.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        set_flag = self.diag.set_flag
-        unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        sleep = asyncio.sleep
-        yield_every = 100
-        num_since_yield = 0
-        inbox = inbox_of(self.app)
-        bulk_topics = inbox.topics if inbox is not None else frozenset()
+        # Faust's loop (faust/transport/consumer.py), with the per-record wait_first made conditional; its
+        # handling of a stop, here, and the loop in ``_drain_until_stopped``.
         try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(CONSUMER_FETCHING)
-                if self._rewinds:  # between two fetches: no fetch in flight can undo the seek
-                    await self._seek_rewinds()
-                self._apply_deferred_pauses()
-                self._handing_over = True
-                ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
-                await self.sleep(0)
-                if self.should_stop:
-                    continue
-                fetched: list[Message] = []
-                async for tp, message in ait:
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already read (Faust drops it the same way)
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if message.topic in bulk_topics:
-                        # Handed over even during a rebalance (Faust drops those): the reader waits for the
-                        # rebalance to end and decides by the generation the record was fetched in, and by the
-                        # records it dropped before (streamproc/pipeline/readmission.py). A record dropped here, after
-                        # the fetch position moved past it, would be lost if the rebalance's seek came first.
-                        # tracked as Faust's streams track, but not in ``_unacked_messages``: a weak set read only
-                        # by ``wait_empty``, which this app turns off (``stream_wait_empty=False``)
-                        message.tracked = True
-                        fetched.append(message)
-                        set_read_offset(tp, offset)
-                        continue
-                    num_since_yield += 1
-                    if num_since_yield > yield_every:
-                        await sleep(0)
-                        num_since_yield = 0
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    if suspended():
-                        await self.wait_first(callback(message), self.suspend_flow.wait())
-                    else:
-                        await callback(message)
-                    set_read_offset(tp, offset)
-                if fetched:
-                    assert inbox is not None
-                    self._received(fetched)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    await inbox.put(fetched)
-                unset_flag(CONSUMER_FETCHING)
+            await self._drain_until_stopped(fetcher)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -363,7 +301,79 @@ class Consumer(aiokafka_driver.Consumer):
             raise
         finally:
             self._apply_deferred_pauses()
-            unset_flag(CONSUMER_FETCHING)
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _drain_until_stopped(self, fetcher: ServiceT) -> None:  # pragma: no cover - exercised end to end
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+        inbox = inbox_of(self.app)
+        bulk_topics = inbox.topics if inbox is not None else frozenset()
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            self.diag.set_flag(CONSUMER_FETCHING)
+            if self._rewinds:  # between two fetches: no fetch in flight can undo the seek
+                await self._seek_rewinds()
+            self._apply_deferred_pauses()
+            self._handing_over = True
+            ait = cast(AsyncIterator[Any], self.getmany(timeout=1.0))
+            await self.sleep(0)
+            if self.should_stop:
+                continue
+            fetched = await self._deliver_fetch(ait, bulk_topics)
+            if fetched:
+                assert inbox is not None
+                self._received(fetched)
+                await self._commit_if_due()
+                await inbox.put(fetched)
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _commit_if_due(self) -> None:
+        if self._commit_every is not None and self._n_acked >= self._commit_every:
+            self._n_acked = 0
+            await self.commit()
+
+    async def _deliver_fetch(self, ait: AsyncIterator[Any], bulk_topics: frozenset[str]) -> list[Message]:
+        """One fetch: records of ``bulk_topics`` are returned, to be handed over as one list; the others go to
+        the callback one by one, as Faust's loop delivers them."""
+        callback = self.callback
+        suspended = self.suspend_flow.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        num_since_yield = 0
+        fetched: list[Message] = []
+        async for tp, message in ait:
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is not None and offset < r_offset:
+                continue  # already read (Faust drops it the same way)
+            gap = offset - (r_offset or 0)
+            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                await self._add_gap(tp, r_offset + 1, offset)
+            if message.topic in bulk_topics:
+                # Handed over even during a rebalance (Faust drops those): the reader waits for the rebalance to
+                # end and decides by the generation the record was fetched in, and by the records it dropped before
+                # (streamproc/pipeline/readmission.py). A record dropped here, after the fetch position moved past
+                # it, would be lost if the rebalance's seek came first. Tracked as Faust's streams track, but not in
+                # ``_unacked_messages``: a weak set read only by ``wait_empty``, which this app turns off
+                # (``stream_wait_empty=False``)
+                message.tracked = True
+                fetched.append(message)
+                set_read_offset(tp, offset)
+                continue
+            num_since_yield += 1
+            if num_since_yield > YIELD_EVERY:
+                await asyncio.sleep(0)
+                num_since_yield = 0
+            if commit_every is not None and self._n_acked >= commit_every:
+                self._n_acked = 0
+                await self.commit()
+            if suspended():
+                await self.wait_first(callback(message), self.suspend_flow.wait())
+            else:
+                await callback(message)
+            set_read_offset(tp, offset)
+        return fetched
 
 
 class Transport(aiokafka_driver.Transport):

@@ -110,78 +110,87 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
                                bad_fraction=0.002, duplicate_fraction=0.01)
         sim = Simulator(cfg)
         print(f"== 4/5 simulated traffic: {customers} customers over {days} days of event time")
-        producer = EventProducer(settings)
-        sent = 0
-        done = threading.Event()
-
-        def progress() -> None:
-            while not done.wait(1.0):
-                got = processed_total(scrape(settings.web_port))
-                sys.stdout.write(f"\r   sent {sent:>9,}   processed {int(got):>9,}")
-                sys.stdout.flush()
-
-        ticker = threading.Thread(target=progress, daemon=True)
-        ticker.start()
-        started = time.monotonic()
-        for topic, key, payload in sim.payloads():
-            producer.send(topic, key, payload)
-            sent += 1
-            if rate > 0:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0.01:
-                    time.sleep(ahead)
-        producer.close()
-        write_truth(sim, run_dir / "truth")
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and processed_total(scrape(settings.web_port)) < sent:
-            time.sleep(0.5)
-        done.set()
-        ticker.join()
-        got = processed_total(scrape(settings.web_port))
-        elapsed = time.monotonic() - started
-        print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
-
+        sent, got = _send_traffic(settings, sim, rate, run_dir)
         print("== 5/5 what came out")
-        # the trainer learns the last examples and checkpoints them, then the worker reloads the checkpoint
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            produced = metric_total(scrape(settings.web_port), "streamproc_training_examples_total")
-            learned = metric_total(scrape(trainer_port), "streamproc_examples_learned_total")
-            if learned >= produced:
-                break
-            time.sleep(1.0)
-        time.sleep(settings.checkpoint_interval_s + settings.model_reload_s + 1)
-        metrics = scrape(settings.web_port)
-        for name in sorted(metrics):
-            if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total",
-                                "streamproc_churn_alerts_total", "streamproc_segment_customers{",
-                                "streamproc_recommendations_total", "streamproc_recommendation_quality",
-                                "streamproc_customers{")):
-                print(f"   {name} = {metrics[name]:.4g}")
-        print("   --- models (streamproc models)")
-        env_cli = {**env}
-        subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env_cli)
-        print("   --- churn alerts (streamproc alerts tail), first 5")
-        for alert in read_topic(settings, "churn-alerts", 5, 2.0):
-            print("   " + format_alert(alert))
-        print("   --- recommendations (streamproc tail recommendations), first 3")
-        for rec in read_topic(settings, "recommendations", 3, 2.0):
-            items = ", ".join(f"{i['product_id']} ({i['reason']}, {i['score']})" for i in rec["items"][:4])
-            print(f"     {rec['customer_id']} after {rec['trigger']}: {items}, ...")
-        print("   --- three customers (streamproc customer show ID)")
-        _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
-        print("   --- dead-letter topic (streamproc tail dlq), first 3")
-        for rec in read_topic(settings, "streamproc-dlq", 3, 2.0):
-            print(f"     {rec['dlq_id']}  {rec['reason']}: {rec['detail'][:90]}")
-        print("   --- against the simulator's ground truth (streamproc evaluate)")
-        subprocess.run([sys.executable, "-m", "streamproc.cli", "evaluate", "--run", str(run_dir / "truth")],
-                       env=env_cli)
-        print("\nThe demo's data stays in Redis db 1 and the demo.* topics, e.g.:\n"
-              "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 streamproc customer show c0000001\n"
-              "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
+        _report(settings, env, sim, run_dir, trainer_port)
         return 0 if got >= sent else 1
     finally:
         stop_pipeline(procs)
+
+
+def _send_traffic(settings: Settings, sim: Simulator, rate: float, run_dir: Path) -> tuple[int, float]:
+    """Send the simulated events at ``rate`` a second (0: as fast as possible), showing progress, and wait for the
+    worker to process them; returns (sent, processed)."""
+    producer = EventProducer(settings)
+    sent = 0
+    done = threading.Event()
+
+    def progress() -> None:
+        while not done.wait(1.0):
+            got = processed_total(scrape(settings.web_port))
+            sys.stdout.write(f"\r   sent {sent:>9,}   processed {int(got):>9,}")
+            sys.stdout.flush()
+
+    ticker = threading.Thread(target=progress, daemon=True)
+    ticker.start()
+    started = time.monotonic()
+    for topic, key, payload in sim.payloads():
+        producer.send(topic, key, payload)
+        sent += 1
+        if rate > 0:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0.01:
+                time.sleep(ahead)
+    producer.close()
+    write_truth(sim, run_dir / "truth")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and processed_total(scrape(settings.web_port)) < sent:
+        time.sleep(0.5)
+    done.set()
+    ticker.join()
+    got = processed_total(scrape(settings.web_port))
+    elapsed = time.monotonic() - started
+    print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
+    return sent, got
+
+
+def _report(settings: Settings, env: dict[str, str], sim: Simulator, run_dir: Path, trainer_port: int) -> None:
+    """What came out, through the commands a user would run."""
+    # the trainer learns the last examples and checkpoints them, then the worker reloads the checkpoint
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        produced = metric_total(scrape(settings.web_port), "streamproc_training_examples_total")
+        learned = metric_total(scrape(trainer_port), "streamproc_examples_learned_total")
+        if learned >= produced:
+            break
+        time.sleep(1.0)
+    time.sleep(settings.checkpoint_interval_s + settings.model_reload_s + 1)
+    metrics = scrape(settings.web_port)
+    for name in sorted(metrics):
+        if name.startswith(("streamproc_events_processed_total", "streamproc_dlq_records_total",
+                            "streamproc_churn_alerts_total", "streamproc_segment_customers{",
+                            "streamproc_recommendations_total", "streamproc_recommendation_quality",
+                            "streamproc_customers{")):
+            print(f"   {name} = {metrics[name]:.4g}")
+    print("   --- models (streamproc models)")
+    subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env)
+    print("   --- churn alerts (streamproc alerts tail), first 5")
+    for alert in read_topic(settings, "churn-alerts", 5, 2.0):
+        print("   " + format_alert(alert))
+    print("   --- recommendations (streamproc tail recommendations), first 3")
+    for rec in read_topic(settings, "recommendations", 3, 2.0):
+        items = ", ".join(f"{i['product_id']} ({i['reason']}, {i['score']})" for i in rec["items"][:4])
+        print(f"     {rec['customer_id']} after {rec['trigger']}: {items}, ...")
+    print("   --- three customers (streamproc customer show ID)")
+    _show_customers(settings, RedisFeatureStore, [t.customer_id for t in sim.truth()[:3]])
+    print("   --- dead-letter topic (streamproc tail dlq), first 3")
+    for rec in read_topic(settings, "streamproc-dlq", 3, 2.0):
+        print(f"     {rec['dlq_id']}  {rec['reason']}: {rec['detail'][:90]}")
+    print("   --- against the simulator's ground truth (streamproc evaluate)")
+    subprocess.run([sys.executable, "-m", "streamproc.cli", "evaluate", "--run", str(run_dir / "truth")], env=env)
+    print("\nThe demo's data stays in Redis db 1 and the demo.* topics, e.g.:\n"
+          "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 streamproc customer show c0000001\n"
+          "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
 
 
 def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:

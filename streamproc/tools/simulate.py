@@ -280,47 +280,61 @@ class Simulator:
             else:
                 click("page_view", duration_s=round(rng.uniform(2, 40), 1))
         if rng.random() < p.conversion:
-            basket = list(cart)
-            if c.follow_ups and rng.random() < self.cfg.follow_up_probability:
-                basket.append(c.follow_ups.pop(0))
-            while len(basket) < max(1, round(rng.gauss(p.basket_size, 0.8))):
-                basket.append(self._choose_product(_pick(c.cat_cdf, rng.random()), p.price_bias, c))
-            for product in list(basket):
-                bundle = self.catalogue.bundle_of.get(product.product_id)
-                if bundle and rng.random() < self.cfg.bundle_probability:
-                    basket.extend(self.catalogue.by_id[pid] for pid in bundle if pid != product.product_id)
-                elif bundle:
-                    have = {b.product_id for b in basket} | {f.product_id for f in c.follow_ups}
-                    c.follow_ups.extend(self.catalogue.by_id[pid] for pid in bundle if pid not in have)
-                    del c.follow_ups[:-5]
-            basket = list({b.product_id: b for b in basket}.values())[:20]
+            basket = self._basket(c, cart)
             t += int(rng.uniform(10, 60) * 1000)
             click("checkout")
-            c.seq += 1
-            order_id = f"{cid}-o{c.seq}"
-            quantities = [1 if rng.random() < 0.85 else 2 for _ in basket]
-            items: list[dict[str, object]] = [
-                {"product_id": b.product_id, "category": b.category, "quantity": q, "unit_price": b.price}
-                for b, q in zip(basket, quantities, strict=True)
-            ]
-            amount = round(sum(b.price * q for b, q in zip(basket, quantities, strict=True)), 2)
-            events.append(("transactions", {
-                "event_id": f"{cid}-{c.seq}", "customer_id": cid, "ts": t, "order_id": order_id,
-                "type": "purchase", "amount": amount, "currency": "EUR", "items": items,
-            }))
-            c.truth.purchases += 1
-            if rng.random() < 0.04:  # a refund some days later
-                c.seq += 1
-                refund_ts = t + int(rng.uniform(1, 10) * DAY_MS)
-                if refund_ts < self.end_ms:
-                    events.append(("transactions", {
-                        "event_id": f"{cid}-{c.seq}", "customer_id": cid, "ts": refund_ts, "order_id": order_id,
-                        "type": "refund", "amount": round(basket[0].price * quantities[0], 2),
-                        "currency": "EUR", "items": [items[0]],
-                    }))
+            events.extend(self._purchase(c, basket, t))
         elif cart:
             pass  # abandoned cart: no checkout
         c.truth.events += len(events)
+        return events
+
+    def _basket(self, c: _Customer, cart: list[Product]) -> list[Product]:
+        """What a converting session buys: the cart, perhaps a follow-up of an earlier bundle, products of the
+        customer's categories up to the persona's basket size, and bundles completed (or remembered to follow)."""
+        rng = self.rng
+        p = c.persona
+        basket = list(cart)
+        if c.follow_ups and rng.random() < self.cfg.follow_up_probability:
+            basket.append(c.follow_ups.pop(0))
+        while len(basket) < max(1, round(rng.gauss(p.basket_size, 0.8))):
+            basket.append(self._choose_product(_pick(c.cat_cdf, rng.random()), p.price_bias, c))
+        for product in list(basket):
+            bundle = self.catalogue.bundle_of.get(product.product_id)
+            if bundle and rng.random() < self.cfg.bundle_probability:
+                basket.extend(self.catalogue.by_id[pid] for pid in bundle if pid != product.product_id)
+            elif bundle:
+                have = {b.product_id for b in basket} | {f.product_id for f in c.follow_ups}
+                c.follow_ups.extend(self.catalogue.by_id[pid] for pid in bundle if pid not in have)
+                del c.follow_ups[:-5]
+        return list({b.product_id: b for b in basket}.values())[:20]
+
+    def _purchase(self, c: _Customer, basket: list[Product], t: int) -> list[tuple[str, dict]]:
+        """The purchase of ``basket`` at ``t``, and sometimes its refund some days later."""
+        rng = self.rng
+        cid = c.truth.customer_id
+        c.seq += 1
+        order_id = f"{cid}-o{c.seq}"
+        quantities = [1 if rng.random() < 0.85 else 2 for _ in basket]
+        items: list[dict[str, object]] = [
+            {"product_id": b.product_id, "category": b.category, "quantity": q, "unit_price": b.price}
+            for b, q in zip(basket, quantities, strict=True)
+        ]
+        amount = round(sum(b.price * q for b, q in zip(basket, quantities, strict=True)), 2)
+        events: list[tuple[str, dict]] = [("transactions", {
+            "event_id": f"{cid}-{c.seq}", "customer_id": cid, "ts": t, "order_id": order_id,
+            "type": "purchase", "amount": amount, "currency": "EUR", "items": items,
+        })]
+        c.truth.purchases += 1
+        if rng.random() < 0.04:  # a refund some days later
+            c.seq += 1
+            refund_ts = t + int(rng.uniform(1, 10) * DAY_MS)
+            if refund_ts < self.end_ms:
+                events.append(("transactions", {
+                    "event_id": f"{cid}-{c.seq}", "customer_id": cid, "ts": refund_ts, "order_id": order_id,
+                    "type": "refund", "amount": round(basket[0].price * quantities[0], 2),
+                    "currency": "EUR", "items": [items[0]],
+                }))
         return events
 
     def _choose_product(self, category: str, price_bias: float, customer: _Customer | None = None) -> Product:

@@ -6,7 +6,8 @@ import redis
 
 from streamproc.adapters.feature_rows import FEATURE_SCHEMAS_KEY, customer_key, feature_schema_id, read_features
 from streamproc.adapters.redis_store import RedisFeatureStore
-from streamproc.domain.customer import CustomerState, FoldConfig, features
+from streamproc.domain.customer import CustomerState, FoldConfig
+from streamproc.domain.features import features
 from streamproc.ports import Update
 
 pytestmark = pytest.mark.integration

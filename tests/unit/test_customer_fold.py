@@ -17,12 +17,10 @@ from streamproc.domain.customer import (
     Positioned,
     apply_events,
     calendar_month,
-    clv,
-    features,
-    lifecycle,
     month_label,
 )
 from streamproc.domain.events import Click, Item, Transaction
+from streamproc.domain.features import clv, features, lifecycle
 
 CFG = FoldConfig(dedup_horizon_ms=10**12, dedup_max_ids=10_000)
 MIN = 60_000
