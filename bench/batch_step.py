@@ -30,11 +30,11 @@ from common import machine  # noqa: E402
 
 from streamproc.adapters.memory import InMemoryFeatureStore  # noqa: E402
 from streamproc.adapters.redis_store import RedisFeatureStore  # noqa: E402
-from streamproc.cli import tune_gc  # noqa: E402
 from streamproc.domain.models import ModelBundle  # noqa: E402
 from streamproc.pipeline.factory import build_processor  # noqa: E402
 from streamproc.pipeline.records import RawRecord  # noqa: E402
 from streamproc.ports import FeatureStore  # noqa: E402
+from streamproc.service_commands import tune_gc  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.tools.infra import Infra  # noqa: E402
 from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402

@@ -65,5 +65,5 @@ def model_config(settings: Settings) -> ModelConfig:
     return ModelConfig(
         segmenter=settings.segmenter, n_segments=settings.n_segments, kmeans_halflife=settings.kmeans_halflife,
         classifier=settings.classifier, seed=settings.model_seed, alert_threshold=settings.alert_threshold,
-        rec=rec_config(settings),
+        horizon_days=settings.churn_horizon_days, rec=rec_config(settings),
     )

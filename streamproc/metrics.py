@@ -138,6 +138,19 @@ class Metrics:
             "matured (metric: roc_auc, log_loss, precision, recall; window: overall or rolling).",
             ["metric", "window"], registry=r,
         )
+        self.churn_scorer_quality = Gauge(
+            "streamproc_churn_scorer_quality",
+            "Prequential quality of each churn score on the same matured labels (scorer: served = what workers "
+            "served at snapshot time, model, bgnbd, recency; metric: roc_auc, rolling_roc_auc, log_loss, brier, "
+            "instant_roc_auc = within the latest snapshot instants).",
+            ["scorer", "metric"], registry=r,
+        )
+        self.churn_served_scorer = Gauge(
+            "streamproc_churn_served_scorer",
+            "1 for the churn score the checkpoint serves (the best ROC AUC within the latest snapshot instants), 0 for "
+            "the others.",
+            ["scorer"], registry=r,
+        )
         self.overdue_labels = Gauge(
             "streamproc_overdue_labels",
             "Customers with a pending churn label that should have matured by their partition's sweep mark "

@@ -127,6 +127,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                         "rolling_recall", "labels", "positive_rate"):
                 print(f"  {key:<18} {summary.get(key, 0):.4f}" if isinstance(summary.get(key), float)
                       else f"  {key:<18} {summary.get(key)}")
+            _print_churn_scorers(summary)
             if "rec_purchases" in summary:
                 print("recommendations (each purchase vs the last recommendation shown before it):")
                 print(f"  hit-rate@k {summary['rec_hit_rate']:.4f}  precision@k {summary['rec_precision']:.4f}  "
@@ -144,6 +145,28 @@ def cmd_models(args: argparse.Namespace) -> int:
             await store.close()
 
     return asyncio.run(run())
+
+
+def _print_churn_scorers(summary: dict[str, Any]) -> None:
+    """The served churn score next to its baselines, on the same matured labels, and its reliability."""
+    scorers = summary.get("scorers")
+    if not scorers:
+        return
+    print(f"churn scores on the same matured labels (served: {summary.get('served_by')}):")
+    print(f"  {'scorer':<10} {'roc_auc':>8} {'rolling':>8} {'log_loss':>9} {'brier':>7} {'labels':>8}")
+    for name, q in scorers.items():
+        print(f"  {name:<10} {q['roc_auc']:>8.4f} {q['rolling_roc_auc']:>8.4f} {q['log_loss']:>9.4f} "
+              f"{q['brier']:>7.4f} {q['labels']:>8}")
+    fitted = summary.get("bgnbd", {})
+    if fitted.get("fits"):
+        print(f"  BG/NBD fitted on {fitted['sample']} customers ({fitted['fits']} fits): r={fitted['r']:.3f} "
+              f"alpha={fitted['alpha']:.2f} a={fitted['a']:.3f} b={fitted['b']:.3f}")
+    table = summary.get("reliability", {}).get(summary.get("served_by"), [])
+    if table:
+        print("  reliability of the served score (predicted vs observed churn rate):")
+        for row in table:
+            print(f"    {row['bin']}  n={row['n']:<7} predicted {row['mean_predicted']:.3f}  "
+                  f"observed {row['observed']:.3f}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

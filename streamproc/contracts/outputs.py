@@ -181,6 +181,8 @@ class ChurnExample:
     x: dict[str, float]
     p: Annotated[float | None, Field(description="Churn probability predicted at snapshot time")] = None
     v: Annotated[int | None, Field(description="Model version of that prediction")] = None
+    scores: Annotated[dict[str, float] | None, Field(
+        description="Every candidate churn score at snapshot time (model, bgnbd, recency), to judge them")] = None
 
 
 @dataclass(slots=True, kw_only=True)

@@ -10,6 +10,7 @@ snapshot's inputs only depend on events before D, whatever order the events arri
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,7 +49,9 @@ class ChurnConfig:
 CHURN_FEATURES = (
     "log_recency_days", "log_frequency", "log_monetary_avg", "log_tenure_days", "purchase_rate_30d",
     "recency_over_gap", "log_days_since_event", "log_clicks_30d", "log_purchases_30d", "log_sessions_30d",
-    "click_trend_30d",
+    "click_trend_30d", "log_gap_mean_days", "gap_cv",
+    # BG/NBD's statistics: the baseline scores them (``domain.churn_scorers``), and the classifier learns from them
+    "btyd_x", "btyd_t_x", "btyd_T",
 )
 # What segments are made of: traits that describe how someone shops rather than where they are in their
 # lifecycle (recency and totals would move customers between segments as they age): average order value,
@@ -56,6 +59,9 @@ CHURN_FEATURES = (
 # (``view_share:<category>``, one input per category the trainer has seen; see ModelBundle).
 SEGMENT_FEATURES = ("log_monetary_avg", "log_tenure_days", "events_per_session", "conversion_rate")
 VIEW_SHARE = "view_share:"
+# the days of purchases the gap statistics look at: a snapshot's inputs are re-read from the day buckets when its
+# label matures, and the buckets keep 60 days before the oldest pending snapshot (FoldConfig.model_history_days)
+GAP_DAYS = 60
 
 
 def inputs_at(state: CustomerState, at: int, exact: bool = False,
@@ -68,7 +74,7 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
         return None
     end_day = -(-at // DAY_MS)  # days >= end_day are after ``at``
     (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
-     last_purchase_day, last_active_day) = _scan_days(state, end_day)
+     last_purchase_day, last_active_day, purchase_days) = _scan_days(state, end_day)
     if anchor is not None:  # what the buckets said when the snapshot was taken (they may be pruned since)
         last_purchase_day = max(last_purchase_day, anchor[0])
         last_active_day = max(last_active_day, anchor[1])
@@ -90,7 +96,18 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
     purchases = max(purchases, 0)
     aov = max(net_cents, 0) / 100 / purchases if purchases else 0.0
     mean_gap = (tenure + 1.0) / (purchases + 1)
+    # BG/NBD's sufficient statistics (repeat purchases x, first to last purchase t_x, first purchase to now T)
+    first_purchase = state.first_purchase_ts
+    bought_before = purchases > 0 and first_purchase is not None and first_purchase < at and last_purchase is not None
+    repeat = purchases - 1 if bought_before else 0
+    t_x = max((last_purchase - first_purchase) / DAY_MS, 0.0) if bought_before else 0.0  # type: ignore[operator]
+    big_t = max((at - first_purchase) / DAY_MS, t_x) if bought_before else 0.0  # type: ignore[operator]
     return {
+        "btyd_x": float(repeat),
+        "btyd_t_x": t_x,
+        "btyd_T": big_t,
+        "log_gap_mean_days": math.log1p(t_x / repeat) if repeat else math.log1p(big_t),
+        "gap_cv": _gap_cv(purchase_days),
         "log_recency_days": math.log1p(recency),
         "log_frequency": math.log1p(purchases),
         "log_monetary_avg": math.log1p(aov),
@@ -108,11 +125,15 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
     }
 
 
-def _scan_days(state: CustomerState, end_day: int) -> tuple[int, int, int, int, int, int, int, int, int, int]:
+def _scan_days(
+    state: CustomerState, end_day: int,
+) -> tuple[int, int, int, int, int, int, int, int, int, int, list[int]]:
     """One pass over the day buckets: what happened on or after ``end_day`` (purchases, spend), in the 30 days
     before it, in the 30 before those (clicks), and the last days with a purchase and with any activity. Open
-    sessions are not in the buckets until closed: they count by their start day."""
+    sessions are not in the buckets until closed: they count by their start day. Last: the days with a purchase
+    in the ``GAP_DAYS`` before ``end_day`` (unordered)."""
     after_purchases = after_spend = 0
+    purchase_days: list[int] = []
     clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = 0
     last_purchase_day = last_active_day = -1
     for d, row in state.days.items():
@@ -120,8 +141,11 @@ def _scan_days(state: CustomerState, end_day: int) -> tuple[int, int, int, int, 
             after_purchases += row[PURCHASES]
             after_spend += row[SPEND]
             continue
-        if row[PURCHASES] and d > last_purchase_day:
-            last_purchase_day = d
+        if row[PURCHASES]:
+            if d >= end_day - GAP_DAYS:
+                purchase_days.append(d)
+            if d > last_purchase_day:
+                last_purchase_day = d
         if (row[PURCHASES] or row[CLICKS] or row[SPEND]) and d > last_active_day:
             last_active_day = d
         if d >= end_day - 30:
@@ -136,7 +160,20 @@ def _scan_days(state: CustomerState, end_day: int) -> tuple[int, int, int, int, 
         if end_day - 30 <= session[0] // DAY_MS < end_day:
             sessions_30 += 1
     return (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
-            last_purchase_day, last_active_day)
+            last_purchase_day, last_active_day, purchase_days)
+
+
+def _gap_cv(purchase_days: list[int]) -> float:
+    """The coefficient of variation of the gaps between a customer's purchase days of the last ``GAP_DAYS`` (0 with
+    fewer than two gaps):
+    regular buyers have a small one, and their silence past the usual gap says more."""
+    if len(purchase_days) < 3:
+        return 0.0
+    days = sorted(purchase_days)
+    gaps = [b - a for a, b in itertools.pairwise(days)]
+    mean = sum(gaps) / len(gaps)
+    var = sum((g - mean) ** 2 for g in gaps) / len(gaps)
+    return math.sqrt(var) / mean if mean else 0.0
 
 
 def churn_inputs(values: dict[str, float]) -> dict[str, float]:

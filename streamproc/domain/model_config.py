@@ -20,5 +20,6 @@ class ModelConfig:
     classifier: Literal["logreg", "hat", "arf"] = "logreg"
     seed: int = 42
     alert_threshold: float = ChurnConfig().alert_threshold  # the one default: the churn step's
+    horizon_days: int = ChurnConfig().horizon_days  # what the labels mean: no purchase within this many days
     rolling_window: int = 2000
     rec: RecConfig = field(default_factory=RecConfig)

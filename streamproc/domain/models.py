@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from river import cluster, drift, forest, linear_model, metrics, optim, preprocessing, tree, utils
 
 from streamproc.domain.churn import SEGMENT_FEATURES, VIEW_SHARE
+from streamproc.domain.churn_scorers import ChurnScorers
 from streamproc.domain.model_config import ModelConfig
 from streamproc.domain.recommend import CoPurchaseModel, RecIndex
 
@@ -59,6 +60,12 @@ def make_classifier(cfg: ModelConfig) -> Any:
     if cfg.classifier == "arf":
         return preprocessing.StandardScaler() | forest.ARFClassifier(n_models=5, seed=cfg.seed)
     raise ValueError(f"unknown classifier {cfg.classifier!r}")
+
+
+def upgraded_config(cfg: ModelConfig) -> ModelConfig:
+    """A configuration unpickled from an older checkpoint, with the defaults of the fields it did not have yet."""
+    known = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    return ModelConfig(**known)
 
 
 _DERIVED = ("_rec_index", "_segment_fast")  # caches a bundle builds for scoring, never checkpointed
@@ -170,8 +177,11 @@ class ModelBundle:
     segment_vocab: dict[str, int] = field(default_factory=dict)  # view-share input -> examples that had it
     segment_mix: dict[int, float] = field(default_factory=dict)  # segment -> decayed share of snapshots
     segment_spend: dict[int, float] = field(default_factory=dict)  # segment -> decayed spend of its baskets
+    scorers: ChurnScorers | None = None  # the churn baselines, the calibration, and which score is served
 
     def __post_init__(self) -> None:
+        if self.scorers is None:
+            self.scorers = ChurnScorers(self.cfg.horizon_days, self.cfg.rolling_window)
         if self.recs is None:
             self.recs = CoPurchaseModel(self.cfg.rec)
             self.recs.hits.k = self.cfg.rec.k
@@ -205,21 +215,28 @@ class ModelBundle:
                 self.segment_mix[k] *= 1 - 1 / 5000
             self.segment_mix[seg] = self.segment_mix.get(seg, 0.0) + 1 / 5000
 
-    def learn_churn(self, x: dict[str, float], label: int, p_at_snapshot: float | None) -> bool:
-        """Learn one matured example; score the prediction made at snapshot time first. True on drift."""
-        assert self.prequential is not None
-        p_now = self.churn_probability(x)
+    def learn_churn(self, x: dict[str, float], label: int, p_at_snapshot: float | None, customer: str = "",
+                    instant: int = 0, scores_at_snapshot: dict[str, float] | None = None) -> bool:
+        """Learn one matured example (``customer``: its customer digest, ``instant``: its snapshot's,
+        ``scores_at_snapshot``: every candidate's score then); score the prediction served at snapshot
+        time first, and every candidate score (``ChurnScorers``). True on drift."""
+        assert self.prequential is not None and self.scorers is not None
+        scorers = self.scorers
+        stacked = scorers.stacked(x)
+        raw = self._raw_churn_probability(stacked)
+        p_now = scorers.candidates(x, raw)[scorers.served_by]
         self.prequential.update(label, p_at_snapshot if p_at_snapshot is not None else p_now)
         self.drift_detector.update(abs(label - p_now))
         drifted = bool(self.drift_detector.drift_detected)
         self.drift_detections += int(drifted)
+        scorers.learn(customer, x, label, raw, instant, scores_at_snapshot)
         self.class_counts[label] += 1
         total = sum(self.class_counts)
         weight = total / (2 * self.class_counts[label])  # balanced class weights, as counted so far
         if self.cfg.classifier == "arf":
-            self.classifier.learn_one(x, bool(label))
+            self.classifier.learn_one(stacked, bool(label))
         else:
-            self.classifier.learn_one(x, bool(label), w=min(weight, 10.0))
+            self.classifier.learn_one(stacked, bool(label), w=min(weight, 10.0))
         self.churn_examples += 1
         return drifted
 
@@ -250,26 +267,49 @@ class ModelBundle:
 
     # ------------------------------------------------------------ scoring (every worker)
     def churn_probability(self, x: dict[str, float]) -> float:
+        """The served churn probability: the candidate ``ChurnScorers`` chose (0.0 before any label was learnt:
+        an untrained model says nothing)."""
         if self.churn_examples == 0:
             return 0.0
-        proba = self.classifier.predict_proba_one(x)
-        return float(proba.get(True, 0.0))
+        scorers = self.scorers
+        assert scorers is not None
+        served = scorers.served_by
+        if served == "bgnbd":
+            return scorers.bgnbd_p(x)
+        if served == "recency":
+            return scorers.recency_p(x)
+        return scorers.calibrated(self._raw_churn_probability(scorers.stacked(x)))
+
+    def candidate_scores(self, x: dict[str, float]) -> dict[str, float] | None:
+        """Every candidate churn score (None before any label was learnt)."""
+        if self.churn_examples == 0:
+            return None
+        assert self.scorers is not None
+        return self.scorers.candidates(x, self._raw_churn_probability(self.scorers.stacked(x)))
+
+    def _raw_churn_probability(self, stacked: dict[str, float]) -> float:
+        """The classifier's own probability (trained with balanced class weights: it ranks, it is not calibrated)."""
+        if self.churn_examples == 0:
+            return 0.5
+        return float(self.classifier.predict_proba_one(stacked).get(True, 0.0))
 
     def contributions(self, x: dict[str, float]) -> dict[str, float]:
         """Per feature: how much it pushed the score up. Linear model: weight × scaled value; otherwise the
         scaled value's distance from the mean signed by its correlation with churn is not known, so use
         the drop in probability when the feature is set to its mean."""
+        assert self.scorers is not None
+        x = self.scorers.stacked(x)
         scaler = self.classifier["StandardScaler"]
         scaled = scaler.transform_one(x)
         final = self.classifier[list(self.classifier.steps)[-1]]
         if isinstance(final, linear_model.LogisticRegression):
             return {k: final.weights.get(k, 0.0) * v for k, v in scaled.items()}
-        base = self.churn_probability(x)
+        base = self._raw_churn_probability(x)
         out = {}
         for k in x:
             probe = dict(x)
             probe[k] = scaler.means.get(k, x[k])
-            out[k] = base - self.churn_probability(probe)
+            out[k] = base - self._raw_churn_probability(probe)
         return out
 
     def segment(self, x: dict[str, float]) -> int | None:
@@ -328,6 +368,9 @@ class ModelBundle:
         last = list(getattr(bundle.segmenter, "steps", {}).values())[-1:]
         if last and type(last[0]) is cluster.KMeans:  # a checkpoint from before SeededKMeans: the same state
             last[0].__class__ = SeededKMeans
+        if "scorers" not in bundle.__dict__:  # a checkpoint from before the churn baselines
+            bundle.cfg = upgraded_config(bundle.cfg)
+            bundle.scorers = ChurnScorers(bundle.cfg.horizon_days, bundle.cfg.rolling_window)
         return bundle
 
     def summary(self) -> dict[str, Any]:
@@ -337,6 +380,7 @@ class ModelBundle:
             "churn_examples": self.churn_examples, "segment_examples": self.segment_examples,
             "drift_detections": self.drift_detections, "event_time": self.event_time,
             **self.prequential.summary(), **(self.recs.summary() if self.recs else {}),
+            **(self.scorers.summary() if self.scorers else {}),
         }
 
 

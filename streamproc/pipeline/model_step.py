@@ -35,6 +35,7 @@ from streamproc.domain.churn import (
     take_snapshots,
     top_reasons,
 )
+from streamproc.domain.churn_scorers import SCORERS
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Trigger
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
@@ -79,10 +80,13 @@ class ModelStep:
         for point, values in take_snapshots(state, watermark, self.churn):
             step.snapshotted = True
             x = churn_inputs(values)
-            # an untrained model says nothing: its 0.0 must not be scored later as a confident answer
-            p = bundle.churn_probability(x) if bundle and bundle.churn_examples else None
+            # an untrained model says nothing: its 0.0 must not be scored later as a confident answer; every
+            # candidate score is kept with the served one, so the trainer judges them all on what they said now
+            scores = bundle.candidate_scores(x) if bundle else None
+            p = bundle.churn_probability(x) if bundle and scores is not None else None
             state.pending.append(point)
-            mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version]
+            mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version,
+                                            *([round(scores[k], 4) for k in SCORERS] if scores else [])]
             out.examples.append(SegmentExample(id=f"{digest}:{point}", ts=point, x=segment_inputs(values, state)))
             # alerts are decided on this grid: every live customer is scored at every grid instant from
             # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
@@ -99,7 +103,9 @@ class ModelStep:
             if then is None:
                 continue
             out.examples.append(ChurnExample(id=f"{digest}:{point}", ts=point, label=label, x=churn_inputs(then),
-                                             p=scored[0], v=scored[1]))
+                                             p=scored[0], v=scored[1],
+                                             scores=dict(zip(SCORERS, scored[2:], strict=True)) if len(scored) > 2
+                                             else None))
         live = {str(p) for p in state.pending}
         mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
         return step

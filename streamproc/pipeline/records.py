@@ -108,6 +108,9 @@ class Watermarks:
         self.kinds = kinds
         self.max_ts: dict[str, int] = {}
         self.partition_marks: dict[int, int] = {}
+        # sources ("kind:partition") known to carry no record at all: they do not hold their partition's time back
+        # (a transactions-only shop's clicks topic); told by the worker, which asks the broker (``silent_sources``)
+        self.silent: frozenset[str] = frozenset()
 
     def watermark(self, source: str) -> int | None:
         top = self.max_ts.get(source)
@@ -125,6 +128,7 @@ class Watermarks:
         twin = Watermarks(self.lateness, self.kinds, self.max_skew)
         twin.max_ts = dict(self.max_ts)
         twin.partition_marks = dict(self.partition_marks)
+        twin.silent = self.silent
         return twin
 
     def overall(self) -> int | None:
@@ -133,20 +137,26 @@ class Watermarks:
 
     def by_partition(self) -> dict[int, int]:
         """Watermark per input partition number, a function of the data alone (never of the wall clock, so
-        a replay, a crash or a hand-over to another worker ends in the same place): the slower of its input
+        a replay, a crash or a hand-over to another worker ends in the same place): the slowest of its input
         topics (clicks, transactions) minus the allowed lateness, so time-driven work (sweep, snapshots,
-        labels) waits for both, and nothing until both have been heard from. With ``max_skew`` set, a topic
-        more than that far behind the other (or never heard from) holds the partition back by at most that
-        much: liveness for a topic that can stay silent, at the price of determinism for replays whose topics
-        drift further apart than that. Never moves backwards."""
+        labels) waits for every topic that has data, and nothing until each has been heard from. A topic
+        partition that carries no record at all (``silent``: nothing on the broker, nothing ever read) does not
+        count, so a shop that publishes only transactions gets its snapshots, labels and alerts by default; a
+        replay reads a topic that has records as one that counts, so it decides as the first run did. With
+        ``max_skew`` set, a topic more than that far behind the other (or never heard from) holds the partition
+        back by at most that much: liveness for a topic that speaks rarely, at the price of determinism for
+        replays whose topics drift further apart than that. Never moves backwards (a topic that starts speaking
+        late holds time where it is until it catches up)."""
         tops: dict[int, dict[str, int]] = {}
         for source, top in self.max_ts.items():
             kind, _, number = source.rpartition(":")
             tops.setdefault(int(number), {})[kind] = top
+        silent = self.silent
         out: dict[int, int] = {}
         for partition, by_kind in tops.items():
-            heard = [by_kind[k] for k in self.kinds if k in by_kind]
-            candidates = [min(heard) - self.lateness] if len(heard) == len(self.kinds) else []
+            counted = [k for k in self.kinds if k in by_kind or f"{k}:{partition}" not in silent]
+            heard = [by_kind[k] for k in counted if k in by_kind]
+            candidates = [min(heard) - self.lateness] if len(heard) == len(counted) else []
             if self.max_skew is not None:
                 candidates.append(max(by_kind.values()) - self.lateness - self.max_skew)
             previous = self.partition_marks.get(partition)

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from streamproc.domain.churn import ChurnConfig
@@ -121,6 +121,11 @@ class BatchProcessor:
     @property
     def sweep_pending(self) -> bool:
         return self.sweeper.sweep_pending
+
+    def note_silent_sources(self, sources: Iterable[str]) -> None:
+        """Input sources ("kind:partition") that carry no record at all, as the worker learnt from the broker:
+        they do not hold their partition's watermark back (``Watermarks.by_partition``)."""
+        self.watermarks.silent = frozenset(sources)
 
     async def sweep(self, emit: Callable[[BatchResult], Awaitable[None]] | None = None,
                     budget: int | None = None) -> int:

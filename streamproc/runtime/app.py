@@ -285,6 +285,7 @@ class Worker:
                     await self.reload_model()
                     self.model_checked = True
                 await self.outbox.resend_parked_of({rec.partition for rec in records})
+                self.processor.note_silent_sources(self.intake.silent_sources(self.processor.watermarks.max_ts))
                 result = await self.processor.process(records)
                 # each chunk's outputs are sent as it is saved; a step's size follows the batch's (a live trickle:
                 # small steps, little added latency; a backlog: big steps, so the sweep keeps up with the stream)

@@ -54,6 +54,12 @@ def report_model_summary(metrics: Metrics, summary: dict[str, Any]) -> None:
         metrics.model_quality.labels(metric, "overall").set(summary.get(metric, 0.0))
         if f"rolling_{metric}" in summary:
             metrics.model_quality.labels(metric, "rolling").set(summary[f"rolling_{metric}"])
+    for metric in ("roc_auc", "rolling_roc_auc", "log_loss"):
+        metrics.churn_scorer_quality.labels("served", metric).set(summary.get(metric, 0.0))
+    for scorer, quality in summary.get("scorers", {}).items():
+        for metric in ("roc_auc", "rolling_roc_auc", "instant_roc_auc", "log_loss", "brier"):
+            metrics.churn_scorer_quality.labels(scorer, metric).set(quality.get(metric, 0.0))
+        metrics.churn_served_scorer.labels(scorer).set(1 if summary.get("served_by") == scorer else 0)
     metrics.labels_matured.set(summary.get("labels", 0))
     metrics.label_positive_rate.set(summary.get("positive_rate", 0.0))
     metrics.drift_detections.set(summary.get("drift_detections", 0))

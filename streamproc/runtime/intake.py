@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 
 import faust
 from faust.types import TP, EventT, Message
@@ -162,6 +163,28 @@ class Intake:
             return False
         seen = self.received.get((topic, partition))
         return bool(high - 1 > (seen if seen is not None else self.committed(tp)))
+
+    def silent_sources(self, observed: Container[str]) -> list[str]:
+        """The input sources ("kind:partition") of this worker's partitions that carry no record at all: none on
+        the broker (the partition's end is at or before the committed position, as far as the last fetch said),
+        none received by this worker and none in ``observed`` (the step's watermarks, which include what earlier
+        owners saw). Such a topic must not hold time back; one whose end is not known yet still does."""
+        consumer = self.app.consumer
+        silent = []
+        for tp in consumer.assignment():
+            kind = self.kind_of.get(tp.topic)
+            if kind is None:
+                continue
+            source = f"{kind}:{tp.partition}"
+            if source in observed or (tp.topic, tp.partition) in self.received:
+                continue
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # not assigned here (any more)
+                continue
+            if high is not None and high - 1 <= self.committed(tp):
+                silent.append(source)
+        return silent
 
     def committed(self, tp: TP) -> int:
         """The last offset Faust committed for ``tp`` (-1: none yet)."""

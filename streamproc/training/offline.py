@@ -18,12 +18,14 @@ from streamproc.pipeline.factory import build_processor
 from streamproc.pipeline.records import BatchResult, Example, RawRecord
 from streamproc.pipeline.step import BatchProcessor
 from streamproc.settings import Settings
+from streamproc.topics import INPUT_TOPICS
 
 
 def learn(bundle: ModelBundle, example: Example) -> None:
     """One training example, as the trainer agent learns it."""
     if isinstance(example, ChurnExample):
-        bundle.learn_churn(example.x, int(example.label), example.p)
+        bundle.learn_churn(example.x, int(example.label), example.p, customer=example.id.partition(":")[0],
+                           instant=example.ts, scores_at_snapshot=example.scores)
     elif isinstance(example, BasketExample):
         bundle.learn_basket(example.ts, example.items, example.segment, example.rec, example.amount)
     else:
@@ -45,6 +47,8 @@ async def run_offline(
     store = InMemoryFeatureStore()
     proc = build_processor(settings, store)
     proc.sweep_budget = None  # no ingest to keep responsive here: every sweep pass completes within its step
+    # an input with no record in the history (a transactions-only shop's clicks) does not hold time back
+    proc.note_silent_sources(f"{kind}:0" for kind in INPUT_TOPICS if kind not in offsets)
     trainer = ModelBundle(model_config(settings))
     for n, i in enumerate(range(0, len(records), batch)):
         result = await proc.process(records[i : i + batch])

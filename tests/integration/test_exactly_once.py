@@ -116,24 +116,24 @@ def training_data(settings):
 
 @pytest.mark.faults
 def test_churn_training_data_does_not_depend_on_batching_sweep_budget_or_kill_9(env_factory, worker_factory):
-    """A transactions-only shop (the clicks topic silent; STREAMPROC_MAX_SOURCE_SKEW_S lets time move), the same
+    """A transactions-only shop with default settings (the silent clicks topic does not hold time back), the same
     history three times: default batches; batches of 50 with a sweep budget of 10 customers; and default batches
     killed with SIGKILL at random points. Every customer's churn bookkeeping, the whole Redis state with the model
     outputs, and the training examples by (customer, instant, label) are the same."""
     payloads = [p for p in sim_payloads(customers=250, days=300, seed=41) if p[0] == "transactions"]
-    skew = {"STREAMPROC_MAX_SOURCE_SKEW_S": "3600"}
+    defaults: dict[str, str] = {}  # no STREAMPROC_MAX_SOURCE_SKEW_S
     envs = {name: env_factory() for name in ("default", "small", "killed")}
     for settings in envs.values():
         seed_checkpoint(settings, payloads)
         produce(settings, payloads)
     runs = {}
-    worker = run_to_end(worker_factory, envs["default"], len(payloads), **skew)
+    worker = run_to_end(worker_factory, envs["default"], len(payloads), **defaults)
     expected_state = settle(envs["default"])
     wait_delivered(envs["default"])
     runs["default"] = (expected_state, training_data(envs["default"]))
     worker.stop()
 
-    small = {**skew, "STREAMPROC_BATCH_MAX_EVENTS": "50", "STREAMPROC_SWEEP_BUDGET": "10"}
+    small = {**defaults, "STREAMPROC_BATCH_MAX_EVENTS": "50", "STREAMPROC_SWEEP_BUDGET": "10"}
     worker = run_to_end(worker_factory, envs["small"], len(payloads), **small)
     wait_equal(envs["small"], expected_state, timeout=180)
     wait_delivered(envs["small"])
@@ -142,14 +142,14 @@ def test_churn_training_data_does_not_depend_on_batching_sweep_budget_or_kill_9(
 
     rnd = random.Random(41)
     for _ in range(3):
-        worker = frozen(worker_factory(envs["killed"]), **skew).start()
+        worker = frozen(worker_factory(envs["killed"]), **defaults).start()
         worker.wait_ready()
         target = processed_total(worker.metrics()) + rnd.randint(200, 1500)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and processed_total(worker.metrics()) < target:
             time.sleep(rnd.uniform(0.0, 0.05))
         worker.stop(signal.SIGKILL)
-    frozen(worker_factory(envs["killed"]), **skew).start()
+    frozen(worker_factory(envs["killed"]), **defaults).start()
     wait_equal(envs["killed"], expected_state, timeout=180)
     wait_delivered(envs["killed"])
     runs["killed"] = (redis_snapshot(envs["killed"]), training_data(envs["killed"]))

@@ -227,9 +227,12 @@ def test_linear_contributions_are_weight_times_scaled_value():
         bundle.learn_churn(x, y, None)
     x = synthetic(1, 6)[0][0]
     contrib = bundle.contributions(x)
-    scaled = bundle.classifier["StandardScaler"].transform_one(x)
+    assert bundle.scorers is not None
+    stacked = bundle.scorers.stacked(x)  # what the classifier sees: x with the baselines' scores
+    assert {"bgnbd_logit", "recency_logit"} <= set(contrib) and "btyd_x" not in contrib
+    scaled = bundle.classifier["StandardScaler"].transform_one(stacked)
     weights = bundle.classifier["LogisticRegression"].weights
-    for k in x:
+    for k in stacked:
         assert contrib[k] == pytest.approx(weights[k] * scaled[k])
 
 

@@ -185,7 +185,9 @@ def test_dashboards_cover_the_requested_signals():
                    "histogram_quantile(0.9, sum by (le) (rate(streamproc_churn_probability_bucket",
                    # model quality
                    'streamproc_model_quality{metric="roc_auc", window="rolling"}',
-                   'streamproc_model_quality{metric="roc_auc"}', 'streamproc_model_quality{metric="log_loss"}',
+                   # the served churn score next to its baselines
+                   'streamproc_churn_scorer_quality{metric="rolling_roc_auc"}',
+                   'streamproc_churn_scorer_quality{metric="log_loss"}',
                    'streamproc_model_quality{metric=~"precision|recall"}', "streamproc_model_labels_matured",
                    "streamproc_model_label_positive_rate", "streamproc_model_version",
                    "streamproc_model_checkpoint_age_seconds", "streamproc_model_drift_detections",

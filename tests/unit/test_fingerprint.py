@@ -19,7 +19,7 @@ from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.training.offline import run_offline
 
 HISTORY = SimulationConfig(customers=800, days=200, seed=2026, bad_fraction=0.01, duplicate_fraction=0.01)
-FINGERPRINT = "540ac77232f20cc99212ec37c443e6cd456a6d5913e92644dd1e84b6b79f0326"
+FINGERPRINT = "e6a1b6d236a285eceb15a4b7ebbf1039b6caf901024c78c861de65b7390051fa"
 
 
 def _digest(items: list[bytes]) -> str:

@@ -1,5 +1,6 @@
 import asyncio
 import base64
+from collections import Counter
 
 import orjson
 import pytest
@@ -11,7 +12,7 @@ from streamproc.domain.events import DecodeLimits
 from streamproc.metrics import Metrics
 from streamproc.pipeline import store_calls, sweep
 from streamproc.pipeline.outbox import recover_outbox
-from streamproc.pipeline.records import RawRecord
+from streamproc.pipeline.records import BatchResult, RawRecord, Watermarks
 from streamproc.pipeline.step import BatchProcessor
 from streamproc.ports import Update
 
@@ -505,3 +506,43 @@ async def test_the_sweep_keeps_stored_features_only_where_recomputing_gives_the_
     assert kept > 100, "no refresh kept its features: nothing was compared"
     assert rows == reference_rows  # features and state blobs, byte for byte
     assert outputs == reference_outputs
+
+
+def test_a_silent_topic_does_not_hold_the_watermark_back_and_one_that_speaks_late_does_not_move_it_back():
+    day = 86_400_000
+    marks = Watermarks(allowed_lateness_ms=0)
+    marks.observe("transactions:0", T0)
+    assert marks.by_partition() == {}  # the clicks topic may still speak: wait for it
+    marks.silent = frozenset({"clicks:0"})  # the broker holds no click of partition 0, and none was read
+    assert marks.by_partition() == {0: T0}
+    marks.observe("transactions:0", T0 + 10 * day)
+    assert marks.by_partition() == {0: T0 + 10 * day}
+    # the clicks topic starts speaking: it counts from now on, and time stays where it was until it catches up
+    marks.silent = frozenset()
+    marks.observe("clicks:0", T0 + 2 * day)
+    assert marks.by_partition() == {0: T0 + 10 * day}
+    marks.observe("transactions:0", T0 + 12 * day)
+    assert marks.by_partition() == {0: T0 + 10 * day}
+    marks.observe("clicks:0", T0 + 11 * day)
+    assert marks.by_partition() == {0: T0 + 11 * day}
+    # a source that was heard from counts, whatever the worker says of it
+    marks.silent = frozenset({"clicks:0"})
+    assert marks.by_partition() == {0: T0 + 11 * day}
+
+
+async def test_snapshots_and_labels_come_from_a_transactions_only_history_with_default_settings():
+    records = [r for r in sim_records(customers=40, days=200, seed=5) if r.kind == "transactions"]
+    outputs = []
+    for silent in (frozenset(), frozenset({"clicks:0", "clicks:1"})):
+        _, proc = make()
+        proc.note_silent_sources(silent)
+        got = BatchResult()
+        for start in range(0, len(records), 200):
+            got.absorb(await proc.process(records[start : start + 200]))
+            await proc.sweep()
+            got.absorb(proc.sweep_outputs)
+        outputs.append(Counter(e.kind for e in got.examples))
+    waiting, told = outputs
+    # nothing said about the clicks topic: it may still speak, so time waits for it (baskets are not time-driven)
+    assert not waiting["segment"] and not waiting["churn"], waiting
+    assert told["segment"] > 100 and told["churn"] > 20, told
