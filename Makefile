@@ -96,6 +96,7 @@ bench: infra-up ## run the benchmarks in bench/ (not tests); results in bench/RE
 	$(PY) bench/throughput.py --intake-floor
 	$(PY) bench/latency.py
 	$(PY) bench/quality.py
+	$(PY) bench/churn_quality.py
 
 .PHONY: soak
 soak: infra-up ## 30 minutes at a steady rate: RSS, Redis memory, lag and latency must stay flat

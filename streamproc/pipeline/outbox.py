@@ -74,7 +74,9 @@ class OutboxSender:
                              orjson.dumps(letter.model_dump(mode="json")))
         for alert in result.alerts:
             await self._send(deliveries, ALERTS_TOPIC, alert.customer_id, alert.alert_id, orjson.dumps(alert))
-            self.metrics.alerts.labels(alert.risk_level, alert.value_tier).inc()
+            # a re-sent output parked by another version may lack a field: counted as unknown, sent all the same
+            self.metrics.alerts.labels(getattr(alert, "risk_level", "unknown"),
+                                       getattr(alert, "value_tier", "unknown")).inc()
         for move in result.segment_moves:
             await self._send(deliveries, MOVES_TOPIC, move.customer_id, f"{move.customer_id}:{move.ts}",
                              orjson.dumps(move))
@@ -158,9 +160,9 @@ class OutboxSender:
         for name, n in Counter(d.name for d in deliveries).items():
             self.metrics.records_produced.labels(name).inc(n)
         # counted once the broker has them, per batch (a re-sent outbox entry counts again: at-least-once out)
-        for trigger, n in Counter(rec.trigger for rec in result.recommendations).items():
+        for trigger, n in Counter(getattr(rec, "trigger", "unknown") for rec in result.recommendations).items():
             self.metrics.recommendations.labels(trigger).inc(n)
-        for kind, n in Counter(example.kind for example in result.examples).items():
+        for kind, n in Counter(getattr(example, "kind", "unknown") for example in result.examples).items():
             self.metrics.training_examples.labels(kind).inc(n)
         if result.outbox:  # the broker has them: the parked copies can go
             try:

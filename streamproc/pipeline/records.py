@@ -4,7 +4,7 @@ the outbox entries they were parked in) and the event-time watermarks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -16,12 +16,21 @@ from streamproc.contracts.outputs import (
     Recommendation,
     SegmentExample,
     SegmentMove,
-    example_of,
-    record_of,
 )
 from streamproc.domain.customer import FoldOutcome
 
 Example = SegmentExample | ChurnExample | BasketExample
+
+
+class ParkedOutput(dict[str, Any]):
+    """An output read back from the outbox: the JSON object it was parked as, re-sent unchanged (orjson writes a
+    dict subclass as the dict it is), its fields readable as attributes like the record it stands for."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class RawRecord(NamedTuple):
@@ -71,12 +80,13 @@ class BatchResult:
     @classmethod
     def from_outbox(cls, blob: bytes) -> BatchResult:
         data = orjson.loads(blob)
-        # parked by this code's own outputs_blob: rebuilt without validation, as the step built them
+        # re-sent as parked, whatever version of streamproc parked them: never rebuilt (a record this version
+        # cannot build must not hold its partition's outbox back)
         return cls(dead_letters=[DeadLetter.model_validate(d) for d in data.get("d", [])],
-                   alerts=[record_of(ChurnAlert, a) for a in data.get("a", [])],
-                   segment_moves=[record_of(SegmentMove, m) for m in data.get("s", [])],
-                   examples=[example_of(e) for e in data.get("e", [])],
-                   recommendations=[record_of(Recommendation, r) for r in data.get("r", [])])
+                   alerts=[cast(ChurnAlert, ParkedOutput(a)) for a in data.get("a", [])],
+                   segment_moves=[cast(SegmentMove, ParkedOutput(m)) for m in data.get("s", [])],
+                   examples=[cast(Example, ParkedOutput(e)) for e in data.get("e", [])],
+                   recommendations=[cast(Recommendation, ParkedOutput(r)) for r in data.get("r", [])])
 
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)
