@@ -280,6 +280,12 @@ class ModelBundle:
             return scorers.recency_p(x)
         return scorers.calibrated(self._raw_churn_probability(scorers.stacked(x)))
 
+    @property
+    def served_by(self) -> str:
+        """The candidate whose score ``churn_probability`` serves."""
+        assert self.scorers is not None
+        return self.scorers.served_by
+
     def candidate_scores(self, x: dict[str, float]) -> dict[str, float] | None:
         """Every candidate churn score (None before any label was learnt)."""
         if self.churn_examples == 0:

@@ -83,7 +83,7 @@ class ModelStep:
             # an untrained model says nothing: its 0.0 must not be scored later as a confident answer; every
             # candidate score is kept with the served one, so the trainer judges them all on what they said now
             scores = bundle.candidate_scores(x) if bundle else None
-            p = bundle.churn_probability(x) if bundle and scores is not None else None
+            p = scores[bundle.served_by] if bundle and scores is not None else None  # = churn_probability(x)
             state.pending.append(point)
             mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version,
                                             *([round(scores[k], 4) for k in SCORERS] if scores else [])]

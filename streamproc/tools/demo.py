@@ -15,7 +15,7 @@ from typing import Any
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.settings import Settings
 from streamproc.tools.infra import Infra
-from streamproc.tools.producer import EventProducer
+from streamproc.tools.producer import EventProducer, paced
 from streamproc.tools.simulate import SimulationConfig, Simulator, write_truth
 from streamproc.tools.tail import format_alert, read_topic
 from streamproc.topics import apply_topics, delete_topics, load_specs
@@ -134,13 +134,9 @@ def _send_traffic(settings: Settings, sim: Simulator, rate: float, run_dir: Path
     ticker = threading.Thread(target=progress, daemon=True)
     ticker.start()
     started = time.monotonic()
-    for topic, key, payload in sim.payloads():
+    for topic, key, payload in paced(sim.payloads(), rate):
         producer.send(topic, key, payload)
         sent += 1
-        if rate > 0:
-            ahead = sent / rate - (time.monotonic() - started)
-            if ahead > 0.01:
-                time.sleep(ahead)
     producer.close()
     write_truth(sim, run_dir / "truth")
     deadline = time.monotonic() + 300

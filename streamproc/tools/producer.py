@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 from kafka import KafkaProducer
 
 from streamproc.settings import Settings
 from streamproc.topics import kafka_security_kwargs
+
+T = TypeVar("T")
+
+
+def paced(records: Iterable[T], rate: float) -> Iterator[T]:
+    """``records`` at ``rate`` a second at most (0: as fast as they come): after each one, sleeps while ahead of
+    the schedule."""
+    started = time.monotonic()
+    for sent, record in enumerate(records, 1):
+        yield record
+        if rate > 0:
+            ahead = sent / rate - (time.monotonic() - started)
+            if ahead > 0.01:
+                time.sleep(ahead)
 
 
 class EventProducer:

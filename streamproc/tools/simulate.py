@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 
 from streamproc.settings import Settings
-from streamproc.tools.producer import EventProducer
+from streamproc.tools.producer import EventProducer, paced
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -457,13 +457,9 @@ def run_simulation(settings: Settings, cfg: SimulationConfig, rate: float, out_d
     else:
         producer = EventProducer(settings)
         try:
-            for topic, key, payload in sim.payloads():
+            for topic, key, payload in paced(sim.payloads(), rate):
                 producer.send(topic, key, payload)
                 sent += 1
-                if rate > 0:
-                    ahead = sent / rate - (time.monotonic() - started)
-                    if ahead > 0.01:
-                        time.sleep(ahead)
                 if not quiet and sent % progress_every == 0:
                     elapsed = time.monotonic() - started
                     sys.stderr.write(f"\rsent {sent:,} events ({sent / max(elapsed, 1e-9):,.0f}/s)")

@@ -23,6 +23,8 @@ from streamproc.domain.recommend import (
     CustomerView,
     RecConfig,
     RecIndex,
+    _bought_together,
+    _viewed_not_bought,
     recommend,
 )
 from streamproc.metrics import Metrics
@@ -282,32 +284,11 @@ def _blend_everything(index, customer, at, context, excluded=frozenset(), k=None
     """The blend before popular_in_segment's pruning: every candidate of every source is blended and ranked."""
     cfg = index.cfg
     k = k or cfg.k
-    scored = []
-    anchors = dict.fromkeys(context, 1.0)
-    if customer.bought:
-        bought = sorted([(ts, pid) for pid, ts in customer.bought.items() if ts <= at])
-        instants = sorted({ts for ts, _ in bought}, reverse=True)[: cfg.anchor_purchases]
-        shift = 1 if context else 0
-        damps = {instant: (1 + rank + shift) ** -cfg.anchor_damping for rank, instant in enumerate(instants)}
-        for ts, pid in reversed(bought):
-            if ts in damps and pid not in anchors:
-                anchors[pid] = damps[ts]
-    found = {}
-    for anchor, damp in anchors.items():
-        for pid, confidence in index.related.get(anchor, ()):
-            if confidence * damp > found.get(pid, 0.0):
-                found[pid] = confidence * damp
-    strongest = sorted([(-v, pid) for pid, v in found.items()])[: k * 2]
-    top = -strongest[0][0] if strongest else 1.0
-    scored.append((BOUGHT_TOGETHER, cfg.weight_bought_together, {pid: -neg / top for neg, pid in strongest}))
+    # the sources' scores as recommend() computes them; what differs is the blend below (every candidate of
+    # popular_in_segment blended, none pruned)
     focus = frozenset(c for c in map(index.category.get, context) if c is not None)
-    tops = set(customer.top_categories) | focus
-    viewed = {}
-    for pid, (ts, cat, views) in customer.viewed.items():
-        age = at - ts
-        if 0 <= age <= cfg.viewed_days * DAY_MS:
-            viewed[pid] = (1.0 - 0.5**views) * 0.5 ** (age / (7 * DAY_MS)) * (1.0 if cat in tops else 0.5)
-    scored.append((VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, viewed))
+    scored = [(BOUGHT_TOGETHER, cfg.weight_bought_together, _bought_together(index, customer, at, context, k)),
+              (VIEWED_NOT_BOUGHT, cfg.weight_viewed_not_bought, _viewed_not_bought(cfg, customer, at, focus))]
     seg = customer.segment if customer.segment in index.favourites else ALL_SEGMENTS
     scored.append((POPULAR_IN_SEGMENT, cfg.weight_popular_in_segment, index.popular_in_segment(seg, focus, k)))
     blocked = {pid for pid, ts in customer.bought.items() if at - cfg.exclude_bought_days * DAY_MS <= ts <= at}
