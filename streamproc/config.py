@@ -47,6 +47,7 @@ def churn_config(settings: Settings) -> ChurnConfig:
         label_on=settings.churn_label_on, alert_threshold=settings.alert_threshold,
         rearm_threshold=settings.alert_rearm_threshold, cooldown_days=settings.alert_cooldown_days,
         high_risk=settings.risk_high, critical_risk=settings.risk_critical,
+        alert_cadence_days=settings.alert_cadence_days,
     )
 
 

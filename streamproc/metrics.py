@@ -185,6 +185,21 @@ class Metrics:
             "streamproc_churn_alerts_total", "Churn alerts published, by risk level and value tier.",
             ["risk_level", "value_tier"], registry=r,
         )
+        self.alert_value_at_risk = Counter(
+            "streamproc_churn_alert_value_at_risk_total",
+            "Σ probability × CLV of the churn alerts published (currency units), by value tier.", ["value_tier"],
+            registry=r,
+        )
+        self.alerts_over_budget = Counter(
+            "streamproc_churn_alerts_over_budget_total",
+            "Churn alerts not sent: over their day's budget for the value tier (STREAMPROC_ALERT_DAILY_BUDGET).",
+            ["value_tier"], registry=r,
+        )
+        self.alerts_cleared = Counter(
+            "streamproc_churn_alerts_cleared_total",
+            "Cleared records published: the customer bought again (purchase) or the risk fell (risk_fell).",
+            ["cleared_by"], registry=r,
+        )
         self.training_examples = Counter(
             "streamproc_training_examples_total", "Examples sent to the trainer, by kind.", ["kind"], registry=r
         )

@@ -38,6 +38,7 @@ class Update:
     outputs: bytes = b""  # JSON outputs to park in the outbox with this save ("" for none)
     features_unchanged: bool = False  # ``features`` are the stored ones: the row is kept, not rewritten
     label_due: int | None = None  # when the oldest pending churn label matures (None: nothing pending)
+    queued: dict[str, bytes] | None = None  # alert decisions for the partition's alert queue (``pipeline.alert_queue``)
 
     @property
     def outbox_field(self) -> str:
@@ -49,6 +50,20 @@ class Update:
         segment = (self.model or {}).get("segment")
         return (f"{self.features.get('lifecycle_stage', '')}|{self.features.get('value_tier', '')}|"
                 f"{'' if segment is None else segment}")
+
+
+@dataclass(slots=True)
+class AlertClose:
+    """Closing a partition's alert days, written at once: the sweep mark moves to ``mark``, the ``done`` queue entries
+    go, each customer's open sent alert is set (an alert id) or dropped (None), and what is sent is parked in the
+    outbox (``outbox_field``: None when nothing is)."""
+
+    partition: int
+    mark: int
+    done: list[str]
+    open_sent: dict[str, str | None]
+    outbox_field: str | None
+    outputs: bytes
 
 
 @dataclass
@@ -129,6 +144,21 @@ class ProgressStore(abc.ABC):
         ``marks``: labels the sweep should have matured (0 unless something is wrong)."""
 
 
+class AlertQueueStore(abc.ABC):
+    """Per partition: alert decisions waiting for their day to close, and each customer's sent alert not cleared yet
+    (saves add to the queue with the customer's state: ``Update.queued``)."""
+
+    @abc.abstractmethod
+    async def alert_queue(self, partition: int) -> dict[str, bytes]: ...
+
+    @abc.abstractmethod
+    async def open_sent_alerts(self, partition: int, customer_ids: list[str]) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    async def close_alerts(self, close: AlertClose) -> None:
+        """Apply a closing atomically (a crash leaves it all undone or all done)."""
+
+
 class PopulationStore(abc.ABC):
     """Population-level aggregates: last-seen times, HLLs, the census."""
 
@@ -143,7 +173,7 @@ class PopulationStore(abc.ABC):
     async def population(self) -> dict[str, float]: ...
 
 
-class FeatureStore(CustomerStore, OutboxStore, ProgressStore, PopulationStore):
+class FeatureStore(CustomerStore, OutboxStore, ProgressStore, AlertQueueStore, PopulationStore):
     """Everything the batch step keeps per customer and per partition, in one store."""
 
     async def close(self) -> None:

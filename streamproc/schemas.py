@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from streamproc.contracts.outputs import (
-    ChurnAlert,
+    AlertRecord,
     DeadLetter,
     Recommendation,
     SegmentMove,
@@ -27,7 +27,7 @@ MESSAGE_MODELS: dict[str, Any] = {
     "click": Click,
     "transaction": Transaction,
     "dead_letter": DeadLetter,
-    "churn_alert": ChurnAlert,
+    "churn_alert": AlertRecord,  # an alert, or the clearing of one
     "recommendation": Recommendation,
     "training_example": TrainingExample,
     "training_batch": TrainingBatch,

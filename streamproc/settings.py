@@ -207,6 +207,13 @@ class Settings(BaseSettings):
     risk_high: Probability = _CHURN.high_risk
     risk_critical: Probability = _CHURN.critical_risk
     retention_actions: dict[str, dict[str, str]] | None = None  # value tier -> risk level -> action
+    # alerts are decided on this event-time grid (UTC midnights): a silent customer's rising risk is seen within it;
+    # the sweep visits every live customer at each instant (what that costs: bench/README.md)
+    alert_cadence_days: int = Field(default=_CHURN.alert_cadence_days, ge=1)
+    # the most alerts sent per event-time day per value tier ({"high": 50, "medium": 100, "low": 200}; a tier left
+    # out, or no budget at all: unlimited), filled in order of value at risk; the rest are counted, not sent. Split
+    # over the input partitions declared in topics.toml (each closes its days on its own), rounded up
+    alert_daily_budget: dict[str, int] | None = None
     classifier: Literal["logreg", "hat", "arf"] = _MODEL.classifier
     segmenter: Literal["kmeans", "streamkmeans"] = _MODEL.segmenter
     n_segments: int = Field(default=_MODEL.n_segments, ge=2, le=50)  # k-means: one segment segments nothing
@@ -247,6 +254,17 @@ class Settings(BaseSettings):
             raise ValueError("must not start or end with whitespace")
         return value
 
+    @field_validator("alert_daily_budget")
+    @classmethod
+    def _budget_tiers(cls, budget: dict[str, int] | None) -> dict[str, int] | None:
+        unknown = [tier for tier in budget or {} if tier not in VALUE_TIERS]
+        if unknown:
+            raise ValueError(f"must be keyed by value tier ({', '.join(VALUE_TIERS)}); unknown: {', '.join(unknown)}")
+        negative = [tier for tier, n in (budget or {}).items() if n < 0]
+        if negative:
+            raise ValueError(f"must not be negative: {', '.join(negative)}")
+        return budget
+
     @field_validator("retention_actions")
     @classmethod
     def _known_keys(cls, table: dict[str, dict[str, str]] | None) -> dict[str, dict[str, str]] | None:
@@ -278,6 +296,11 @@ class Settings(BaseSettings):
                                          f"{env_name('churn_horizon_days')} + the days to a snapshot's label): a "
                                          "customer must not be dropped before their last churn labels matured"),
                 loc=("expire_after_days",), input=self.expire_after_days))
+        if self.snapshot_cadence_days % self.alert_cadence_days:
+            broken.append(InitErrorDetails(
+                type=PydanticCustomError("settings_rule", f"must divide {env_name('snapshot_cadence_days')}="
+                                         f"{self.snapshot_cadence_days}: a snapshot instant is an alert instant"),
+                loc=("alert_cadence_days",), input=self.alert_cadence_days))
         if broken:
             # one error per broken rule, at its first variable, so that all are reported and each like a range
             # error (pydantic-core passes a ValidationError raised in a validator on with its line errors)

@@ -10,7 +10,16 @@ import orjson
 from streamproc.adapters.feature_rows import encode_state
 from streamproc.adapters.model_store import checkpoint_summary
 from streamproc.domain.models import ModelBundle
-from streamproc.ports import BatchSideEffects, FeatureStore, Loaded, ModelStore, SaveResult, StaleCheckpoint, Update
+from streamproc.ports import (
+    AlertClose,
+    BatchSideEffects,
+    FeatureStore,
+    Loaded,
+    ModelStore,
+    SaveResult,
+    StaleCheckpoint,
+    Update,
+)
 
 
 class InMemoryFeatureStore(FeatureStore):
@@ -28,6 +37,29 @@ class InMemoryFeatureStore(FeatureStore):
         self.census_counts: dict[int, dict[str, int]] = {}
         self.outboxes: dict[int, dict[str, bytes]] = {}
         self.label_due: dict[int, dict[str, int]] = {}  # partition -> customer -> oldest pending label's maturity
+        self.alert_queues: dict[int, dict[str, bytes]] = {}
+        self.sent_alerts: dict[int, dict[str, str]] = {}  # partition -> customer -> sent alert not cleared yet
+
+    async def alert_queue(self, partition: int) -> dict[str, bytes]:
+        return dict(self.alert_queues.get(partition, {}))
+
+    async def open_sent_alerts(self, partition: int, customer_ids: list[str]) -> dict[str, str]:
+        sent = self.sent_alerts.get(partition, {})
+        return {cid: sent[cid] for cid in customer_ids if cid in sent}
+
+    async def close_alerts(self, close: AlertClose) -> None:
+        queue = self.alert_queues.get(close.partition, {})
+        for name in close.done:
+            queue.pop(name, None)
+        sent = self.sent_alerts.setdefault(close.partition, {})
+        for cid, alert_id in close.open_sent.items():
+            if alert_id is None:
+                sent.pop(cid, None)
+            else:
+                sent[cid] = alert_id
+        if close.outbox_field is not None:
+            self.outboxes.setdefault(close.partition, {})[close.outbox_field] = close.outputs
+        self.marks[close.partition] = close.mark
 
     async def outbox(self, partition: int) -> dict[str, bytes]:
         return dict(self.outboxes.get(partition, {}))
@@ -108,6 +140,8 @@ class InMemoryFeatureStore(FeatureStore):
                 table[up.census_key] = table.get(up.census_key, 0) + 1
             if up.outputs:
                 self.outboxes.setdefault(up.partition, {})[up.outbox_field] = up.outputs
+            if up.queued:
+                self.alert_queues.setdefault(up.partition, {}).update(up.queued)
             self.census_keys[up.customer_id] = up.census_key
             due = self.label_due.setdefault(up.partition, {})
             if up.label_due is None:
@@ -148,9 +182,11 @@ class InMemoryFeatureStore(FeatureStore):
                 break
         for table in [*self.last_seen.values(), *self.label_due.values()]:
             table.pop(customer_id, None)
-        for box in self.outboxes.values():
-            for name in [n for n in box if n.startswith(f"{customer_id}:")]:
+        for box in [*self.outboxes.values(), *self.alert_queues.values()]:
+            for name in [n for n in box if n.startswith((f"{customer_id}:", f"cleared:{customer_id}:"))]:
                 del box[name]
+        for sent in self.sent_alerts.values():
+            sent.pop(customer_id, None)
         return self.rows.pop(customer_id, None) is not None
 
 

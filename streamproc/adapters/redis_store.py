@@ -28,7 +28,7 @@ from streamproc.adapters.feature_rows import (
     erasure_digest,
     feature_schema_id,
 )
-from streamproc.ports import BatchSideEffects, FeatureStore, Loaded, SaveResult, Update
+from streamproc.ports import AlertClose, BatchSideEffects, FeatureStore, Loaded, SaveResult, Update
 
 
 def lua(name: str) -> str:
@@ -71,6 +71,7 @@ class RedisFeatureStore(FeatureStore):
         self.redis = client
         self._save = client.register_script(lua("save_customers"))
         self._load = client.register_script(lua("load_customers"))
+        self._close_alerts = client.register_script(lua("close_alerts"))
         self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
         self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
 
@@ -115,6 +116,7 @@ class RedisFeatureStore(FeatureStore):
             keys.append(f"sp:census:{up.partition}")
             keys.append(f"sp:outbox:{up.partition}")
             keys.append(f"sp:due:{up.partition}")
+            keys.append(f"sp:alertq:{up.partition}")
             args.append(str(up.expected_version))
             args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
             args.append(encode_state(up.state))
@@ -122,6 +124,8 @@ class RedisFeatureStore(FeatureStore):
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
             args.append(up.outputs)
             args.append(b"" if up.label_due is None else str(up.label_due))
+            args.append(orjson.dumps([x for name, value in up.queued.items() for x in (name, value.decode())])
+                        if up.queued else b"")
         keys.append(FEATURE_SCHEMAS_KEY)
         for schema_id, names in schemas.items():
             args.append(schema_id)
@@ -188,6 +192,24 @@ class RedisFeatureStore(FeatureStore):
 
     async def set_sweep_mark(self, partition: int, watermark: int) -> None:
         await self.redis.hset("sp:sweep", str(partition), str(watermark))
+
+    async def alert_queue(self, partition: int) -> dict[str, bytes]:
+        raw: dict[bytes, bytes] = await self.redis.hgetall(f"sp:alertq:{partition}")  # type: ignore[assignment]
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def open_sent_alerts(self, partition: int, customer_ids: list[str]) -> dict[str, str]:
+        if not customer_ids:
+            return {}
+        raw: list[bytes | None] = await self.redis.hmget(f"sp:alertsent:{partition}", customer_ids)  # type: ignore[assignment]
+        return {cid: v.decode() for cid, v in zip(customer_ids, raw, strict=True) if v}
+
+    async def close_alerts(self, close: AlertClose) -> None:
+        p = close.partition
+        args: list[str | bytes] = [str(p), str(close.mark), close.outbox_field or "", close.outputs,
+                                   str(len(close.done)), *close.done]
+        for cid, alert_id in close.open_sent.items():
+            args += [cid, alert_id or ""]
+        await self._close_alerts(keys=[f"sp:alertq:{p}", f"sp:alertsent:{p}", f"sp:outbox:{p}", "sp:sweep"], args=args)
 
     async def overdue_labels(self, marks: dict[int, int]) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -263,9 +285,13 @@ class RedisFeatureStore(FeatureStore):
         for pattern in ("sp:lastseen:*", "sp:due:*"):
             async for key in self.redis.scan_iter(pattern, count=100):
                 pipe.zrem(key, customer_id)
-        async for key in self.redis.scan_iter("sp:outbox:*", count=100):  # unsent outputs about them
-            async for name, _ in self.redis.hscan_iter(key, match=f"{customer_id}:*"):
-                pipe.hdel(key, name)
+        for pattern in ("sp:outbox:*", "sp:alertq:*"):  # unsent outputs about them, alert decisions waiting
+            async for key in self.redis.scan_iter(pattern, count=100):
+                for match in (f"{customer_id}:*", f"cleared:{customer_id}:*"):
+                    async for name, _ in self.redis.hscan_iter(key, match=match):
+                        pipe.hdel(key, name)
+        async for key in self.redis.scan_iter("sp:alertsent:*", count=100):
+            pipe.hdel(key, customer_id)
         await pipe.execute()
         return bool(deleted)
 

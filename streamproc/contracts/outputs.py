@@ -18,13 +18,15 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 # The version of every output record's layout (``schema_version`` in each record): raised when a field is
 # removed or changes meaning; adding an optional field keeps it (consumers ignore fields they do not know).
-OUTPUT_SCHEMA_VERSION = 1
+OUTPUT_SCHEMA_VERSION = 2  # 2: alerts give reasons in words, CLV with the churn risk, value at risk; cleared records
 
 PREVIEW_CHARS = 1000  # a dead letter's readable preview of the value
 
 R = TypeVar("R")
 
 RiskLevel = Literal["medium", "high", "critical"]
+ValueTier = Literal["low", "medium", "high"]
+ClearedBy = Literal["purchase", "risk_fell"]
 RecommendationTrigger = Literal["purchase", "product_view", "add_to_cart", "churn_alert"]
 
 _CLOSED = ConfigDict(extra="forbid")  # a record with a field its contract does not have is invalid
@@ -85,11 +87,15 @@ def _kept(data: bytes | None, limit: int) -> str | None:
 
 @with_config(_CLOSED)
 class Reason(TypedDict):
-    """A feature that pushed a churn score up (built by ``domain.churn.top_reasons``)."""
+    """Why a customer is at risk, in business words (built by ``domain.alerts.explain``), with the coded model input
+    it reads."""
 
-    feature: str
-    value: float
-    contribution: Annotated[float, Field(description="Weight × scaled value for the linear model")]
+    code: Annotated[str, Field(description="overdue, last_purchase, single_purchase, never_bought, spend_down, "
+                                           "browsing_down or no_visit")]
+    text: Annotated[str, Field(description="The reason in words and units, e.g. 'no purchase for 84 days, 3.0× "
+                                           "this customer's usual 28-day gap between purchases'")]
+    feature: Annotated[str, Field(description="The model input it reads")]
+    value: Annotated[float, Field(description="That input's value, as the model saw it")]
 
 
 @with_config(_CLOSED)
@@ -103,24 +109,49 @@ class RecommendedItem(TypedDict):
 
 @dataclass(slots=True, kw_only=True)
 class ChurnAlert:
-    """A customer whose churn probability crossed the alert threshold."""
+    """A customer whose churn probability crossed the alert threshold, sent within its day's budget for the value
+    tier in order of value at risk."""
 
     __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
     schema_version: int = OUTPUT_SCHEMA_VERSION
-    alert_id: Annotated[str, Field(description="Derived from the customer and the triggering event, never random")]
+    record: Literal["alert"] = "alert"
+    alert_id: Annotated[str, Field(description="customer : alert instant; never random")]
     customer_id: str
-    ts: Annotated[int, Field(description="Event time of the score, epoch milliseconds")]
+    ts: Annotated[int, Field(description="The alert instant: a UTC midnight (event time, epoch milliseconds)")]
     probability: Annotated[float, Field(ge=0, le=1)]
     risk_level: RiskLevel
     segment: str | None = None
-    value_tier: Literal["low", "medium", "high"]
-    clv: float | None = None
+    value_tier: ValueTier
+    clv: Annotated[float, Field(description="Predictive CLV with the churn probability as retention term (the "
+                                            "lookup's formula)")]
+    value_at_risk: Annotated[float, Field(description="probability × clv: the alert's priority")]
     lifecycle_stage: str | None = None
     model_version: int
-    reasons: list[Reason]
+    scored_by: Annotated[str, Field(description="The churn scorer served: model, bgnbd or recency")]
+    reasons: Annotated[list[Reason], Field(description="Most telling first")]
     action: Annotated[str, Field(description="Recommended retention action")]
     recommended_items: Annotated[
         list[RecommendedItem], Field(description="Next best action: the items most likely to bring them back")]
+
+
+@dataclass(slots=True, kw_only=True)
+class AlertCleared:
+    """An alert that no longer holds: the customer bought again, or their risk fell below the re-arm threshold.
+    Follows its alert on the alerts topic (same key: the customer id)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _CLOSED
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    record: Literal["cleared"] = "cleared"
+    alert_id: Annotated[str, Field(description="The alert this clears")]
+    customer_id: str
+    ts: Annotated[int, Field(description="The alert-grid instant it was seen at (event time, epoch milliseconds)")]
+    cleared_by: ClearedBy
+    days: Annotated[int, Field(description="Whole days from the alert to the purchase (or to the instant the risk "
+                                           "was seen below the re-arm threshold)")]
+    probability: Annotated[float | None, Field(description="The churn probability at ``ts``")] = None
+
+
+AlertRecord = Annotated[ChurnAlert | AlertCleared, Field(discriminator="record")]
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Churn snapshots, delayed labels, model inputs, alert hysteresis and explanations: pure functions.
+"""Churn snapshots, delayed labels and model inputs: pure functions (alerts: ``domain.alerts``).
 
 Snapshots are taken on a fixed event-time grid (every ``cadence_days`` from the epoch, at UTC midnight)
 for every live customer, so training sees the situations scoring sees, long silences included. A
@@ -27,15 +27,15 @@ from streamproc.domain.customer import (
     SPEND,
     VIEWS,
     CustomerState,
-    FoldConfig,
 )
-from streamproc.domain.features import session_totals, value_tier
+from streamproc.domain.features import session_totals
 
 
 @dataclass(frozen=True, slots=True)
 class ChurnConfig:
     horizon_days: int = 60
     cadence_days: int = 7
+    alert_cadence_days: int = 1  # the alert grid: a silent customer's rising risk is seen within this much event time
     silent_horizons: int = 3  # no snapshots once silent this many horizons
     max_pending: int = 12
     label_on: Literal["purchase", "activity"] = "purchase"  # activity: any event counts as not churned
@@ -74,7 +74,7 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
         return None
     end_day = -(-at // DAY_MS)  # days >= end_day are after ``at``
     (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
-     last_purchase_day, last_active_day, purchase_days) = _scan_days(state, end_day)
+     last_purchase_day, last_active_day, purchase_days, spend_30, spend_prev) = _scan_days(state, end_day)
     if anchor is not None:  # what the buckets said when the snapshot was taken (they may be pruned since)
         last_purchase_day = max(last_purchase_day, anchor[0])
         last_active_day = max(last_active_day, anchor[1])
@@ -96,12 +96,7 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
     purchases = max(purchases, 0)
     aov = max(net_cents, 0) / 100 / purchases if purchases else 0.0
     mean_gap = (tenure + 1.0) / (purchases + 1)
-    # BG/NBD's sufficient statistics (repeat purchases x, first to last purchase t_x, first purchase to now T)
-    first_purchase = state.first_purchase_ts
-    bought_before = purchases > 0 and first_purchase is not None and first_purchase < at and last_purchase is not None
-    repeat = purchases - 1 if bought_before else 0
-    t_x = max((last_purchase - first_purchase) / DAY_MS, 0.0) if bought_before else 0.0  # type: ignore[operator]
-    big_t = max((at - first_purchase) / DAY_MS, t_x) if bought_before else 0.0  # type: ignore[operator]
+    repeat, t_x, big_t = _btyd_statistics(state.first_purchase_ts, last_purchase, purchases, at)
     return {
         "btyd_x": float(repeat),
         "btyd_t_x": t_x,
@@ -122,19 +117,34 @@ def inputs_at(state: CustomerState, at: int, exact: bool = False,
         "log_purchases_30d": math.log1p(purchases_30),
         "log_sessions_30d": math.log1p(sessions_30),
         "click_trend_30d": (clicks_30 - clicks_prev) / (clicks_30 + clicks_prev) if clicks_30 + clicks_prev else 0.0,
+        # in plain units, for the reasons an alert gives (``domain.alerts.explain``)
+        "recency_days": recency, "tenure_days": tenure, "days_since_event": since_event,
+        "purchases": float(purchases), "monetary_avg": aov, "monetary_total": max(net_cents, 0) / 100,
+        "spend_30d": spend_30 / 100, "spend_prev_30d": spend_prev / 100,
+        "clicks_30d": float(clicks_30), "clicks_prev_30d": float(clicks_prev),
     }
+
+
+def _btyd_statistics(
+    first_purchase: float | None, last_purchase: float | None, purchases: int, at: int,
+) -> tuple[int, float, float]:
+    """BG/NBD's sufficient statistics: repeat purchases x, first to last purchase t_x, first purchase to now T."""
+    if not purchases or first_purchase is None or first_purchase >= at or last_purchase is None:
+        return 0, 0.0, 0.0
+    t_x = max((last_purchase - first_purchase) / DAY_MS, 0.0)
+    return purchases - 1, t_x, max((at - first_purchase) / DAY_MS, t_x)
 
 
 def _scan_days(
     state: CustomerState, end_day: int,
-) -> tuple[int, int, int, int, int, int, int, int, int, int, list[int]]:
+) -> tuple[int, int, int, int, int, int, int, int, int, int, list[int], int, int]:
     """One pass over the day buckets: what happened on or after ``end_day`` (purchases, spend), in the 30 days
-    before it, in the 30 before those (clicks), and the last days with a purchase and with any activity. Open
+    before it, in the 30 before those (clicks, spend), and the last days with a purchase and with any activity. Open
     sessions are not in the buckets until closed: they count by their start day. Last: the days with a purchase
     in the ``GAP_DAYS`` before ``end_day`` (unordered)."""
     after_purchases = after_spend = 0
     purchase_days: list[int] = []
-    clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = 0
+    clicks_30 = clicks_prev = purchases_30 = views_30 = carts_30 = sessions_30 = spend_30 = spend_prev = 0
     last_purchase_day = last_active_day = -1
     for d, row in state.days.items():
         if d >= end_day:
@@ -154,13 +164,15 @@ def _scan_days(
             views_30 += row[VIEWS]
             carts_30 += row[CARTS]
             sessions_30 += row[SESSIONS]
+            spend_30 += row[SPEND]
         elif d >= end_day - 60:
             clicks_prev += row[CLICKS]
+            spend_prev += row[SPEND]
     for session in state.open_sessions:
         if end_day - 30 <= session[0] // DAY_MS < end_day:
             sessions_30 += 1
     return (after_purchases, after_spend, clicks_30, clicks_prev, purchases_30, views_30, carts_30, sessions_30,
-            last_purchase_day, last_active_day, purchase_days)
+            last_purchase_day, last_active_day, purchase_days, spend_30, spend_prev)
 
 
 def _gap_cv(purchase_days: list[int]) -> float:
@@ -206,18 +218,21 @@ class ModelState:
     last_alert_ts: int | None = None
     scored_at: dict[str, list[Any]] = field(default_factory=dict)  # snapshot D -> [p, version]
     last_rec: dict[str, Any] | None = None  # the latest recommendation: {id, ts, trigger, items}
+    alert_to: int | None = None  # the last daily alert instant looked at (``domain.alerts``)
+    open_alert: list[Any] | None = None  # the latest alert not cleared yet: [alert_id, ts]
 
     def to_dict(self) -> dict[str, Any]:
         return {"segment": self.segment, "churn_p": self.churn_p, "model_version": self.model_version,
                 "armed": self.alert_armed, "last_alert_ts": self.last_alert_ts, "scored": self.scored_at,
-                "rec": self.last_rec}
+                "rec": self.last_rec, "alert_to": self.alert_to, "open": self.open_alert}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ModelState:
         if not data:
             return cls()
         return cls(data.get("segment"), data.get("churn_p"), data.get("model_version"), data.get("armed", True),
-                   data.get("last_alert_ts"), data.get("scored", {}), data.get("rec"))
+                   data.get("last_alert_ts"), data.get("scored", {}), data.get("rec"), data.get("alert_to"),
+                   data.get("open"))
 
 
 # pending snapshots are instants D in state.pending; their inputs are re-read from the buckets when the
@@ -322,67 +337,3 @@ def mature_labels(state: CustomerState, watermark: int, cfg: ChurnConfig) -> lis
     matured = {point for point, _ in done}
     state.anchors = {k: v for k, v in state.anchors.items() if k in matured or k in state.pending}
     return done
-
-
-# ---------------------------------------------------------------- alerts
-
-
-def risk_level(p: float, cfg: ChurnConfig) -> str:
-    if p >= cfg.critical_risk:
-        return "critical"
-    if p >= cfg.high_risk:
-        return "high"
-    return "medium"
-
-
-DEFAULT_ACTIONS: dict[str, dict[str, str]] = {
-    "high": {"critical": "personal call from an account manager", "high": "VIP offer with a personal note",
-             "medium": "exclusive early access offer"},
-    "medium": {"critical": "20% win-back coupon", "high": "10% coupon", "medium": "free shipping on next order"},
-    "low": {"critical": "win-back email with coupon", "high": "reminder email", "medium": "newsletter nudge"},
-}
-
-
-def retention_action(tier: str, level: str, table: dict[str, dict[str, str]] | None = None) -> str:
-    return (table or DEFAULT_ACTIONS).get(tier, DEFAULT_ACTIONS["low"]).get(level, "reminder email")
-
-
-def should_alert(state: ModelState, p: float, at: int, cfg: ChurnConfig) -> bool:
-    """Hysteresis and cooldown: alert once when p crosses the threshold; re-arm below the lower one."""
-    if p < cfg.rearm_threshold:
-        state.alert_armed = True
-        return False
-    if p < cfg.alert_threshold or not state.alert_armed:
-        return False
-    if state.last_alert_ts is not None and at - state.last_alert_ts < cfg.cooldown_days * DAY_MS:
-        return False
-    state.alert_armed = False
-    state.last_alert_ts = at
-    return True
-
-
-def profile_at(values: dict[str, float], fold: FoldConfig) -> dict[str, Any]:
-    """Value tier, predictive CLV and lifecycle stage as of a snapshot, from its inputs alone (which only
-    depend on events before the snapshot instant), so an alert reads the same however events were batched."""
-    net = math.expm1(values["log_monetary_total"])
-    aov = math.expm1(values["log_monetary_avg"])
-    per_period = values["purchase_rate_30d"] * fold.clv_period_days / 30.0
-    r, d = fold.clv_retention_probability, fold.clv_discount_rate
-    clv = sum(aov * per_period * r**p / (1 + d) ** p for p in range(1, fold.clv_periods + 1))
-    silent = math.expm1(values["log_days_since_event"])
-    tenure = math.expm1(values["log_tenure_days"])
-    if silent >= fold.churned_days:
-        stage = "churned"
-    elif silent >= fold.at_risk_days:
-        stage = "at_risk"
-    elif tenure < fold.new_days:
-        stage = "new"
-    else:
-        stage = "active"
-    return {"value_tier": value_tier(net, fold), "clv": round(clv, 2), "lifecycle_stage": stage}
-
-
-def top_reasons(contributions: dict[str, float], values: dict[str, float], n: int = 3) -> list[dict[str, Any]]:
-    """The features that pushed the score up most (largest positive contribution first)."""
-    ranked = sorted(contributions.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
-    return [{"feature": k, "value": round(values.get(k, 0.0), 4), "contribution": round(c, 4)} for k, c in ranked]

@@ -133,11 +133,26 @@ def _clv_factor(retention: float, discount: float, periods: int) -> float:
     return sum(retention**p / (1 + discount) ** p for p in range(1, periods + 1))
 
 
+def retention_per_period(churn_p: float | None, horizon_days: int, cfg: FoldConfig) -> float:
+    """The chance a customer is still buying one CLV period from now: from their churn probability over the churn
+    horizon where one is known ((1 - p) ^ (period / horizon), so CLV reflects risk), else the configured one."""
+    if churn_p is None:
+        return cfg.clv_retention_probability
+    return float(max(1.0 - churn_p, 0.0) ** (cfg.clv_period_days / horizon_days))
+
+
+def predictive_clv(aov: float, purchases: float, tenure_days: float, retention: float, cfg: FoldConfig) -> float:
+    """The one predictive CLV formula (features, the lookup, alerts): AOV × purchases per period so far ×
+    Σ_{p=1..clv_periods} retention^p / (1 + discount)^p, purchases per period counted over at least one period."""
+    per_period = purchases / max(tenure_days / cfg.clv_period_days, 1.0)
+    return aov * per_period * _clv_factor(retention, cfg.clv_discount_rate, cfg.clv_periods)
+
+
 def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | None = None) -> tuple[float, float]:
     """(predictive CLV, discounted CLV of observed history), both in currency units.
 
-    predictive = AOV × purchases per period × retention probability / (1 + discount rate)^periods, summed
-    over the next ``clv_periods`` periods (period p discounted by (1 + d)^p and retained with r^p);
+    predictive: ``predictive_clv`` with the configured retention (the stored features do not depend on a model;
+    the lookup and alerts use the churn probability's, ``retention_per_period``);
     observed = Σ over past calendar months k (k = 0 for the current one) of net revenue_k × (1 + d)^k.
     """
     r = cfg.clv_retention_probability if retention is None else retention
@@ -145,9 +160,7 @@ def clv(state: CustomerState, as_of: int, cfg: FoldConfig, retention: float | No
     net = (state.spend_cents - state.refund_cents) / 100
     aov = net / state.purchases if state.purchases else 0.0
     first = state.first_event_ts if state.first_event_ts is not None else as_of
-    tenure_periods = max((as_of - first) / (cfg.clv_period_days * DAY_MS), 1.0)
-    per_period = state.purchases / tenure_periods
-    predictive = aov * per_period * _clv_factor(r, d, cfg.clv_periods)
+    predictive = predictive_clv(aov, state.purchases, (as_of - first) / DAY_MS, r, cfg)
     now_month = calendar_month(as_of)
     # in month order: a float sum depends on the order of its terms, the dict's on the order events arrived in
     observed = sum(c / 100 * (1 + d) ** max(now_month - m, 0) for m, c in sorted(state.months.items()))

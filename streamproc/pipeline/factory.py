@@ -4,10 +4,12 @@ benchmarks all get it here, so every setting that shapes what the step computes 
 from __future__ import annotations
 
 from streamproc.config import churn_config, decode_limits, fold_config
+from streamproc.domain.alerts import share_of_budget
 from streamproc.metrics import Metrics
 from streamproc.pipeline.step import BatchProcessor
 from streamproc.ports import FeatureStore
 from streamproc.settings import Settings
+from streamproc.topics import load_specs
 
 
 def build_processor(settings: Settings, store: FeatureStore, metrics: Metrics | None = None) -> BatchProcessor:
@@ -28,4 +30,5 @@ def build_processor(settings: Settings, store: FeatureStore, metrics: Metrics | 
         excluded_products=frozenset(settings.rec_excluded_products),
         sweep_budget=settings.sweep_budget,
         fault_event_id=settings.fault_inject_event_id,
+        alert_budgets=share_of_budget(settings.alert_daily_budget, load_specs()["transactions"].partitions),
     )

@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from streamproc.config import fold_config
+from streamproc.config import churn_config, fold_config
 from streamproc.domain.customer import CustomerState
-from streamproc.domain.features import features
+from streamproc.domain.features import clv, features, retention_per_period
 from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 
@@ -38,9 +38,17 @@ async def lookup(
     out["segment"] = None if segment is None else {"id": segment, **profiles.get(str(segment), {})}
     if out["segment"]:
         out["segment"].pop("scaled", None)
+    churn_p = model.get("churn_p")
+    # CLV as alerts give it: the churn probability is the retention term (the configured one before any score)
+    retention = retention_per_period(churn_p, churn_config(settings).horizon_days, cfg)
+    predictive = round(clv(state, as_of, cfg, retention)[0], 2)
+    out["features"]["clv"] = predictive
+    out["features"]["clv_retention_per_period"] = round(retention, 4)
     out["churn"] = {
-        "probability": model.get("churn_p"), "model_version": model.get("model_version"),
-        "last_alert_ts": model.get("last_alert_ts"), "pending_snapshots": len(state.pending),
+        "probability": churn_p, "model_version": model.get("model_version"),
+        "value_at_risk": None if churn_p is None else round(churn_p * predictive, 2),
+        "last_alert_ts": model.get("last_alert_ts"), "open_alert": (model.get("open") or [None])[0],
+        "pending_snapshots": len(state.pending),
     }
     out["last_recommendation"] = model.get("rec")  # {id, ts, trigger, items}: the full record is on its topic
     return out

@@ -10,9 +10,11 @@ from typing import Any, cast
 import orjson
 
 from streamproc.contracts.outputs import (
+    AlertCleared,
     BasketExample,
     ChurnAlert,
     ChurnExample,
+    ClearedBy,
     Reason,
     Recommendation,
     RecommendationTrigger,
@@ -20,6 +22,16 @@ from streamproc.contracts.outputs import (
     RiskLevel,
     SegmentExample,
     SegmentMove,
+    ValueTier,
+)
+from streamproc.domain.alerts import (
+    alert_instants,
+    clearing,
+    explain,
+    profile_at,
+    retention_action,
+    risk_level,
+    should_alert,
 )
 from streamproc.domain.churn import (
     ChurnConfig,
@@ -27,19 +39,15 @@ from streamproc.domain.churn import (
     churn_inputs,
     inputs_at,
     mature_labels,
-    profile_at,
-    retention_action,
-    risk_level,
     segment_inputs,
-    should_alert,
     take_snapshots,
-    top_reasons,
 )
 from streamproc.domain.churn_scorers import SCORERS
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Trigger
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
 from streamproc.metrics import Metrics
+from streamproc.pipeline.alert_queue import queued_alert, queued_cleared
 from streamproc.pipeline.records import BatchResult
 
 
@@ -50,7 +58,7 @@ class ChurnStep:
     mstate: ModelState
     digest: str  # the customer's pseudonymous id in training examples
     snapshotted: bool = False
-    alerts: list[tuple[int, float, dict[str, float], dict[str, float]]] = field(default_factory=list)
+    alerts: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)  # (instant, p, inputs)
 
 
 class ModelStep:
@@ -77,6 +85,9 @@ class ModelStep:
             return step
         mstate, digest, bundle = step.mstate, step.digest, self.bundle
         version = bundle.version if bundle else None
+        if mstate.alert_to is None and state.snapshot_ts:
+            mstate.alert_to = state.snapshot_ts  # stored before the daily alert grid: from its last snapshot on
+        served: dict[int, tuple[float, dict[str, float]]] = {}  # snapshot instant -> (served p, inputs)
         for point, values in take_snapshots(state, watermark, self.churn):
             step.snapshotted = True
             x = churn_inputs(values)
@@ -88,10 +99,9 @@ class ModelStep:
             mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version,
                                             *([round(scores[k], 4) for k in SCORERS] if scores else [])]
             out.examples.append(SegmentExample(id=f"{digest}:{point}", ts=point, x=segment_inputs(values, state)))
-            # alerts are decided on this grid: every live customer is scored at every grid instant from
-            # what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
-            if bundle is not None and p is not None and should_alert(mstate, p, point, self.churn):
-                step.alerts.append((point, p, x, values))
+            if p is not None:
+                served[point] = (p, values)
+        self._alert_grid(cid, state, step, watermark, served, out)
         # labels mature on the snapshot grid, where the sweep visits every customer with a snapshot to mature;
         # nothing is dropped before it matured (``mature_labels`` keeps at most ``max_pending`` of the rest)
         grid = self.churn.cadence_days * DAY_MS
@@ -110,6 +120,39 @@ class ModelStep:
         mstate.scored_at = {k: v for k, v in mstate.scored_at.items() if k in live}
         return step
 
+    def _alert_grid(self, cid: str, state: CustomerState, step: ChurnStep, watermark: int,
+                    served: dict[int, tuple[float, dict[str, float]]], out: BatchResult) -> None:
+        """Alerts and their clearing are decided on the daily alert grid: every live customer is scored at every
+        instant from what was known then, so which alerts fire does not depend on batching, crashes or hand-overs
+        (which checkpoint scored does). Snapshot instants reuse the snapshot's score."""
+        mstate, bundle, cfg = step.mstate, self.bundle, self.churn
+        if state.first_event_ts is None:
+            return
+        start = mstate.alert_to if mstate.alert_to is not None else state.first_event_ts - 1
+        silent_days = cfg.silent_horizons * cfg.horizon_days
+        for point in alert_instants(start, watermark, cfg):
+            mstate.alert_to = point
+            if point <= state.first_event_ts:
+                continue
+            found = served.get(point)
+            if found is None:
+                if bundle is None or not bundle.churn_examples:
+                    continue
+                values = inputs_at(state, point)
+                if values is None or values["days_since_event"] > silent_days + 1:  # not live (as for snapshots)
+                    continue
+                found = (bundle.churn_probability(churn_inputs(values)), values)
+            p, values = found
+            open_id = mstate.open_alert[0] if mstate.open_alert else None
+            cleared = clearing(state, mstate, p, point, cfg)
+            if cleared is not None and open_id is not None:
+                queued_cleared(out.queued, AlertCleared(alert_id=open_id, customer_id=cid, ts=point,
+                                                        cleared_by=cast("ClearedBy", cleared[0]), days=cleared[1],
+                                                        probability=round(p, 4)))
+            if should_alert(mstate, p, point, cfg):
+                mstate.open_alert = [f"{cid}:{point}", point]
+                step.alerts.append((point, p, values))
+
     def score(
         self, cid: str, state: CustomerState, churn: ChurnStep, feats: dict[str, Any], as_of: int, out: BatchResult,
         triggers: list[Trigger] | None = None,
@@ -117,9 +160,9 @@ class ModelStep:
         """The alerts the churn step decided, recommendations for the triggers, and the customer's current churn
         probability and segment; returns the model outputs to store (checkpoint-dependent)."""
         mstate, bundle = churn.mstate, self.bundle
-        for point, p, x, values in churn.alerts:
+        for point, p, values in churn.alerts:
             assert bundle is not None  # an alert needs a score
-            self._alert(cid, state, mstate, feats, point, p, x, values, bundle, out)
+            self._alert(cid, state, mstate, feats, point, p, values, bundle, out)
         if triggers:
             self._recommend_on(cid, churn.digest, state, mstate, feats, triggers, out)
         if bundle is None:
@@ -146,26 +189,26 @@ class ModelStep:
 
     def _alert(
         self, cid: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any], point: int, p: float,
-        x: dict[str, float], values: dict[str, float], bundle: ModelBundle, out: BatchResult,
+        values: dict[str, float], bundle: ModelBundle, out: BatchResult,
     ) -> None:
         """A churn alert at grid instant ``point``, with the next best action: the retention action for the
-        customer's tier and risk, and the items most likely to bring them back."""
+        customer's tier and risk, and the items most likely to bring them back. Queued with its win-back
+        recommendation until its day closes (``pipeline.alert_queue``): sent within the day's budget, or counted."""
         level = risk_level(p, self.churn)
-        profile = profile_at(values, self.fold)
-        tier = profile["value_tier"]
-        win_back = self._recommendation(cid, state, mstate, feats, point, "churn_alert", f"{point}", ())
-        if win_back is not None:
-            out.recommendations.append(win_back)
+        profile = profile_at(values, p, self.fold, self.churn)
+        win_back = self._recommendation(cid, state, mstate, feats, point, "churn_alert", f"{point}", (),
+                                        shown=False)
         names = self.segment_names
-        out.alerts.append(ChurnAlert(
+        queued_alert(out.queued, ChurnAlert(
             alert_id=f"{cid}:{point}", customer_id=cid, ts=point, probability=round(p, 4),
             risk_level=cast("RiskLevel", level),
             segment=names.get(mstate.segment) if mstate.segment is not None else None,
-            value_tier=tier, clv=profile["clv"], lifecycle_stage=profile["lifecycle_stage"],
-            model_version=bundle.version, reasons=cast("list[Reason]", top_reasons(bundle.contributions(x), x)),
-            action=retention_action(tier, level, self.action_table),
+            value_tier=cast("ValueTier", profile.value_tier), clv=profile.clv, value_at_risk=profile.value_at_risk,
+            lifecycle_stage=profile.lifecycle_stage, model_version=bundle.version, scored_by=bundle.served_by,
+            reasons=cast("list[Reason]", explain(values)),
+            action=retention_action(profile.value_tier, level, self.action_table),
             recommended_items=win_back.items if win_back else [],
-        ))
+        ), win_back)
 
     def _recommend_on(
         self, cid: str, digest: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any],
@@ -188,8 +231,10 @@ class ModelStep:
 
     def _recommendation(
         self, cid: str, state: CustomerState, mstate: ModelState, feats: dict[str, Any], at: int, trigger: str,
-        event_id: str, context: tuple[str, ...],
+        event_id: str, context: tuple[str, ...], shown: bool = True,
     ) -> Recommendation | None:
+        """``shown``: the customer sees it when it is made (a win-back recommendation is only seen if its alert is
+        sent, so it is not the one a later purchase is judged against)."""
         bundle = self.bundle
         if bundle is None:
             return None
@@ -206,7 +251,7 @@ class ModelStep:
         rec_id = f"{cid}:{trigger}:{event_id}"
         last = mstate.last_rec
         # the latest in event time (not the last made: the two input topics are read at their own pace)
-        if last is None or (at, rec_id) >= (last["ts"], last["id"]):
+        if shown and (last is None or (at, rec_id) >= (last["ts"], last["id"])):
             mstate.last_rec = {"id": rec_id, "ts": at, "trigger": trigger, "items": [i["product_id"] for i in items]}
         return Recommendation(
             recommendation_id=rec_id, customer_id=cid, ts=at, trigger=cast("RecommendationTrigger", trigger),

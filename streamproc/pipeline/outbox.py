@@ -77,6 +77,12 @@ class OutboxSender:
             # a re-sent output parked by another version may lack a field: counted as unknown, sent all the same
             self.metrics.alerts.labels(getattr(alert, "risk_level", "unknown"),
                                        getattr(alert, "value_tier", "unknown")).inc()
+            self.metrics.alert_value_at_risk.labels(getattr(alert, "value_tier", "unknown")).inc(
+                getattr(alert, "value_at_risk", 0.0))
+        for cleared in result.cleared:
+            await self._send(deliveries, ALERTS_TOPIC, cleared.customer_id, f"cleared:{cleared.alert_id}",
+                             orjson.dumps(cleared))
+            self.metrics.alerts_cleared.labels(getattr(cleared, "cleared_by", "unknown")).inc()
         for move in result.segment_moves:
             await self._send(deliveries, MOVES_TOPIC, move.customer_id, f"{move.customer_id}:{move.ts}",
                              orjson.dumps(move))

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, cast
 import orjson
 
 from streamproc.contracts.outputs import (
+    AlertCleared,
     BasketExample,
     ChurnAlert,
     ChurnExample,
@@ -58,7 +59,11 @@ class BatchResult:
     segment_moves: list[SegmentMove] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)  # for the training topic
     recommendations: list[Recommendation] = field(default_factory=list)
+    cleared: list[AlertCleared] = field(default_factory=list)
     outbox: dict[int, list[str]] = field(default_factory=dict)  # outbox entries these outputs were parked in
+    # alert decisions waiting for their day to close (``pipeline.alert_queue``): queue entry name -> JSON, saved
+    # with the customer's state, sent (or counted over budget) by the sweep that closes the day
+    queued: dict[str, bytes] = field(default_factory=dict)
 
     def absorb(self, other: BatchResult) -> None:
         self.outcome.merge(other.outcome)
@@ -67,15 +72,18 @@ class BatchResult:
         self.segment_moves.extend(other.segment_moves)
         self.examples.extend(other.examples)
         self.recommendations.extend(other.recommendations)
+        self.cleared.extend(other.cleared)  # (not ``queued``: saved with each customer, never emitted)
         for partition, fields in other.outbox.items():
             self.outbox.setdefault(partition, []).extend(fields)
 
     def outputs_blob(self) -> bytes:
         """What the outbox keeps of these outputs ("" when there are none)."""
-        if not (self.dead_letters or self.alerts or self.segment_moves or self.examples or self.recommendations):
+        if not (self.dead_letters or self.alerts or self.segment_moves or self.examples or self.recommendations
+                or self.cleared):
             return b""
         return orjson.dumps({"a": self.alerts, "s": self.segment_moves, "e": self.examples,
-                             "r": self.recommendations, "d": [d.model_dump(mode="json") for d in self.dead_letters]})
+                             "r": self.recommendations, "d": [d.model_dump(mode="json") for d in self.dead_letters],
+                             "c": self.cleared})
 
     @classmethod
     def from_outbox(cls, blob: bytes) -> BatchResult:
@@ -86,7 +94,8 @@ class BatchResult:
                    alerts=[cast(ChurnAlert, ParkedOutput(a)) for a in data.get("a", [])],
                    segment_moves=[cast(SegmentMove, ParkedOutput(m)) for m in data.get("s", [])],
                    examples=[cast(Example, ParkedOutput(e)) for e in data.get("e", [])],
-                   recommendations=[cast(Recommendation, ParkedOutput(r)) for r in data.get("r", [])])
+                   recommendations=[cast(Recommendation, ParkedOutput(r)) for r in data.get("r", [])],
+                   cleared=[cast(AlertCleared, ParkedOutput(c)) for c in data.get("c", [])])
 
     def total(self, outcome: str) -> int:
         return self.outcome.total(outcome) + (len(self.dead_letters) if outcome == "dead_lettered" else 0)

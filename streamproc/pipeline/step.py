@@ -75,6 +75,7 @@ class BatchProcessor:
         excluded_products: frozenset[str] = frozenset(),
         sweep_budget: int | None = None,
         fault_event_id: str | None = None,
+        alert_budgets: dict[str, int] | None = None,
     ) -> None:
         self.fault_event_id = fault_event_id  # the fault-injection test hook (``_inject_fault``)
         self._ownership_changed = False
@@ -95,7 +96,7 @@ class BatchProcessor:
         # live customer at a snapshot instant) is spread over the following calls instead of stalling ingest
         self.sweeper = Sweeper(store, self.calls, self.derivation, metrics, churn, models_enabled, expire_after_days,
                                sweep_interval_ms, sweep_budget, lambda: self.watermarks,
-                               self._apply_ownership_change)
+                               self._apply_ownership_change, alert_budgets)
 
     @property
     def bundle(self) -> ModelBundle | None:
@@ -295,7 +296,7 @@ class BatchProcessor:
         feats, model, _ = self.derivation.derive(cid, state, row.model, as_of, attempt.marks_wm.get(partition),
                                                  customer_result, outcome.triggers)
         return Update(cid, row.version, state, feats, model, partition, customer_result.outputs_blob(),
-                      label_due=self.derivation.label_due(state))
+                      label_due=self.derivation.label_due(state), queued=customer_result.queued or None)
 
     def _isolate(
         self, cid: str, row: Loaded, items: list[tuple[RawRecord, Positioned]], marks_wm: dict[int, int],

@@ -7,10 +7,12 @@ import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streamproc.domain.churn import ChurnConfig, grid_points, maturity_span
+from streamproc.domain.alerts import alert_instants
+from streamproc.domain.churn import ChurnConfig, maturity_span
 from streamproc.domain.customer import DAY_MS
 from streamproc.errors import TransientError
 from streamproc.metrics import Metrics
+from streamproc.pipeline.alert_queue import close_alert_days
 from streamproc.pipeline.derive import Derivation
 from streamproc.pipeline.records import BatchResult, Watermarks
 from streamproc.pipeline.store_calls import StoreCalls
@@ -38,7 +40,7 @@ class Sweeper:
     def __init__(self, store: FeatureStore, calls: StoreCalls, derivation: Derivation, metrics: Metrics,
                  churn: ChurnConfig, models_enabled: bool, expire_after_days: int, sweep_interval_ms: int,
                  sweep_budget: int | None, watermarks: Callable[[], Watermarks],
-                 before_pass: Callable[[], None]) -> None:
+                 before_pass: Callable[[], None], alert_budgets: dict[str, int] | None = None) -> None:
         self.store = store
         self.calls = calls
         self.derivation = derivation
@@ -50,6 +52,7 @@ class Sweeper:
         self.sweep_budget = sweep_budget
         self.watermarks = watermarks
         self.before_pass = before_pass
+        self.alert_budgets = alert_budgets  # per partition and day, per value tier (None: unlimited)
         self.boundaries = derivation.boundaries
         self.passes: dict[int, SweepPass] = {}  # partition -> the sweep pass in progress
         self.swept: dict[int, int] = {}  # partition -> watermark the inactivity sweep has reached
@@ -114,7 +117,16 @@ class Sweeper:
                 (expired,) = await self.store.silent_in_ranges(partition, [running.expire_range])
                 if expired:
                     await self.store.expire(partition, expired)
-            await self.store.set_sweep_mark(partition, running.target)
+            if self.models_enabled:
+                # every customer live at the pass's alert instants was visited: their days close with the mark
+                closed = await close_alert_days(self.store, partition, running.target, self.alert_budgets,
+                                                self.metrics)
+                if emit is not None:
+                    await emit(closed)
+                else:
+                    outputs.absorb(closed)
+            else:
+                await self.store.set_sweep_mark(partition, running.target)
             self.swept[partition] = running.target
             del self.passes[partition]
         self.metrics.sweep_customers.inc(touched)
@@ -133,9 +145,9 @@ class Sweeper:
         ranges = [(low - span, wm - span) for span in spans]
         # every live customer at each snapshot instant the watermark passed (also those whose later
         # events were already applied: a topic can run ahead of the other)
-        points = grid_points(low, wm, self.churn) if self.models_enabled else []
+        points = alert_instants(low, wm, self.churn) if self.models_enabled else []  # (snapshot instants among them)
         if points:
-            # every customer live at a grid instant of the pass, and every one with a snapshot whose label matures at
+            # every customer live at an alert instant of the pass, and every one with a snapshot whose label matures at
             # one of them (taken at most ``live`` after the last event, maturing ``maturity_span`` later): so an
             # overdue snapshot matures at its grid instant even for a customer who never sends another event
             ranges.append((points[0] - live - maturity_span(self.churn), 2**62))
@@ -175,4 +187,5 @@ class Sweeper:
         partial = partials[cid] = BatchResult()
         feats, model, unchanged = self.derivation.derive(cid, state, row.model, as_of, wm, partial, stored=row.features)
         return Update(cid, row.version, state, feats, model, partition, partial.outputs_blob(),
-                      features_unchanged=unchanged, label_due=self.derivation.label_due(state))
+                      features_unchanged=unchanged, label_due=self.derivation.label_due(state),
+                      queued=partial.queued or None)

@@ -83,10 +83,15 @@ def tail_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s:
 
 
 def format_alert(alert: dict) -> str:
-    reasons = ", ".join(f"{r['feature']}={r['value']}" for r in alert.get("reasons", []))
+    """One readable line: an alert (priority, who, why in words, what to do) or the clearing of one."""
+    if alert.get("record") == "cleared":
+        how = "bought again" if alert["cleared_by"] == "purchase" else "risk fell below the re-arm threshold"
+        return f"[CLEARED ] {alert['customer_id']}  {how} after {alert['days']} days  (alert {alert['alert_id']})"
+    reasons = "; ".join(r.get("text") or f"{r['feature']}={r['value']}" for r in alert.get("reasons", []))
     return (f"[{alert['risk_level'].upper():<8}] {alert['customer_id']}  p={alert['probability']:.2f}  "
-            f"tier={alert['value_tier']}  segment={alert.get('segment') or '-'}  "
-            f"stage={alert.get('lifecycle_stage')}  clv={alert.get('clv')}  → {alert['action']}  (why: {reasons})")
+            f"value at risk={alert.get('value_at_risk')}  clv={alert.get('clv')}  tier={alert['value_tier']}  "
+            f"segment={alert.get('segment') or '-'}  stage={alert.get('lifecycle_stage')}  → {alert['action']}  "
+            f"(why: {reasons})")
 
 
 def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_json: bool,
@@ -102,7 +107,8 @@ def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_jso
     try:
         for record in consumer:
             alert = json.loads(record.value)
-            if (risk and alert["risk_level"] != risk) or (tier and alert["value_tier"] != tier):
+            if alert.get("record") != "cleared" and (
+                    (risk and alert["risk_level"] != risk) or (tier and alert["value_tier"] != tier)):
                 continue
             print(json.dumps(alert, sort_keys=True) if as_json else format_alert(alert), flush=True)
             shown += 1

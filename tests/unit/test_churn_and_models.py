@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from streamproc.domain.alerts import retention_action, risk_level, should_alert
 from streamproc.domain.churn import (
     CHURN_FEATURES,
     ChurnConfig,
@@ -17,11 +18,7 @@ from streamproc.domain.churn import (
     inputs_at,
     known_label,
     mature_labels,
-    retention_action,
-    risk_level,
-    should_alert,
     take_snapshots,
-    top_reasons,
 )
 from streamproc.domain.churn import SEGMENT_FEATURES as SEGMENT_FEATURES_SET
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Positioned, apply_events
@@ -128,12 +125,6 @@ def test_risk_levels_and_actions_by_value_tier():
     assert "email" in retention_action("low", "high")
     custom = {"low": {"high": "sms"}}
     assert retention_action("low", "high", custom) == "sms"
-
-
-def test_reasons_rank_the_largest_positive_contributions():
-    reasons = top_reasons({"a": 0.2, "b": 1.5, "c": -3.0, "d": 0.9}, {"a": 1, "b": 2, "c": 3, "d": 4}, n=2)
-    assert [r["feature"] for r in reasons] == ["b", "d"]
-    assert reasons[0] == {"feature": "b", "value": 2, "contribution": 1.5}
 
 
 def synthetic(n, seed):

@@ -19,7 +19,7 @@ from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.training.offline import run_offline
 
 HISTORY = SimulationConfig(customers=800, days=200, seed=2026, bad_fraction=0.01, duplicate_fraction=0.01)
-FINGERPRINT = "e6a1b6d236a285eceb15a4b7ebbf1039b6caf901024c78c861de65b7390051fa"
+FINGERPRINT = "acde3712ac86fcaa6089610847dd6656a94f7e6e6ed28f340074678ba039a4d0"
 
 
 def _digest(items: list[bytes]) -> str:

@@ -1,16 +1,18 @@
 -- KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash, its partition's label
--- maturity index; last, the feature schemas hash. ARGV per update: expected version, feature row ("" keeps the stored
--- one), state blob, census key, model JSON, outputs JSON ("" none), when its oldest pending label matures ("" none);
+-- maturity index, its partition's alert queue; last, the feature schemas hash. ARGV per update: expected version,
+-- feature row ("" keeps the stored one), state blob, census key, model JSON, outputs JSON ("" none), when its oldest
+-- pending label matures ("" none), alert queue entries as a JSON array [name, value, ...] ("" none);
 -- then (schema id, names JSON) for each feature schema the rows use, stored in the same atomic step.
 -- Returns, per update, the previous census key ("" if none) or false when the version check failed.
 local out = {}
-local n = (#KEYS - 1) / 4
-for j = 7 * n + 1, #ARGV, 2 do
+local n = (#KEYS - 1) / 5
+for j = 8 * n + 1, #ARGV, 2 do
   redis.call('HSETNX', KEYS[#KEYS], ARGV[j], ARGV[j + 1])
 end
 for i = 1, n do
-  local key, census, outbox, due = KEYS[4 * i - 3], KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i]
-  local a = 7 * i - 6
+  local key, census, outbox, due, queue = KEYS[5 * i - 4], KEYS[5 * i - 3], KEYS[5 * i - 2], KEYS[5 * i - 1],
+    KEYS[5 * i]
+  local a = 8 * i - 7
   local current = redis.call('HMGET', key, '_v', 'k')
   local version = current[1] or '0'
   if version == ARGV[a] then
@@ -34,6 +36,12 @@ for i = 1, n do
       redis.call('ZADD', due, ARGV[a + 6], customer)
     else
       redis.call('ZREM', due, customer)
+    end
+    if ARGV[a + 7] ~= '' then
+      local entries = cjson.decode(ARGV[a + 7])
+      for j = 1, #entries, 2 do
+        redis.call('HSET', queue, entries[j], entries[j + 1])
+      end
     end
     out[i] = old
   else
