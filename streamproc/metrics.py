@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from streamproc.contracts.outputs import ClearedBy, ValueTier
 
 # Measured: a batch of 1..2,000 events takes from ~0.5 ms to ~200 ms end to end.
 BATCH_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -200,6 +203,13 @@ class Metrics:
             "Cleared records published: the customer bought again (purchase) or the risk fell (risk_fell).",
             ["cleared_by"], registry=r,
         )
+        # every tier and way of clearing is a series from the start (0): a rate over a series that appears at its
+        # first increment misses that increment, and a panel shows "no data" rather than none over budget
+        for tier in get_args(ValueTier):
+            self.alert_value_at_risk.labels(tier)
+            self.alerts_over_budget.labels(tier)
+        for how in get_args(ClearedBy):
+            self.alerts_cleared.labels(how)
         self.training_examples = Counter(
             "streamproc_training_examples_total", "Examples sent to the trainer, by kind.", ["kind"], registry=r
         )

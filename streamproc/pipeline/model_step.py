@@ -38,6 +38,7 @@ from streamproc.domain.churn import (
     ModelState,
     churn_inputs,
     inputs_at,
+    last_days_before,
     mature_labels,
     segment_inputs,
     take_snapshots,
@@ -131,17 +132,22 @@ class ModelStep:
         start = mstate.alert_to if mstate.alert_to is not None else state.first_event_ts - 1
         silent_days = cfg.silent_horizons * cfg.horizon_days
         for point in alert_instants(start, watermark, cfg):
-            mstate.alert_to = point
             if point <= state.first_event_ts:
                 continue
             found = served.get(point)
             if found is None:
+                # not live (the snapshots' rule): leaves no trace, so alert_to does not depend on how far, or how
+                # often, the customer was visited past their silence cut-off
+                if point // DAY_MS - last_days_before(state, point)[1] > silent_days:
+                    continue
+                mstate.alert_to = point
                 if bundle is None or not bundle.churn_examples:
                     continue
                 values = inputs_at(state, point)
-                if values is None or values["days_since_event"] > silent_days + 1:  # not live (as for snapshots)
+                if values is None:
                     continue
                 found = (bundle.churn_probability(churn_inputs(values)), values)
+            mstate.alert_to = point
             p, values = found
             open_id = mstate.open_alert[0] if mstate.open_alert else None
             cleared = clearing(state, mstate, p, point, cfg)

@@ -8,7 +8,7 @@ from collections import Counter
 import orjson
 import redis
 
-from streamproc.contracts.outputs import ChurnAlert, validate
+from streamproc.contracts.outputs import AlertRecord, validate
 from streamproc.tools.tail import read_topic, read_training_examples
 from tests.conftest import FROZEN_MODEL_ENV, produce, seed_checkpoint, wait_delivered
 from tests.integration.test_exactly_once import sim_payloads
@@ -50,5 +50,5 @@ def test_a_transactions_only_shop_gets_snapshots_labels_scores_and_alerts_by_def
 
     alerts = read_topic(settings, "churn-alerts", 10**6, 3.0)
     assert alerts, "no churn alert for a transactions-only shop"
-    for alert in alerts[:50]:
-        validate(ChurnAlert, alert)
+    records = [validate(AlertRecord, a) for a in alerts]
+    assert any(r.record == "alert" for r in records)

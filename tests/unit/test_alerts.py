@@ -130,3 +130,26 @@ def test_an_alert_clears_when_the_risk_falls_below_the_rearm_threshold():
     state = fold([buy(0, -10)])
     assert clearing(state, m, CFG.rearm_threshold + 0.01, T0 + 3 * DAY_MS, CFG) is None
     assert clearing(state, m, CFG.rearm_threshold - 0.01, T0 + 4 * DAY_MS, CFG) == ("risk_fell", 4)
+
+
+def test_the_alert_grid_leaves_no_trace_past_the_silence_cut_off():
+    """Visited once at the end, or also part-way through a long silence: the same alert bookkeeping (the sweep
+    visits live customers only, so how far a silent one was looked at depends on batching)."""
+    import orjson
+
+    from streamproc.metrics import Metrics
+    from streamproc.pipeline.model_step import ModelStep
+    from streamproc.pipeline.records import BatchResult
+
+    history = [buy(i, 20 * i) for i in range(4)]
+    end = T0 + 500 * DAY_MS
+    step = ModelStep(FOLD, CFG, Metrics(), None, frozenset())
+    once = step.churn_step("c", fold(history), None, end, BatchResult()).mstate
+    state = fold(history)
+    blob = None
+    for watermark in (T0 + 90 * DAY_MS, T0 + 300 * DAY_MS, end):
+        blob = orjson.dumps(step.churn_step("c", state, blob, watermark, BatchResult()).mstate.to_dict())
+    twice = ModelState.from_dict(orjson.loads(blob))
+    silent_days = CFG.silent_horizons * CFG.horizon_days
+    assert once.alert_to is not None and once.alert_to < T0 + (60 + silent_days + 2) * DAY_MS
+    assert twice.alert_to == once.alert_to
