@@ -18,7 +18,7 @@ from streamproc.tools.infra import Infra
 from streamproc.tools.producer import EventProducer, paced
 from streamproc.tools.simulate import SimulationConfig, Simulator, write_truth
 from streamproc.tools.tail import format_alert, read_topic
-from streamproc.topics import apply_topics, delete_topics, load_specs
+from streamproc.topics import ALERTS_TOPIC, apply_topics, delete_topics, load_specs
 
 DEMO_REDIS_DB = 1
 
@@ -171,7 +171,7 @@ def _report(settings: Settings, env: dict[str, str], sim: Simulator, run_dir: Pa
     print("   --- models (streamproc models)")
     subprocess.run([sys.executable, "-m", "streamproc.cli", "models"], env=env)
     print("   --- churn alerts (streamproc alerts tail), first 5")
-    for alert in read_topic(settings, "churn-alerts", 5, 2.0):
+    for alert in read_topic(settings, ALERTS_TOPIC, 5, 2.0):
         print("   " + format_alert(alert))
     print("   --- recommendations (streamproc tail recommendations), first 3")
     for rec in read_topic(settings, "recommendations", 3, 2.0):

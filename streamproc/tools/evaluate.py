@@ -18,6 +18,7 @@ from streamproc.adapters.feature_rows import customer_key, decode_feature_row, f
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.tools.tail import read_topic
+from streamproc.topics import ALERTS_TOPIC
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -118,7 +119,8 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
                     events_applied += f.get("clicks", 0) + f.get("frequency", 0) + f.get("refunds", 0)
     finally:
         client.close()
-    alerted = {a["customer_id"] for a in read_topic(settings, "churn-alerts", 10_000_000, 3.0)}
+    alerted = {a["customer_id"] for a in read_topic(settings, ALERTS_TOPIC, 10_000_000, 3.0)
+               if a.get("record", "alert") == "alert"}  # not the cleared records
     moves = len(read_topic(settings, "segment-moves", 10_000_000, 3.0))
     scores: dict[str, Any] = score_run(truth, churn_p, segments, alerted, moves, events_applied)
 

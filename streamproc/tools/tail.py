@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamproc.contracts.outputs import examples_of
 from streamproc.settings import Settings
-from streamproc.topics import kafka_security_kwargs, load_specs
+from streamproc.topics import ALERTS_TOPIC, kafka_security_kwargs, load_specs
 
 
 def read_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s: float) -> list[dict]:
@@ -98,7 +98,7 @@ def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_jso
                   idle_timeout_s: float | None, max_records: int | None) -> int:
     """Print churn alerts as they arrive (from the beginning of the topic), filtered."""
     consumer = KafkaConsumer(
-        settings.topic("churn-alerts"), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
+        settings.topic(ALERTS_TOPIC), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
         enable_auto_commit=False, group_id=None,
         consumer_timeout_ms=int(idle_timeout_s * 1000) if idle_timeout_s else float("inf"),
         **kafka_security_kwargs(settings),

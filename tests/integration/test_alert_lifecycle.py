@@ -12,8 +12,8 @@ from streamproc.contracts.outputs import AlertRecord, validate
 from streamproc.domain.alerts import share_of_budget
 from streamproc.domain.customer import DAY_MS
 from streamproc.settings import Settings
-from streamproc.topics import load_specs
 from streamproc.tools.tail import read_topic
+from streamproc.topics import load_specs
 from tests.conftest import FROZEN_MODEL_ENV, produce, seed_checkpoint, wait_delivered
 from tests.integration.test_exactly_once import sim_payloads
 
