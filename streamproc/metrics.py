@@ -210,6 +210,11 @@ class Metrics:
             self.alerts_over_budget.labels(tier)
         for how in get_args(ClearedBy):
             self.alerts_cleared.labels(how)
+        self.rfm_segment_customers = Gauge(
+            "streamproc_rfm_segment_customers",
+            "Live buyers per named RFM segment at the snapshot instant the current checkpoint's quintiles come from.",
+            ["rfm_segment"], registry=r,
+        )
         self.training_examples = Counter(
             "streamproc_training_examples_total", "Examples sent to the trainer, by kind.", ["kind"], registry=r
         )

@@ -128,6 +128,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"  {key:<18} {summary.get(key, 0):.4f}" if isinstance(summary.get(key), float)
                       else f"  {key:<18} {summary.get(key)}")
             _print_churn_scorers(summary)
+            _print_rfm(summary)
             if "rec_purchases" in summary:
                 print("recommendations (each purchase vs the last recommendation shown before it):")
                 print(f"  hit-rate@k {summary['rec_hit_rate']:.4f}  precision@k {summary['rec_precision']:.4f}  "
@@ -167,6 +168,18 @@ def _print_churn_scorers(summary: dict[str, Any]) -> None:
         for row in table:
             print(f"    {row['bin']}  n={row['n']:<7} predicted {row['mean_predicted']:.3f}  "
                   f"observed {row['observed']:.3f}")
+
+
+def _print_rfm(summary: dict[str, Any]) -> None:
+    """The RFM quintile edges the scores use, and the buyers per named segment."""
+    rfm = summary.get("rfm") or {}
+    if not rfm.get("edges"):
+        return
+    print(f"RFM quintiles of the {rfm['buyers']} live buyers at snapshot instant {rfm['instant']}:")
+    for name, edges in rfm["edges"].items():
+        print(f"  {name:<10} {' | '.join(f'{e:g}' for e in edges)}")
+    if rfm.get("segments"):
+        print("  " + ", ".join(f"{k} {v}" for k, v in sorted(rfm["segments"].items(), key=lambda kv: -kv[1])))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -99,6 +99,15 @@ class Reason(TypedDict):
 
 
 @with_config(_CLOSED)
+class RfmScores(TypedDict):
+    """A buyer's RFM scores (1-5, against the live buyers' quintiles) and named segment (``domain.rfm``)."""
+
+    r: int
+    f: int
+    m: int
+    segment: str
+
+
 class RecommendedItem(TypedDict):
     """One recommended product (built by ``domain.recommend.recommend``)."""
 
@@ -126,6 +135,8 @@ class ChurnAlert:
                                             "lookup's formula)")]
     value_at_risk: Annotated[float, Field(description="probability × clv: the alert's priority")]
     lifecycle_stage: str | None = None
+    rfm: Annotated[RfmScores | None, Field(
+        description="RFM scores and segment at the alert instant (None: no purchase yet, or no quintiles yet)")] = None
     model_version: int
     scored_by: Annotated[str, Field(description="The churn scorer served: model, bgnbd or recency")]
     reasons: Annotated[list[Reason], Field(description="Most telling first")]
@@ -198,6 +209,9 @@ class SegmentExample:
     id: ExampleId
     ts: Annotated[int, Field(description="Snapshot instant (event time, epoch ms)")]
     x: dict[str, float]
+    rfm: Annotated[list[float] | None, Field(
+        description="A buyer's [days since the last purchase, purchases, net spend] at the instant (None: no "
+                    "purchase yet): the population the RFM quintiles are drawn from")] = None
 
 
 @dataclass(slots=True, kw_only=True)

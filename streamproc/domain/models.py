@@ -18,6 +18,7 @@ from streamproc.domain.churn import SEGMENT_FEATURES, VIEW_SHARE
 from streamproc.domain.churn_scorers import ChurnScorers
 from streamproc.domain.model_config import ModelConfig
 from streamproc.domain.recommend import CoPurchaseModel, RecIndex
+from streamproc.domain.rfm import RfmPopulation
 
 
 class SeededKMeans(cluster.KMeans):
@@ -178,6 +179,7 @@ class ModelBundle:
     segment_mix: dict[int, float] = field(default_factory=dict)  # segment -> decayed share of snapshots
     segment_spend: dict[int, float] = field(default_factory=dict)  # segment -> decayed spend of its baskets
     scorers: ChurnScorers | None = None  # the churn baselines, the calibration, and which score is served
+    rfm: RfmPopulation = field(default_factory=RfmPopulation)  # the live buyers' RFM quintiles
 
     def __post_init__(self) -> None:
         if self.scorers is None:
@@ -374,6 +376,8 @@ class ModelBundle:
         last = list(getattr(bundle.segmenter, "steps", {}).values())[-1:]
         if last and type(last[0]) is cluster.KMeans:  # a checkpoint from before SeededKMeans: the same state
             last[0].__class__ = SeededKMeans
+        if "rfm" not in bundle.__dict__:  # a checkpoint from before RFM scores
+            bundle.rfm = RfmPopulation()
         if "scorers" not in bundle.__dict__:  # a checkpoint from before the churn baselines
             bundle.cfg = upgraded_config(bundle.cfg)
             bundle.scorers = ChurnScorers(bundle.cfg.horizon_days, bundle.cfg.rolling_window)
@@ -387,6 +391,7 @@ class ModelBundle:
             "drift_detections": self.drift_detections, "event_time": self.event_time,
             **self.prequential.summary(), **(self.recs.summary() if self.recs else {}),
             **(self.scorers.summary() if self.scorers else {}),
+            "rfm": self.rfm.summary(),
         }
 
 

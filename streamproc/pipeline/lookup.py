@@ -11,8 +11,10 @@ from typing import Any
 import orjson
 
 from streamproc.config import churn_config, fold_config
+from streamproc.domain.churn import inputs_at
 from streamproc.domain.customer import CustomerState
 from streamproc.domain.features import clv, features, retention_per_period
+from streamproc.domain.rfm import rfm_scores
 from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 
@@ -50,5 +52,7 @@ async def lookup(
         "last_alert_ts": model.get("last_alert_ts"), "open_alert": (model.get("open") or [None])[0],
         "pending_snapshots": len(state.pending),
     }
+    now = inputs_at(state, as_of + 1, exact=True)
+    out["rfm"] = None if now is None else rfm_scores(summary.get("rfm", {}).get("edge_buckets"), now)
     out["last_recommendation"] = model.get("rec")  # {id, ts, trigger, items}: the full record is on its topic
     return out

@@ -19,6 +19,7 @@ from streamproc.contracts.outputs import (
     Recommendation,
     RecommendationTrigger,
     RecommendedItem,
+    RfmScores,
     RiskLevel,
     SegmentExample,
     SegmentMove,
@@ -47,6 +48,7 @@ from streamproc.domain.churn_scorers import SCORERS
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Trigger
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.recommend import CustomerView, recommend
+from streamproc.domain.rfm import rfm_scores
 from streamproc.metrics import Metrics
 from streamproc.pipeline.alert_queue import queued_alert, queued_cleared
 from streamproc.pipeline.records import BatchResult
@@ -99,7 +101,10 @@ class ModelStep:
             state.pending.append(point)
             mstate.scored_at[str(point)] = [None if p is None else round(p, 4), version,
                                             *([round(scores[k], 4) for k in SCORERS] if scores else [])]
-            out.examples.append(SegmentExample(id=f"{digest}:{point}", ts=point, x=segment_inputs(values, state)))
+            rfm = ([round(values["recency_days"], 4), values["purchases"], round(values["monetary_total"], 2)]
+                   if values["purchases"] >= 1 else None)
+            out.examples.append(SegmentExample(id=f"{digest}:{point}", ts=point, x=segment_inputs(values, state),
+                                               rfm=rfm))
             if p is not None:
                 served[point] = (p, values)
         self._alert_grid(cid, state, step, watermark, served, out)
@@ -210,7 +215,8 @@ class ModelStep:
             risk_level=cast("RiskLevel", level),
             segment=names.get(mstate.segment) if mstate.segment is not None else None,
             value_tier=cast("ValueTier", profile.value_tier), clv=profile.clv, value_at_risk=profile.value_at_risk,
-            lifecycle_stage=profile.lifecycle_stage, model_version=bundle.version, scored_by=bundle.served_by,
+            lifecycle_stage=profile.lifecycle_stage, rfm=cast("RfmScores | None", rfm_scores(bundle.rfm.edges, values)),
+            model_version=bundle.version, scored_by=bundle.served_by,
             reasons=cast("list[Reason]", explain(values)),
             action=retention_action(profile.value_tier, level, self.action_table),
             recommended_items=win_back.items if win_back else [],

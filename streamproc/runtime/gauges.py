@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from streamproc.domain.rfm import SEGMENT_NAMES
 from streamproc.metrics import Metrics
 from streamproc.ports import FeatureStore
 
@@ -68,5 +69,9 @@ def report_model_summary(metrics: Metrics, summary: dict[str, Any]) -> None:
             metrics.rec_quality.labels(metric, "streamproc").set(summary[f"rec_{metric}"])
             metrics.rec_quality.labels(metric, "popularity").set(summary[f"rec_baseline_{metric}"])
         metrics.rec_purchases.set(summary.get("rec_purchases", 0))
+    rfm_segments = summary.get("rfm", {}).get("segments")
+    if rfm_segments:  # every name, 0 where none: a segment that empties shows as empty, not as its last count
+        for name in SEGMENT_NAMES:
+            metrics.rfm_segment_customers.labels(name).set(rfm_segments.get(name, 0))
     if summary.get("saved_at"):
         metrics.checkpoint_age.set(max(0.0, time.time() - summary["saved_at"]))

@@ -88,10 +88,12 @@ def format_alert(alert: dict) -> str:
         how = "bought again" if alert["cleared_by"] == "purchase" else "risk fell below the re-arm threshold"
         return f"[CLEARED ] {alert['customer_id']}  {how} after {alert['days']} days  (alert {alert['alert_id']})"
     reasons = "; ".join(r.get("text") or f"{r['feature']}={r['value']}" for r in alert.get("reasons", []))
+    rfm = alert.get("rfm")
+    rfm_text = f"rfm={rfm['r']}{rfm['f']}{rfm['m']} {rfm['segment']}  " if rfm else ""
     return (f"[{alert['risk_level'].upper():<8}] {alert['customer_id']}  p={alert['probability']:.2f}  "
             f"value at risk={alert.get('value_at_risk')}  clv={alert.get('clv')}  tier={alert['value_tier']}  "
-            f"segment={alert.get('segment') or '-'}  stage={alert.get('lifecycle_stage')}  → {alert['action']}  "
-            f"(why: {reasons})")
+            f"segment={alert.get('segment') or '-'}  stage={alert.get('lifecycle_stage')}  {rfm_text}"
+            f"→ {alert['action']}  (why: {reasons})")
 
 
 def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_json: bool,

@@ -30,6 +30,8 @@ def learn(bundle: ModelBundle, example: Example) -> None:
         bundle.learn_basket(example.ts, example.items, example.segment, example.rec, example.amount)
     else:
         bundle.learn_segment(example.x)
+        if example.rfm is not None:
+            bundle.rfm.learn(example.ts, *example.rfm)
     bundle.event_time = max(bundle.event_time, int(example.ts))
 
 

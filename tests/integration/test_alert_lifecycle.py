@@ -1,9 +1,11 @@
 """Alerts a retention team can act on, on the real broker and Redis: a daily budget per value tier that holds on the
 topic (what is over it is counted), cleared records that follow the alerts they clear with the days it took, checked
-against the events that were sent, and reasons in words."""
+against the events that were sent, reasons in words, and RFM scores and segments (in the alerts and the lookup)."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections import Counter, defaultdict
 
 import orjson
@@ -11,6 +13,7 @@ import orjson
 from streamproc.contracts.outputs import AlertRecord, validate
 from streamproc.domain.alerts import share_of_budget
 from streamproc.domain.customer import DAY_MS
+from streamproc.domain.rfm import segment_of
 from streamproc.settings import Settings
 from streamproc.tools.tail import read_topic
 from streamproc.topics import load_specs
@@ -56,8 +59,18 @@ def test_the_daily_budget_holds_per_tier_and_cleared_records_follow_their_alerts
     over = sum(v for k, v in metrics.items() if k.startswith("streamproc_churn_alerts_over_budget_total"))
     assert over > 0, "the budget never bound: the test would not see a broken one"
 
-    # each alert: priority = p × CLV, reasons in words with the coded input beside
+    # the worker's lookup: RFM scores against the checkpoint's quintiles, the CLV with the churn risk
+    some = alerts[0].customer_id
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/customers/{some}") as resp:
+        shown = json.loads(resp.read())
+    assert shown["rfm"] and shown["rfm"]["segment"] == segment_of(shown["rfm"]["r"], shown["rfm"]["f"]), shown["rfm"]
+    assert shown["churn"]["value_at_risk"] is not None
+
+    # each alert: priority = p × CLV, reasons in words with the coded input beside, RFM scores and segment (in a
+    # transactions-only shop every alerted customer has bought)
     for a in alerts:
+        assert a.rfm is not None and all(1 <= a.rfm[k] <= 5 for k in "rfm"), a.rfm
+        assert a.rfm["segment"] == segment_of(a.rfm["r"], a.rfm["f"])
         assert abs(a.value_at_risk - a.probability * a.clv) <= 0.01 + 1e-4 * a.clv, a  # p is rounded to 4 places
         assert a.reasons and all(r["text"] and r["feature"] for r in a.reasons), a.reasons
         assert "=" not in a.reasons[0]["text"]  # words, not "log_tenure_days=2.01"

@@ -18,6 +18,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from streamproc.adapters.feature_rows import read_features
+from streamproc.contracts.outputs import OUTPUT_SCHEMA_VERSION
 from streamproc.runtime.app import FATAL_EXIT_CODE
 from streamproc.tools.demo import metric_total
 from streamproc.tools.simulate import SimulationConfig, Simulator
@@ -201,6 +202,6 @@ def test_every_output_record_of_a_run_honours_its_published_schema(topics, worke
         for record in records:
             errors = [e.message for e in validator.iter_errors(record)]
             assert not errors, (name, errors[:3], str(record)[:300])
-            assert record["schema_version"] == 1
+            assert record["schema_version"] == OUTPUT_SCHEMA_VERSION
     assert all(seen[name] > 0 for name in ("churn-alerts", "recommendations", "streamproc-training",
                                            "streamproc-dlq")), seen
