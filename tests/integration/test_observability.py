@@ -307,7 +307,14 @@ def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, model_
             assert prometheus.query(selector)["data"]["result"], f"{rule['name']}: no series for {selector}"
 
     # Prometheus saw what the worker counted
-    scraped = prometheus.query("sum(streamproc_events_processed_total)")["data"]["result"]
-    assert float(scraped[0]["value"][1]) == processed_total(worker.metrics()) >= sent
+    # (the worker has processed everything, so its count stands still: Prometheus has it after its next scrape)
+    counted = processed_total(worker.metrics())
+    deadline = time.monotonic() + 10
+    while True:
+        scraped = prometheus.query("sum(streamproc_events_processed_total)")["data"]["result"]
+        if (scraped and float(scraped[0]["value"][1]) == counted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert float(scraped[0]["value"][1]) == counted >= sent
     late = prometheus.query('sum(streamproc_late_events_total{policy="apply"})')["data"]["result"]
     assert float(late[0]["value"][1]) >= 1
