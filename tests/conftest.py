@@ -273,7 +273,12 @@ class WorkerProcess:
             if processed_total(last) >= count:
                 return last
             time.sleep(0.2)
-        raise AssertionError(f"processed {processed_total(last)} of {count} in {timeout}s\n{self.log_tail()}")
+        # what the worker said, to tell a worker that consumed nothing from one whose endpoint did not answer
+        consumed = {k: v for k, v in last.items() if k.startswith(("streamproc_events_consumed_total",
+                                                                   "streamproc_consumer_lag{"))}
+        raise AssertionError(f"processed {processed_total(last)} of {count} in {timeout}s (metrics endpoint "
+                             f"{'answered' if last else 'did not answer'}; consumed and lag: {consumed})\n"
+                             f"{self.log_tail()}")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
