@@ -5,6 +5,7 @@ recommendation that was made before it in event time."""
 from __future__ import annotations
 
 import hashlib
+import time
 
 import orjson
 import pytest
@@ -19,12 +20,16 @@ pytestmark = pytest.mark.integration
 
 def produce_transactions_first(settings, payloads) -> None:
     """The worst skew a backlog can have: every transaction on the broker before any click, each record stamped
-    with its event time."""
+    in event-time order. The stamps are the event times moved to end now and compressed 1,000 times: stamped with
+    the simulator's own dates (months ago), the broker's retention check (every minute, topics keep 7 and 30 days)
+    deleted the records before the worker read them whenever it ran between the produce and the first fetch."""
+    times = [orjson.loads(value)["ts"] for _, _, value in payloads]
+    newest, now = max(times), int(time.time() * 1000)
     producer = EventProducer(settings)
     for wanted in ("transactions", "clicks"):
-        for topic, key, value in payloads:
+        for (topic, key, value), ts in zip(payloads, times, strict=True):
             if topic == wanted:
-                producer.send(topic, key, value, timestamp_ms=orjson.loads(value)["ts"])
+                producer.send(topic, key, value, timestamp_ms=now - (newest - ts) // 1000)
     producer.close()
 
 
