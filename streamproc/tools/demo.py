@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -28,7 +29,9 @@ def scrape(port: int) -> dict[str, float]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
             text = resp.read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # HTTPException: polling a port nobody listens on yet can connect the socket to itself (TCP self-connect,
+        # the source port picked equal to the port asked), and the "response" is the request
         return {}
     out: dict[str, float] = {}
     for line in text.splitlines():

@@ -10,7 +10,7 @@ import pytest
 from streamproc.tools.demo import metric_total as total
 from streamproc.tools.demo import processed_total
 from streamproc.tools.simulate import SimulationConfig, Simulator
-from tests.conftest import produce
+from tests.conftest import free_port, produce
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ def test_two_workers_share_one_model(topics, worker_factory):
     settings = topics
     payloads = list(Simulator(SimulationConfig(customers=150, days=120, seed=13)).payloads())
     a = worker_factory(settings, "a").start()
-    b_settings = settings.model_copy(update={"web_port": settings.web_port + 1})
+    b_settings = settings.model_copy(update={"web_port": free_port()})
     b = worker_factory(b_settings, "b").start()
     a.wait_ready()
     b.wait_ready()
