@@ -139,20 +139,19 @@ class ModelStep:
         for point in alert_instants(start, watermark, cfg):
             if point <= state.first_event_ts:
                 continue
-            found = served.get(point)
+            found = served.get(point)  # a snapshot instant: live by the same rule
+            # not live (the snapshots' rule): leaves no trace, so alert_to does not depend on how far, or how
+            # often, the customer was visited past their silence cut-off
+            if found is None and point // DAY_MS - last_days_before(state, point)[1] > silent_days:
+                continue
+            mstate.alert_to = point
             if found is None:
-                # not live (the snapshots' rule): leaves no trace, so alert_to does not depend on how far, or how
-                # often, the customer was visited past their silence cut-off
-                if point // DAY_MS - last_days_before(state, point)[1] > silent_days:
-                    continue
-                mstate.alert_to = point
                 if bundle is None or not bundle.churn_examples:
                     continue
                 values = inputs_at(state, point)
                 if values is None:
                     continue
                 found = (bundle.churn_probability(churn_inputs(values)), values)
-            mstate.alert_to = point
             p, values = found
             open_id = mstate.open_alert[0] if mstate.open_alert else None
             cleared = clearing(state, mstate, p, point, cfg)
