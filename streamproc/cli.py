@@ -11,6 +11,8 @@ from pathlib import Path
 
 from streamproc.schemas import stale_schemas, write_schemas
 from streamproc.settings import settings_from_env
+from streamproc.tools.btyd_sim import BtydSimulation
+from streamproc.tools.btyd_sim import write_csv as write_btyd_csv
 from streamproc.tools.demo import run_demo
 from streamproc.tools.infra import Infra, InfraError
 from streamproc.tools.replay import run_replay
@@ -89,6 +91,16 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.btyd:
+        if not args.to_file:
+            print("error: --btyd writes a CSV: give --to-file FILE.csv", file=sys.stderr)
+            return 2
+        btyd = BtydSimulation(customers=args.customers, days=args.days, seed=args.seed, start=args.start)
+        rows = write_btyd_csv(btyd, Path(args.to_file))
+        truth = btyd.truth
+        print(f"wrote {rows} transactions of {args.customers} customers to {args.to_file} (BG/NBD truth: r={truth.r} "
+              f"alpha={truth.alpha} a={truth.a} b={truth.b})", file=sys.stderr)
+        return 0
     cfg = SimulationConfig(
         customers=args.customers, days=args.days, seed=args.seed, bad_fraction=args.bad_fraction,
         duplicate_fraction=args.duplicate_fraction, start=args.start,
@@ -172,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", default="2026-01-01T00:00:00+00:00", help="event time of day 0")
     p.add_argument("--out", default="runs/latest", help="folder for the ground truth")
     p.add_argument("--to-file", default=None, help="write JSON lines here instead of producing to Kafka")
+    p.add_argument("--btyd", action="store_true", help="a transactions-only history from BG/NBD's generative "
+                                                       "process (streamproc/tools/btyd_sim.py), as a CSV to --to-file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_simulate)
 
@@ -188,6 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="runs/latest", help="the simulation's output folder (ground truth)")
     p.add_argument("--out", default=None, help="write the scores as JSON here")
     p.set_defaults(func=service("cmd_evaluate"))
+
+    p = sub.add_parser("backtest", help="replay a transaction history's calibration period through the pipeline "
+                                        "and judge the churn scores on its holdout period")
+    p.add_argument("file", help="a CSV of transactions, one row per order (or order line, with --order)")
+    p.add_argument("--customer", required=True, metavar="COL", help="the customer id column")
+    p.add_argument("--date", required=True, metavar="COL", help="the date or time column")
+    p.add_argument("--amount", required=True, metavar="COL", help="the order total column (negative: a refund)")
+    p.add_argument("--order", default=None, metavar="COL", help="the order id column: its rows are one transaction")
+    p.add_argument("--date-format", default=None, help="strptime format of --date (default: ISO 8601, YYYYMMDD or "
+                                                       "epoch ms; UTC without an offset)")
+    p.add_argument("--calibration-end", required=True, metavar="DATE", help="replayed: everything before this")
+    p.add_argument("--holdout-end", required=True, metavar="DATE", help="judged: purchases from the calibration "
+                                                                        "end to before this")
+    p.add_argument("--horizon-days", type=int, default=None, help="the churn horizon (default: the setting)")
+    p.add_argument("--redis-db", type=int, default=14, help="an empty Redis database of the backtest's own")
+    p.add_argument("--flush", action="store_true", help="empty --redis-db first if it holds data")
+    p.add_argument("--keep", action="store_true", help="keep the backtest's topics (deleted by default)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for processing and learning")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=service("cmd_backtest"))
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=1000)

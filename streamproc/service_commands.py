@@ -1,6 +1,6 @@
 """The commands that start a service or load the models (``worker``, ``trainer``, ``customer``, ``models``,
-``evaluate``): they import Faust and River, seconds of start-up, so ``streamproc.cli`` loads this module only
-when one of them runs."""
+``evaluate``, ``backtest``): they import Faust and River, seconds of start-up, so ``streamproc.cli`` loads this
+module only when one of them runs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.pipeline.lookup import lookup
 from streamproc.runtime.app import run_worker
 from streamproc.settings import Settings, settings_from_env
+from streamproc.tools.backtest import Columns, print_report, run_backtest
 from streamproc.tools.evaluate import run_evaluate
 from streamproc.tools.replay import timed_events
 from streamproc.training.offline import run_offline
@@ -184,4 +185,22 @@ def _print_rfm(summary: dict[str, Any]) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_evaluate(settings_from_env(), Path(args.run), Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    columns = Columns(args.customer, args.date, args.amount, args.order, args.date_format)
+    try:
+        report = run_backtest(settings_from_env(), Path(args.file), columns, args.calibration_end, args.holdout_end,
+                              horizon_days=args.horizon_days, redis_db=args.redis_db, flush=args.flush,
+                              keep=args.keep, timeout=args.timeout, quiet=args.json)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
     return 0

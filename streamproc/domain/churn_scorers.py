@@ -8,17 +8,26 @@
 * ``model``: the online classifier, given both baselines' scores as inputs (stacking), its probability calibrated
   (a logistic fit on its logit: Platt scaling, monotone, so the ranking is the classifier's).
 
-The served score is the candidate that ranked the customers of the latest snapshot instants best (the mean ROC AUC
-within each of them), once each has ``min_labels`` (before that: ``bgnbd`` once fitted, else ``recency``), so what
-is served is never worse than its baselines by more than the noise of those instants. Not the AUC pooled over a
-window of labels: pooled, a score also gets credit for telling one period's churn rate from another's, and on a
-BG/NBD history the online classifier led that way while ranking the customers of one moment worse than BG/NBD
-(``bench/churn_quality.py``). Everything here is learnt by the single trainer, in the order of
-the training topic: a function of the examples alone.
+The served score is the candidate that ranked the customers of the latest complete snapshot instants best (the
+mean exact ROC AUC within each of them, on a sample of up to ``SAMPLED_PER_INSTANT`` customers per instant, chosen
+by a hash of the customer), so what is served is never worse than its baselines by more than the noise of those
+instants. Before any instant is complete: ``bgnbd`` once fitted, else ``recency``. Not the AUC pooled over a window
+of labels: pooled, a score also gets credit for telling one period's churn rate from another's, and on a BG/NBD
+history the online classifier led that way while ranking the customers of one moment worse than BG/NBD
+(``bench/churn_quality.py``).
+
+Each candidate is judged on an instant's labels by what it knew at that instant: the trainer freezes a copy of the
+candidates when the first label of an instant arrives (``ModelBundle.judge_for``), and scores every label of the
+instant with it. Not the scores a worker computed at snapshot time: which checkpoint a worker had then depends on
+how far it ran ahead of the trainer (a backlog is snapshotted long before any model exists), so the choice would
+depend on timing, not on the examples. Everything here is learnt by the single trainer, in the order of the
+training topic: a function of the examples alone.
 """
 
 from __future__ import annotations
 
+import copy
+import heapq
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -30,7 +39,11 @@ from streamproc.domain import btyd
 
 SCORERS = ("model", "bgnbd", "recency")
 RELIABILITY_BINS = 10
-INSTANTS_KEPT = 5  # snapshot instants whose within-instant ROC AUC is kept (the newest may still be filling)
+INSTANTS_CHOSEN_ON = 5  # the latest complete instants the served score is chosen on
+SAMPLED_PER_INSTANT = 1000  # customers per instant whose labels and scores are kept to rank exactly
+MIN_PER_CLASS = 20  # an instant counts once its sample has this many labels of each class
+CHOOSE_EVERY = 500  # labels between two choices (late labels still land in their instant's sample)
+DAY_MS = 86_400_000
 _EPS = 1e-6
 LOGIT_BOUND = 6.0  # a baseline's score as a classifier input: p in [0.0025, 0.9975]
 
@@ -56,25 +69,15 @@ class Quality:
     rolling_auc: Any = None
     brier_sum: float = 0.0
     n: int = 0
-    # the ROC AUC within each of the latest snapshot instants: how well the score ranks the customers of one
-    # moment, which is what a retention team acts on (pooled over instants, a score also gets credit for telling
-    # one period's churn rate from another's)
-    instants: dict[int, Any] = field(default_factory=dict)
     reliability: list[list[float]] = field(default_factory=lambda: [[0, 0.0, 0] for _ in range(RELIABILITY_BINS)])
 
     def __post_init__(self) -> None:
         if self.rolling_auc is None:  # River's constructors are unannotated
             self.rolling_auc = utils.Rolling(metrics.ROCAUC(), window_size=self.window)  # type: ignore[no-untyped-call]
 
-    def update(self, label: int, p: float, instant: int = 0) -> None:
+    def update(self, label: int, p: float) -> None:
         y = bool(label)
         p = min(max(p, _EPS), 1 - _EPS)
-        within = self.instants.get(instant)
-        if within is None:
-            within = self.instants[instant] = metrics.ROCAUC()  # type: ignore[no-untyped-call]
-            for old in sorted(self.instants)[:-INSTANTS_KEPT]:
-                del self.instants[old]
-        within.update(y, p)
         self.auc.update(y, p)
         self.rolling_auc.update(y, p)
         self.logloss.update(y, p)
@@ -85,15 +88,8 @@ class Quality:
         row[1] += p
         row[2] += label
 
-    def instant_auc(self) -> float:
-        """The mean ROC AUC within the latest complete snapshot instants (the newest may still be filling)."""
-        done = sorted(self.instants)[:-1]
-        aucs = [self.instants[t].get() for t in done]
-        return sum(aucs) / len(aucs) if aucs else 0.0
-
     def summary(self) -> dict[str, Any]:
-        return {"roc_auc": self.auc.get(), "rolling_roc_auc": self.rolling_auc.get(),
-                "instant_roc_auc": self.instant_auc(), "log_loss": self.logloss.get(),
+        return {"roc_auc": self.auc.get(), "rolling_roc_auc": self.rolling_auc.get(), "log_loss": self.logloss.get(),
                 "brier": self.brier_sum / self.n if self.n else 0.0, "labels": self.n}
 
     def reliability_table(self) -> list[dict[str, Any]]:
@@ -104,6 +100,59 @@ class Quality:
                 out.append({"bin": f"{i / RELIABILITY_BINS:.1f}-{(i + 1) / RELIABILITY_BINS:.1f}", "n": int(n),
                             "mean_predicted": round(sum_p / n, 4), "observed": round(sum_y / n, 4)})
         return out
+
+
+def exact_roc_auc(labels: list[int], scores: list[float]) -> float:
+    """The ROC AUC of ``scores`` for ``labels`` (Mann-Whitney, ties count half); NaN with one class. River's
+    ``ROCAUC`` counts on 10 fixed thresholds: too coarse to tell two good scores apart."""
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if not positives or not negatives:
+        return float("nan")
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    rank_sum = 0.0
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        rank_sum += sum(labels[order[k]] for k in range(i, j + 1)) * ((i + j) / 2 + 1)
+        i = j + 1
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+@dataclass
+class InstantSample:
+    """The labels of one snapshot instant and every candidate's score on them, for up to ``size`` customers: those
+    of the smallest hash, so the sample does not depend on the order the labels came in."""
+
+    size: int = SAMPLED_PER_INSTANT
+    rows: dict[str, tuple[int, int, tuple[float, ...]]] = field(default_factory=dict)  # digest -> (rank, label, p)
+    heap: list[tuple[int, str]] = field(default_factory=list)  # (-rank, digest): the largest rank on top
+
+    def add(self, digest: str, label: int, scores: tuple[float, ...]) -> None:
+        rank = zlib.crc32(digest.encode())
+        if digest in self.rows:
+            self.rows[digest] = (self.rows[digest][0], label, scores)
+            return
+        if len(self.rows) >= self.size:
+            top_rank, top = -self.heap[0][0], self.heap[0][1]
+            if (rank, digest) >= (top_rank, top):
+                return
+            heapq.heappop(self.heap)
+            del self.rows[top]
+        self.rows[digest] = (rank, label, scores)
+        heapq.heappush(self.heap, (-rank, digest))
+
+    def counts(self) -> tuple[int, int]:
+        positives = sum(row[1] for row in self.rows.values())
+        return len(self.rows) - positives, positives
+
+    def aucs(self) -> list[float]:
+        """Each candidate's exact ROC AUC on the sample (in ``SCORERS`` order)."""
+        ordered = [self.rows[d] for d in sorted(self.rows)]
+        labels = [row[1] for row in ordered]
+        return [exact_roc_auc(labels, [row[2][i] for row in ordered]) for i in range(len(SCORERS))]
 
 
 @dataclass
@@ -123,6 +172,12 @@ class ChurnScorers:
     platt: Any = field(default_factory=_calibrator)
     quality: dict[str, Quality] = field(default_factory=dict)
     served_by: str = "recency"
+    samples: dict[int, InstantSample] = field(default_factory=dict)  # snapshot instant -> its ranking sample
+    newest_instant: int = 0
+    since_choice: int = 0
+    chosen_at: int = 0  # the newest instant when the last choice was made
+    chosen_on: list[int] = field(default_factory=list)  # the instants of the last choice
+    chosen_auc: dict[str, float] = field(default_factory=dict)  # each candidate's mean within-instant AUC on them
 
     def __post_init__(self) -> None:
         for name in SCORERS:
@@ -155,18 +210,29 @@ class ChurnScorers:
     def candidates(self, x: dict[str, float], raw: float) -> dict[str, float]:
         return {"model": self.calibrated(raw), "bgnbd": self.bgnbd_p(x), "recency": self.recency_p(x)}
 
+    def frozen(self) -> ChurnScorers:
+        """A copy that scores as these do now and learns nothing: the judge of an instant's labels."""
+        return ChurnScorers(self.horizon_days, self.window, bgnbd=self.bgnbd, recency=copy.deepcopy(self.recency),
+                            platt=copy.deepcopy(self.platt), served_by=self.served_by)
+
+    def complete(self, instant: int) -> bool:
+        """Every label of ``instant`` has matured once a label of a snapshot more than a horizon later came (the
+        1s come a horizon after the snapshot; the 0s before). Labels a lagging sweep sends later still land in the
+        instant's sample, and the choice is made again every ``CHOOSE_EVERY`` labels."""
+        return instant + self.horizon_days * DAY_MS < self.newest_instant
+
     # ------------------------------------------------------------------ learning (the trainer only)
     def learn(self, digest: str, x: dict[str, float], label: int, raw: float, instant: int = 0,
-              at_snapshot: dict[str, float] | None = None) -> None:
+              judged: dict[str, float] | None = None) -> None:
         """One matured label of snapshot ``instant``: score every candidate on it, then learn from it, then choose
-        what to serve. Each candidate is judged by the score a worker computed at snapshot time (``at_snapshot``),
-        never by what it says now: labels arrive in an order that tells them apart (a customer who buys again
-        labels a snapshot 0 at once, the 1s come when the horizon has passed), and a score adapting online as they
-        come would be judged on that order rather than on what it knew at the snapshot."""
-        if at_snapshot:
+        what to serve. Each candidate is judged by what it said as of the instant (``judged``: the frozen copy's
+        scores), never by what it says now: labels arrive in an order that tells them apart (a customer who buys
+        again labels a snapshot 0 at once, the 1s come when the horizon has passed), and a score adapting online as
+        they come would be judged on that order rather than on what it knew at the snapshot."""
+        if judged:
             for name in SCORERS:
-                if name in at_snapshot:
-                    self.quality[name].update(label, at_snapshot[name], instant)
+                self.quality[name].update(label, judged[name])
+            self._sample(digest, label, instant, tuple(judged[name] for name in SCORERS))
         y = bool(label)
         self.recency.learn_one({"log_recency_days": x.get("log_recency_days", 0.0)}, y)
         self.platt.learn_one({"raw_logit": logit(raw)}, y)
@@ -204,19 +270,49 @@ class ChurnScorers:
                               start=self.bgnbd)
         self.bgnbd_fits += 1
 
+    def _sample(self, digest: str, label: int, instant: int, scores: tuple[float, ...]) -> None:
+        newer = instant > self.newest_instant
+        self.newest_instant = max(self.newest_instant, instant)
+        sample = self.samples.get(instant)
+        if sample is None:
+            if self._dropped(instant):
+                return  # older than every instant still needed: learnt, not sampled
+            sample = self.samples[instant] = InstantSample()
+        sample.add(digest, label, scores)
+        if newer:  # the instants no choice needs any more: older than the latest complete ones chosen on
+            for old in [t for t in self.samples if self._dropped(t)]:
+                del self.samples[old]
+
+    def _dropped(self, instant: int) -> bool:
+        complete = sorted((t for t in self.samples if self.complete(t)), reverse=True)
+        return len(complete) > INSTANTS_CHOSEN_ON and instant < complete[INSTANTS_CHOSEN_ON - 1]
+
     def _choose(self) -> None:
-        ready = [name for name in SCORERS if self.quality[name].n >= self.min_labels]
-        if not ready:
+        """Again when a newer instant came (another may be complete now), and every ``CHOOSE_EVERY`` labels."""
+        self.since_choice += 1
+        if self.chosen_on and self.since_choice < CHOOSE_EVERY and self.newest_instant == self.chosen_at:
+            return
+        self.chosen_at = self.newest_instant
+        self.since_choice = 0
+        counted = [t for t in sorted(self.samples, reverse=True)
+                   if self.complete(t) and min(self.samples[t].counts()) >= MIN_PER_CLASS][:INSTANTS_CHOSEN_ON]
+        if not counted:
             self.served_by = "bgnbd" if self.bgnbd_fits else "recency"
             return
-        # the best ranking within the latest snapshot instants; ties go to the simpler scorer (SCORERS lists the
-        # model first)
-        self.served_by = max(reversed(ready), key=lambda name: self.quality[name].instant_auc())
+        per_instant = [self.samples[t].aucs() for t in counted]
+        self.chosen_on = counted
+        self.chosen_auc = {name: sum(a[i] for a in per_instant) / len(per_instant) for i, name in enumerate(SCORERS)}
+        # ties go to the simpler scorer (SCORERS lists the model first)
+        self.served_by = max(reversed(SCORERS), key=self.chosen_auc.__getitem__)
 
     def summary(self) -> dict[str, Any]:
         return {
             "served_by": self.served_by,
-            "scorers": {name: self.quality[name].summary() for name in SCORERS},
+            # instant_roc_auc: the exact mean ROC AUC within the instants the choice was made on, what a retention
+            # team acts on (how well the score ranks the customers of one moment)
+            "scorers": {name: {**self.quality[name].summary(), "instant_roc_auc": self.chosen_auc.get(name, 0.0)}
+                        for name in SCORERS},
+            "chosen_on_instants": list(self.chosen_on),
             "bgnbd": {"r": self.bgnbd.r, "alpha": self.bgnbd.alpha, "a": self.bgnbd.a, "b": self.bgnbd.b,
                       "fits": self.bgnbd_fits, "sample": len(self.sample)},
             "reliability": {name: self.quality[name].reliability_table() for name in SCORERS},

@@ -6,6 +6,7 @@ with the newest checkpoint of it. Nothing here touches Redis, Kafka or the clock
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 from collections.abc import Hashable, Sequence
@@ -160,6 +161,25 @@ class Prequential:
         }
 
 
+def raw_churn_probability(classifier: Any, stacked: dict[str, float], trained: bool) -> float:
+    """The classifier's own probability (trained with balanced class weights: it ranks, it is not calibrated)."""
+    if not trained:
+        return 0.5
+    return float(classifier.predict_proba_one(stacked).get(True, 0.0))
+
+
+@dataclass
+class ChurnJudge:
+    """The churn candidates frozen as of a snapshot instant (``ModelBundle.judge_for``): they score, never learn."""
+
+    scorers: ChurnScorers
+    classifier: Any
+    trained: bool
+
+    def candidate_scores(self, x: dict[str, float]) -> dict[str, float]:
+        return self.scorers.candidates(x, raw_churn_probability(self.classifier, self.scorers.stacked(x), self.trained))
+
+
 @dataclass
 class ModelBundle:
     cfg: ModelConfig
@@ -180,6 +200,8 @@ class ModelBundle:
     segment_spend: dict[int, float] = field(default_factory=dict)  # segment -> decayed spend of its baskets
     scorers: ChurnScorers | None = None  # the churn baselines, the calibration, and which score is served
     rfm: RfmPopulation = field(default_factory=RfmPopulation)  # the live buyers' RFM quintiles
+    # snapshot instant -> the churn candidates as they were when its first label came (``judge_for``)
+    judges: dict[int, ChurnJudge] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scorers is None:
@@ -218,10 +240,10 @@ class ModelBundle:
             self.segment_mix[seg] = self.segment_mix.get(seg, 0.0) + 1 / 5000
 
     def learn_churn(self, x: dict[str, float], label: int, p_at_snapshot: float | None, customer: str = "",
-                    instant: int = 0, scores_at_snapshot: dict[str, float] | None = None) -> bool:
-        """Learn one matured example (``customer``: its customer digest, ``instant``: its snapshot's,
-        ``scores_at_snapshot``: every candidate's score then); score the prediction served at snapshot
-        time first, and every candidate score (``ChurnScorers``). True on drift."""
+                    instant: int = 0) -> bool:
+        """Learn one matured example (``customer``: its customer digest, ``instant``: its snapshot's); score the
+        prediction served at snapshot time first, and every candidate score as of the instant (``judge_for``).
+        True on drift."""
         assert self.prequential is not None and self.scorers is not None
         scorers = self.scorers
         stacked = scorers.stacked(x)
@@ -231,7 +253,7 @@ class ModelBundle:
         self.drift_detector.update(abs(label - p_now))
         drifted = bool(self.drift_detector.drift_detected)
         self.drift_detections += int(drifted)
-        scorers.learn(customer, x, label, raw, instant, scores_at_snapshot)
+        scorers.learn(customer, x, label, raw, instant, self.judge_for(instant).candidate_scores(x))
         self.class_counts[label] += 1
         total = sum(self.class_counts)
         weight = total / (2 * self.class_counts[label])  # balanced class weights, as counted so far
@@ -295,11 +317,21 @@ class ModelBundle:
         assert self.scorers is not None
         return self.scorers.candidates(x, self._raw_churn_probability(self.scorers.stacked(x)))
 
+    def judge_for(self, instant: int) -> ChurnJudge:
+        """The candidates as of snapshot ``instant``: a copy made when its first label came (every label of an instant
+        matures after it; labels that matured before it were learnt from), kept while the scorers still sample the
+        instant. What judges an instant's labels, whatever the order they come in."""
+        judge = self.judges.get(instant)
+        if judge is None:
+            assert self.scorers is not None
+            judge = ChurnJudge(self.scorers.frozen(), copy.deepcopy(self.classifier), self.churn_examples > 0)
+            self.judges[instant] = judge
+            for old in [t for t in self.judges if t < instant and t not in self.scorers.samples]:
+                del self.judges[old]
+        return judge
+
     def _raw_churn_probability(self, stacked: dict[str, float]) -> float:
-        """The classifier's own probability (trained with balanced class weights: it ranks, it is not calibrated)."""
-        if self.churn_examples == 0:
-            return 0.5
-        return float(self.classifier.predict_proba_one(stacked).get(True, 0.0))
+        return raw_churn_probability(self.classifier, stacked, self.churn_examples > 0)
 
     def contributions(self, x: dict[str, float]) -> dict[str, float]:
         """Per feature: how much it pushed the score up. Linear model: weight × scaled value; otherwise the
@@ -378,6 +410,8 @@ class ModelBundle:
             last[0].__class__ = SeededKMeans
         if "rfm" not in bundle.__dict__:  # a checkpoint from before RFM scores
             bundle.rfm = RfmPopulation()
+        if "judges" not in bundle.__dict__:  # a checkpoint from before candidates were judged as of their instant
+            bundle.judges = {}
         if "scorers" not in bundle.__dict__:  # a checkpoint from before the churn baselines
             bundle.cfg = upgraded_config(bundle.cfg)
             bundle.scorers = ChurnScorers(bundle.cfg.horizon_days, bundle.cfg.rolling_window)

@@ -132,11 +132,19 @@ class RfmPopulation:
     edges_at: int = 0  # the snapshot instant the edges are the quintiles of
     buyers: int = 0  # how many buyers that instant had
     segment_counts: dict[str, int] = field(default_factory=dict)
+    # the published instant's sketches and tally, still growing: a sweep that lags behind the events (a backlog)
+    # sends an instant's silent buyers after later instants have started, so "two later instants started" does
+    # not mean complete. Its late buyers refresh the edges (when the population grew by 1 %)
+    published: dict[str, QuantileSketch] | None = None
+    published_tally: Counter[str] = field(default_factory=Counter)
 
     def learn(self, instant: int, recency_days: float, purchases: float, monetary: float) -> None:
         """One live buyer at a snapshot instant (``SegmentExample.rfm``)."""
-        if instant <= self.edges_at:
-            return  # an instant already published (or older): its population was complete without this one
+        if instant < self.edges_at:
+            return  # older than the published instant: no longer counted
+        if instant == self.edges_at:
+            self._late(recency_days, purchases, monetary)
+            return
         sketches = self.collecting.get(instant)
         if sketches is None:
             older = [t for t in self.collecting if t < instant]
@@ -149,14 +157,28 @@ class RfmPopulation:
         if self.edges is not None:
             self.segment_tally[instant][score(self.edges, recency_days, purchases, monetary).segment] += 1
 
+    def _late(self, recency_days: float, purchases: float, monetary: float) -> None:
+        if self.published is None:  # a checkpoint from before late buyers were counted
+            return
+        for name, value in zip(DIMENSIONS, (recency_days, purchases, monetary), strict=True):
+            self.published[name].add(value)
+        if self.edges is not None:
+            self.published_tally[score(self.edges, recency_days, purchases, monetary).segment] += 1
+        if self.published["recency"].n >= 1.01 * self.buyers + 1:
+            self._set_edges()
+
+    def _set_edges(self) -> None:
+        assert self.published is not None
+        self.edges = {name: sketch.quantile_buckets(QUINTILES) for name, sketch in self.published.items()}
+        self.buyers = self.published["recency"].n
+        if self.published_tally:
+            self.segment_counts = dict(self.published_tally)
+
     def _publish(self, instant: int) -> None:
-        sketches = self.collecting.pop(instant)
-        tally = self.segment_tally.pop(instant)
-        self.edges = {name: sketch.quantile_buckets(QUINTILES) for name, sketch in sketches.items()}
+        self.published = self.collecting.pop(instant)
+        self.published_tally = self.segment_tally.pop(instant)
         self.edges_at = instant
-        self.buyers = sketches["recency"].n
-        if tally:
-            self.segment_counts = dict(tally)
+        self._set_edges()
         for older in [t for t in self.collecting if t <= instant]:
             del self.collecting[older]
             self.segment_tally.pop(older, None)

@@ -10,10 +10,12 @@ leaving after each repeat purchase: a shop where "days since the last purchase" 
 
 from __future__ import annotations
 
+import csv
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 
@@ -83,3 +85,21 @@ def payloads(cfg: BtydSimulation, customers: list[BtydCustomer] | None = None,
                  "items": [{"product_id": f"p{rng.randrange(200):03d}", "category": f"c{rng.randrange(8)}",
                             "quantity": 1, "unit_price": amount}]}
         yield "transactions", cid.encode(), orjson.dumps(event)
+
+
+CSV_COLUMNS = ("customer_id", "ts", "order_id", "amount")
+
+
+def write_csv(cfg: BtydSimulation, path: Path, customers: list[BtydCustomer] | None = None) -> int:
+    """The history as a CSV of transactions (``streamproc backtest FILE --customer customer_id --date ts --amount
+    amount``), times in RFC 3339 UTC; returns the rows written."""
+    rows = 0
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_COLUMNS)
+        for _, _, value in payloads(cfg, customers):
+            event = orjson.loads(value)
+            when = datetime.fromtimestamp(event["ts"] / 1000, UTC).isoformat(timespec="milliseconds")
+            writer.writerow((event["customer_id"], when, event["order_id"], event["amount"]))
+            rows += 1
+    return rows

@@ -25,7 +25,7 @@ def learn(bundle: ModelBundle, example: Example) -> None:
     """One training example, as the trainer agent learns it."""
     if isinstance(example, ChurnExample):
         bundle.learn_churn(example.x, int(example.label), example.p, customer=example.id.partition(":")[0],
-                           instant=example.ts, scores_at_snapshot=example.scores)
+                           instant=example.ts)
     elif isinstance(example, BasketExample):
         bundle.learn_basket(example.ts, example.items, example.segment, example.rec, example.amount)
     else:

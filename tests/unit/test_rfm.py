@@ -99,20 +99,39 @@ def test_every_r_and_f_pair_has_exactly_one_segment_name():
                                   "Hibernating", "Lost"}
 
 
-def test_an_instant_is_published_once_two_later_ones_started_and_late_examples_of_it_are_ignored():
+def test_an_instant_is_published_once_two_later_ones_started_and_older_examples_are_ignored():
     rfm = RfmPopulation()
     rfm.learn(DAY * 7, 1.5, 1, 10.0)
     rfm.learn(DAY * 14, 2.5, 2, 20.0)
     assert rfm.edges is None  # a partition may still be a cadence behind
     rfm.learn(DAY * 21, 3.5, 3, 30.0)
     assert rfm.edges_at == DAY * 7 and rfm.buyers == 1
-    rfm.learn(DAY * 7, 100.5, 9, 999.0)  # late for a published instant: its population is not changed
-    assert rfm.buyers == 1 and set(rfm.collecting) == {DAY * 14, DAY * 21}
     rfm.learn(DAY * 28, 4.5, 4, 40.0)
     assert rfm.edges_at == DAY * 14
+    rfm.learn(DAY * 7, 100.5, 9, 999.0)  # older than the published instant: not counted anywhere
+    assert rfm.buyers == 1 and set(rfm.collecting) == {DAY * 21, DAY * 28}
     assert rfm.segment_counts == {}  # learned before any edges were published: nothing to score against
     rfm.learn(DAY * 35, 5.5, 5, 50.0)
     assert rfm.edges_at == DAY * 21 and sum(rfm.segment_counts.values()) == 1  # scored against instant 7's edges
+
+
+def test_a_lagging_sweep_s_late_buyers_of_the_published_instant_still_shape_its_quintiles():
+    """A backlog: the active buyers of later instants come first, the silent ones of an instant later. The
+    published edges end as the exact quintiles of the instant's whole population (within the sketch's tolerance)."""
+    buyers = population(5_000, 3)
+    rfm = RfmPopulation()
+    for instant in (7, 14, 21):
+        for b in buyers[:10]:  # the active few of each instant
+            rfm.learn(DAY * instant, *b)
+    assert rfm.edges_at == DAY * 7 and rfm.buyers == 10
+    for b in buyers[10:]:  # the sweep catches up on instant 7
+        rfm.learn(DAY * 7, *b)
+    assert rfm.buyers >= len(buyers) / 1.011
+    edges = rfm.edge_values()
+    for i, name in enumerate(("recency", "frequency", "monetary")):
+        want = exact_edges([b[i] for b in buyers])
+        got = edges[name]
+        assert got == pytest.approx(want, rel=0.01, abs=0.01), name
 
 
 def test_the_segment_counts_come_from_the_edges_in_force():
