@@ -363,6 +363,37 @@ def rfm_totals(split: Split, features: dict[str, dict[str, Any]], key_of: Callab
     }
 
 
+def _empty_db(settings: Settings, redis_db: int, flush: bool) -> None:
+    client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    try:
+        if client.dbsize() and not flush:
+            raise ValueError(f"Redis db {redis_db} holds data: choose an empty one (--redis-db) or pass --flush")
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def _replay(run: BacktestRun, transactions: list[dict[str, Any]], timeout: float,
+            quiet: bool) -> tuple[dict[str, float], float]:
+    """The transactions through a worker with its trainer, until all is processed, learnt and checkpointed; returns
+    the worker's last metrics and the seconds it took."""
+    report = apply_topics(run.settings)
+    if not report.ok:
+        raise RuntimeError("topics: " + "; ".join(report.mismatched))
+    procs = start_pipeline(run.env, run.log.parent)
+    started = time.monotonic()
+    try:
+        producer = EventProducer(run.settings)
+        for t in transactions:
+            producer.send("transactions", t["customer_id"].encode(), orjson.dumps(t))
+        producer.close()
+        metrics = _wait_until_learned(run, procs[0], len(transactions), timeout, quiet)
+    finally:
+        stop_pipeline(procs, 60)
+    elapsed = time.monotonic() - started
+    return metrics, elapsed
+
+
 def run_backtest(settings: Settings, path: Path, columns: Columns, calibration_end: str, holdout_end: str,
                  horizon_days: int | None = None, redis_db: int = 14, flush: bool = False, keep: bool = False,
                  timeout: float = 3600.0, quiet: bool = False,
@@ -376,30 +407,11 @@ def run_backtest(settings: Settings, path: Path, columns: Columns, calibration_e
     horizon = horizon_days or settings.churn_horizon_days
     span_days = math.ceil((cal_end - split.calibration[0]["ts"]) / DAY_MS)
     run = isolated(settings, redis_db, horizon, span_days, Path(settings.state_dir) / "backtest")
-    client = redis.Redis.from_url(run.settings.redis_url, **run.settings.redis_kwargs())
-    try:
-        if client.dbsize() and not flush:
-            raise ValueError(f"Redis db {redis_db} holds data: choose an empty one (--redis-db) or pass --flush")
-        client.flushdb()
-    finally:
-        client.close()
+    _empty_db(run.settings, redis_db, flush)
     _say(quiet, f"{len(split.calibration):,} calibration transactions of {len(split.calibration_buyers):,} "
                 f"customers ({history.rows:,} rows, skipped {dict(history.skipped) or 'none'}); topics "
                 f"{run.settings.topic_prefix}*, Redis db {redis_db}, churn horizon {horizon} days")
-    report = apply_topics(run.settings)
-    if not report.ok:
-        raise RuntimeError("topics: " + "; ".join(report.mismatched))
-    procs = start_pipeline(run.env, run.log.parent)
-    started = time.monotonic()
-    try:
-        producer = EventProducer(run.settings)
-        for t in split.calibration:
-            producer.send("transactions", t["customer_id"].encode(), orjson.dumps(t))
-        producer.close()
-        metrics = _wait_until_learned(run, procs[0], len(split.calibration), timeout, quiet)
-    finally:
-        stop_pipeline(procs, 60)
-    elapsed = time.monotonic() - started
+    metrics, elapsed = _replay(run, split.calibration, timeout, quiet)
     states, bundle, features = _load(run.settings)
     if not keep:
         delete_run_topics(run.settings)
@@ -422,7 +434,7 @@ def run_backtest(settings: Settings, path: Path, columns: Columns, calibration_e
         "prequential": summary.get("scorers"),
         "rfm_totals": rfm_totals(split, features, run.settings.customer_key),
         "rfm_segments": dict(Counter(s.rfm_segment for s in scored if s.rfm_segment).most_common()),
-        "topic_prefix": run.settings.topic_prefix if keep else None, "worker_log": str(run.log),
+        "topic_prefix": run.settings.topic_prefix, "topics_kept": keep, "worker_log": str(run.log),
     }
 
 
