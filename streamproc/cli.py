@@ -11,13 +11,14 @@ from pathlib import Path
 
 from streamproc.schemas import stale_schemas, write_schemas
 from streamproc.settings import settings_from_env
+from streamproc.tools.alerts import export_alerts, follow_alerts
 from streamproc.tools.btyd_sim import BtydSimulation
 from streamproc.tools.btyd_sim import write_csv as write_btyd_csv
 from streamproc.tools.demo import run_demo
 from streamproc.tools.infra import Infra, InfraError
 from streamproc.tools.replay import run_replay
 from streamproc.tools.simulate import SimulationConfig, run_simulation
-from streamproc.tools.tail import follow_alerts, tail_topic
+from streamproc.tools.tail import tail_topic
 from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
 
 # the one place the command line loads code late: these commands import Faust and River (seconds of start-up),
@@ -83,7 +84,14 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    return follow_alerts(settings_from_env(), args.risk, args.tier, args.json, args.timeout, args.max)
+    if args.action == "export":
+        if not (args.since and args.until):
+            print("error: export needs --since DATE and --until DATE", file=sys.stderr)
+            return 2
+        return export_alerts(settings_from_env(), args.since, args.until, args.format,
+                             Path(args.out) if args.out else None)
+    return follow_alerts(settings_from_env(), args.min_risk, args.tier, args.json, args.timeout, args.max,
+                         group=args.group, from_start=args.from_start)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
@@ -158,13 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=service("cmd_models"))
 
-    p = sub.add_parser("alerts", help="follow churn alerts: streamproc alerts tail [--risk high] [--tier high]")
-    p.add_argument("action", choices=["tail"])
-    p.add_argument("--risk", choices=["medium", "high", "critical"], default=None)
-    p.add_argument("--tier", choices=["low", "medium", "high"], default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--timeout", type=float, default=None, help="stop after this many idle seconds")
-    p.add_argument("--max", type=int, default=None)
+    p = sub.add_parser("alerts", help="follow churn alerts (tail: resumes where its consumer group left off) or "
+                                      "export a period's alerts for a campaign tool")
+    p.add_argument("action", choices=["tail", "export"])
+    p.add_argument("--min-risk", "--risk", dest="min_risk", choices=["medium", "high", "critical"], default=None,
+                   help="tail: this risk level and above")
+    p.add_argument("--tier", choices=["low", "medium", "high"], default=None, help="tail: this value tier and above")
+    p.add_argument("--json", action="store_true", help="tail: the full records as JSON lines")
+    p.add_argument("--timeout", type=float, default=None, help="tail: stop after this many idle seconds")
+    p.add_argument("--max", type=int, default=None, help="tail: stop after this many records")
+    p.add_argument("--group", default=None, help="tail: the consumer group (default: <app id>-alerts-tail)")
+    p.add_argument("--from-start", action="store_true", help="tail: replay the topic from its beginning")
+    p.add_argument("--since", default=None, metavar="DATE", help="export: alerts at or after this event time")
+    p.add_argument("--until", default=None, metavar="DATE", help="export: alerts before this event time")
+    p.add_argument("--format", choices=["csv", "jsonl"], default="csv", help="export: the file format")
+    p.add_argument("--out", default=None, help="export: the file (default: standard output)")
     p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("tail", help="print records of a topic (dlq, churn-alerts, recommendations, ...)")
@@ -223,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=service("cmd_backtest"))
+
+    p = sub.add_parser("forward", help="deliver churn alerts to a webhook (signed, retried, at least once)")
+    p.add_argument("what", choices=["alerts"])
+    p.add_argument("--url", default=None, help="the webhook (default: STREAMPROC_WEBHOOK_URL)")
+    p.add_argument("--group", default=None, help="the consumer group (default: <app id>-alerts-forwarder)")
+    p.set_defaults(func=service("cmd_forward"))
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=1000)

@@ -276,6 +276,28 @@ class Metrics:
         )
 
 
+class ForwarderMetrics:
+    """``streamproc forward alerts``: what reached the webhook, what was retried, what was parked."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.delivered = Counter("streamproc_forward_delivered_total",
+                                 "Alert records the webhook accepted (2xx).", registry=r)
+        self.retries = Counter("streamproc_forward_retries_total",
+                               "Attempts that failed and were retried (5xx, 408/425/429, timeouts, connection errors).",
+                               registry=r)
+        self.undeliverable = Counter(
+            "streamproc_forward_undeliverable_total",
+            "Alert records parked on alerts-undeliverable: rejected (a 4xx), attempts_exhausted, not_json.",
+            ["reason"], registry=r)
+        for reason in ("rejected", "attempts_exhausted", "not_json"):
+            self.undeliverable.labels(reason)
+        self.latency = Histogram(
+            "streamproc_forward_latency_seconds", "From the first attempt to the 2xx, retries and backoff included.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+
+
 # the one place outside streamproc/runtime/consumer.py that reads a third party's internals: observe_many's
 PROMETHEUS_CHECKED_AGAINST = "prometheus_client 0.26.0"
 PROMETHEUS_INTERNALS: dict[tuple[str, str], str] = {

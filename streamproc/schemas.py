@@ -18,6 +18,7 @@ from streamproc.contracts.outputs import (
     SegmentMove,
     TrainingBatch,
     TrainingExample,
+    UndeliverableAlert,
     adapter,
 )
 from streamproc.domain.events import Click, Transaction
@@ -32,6 +33,7 @@ MESSAGE_MODELS: dict[str, Any] = {
     "training_example": TrainingExample,
     "training_batch": TrainingBatch,
     "segment_move": SegmentMove,
+    "undeliverable_alert": UndeliverableAlert,
 }
 
 

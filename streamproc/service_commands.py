@@ -18,6 +18,7 @@ from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.pipeline.lookup import lookup
 from streamproc.runtime.app import run_worker
+from streamproc.runtime.forwarder import run_forwarder
 from streamproc.settings import Settings, settings_from_env
 from streamproc.tools.backtest import Columns, print_report, run_backtest
 from streamproc.tools.evaluate import run_evaluate
@@ -43,6 +44,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"web_port": args.web_port})
     tune_gc(settings)
     run_worker(settings)
+    return 0
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    try:
+        run_forwarder(settings_from_env(), args.url, args.group)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -240,7 +240,16 @@ class Settings(BaseSettings):
     rec_weight_popular_in_segment: float = Field(default=_REC.weight_popular_in_segment, ge=0)
     rec_excluded_products: frozenset[str] = frozenset()  # withdrawn from the catalogue: never recommended
 
-    @field_validator("http_token", "pseudonymize_key")
+    # --- alert delivery (streamproc forward alerts)
+    webhook_url: str | None = None  # where the forwarder POSTs alert records (or --url)
+    webhook_secret: SecretStr | None = None  # the HMAC-SHA256 key of the X-Streamproc-Signature header (required)
+    forward_max_attempts: int = Field(default=8, ge=1)  # then the record goes to alerts-undeliverable
+    forward_timeout_s: float = Field(default=10.0, gt=0)  # one POST
+    forward_backoff_base_s: float = Field(default=0.5, gt=0)  # the wait after the first failure; doubles
+    forward_backoff_cap_s: float = Field(default=60.0, gt=0)
+    forward_metrics_port: Port | None = None  # /metrics of the forwarder when set
+
+    @field_validator("http_token", "pseudonymize_key", "webhook_secret")
     @classmethod
     def _usable_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:

@@ -26,6 +26,7 @@ __all__ = ["SCHEMAS_DIR", "TOPICS_FILE"]
 INPUT_TOPICS = ("clicks", "transactions")
 DLQ_TOPIC = "streamproc-dlq"
 ALERTS_TOPIC = "churn-alerts"
+UNDELIVERABLE_TOPIC = "alerts-undeliverable"  # alerts the webhook forwarder gave up on
 RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
 TRAINING_TOPIC = "streamproc-training"

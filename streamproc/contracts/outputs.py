@@ -165,6 +165,22 @@ class AlertCleared:
 AlertRecord = Annotated[ChurnAlert | AlertCleared, Field(discriminator="record")]
 
 
+class UndeliverableAlert(BaseModel):
+    """An alert record the webhook forwarder gave up on (``streamproc forward alerts``): the receiver rejected it
+    (a 4xx) or every attempt failed. Rare: a pydantic model."""
+
+    model_config = _CLOSED
+
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    idempotency_key: str | None = Field(description="The key every attempt carried (None: not a JSON object)")
+    attempts: int = Field(ge=0, description="POSTs made")
+    last_error: str = Field(description="The last attempt's error: an HTTP status and reason, or a network error")
+    last_status: int | None = Field(default=None, description="The last HTTP status (None: no response)")
+    url: str = Field(description="Where it was meant to go")
+    alert: dict[str, Any] | None = Field(default=None, description="The alert record as it was on the alerts topic")
+    raw: str | None = Field(default=None, description="The record's first bytes, when it was not a JSON object")
+
+
 @dataclass(slots=True, kw_only=True)
 class Recommendation:
     """Products recommended to one customer, with the reason for each."""

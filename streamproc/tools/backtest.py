@@ -31,7 +31,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +42,12 @@ from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.churn import churn_inputs, inputs_at
 from streamproc.domain.customer import DAY_MS, CustomerState
-from streamproc.domain.events import parse_event_time
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.rfm import score_values
 from streamproc.settings import Settings
 from streamproc.tools.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline
 from streamproc.tools.evaluate import roc_auc
+from streamproc.tools.instants import parse_instant
 from streamproc.tools.producer import EventProducer
 from streamproc.topics import apply_topics, delete_run_topics
 
@@ -58,24 +57,6 @@ BACKTEST_PREFIX = "backtest"
 
 
 # ------------------------------------------------------------------ reading the history (pure)
-def parse_instant(text: str, date_format: str | None = None) -> int:
-    """Epoch milliseconds from a date or time: ``date_format`` (strptime) if given; else ISO 8601 (``2024-03-01``,
-    ``2024-03-01T10:00:00+02:00``), ``YYYYMMDD`` (as in the CDNOW log) or epoch milliseconds. Without an offset:
-    UTC. ValueError if it is none of those."""
-    text = text.strip()
-    if date_format:
-        parsed = datetime.strptime(text, date_format)
-    elif text.isdigit() and len(text) == 8:
-        parsed = datetime.strptime(text, "%Y%m%d")
-    elif text.lstrip("-").isdigit():
-        return parse_event_time(int(text))
-    else:
-        parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
-
-
 @dataclass(frozen=True)
 class Columns:
     """Which CSV columns hold what."""

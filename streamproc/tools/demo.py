@@ -15,10 +15,11 @@ from typing import Any
 
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.settings import Settings
+from streamproc.tools.alerts import format_alert
 from streamproc.tools.infra import Infra
 from streamproc.tools.producer import EventProducer, paced
 from streamproc.tools.simulate import SimulationConfig, Simulator, write_truth
-from streamproc.tools.tail import format_alert, read_topic
+from streamproc.tools.tail import read_topic
 from streamproc.topics import ALERTS_TOPIC, apply_topics, delete_topics, load_specs
 
 DEMO_REDIS_DB = 1

@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamproc.contracts.outputs import examples_of
 from streamproc.settings import Settings
-from streamproc.topics import ALERTS_TOPIC, kafka_security_kwargs, load_specs
+from streamproc.topics import kafka_security_kwargs, load_specs
 
 
 def read_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s: float) -> list[dict]:
@@ -79,45 +79,4 @@ def tail_topic(settings: Settings, topic: str, max_records: int, idle_timeout_s:
             print(f"[dlq] {value['dlq_id']}  {value['reason']}: {value['detail']}")
         else:
             print(json.dumps(value, sort_keys=True))
-    return 0
-
-
-def format_alert(alert: dict) -> str:
-    """One readable line: an alert (priority, who, why in words, what to do) or the clearing of one."""
-    if alert.get("record") == "cleared":
-        how = "bought again" if alert["cleared_by"] == "purchase" else "risk fell below the re-arm threshold"
-        return f"[CLEARED ] {alert['customer_id']}  {how} after {alert['days']} days  (alert {alert['alert_id']})"
-    reasons = "; ".join(r.get("text") or f"{r['feature']}={r['value']}" for r in alert.get("reasons", []))
-    rfm = alert.get("rfm")
-    rfm_text = f"rfm={rfm['r']}{rfm['f']}{rfm['m']} {rfm['segment']}  " if rfm else ""
-    return (f"[{alert['risk_level'].upper():<8}] {alert['customer_id']}  p={alert['probability']:.2f}  "
-            f"value at risk={alert.get('value_at_risk')}  clv={alert.get('clv')}  tier={alert['value_tier']}  "
-            f"segment={alert.get('segment') or '-'}  stage={alert.get('lifecycle_stage')}  {rfm_text}"
-            f"→ {alert['action']}  (why: {reasons})")
-
-
-def follow_alerts(settings: Settings, risk: str | None, tier: str | None, as_json: bool,
-                  idle_timeout_s: float | None, max_records: int | None) -> int:
-    """Print churn alerts as they arrive (from the beginning of the topic), filtered."""
-    consumer = KafkaConsumer(
-        settings.topic(ALERTS_TOPIC), bootstrap_servers=settings.kafka_bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None,
-        consumer_timeout_ms=int(idle_timeout_s * 1000) if idle_timeout_s else float("inf"),
-        **kafka_security_kwargs(settings),
-    )
-    shown = 0
-    try:
-        for record in consumer:
-            alert = json.loads(record.value)
-            if alert.get("record") != "cleared" and (
-                    (risk and alert["risk_level"] != risk) or (tier and alert["value_tier"] != tier)):
-                continue
-            print(json.dumps(alert, sort_keys=True) if as_json else format_alert(alert), flush=True)
-            shown += 1
-            if max_records and shown >= max_records:
-                break
-    except KeyboardInterrupt:
-        pass
-    finally:
-        consumer.close()
     return 0

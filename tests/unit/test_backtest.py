@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.tools.backtest import Columns, History, holdout_scores, parse_instant, read_history, split_history
+from streamproc.tools.backtest import Columns, History, holdout_scores, read_history, split_history
+from streamproc.tools.instants import parse_instant
 
 DAY = 86_400_000
 JAN_1 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -145,7 +145,8 @@ def test_secrets_are_masked_in_messages(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_secrets_are_masked_whatever_the_error() -> None:
-    assert {"redis_password", "kafka_sasl_password", "http_token", "pseudonymize_key"} == SECRET_FIELDS
+    secrets = {"redis_password", "kafka_sasl_password", "http_token", "pseudonymize_key", "webhook_secret"}
+    assert secrets == SECRET_FIELDS
     with pytest.raises(ValidationError) as caught:
         Settings(kafka_sasl_password=12345)
     assert describe_errors(caught.value) == ["STREAMPROC_KAFKA_SASL_PASSWORD=********** must be a valid string"]
