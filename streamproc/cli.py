@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "STREAMPROC_TRAINER_ENABLED=false)")
     p.set_defaults(func=service("cmd_trainer"))
 
-    p = sub.add_parser("customer", help="show or erase one customer")
-    p.add_argument("action", choices=["show", "forget"])
+    p = sub.add_parser("customer", help="show or erase one customer, or record an opt-out of retention contact")
+    p.add_argument("action", choices=["show", "forget", "suppress", "unsuppress"])
     p.add_argument("customer_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=service("cmd_customer"))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from streamproc.domain.alerts import ControlGroup
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import FoldConfig
 from streamproc.domain.events import DecodeLimits
@@ -49,6 +50,11 @@ def churn_config(settings: Settings) -> ChurnConfig:
         high_risk=settings.risk_high, critical_risk=settings.risk_critical,
         alert_cadence_days=settings.alert_cadence_days,
     )
+
+
+def control_group(settings: Settings) -> ControlGroup:
+    key = settings.control_key.get_secret_value() if settings.control_key else settings.app_id
+    return ControlGroup(key.encode(), settings.control_share)
 
 
 def rec_config(settings: Settings) -> RecConfig:

@@ -198,6 +198,9 @@ class Metrics:
             "Churn alerts not sent: over their day's budget for the value tier (STREAMPROC_ALERT_DAILY_BUDGET).",
             ["value_tier"], registry=r,
         )
+        self.alerts_suppressed = Counter(
+            "streamproc_churn_alerts_suppressed_total",
+            "Alerts not sent: the customer opted out of retention contact (streamproc customer suppress).", registry=r)
         self.alerts_cleared = Counter(
             "streamproc_churn_alerts_cleared_total",
             "Cleared records published: the customer bought again (purchase) or the risk fell (risk_fell).",

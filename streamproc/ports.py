@@ -158,6 +158,14 @@ class AlertQueueStore(abc.ABC):
     async def close_alerts(self, close: AlertClose) -> None:
         """Apply a closing atomically (a crash leaves it all undone or all done)."""
 
+    @abc.abstractmethod
+    async def suppressed(self, customer_ids: list[str]) -> set[str]:
+        """Those of ``customer_ids`` who opted out of retention contact."""
+
+    @abc.abstractmethod
+    async def set_suppressed(self, customer_id: str, suppressed: bool) -> None:
+        """Record an opt-out (or take it back); erasure removes it too (``forget``)."""
+
 
 class PopulationStore(abc.ABC):
     """Population-level aggregates: last-seen times, HLLs, the census."""

@@ -85,6 +85,11 @@ def cmd_customer(args: argparse.Namespace) -> int:
                     print(f"{'segment':<{width}}  {seg.get('name', seg['id']) if seg else '-'}")
                     print(f"{'churn_probability':<{width}}  {found['churn']['probability']}")
                 return 0
+            if args.action in ("suppress", "unsuppress"):
+                # opted out: no churn alert is sent for them from the next day closed on (counted instead)
+                await store.set_suppressed(settings.customer_key(args.customer_id), args.action == "suppress")
+                print("suppressed: no churn alerts" if args.action == "suppress" else "no longer suppressed")
+                return 0
             erased = await store.forget(settings.customer_key(args.customer_id))
             print("erased" if erased else "no stored features; the erasure is recorded anyway")
             return 0

@@ -240,6 +240,11 @@ class Settings(BaseSettings):
     rec_weight_popular_in_segment: float = Field(default=_REC.weight_popular_in_segment, ge=0)
     rec_excluded_products: frozenset[str] = frozenset()  # withdrawn from the catalogue: never recommended
 
+    # --- the control group: this share of alerted customers is marked "control": true and must not be contacted
+    control_share: Probability = 0.1
+    # the key of the hash that picks them (per customer and month); unset: the app id, which anyone can compute
+    control_key: SecretStr | None = None
+
     # --- alert delivery (streamproc forward alerts)
     webhook_url: str | None = None  # where the forwarder POSTs alert records (or --url)
     webhook_secret: SecretStr | None = None  # the HMAC-SHA256 key of the X-Streamproc-Signature header (required)
@@ -249,7 +254,7 @@ class Settings(BaseSettings):
     forward_backoff_cap_s: float = Field(default=60.0, gt=0)
     forward_metrics_port: Port | None = None  # /metrics of the forwarder when set
 
-    @field_validator("http_token", "pseudonymize_key", "webhook_secret")
+    @field_validator("http_token", "pseudonymize_key", "webhook_secret", "control_key")
     @classmethod
     def _usable_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:

@@ -42,6 +42,7 @@ import orjson
 from streamproc.domain.customer import CustomerState
 
 ERASED_KEY = "sp:erased"
+SUPPRESSED_KEY = "sp:suppressed"  # customers opted out of retention contact: never alerted
 FEATURE_SCHEMAS_KEY = "sp:fschema"
 
 

@@ -39,6 +39,7 @@ class InMemoryFeatureStore(FeatureStore):
         self.label_due: dict[int, dict[str, int]] = {}  # partition -> customer -> oldest pending label's maturity
         self.alert_queues: dict[int, dict[str, bytes]] = {}
         self.sent_alerts: dict[int, dict[str, str]] = {}  # partition -> customer -> sent alert not cleared yet
+        self.opted_out: set[str] = set()
 
     async def alert_queue(self, partition: int) -> dict[str, bytes]:
         return dict(self.alert_queues.get(partition, {}))
@@ -172,8 +173,18 @@ class InMemoryFeatureStore(FeatureStore):
         raw = self.models.get(customer_id)
         return orjson.loads(raw) if raw else None
 
+    async def suppressed(self, customer_ids: list[str]) -> set[str]:
+        return {cid for cid in customer_ids if cid in self.opted_out}
+
+    async def set_suppressed(self, customer_id: str, suppressed: bool) -> None:
+        if suppressed:
+            self.opted_out.add(customer_id)
+        else:
+            self.opted_out.discard(customer_id)
+
     async def forget(self, customer_id: str) -> bool:
         self.erased.add(customer_id)
+        self.opted_out.discard(customer_id)
         self.models.pop(customer_id, None)
         old = self.census_keys.pop(customer_id, None)
         for table in self.census_counts.values():

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from streamproc.adapters.feature_rows import (
     ERASED_KEY,
     FEATURE_SCHEMAS_KEY,
+    SUPPRESSED_KEY,
     customer_key,
     decode_feature_row,
     encode_feature_row,
@@ -271,6 +272,18 @@ class RedisFeatureStore(FeatureStore):
         raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
         return orjson.loads(raw) if raw else None
 
+    async def suppressed(self, customer_ids: list[str]) -> set[str]:
+        if not customer_ids:
+            return set()
+        found = await self.redis.smismember(SUPPRESSED_KEY, customer_ids)
+        return {cid for cid, hit in zip(customer_ids, found, strict=True) if hit}
+
+    async def set_suppressed(self, customer_id: str, suppressed: bool) -> None:
+        if suppressed:
+            await self.redis.sadd(SUPPRESSED_KEY, customer_id)
+        else:
+            await self.redis.srem(SUPPRESSED_KEY, customer_id)
+
     async def forget(self, customer_id: str) -> bool:
         census_key: bytes | None = await self.redis.hget(customer_key(customer_id), "k")  # type: ignore[assignment]
         deleted = await self.redis.delete(customer_key(customer_id))
@@ -282,6 +295,7 @@ class RedisFeatureStore(FeatureStore):
                     pipe.hincrby(key, census_key.decode(), -1)
                     break
         pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
+        pipe.srem(SUPPRESSED_KEY, customer_id)  # the opt-out record names them too
         for pattern in ("sp:lastseen:*", "sp:due:*"):
             async for key in self.redis.scan_iter(pattern, count=100):
                 pipe.zrem(key, customer_id)

@@ -143,6 +143,8 @@ class ChurnAlert:
     action: Annotated[str, Field(description="Recommended retention action")]
     recommended_items: Annotated[
         list[RecommendedItem], Field(description="Next best action: the items most likely to bring them back")]
+    control: Annotated[bool, Field(description="In the control group: do NOT contact this customer (they measure "
+                                               "what contacting the others does)")] = False
 
 
 @dataclass(slots=True, kw_only=True)

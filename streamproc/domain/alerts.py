@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from streamproc.domain.churn import ChurnConfig, ModelState
@@ -195,16 +198,19 @@ class Closing:
 
     send: list[Queued] = field(default_factory=list)
     over_budget: Counter[str] = field(default_factory=Counter)
+    suppressed: int = 0  # alerts of customers opted out of retention contact: not sent
     done: list[str] = field(default_factory=list)
     open_sent: dict[str, str | None] = field(default_factory=dict)
 
 
 def close_days(queued: list[Queued], upto: int, budgets: dict[str, int] | None,
-               open_sent: dict[str, str]) -> Closing:
+               open_sent: dict[str, str], suppressed: frozenset[str] | set[str] = frozenset()) -> Closing:
     """Close every alert day up to instant ``upto``: per day and value tier, the alerts with the highest value at risk
     (ties: by alert id) up to the tier's budget (no budget, or a tier without one: all) are sent, the rest counted;
     a ``cleared`` record is sent iff the alert it clears was sent (``open_sent``: customer -> their sent alert not
-    cleared yet). A function of the queue's content alone, so a replay (or a re-run after a crash) closes the same."""
+    cleared yet). Alerts of ``suppressed`` customers (opted out of retention contact) are counted, not sent, and take
+    no budget. A function of the queue's content and the opt-outs alone, so a replay (or a re-run after a crash)
+    closes the same."""
     out = Closing()
     current = dict(open_sent)
     due = sorted((q for q in queued if q.day <= upto), key=lambda q: (q.day, q.kind != "alert", -q.priority, q.name))
@@ -212,6 +218,9 @@ def close_days(queued: list[Queued], upto: int, budgets: dict[str, int] | None,
     for q in due:
         out.done.append(q.name)
         if q.kind == "alert":
+            if q.customer_id in suppressed:
+                out.suppressed += 1
+                continue
             limit = None if budgets is None else budgets.get(q.tier)
             if limit is not None and taken[q.day, q.tier] >= limit:
                 out.over_budget[q.tier] += 1
@@ -233,3 +242,23 @@ def share_of_budget(budgets: dict[str, int] | None, partitions: int) -> dict[str
     if budgets is None:
         return None
     return {tier: -(-n // partitions) for tier, n in budgets.items()}
+
+
+@dataclass(frozen=True)
+class ControlGroup:
+    """Who is held out of retention contact, to measure what contacting does: a ``share`` of the alerted customers,
+    chosen per calendar month (UTC) of the alert by a keyed hash of the customer id and the month. Deterministic, so
+    a replay marks the same customers; keyed, so nobody can tell in advance who will be held out."""
+
+    key: bytes
+    share: float
+
+    def holds(self, customer_id: str, instant_ms: int) -> bool:
+        if self.share <= 0:
+            return False
+        month = datetime.fromtimestamp(instant_ms / 1000, UTC).strftime("%Y-%m")
+        digest = hmac.new(self.key, f"{customer_id}|{month}".encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") < self.share * 2**64
+
+
+NO_CONTROL_GROUP = ControlGroup(b"", 0.0)  # nobody held out

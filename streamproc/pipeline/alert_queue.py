@@ -46,7 +46,8 @@ async def close_alert_days(store: FeatureStore, partition: int, target: int, bud
     raw = await store.alert_queue(partition)
     queued = [decoded(name, blob) for name, blob in raw.items()]
     customers = sorted({q.customer_id for q in queued if q.day <= target})
-    closing = close_days(queued, target, budgets, await store.open_sent_alerts(partition, customers))
+    closing = close_days(queued, target, budgets, await store.open_sent_alerts(partition, customers),
+                         await store.suppressed(customers))
     result = BatchResult()
     for q in closing.send:
         if q.kind == "alert":
@@ -64,5 +65,7 @@ async def close_alert_days(store: FeatureStore, partition: int, target: int, bud
         result.outbox[partition] = [field]
     for tier, n in closing.over_budget.items():
         metrics.alerts_over_budget.labels(tier).inc(n)
+    if closing.suppressed:
+        metrics.alerts_suppressed.inc(closing.suppressed)
     return result
 

@@ -3,7 +3,7 @@ benchmarks all get it here, so every setting that shapes what the step computes 
 
 from __future__ import annotations
 
-from streamproc.config import churn_config, decode_limits, fold_config
+from streamproc.config import churn_config, control_group, decode_limits, fold_config
 from streamproc.domain.alerts import share_of_budget
 from streamproc.metrics import Metrics
 from streamproc.pipeline.step import BatchProcessor
@@ -30,5 +30,6 @@ def build_processor(settings: Settings, store: FeatureStore, metrics: Metrics | 
         excluded_products=frozenset(settings.rec_excluded_products),
         sweep_budget=settings.sweep_budget,
         fault_event_id=settings.fault_inject_event_id,
+        control=control_group(settings),
         alert_budgets=share_of_budget(settings.alert_daily_budget, load_specs()["transactions"].partitions),
     )

@@ -26,6 +26,8 @@ from streamproc.contracts.outputs import (
     ValueTier,
 )
 from streamproc.domain.alerts import (
+    NO_CONTROL_GROUP,
+    ControlGroup,
     alert_instants,
     clearing,
     explain,
@@ -68,8 +70,10 @@ class ModelStep:
     """Scores with ``bundle``, the checkpoint this worker loaded (None: nothing is scored yet)."""
 
     def __init__(self, fold: FoldConfig, churn: ChurnConfig, metrics: Metrics,
-                 action_table: dict[str, dict[str, str]] | None, excluded_products: frozenset[str]) -> None:
+                 action_table: dict[str, dict[str, str]] | None, excluded_products: frozenset[str],
+                 control: ControlGroup = NO_CONTROL_GROUP) -> None:
         self.fold = fold
+        self.control = control
         self.churn = churn
         self.metrics = metrics
         self.action_table = action_table
@@ -218,7 +222,7 @@ class ModelStep:
             model_version=bundle.version, scored_by=bundle.served_by,
             reasons=cast("list[Reason]", explain(values)),
             action=retention_action(profile.value_tier, level, self.action_table),
-            recommended_items=win_back.items if win_back else [],
+            recommended_items=win_back.items if win_back else [], control=self.control.holds(cid, point),
         ), win_back)
 
     def _recommend_on(

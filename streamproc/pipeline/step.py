@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
+from streamproc.domain.alerts import NO_CONTROL_GROUP, ControlGroup
 from streamproc.domain.churn import ChurnConfig
 from streamproc.domain.customer import (
     CustomerState,
@@ -73,6 +74,7 @@ class BatchProcessor:
         models_enabled: bool = True,
         pseudonymize: Callable[[str], str] | None = None,
         excluded_products: frozenset[str] = frozenset(),
+        control: ControlGroup | None = None,
         sweep_budget: int | None = None,
         fault_event_id: str | None = None,
         alert_budgets: dict[str, int] | None = None,
@@ -89,7 +91,8 @@ class BatchProcessor:
         self._partitions_loaded: set[int] = set()  # partitions whose stored watermarks were loaded
         churn = churn or ChurnConfig()
         boundaries = sorted({*sweep_boundaries_days, *fold.windows_days, 60, fold.at_risk_days, fold.churned_days})
-        self.model = ModelStep(fold, churn, metrics, action_table, excluded_products)
+        self.model = ModelStep(fold, churn, metrics, action_table, excluded_products,
+                               control or NO_CONTROL_GROUP)
         self.derivation = Derivation(fold, churn, self.model, models_enabled, boundaries)
         self.calls = StoreCalls(store, metrics)
         # customers one sweep() call refreshes at most (None: every due one): a pass that visits many (every

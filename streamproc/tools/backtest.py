@@ -288,7 +288,7 @@ def _checkpoint_counts(settings: Settings) -> tuple[int, int]:
     return asyncio.run(counts())
 
 
-def _load(settings: Settings) -> tuple[dict[str, CustomerState], ModelBundle | None, dict[str, dict[str, Any]]]:
+def load_states(settings: Settings) -> tuple[dict[str, CustomerState], ModelBundle | None, dict[str, dict[str, Any]]]:
     """Every customer's state and features from Redis, and the current checkpoint."""
     client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
     states: dict[str, CustomerState] = {}
@@ -393,7 +393,7 @@ def run_backtest(settings: Settings, path: Path, columns: Columns, calibration_e
                 f"customers ({history.rows:,} rows, skipped {dict(history.skipped) or 'none'}); topics "
                 f"{run.settings.topic_prefix}*, Redis db {redis_db}, churn horizon {horizon} days")
     metrics, elapsed = _replay(run, split.calibration, timeout, quiet)
-    states, bundle, features = _load(run.settings)
+    states, bundle, features = load_states(run.settings)
     if not keep:
         delete_run_topics(run.settings)
     if bundle is None or bundle.churn_examples == 0:

@@ -17,6 +17,7 @@ from typing import Any
 from streamproc.adapters.feature_rows import customer_key, decode_feature_row, feature_names_from
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.domain.customer import DAY_MS
 from streamproc.tools.tail import read_topic
 from streamproc.topics import ALERTS_TOPIC
 
@@ -141,6 +142,7 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
     if model.get("rec_baseline_hit_rate"):
         scores["rec_lift_over_popularity"] = model["rec_hit_rate"] / model["rec_baseline_hit_rate"]
     scores["model_version"] = model.get("version")
+    scores.update(candidate_aucs(settings, truth))
     width = max(len(k) for k in scores)
     print(f"{'metric':<{width}}  value")
     for key, value in scores.items():
@@ -148,3 +150,23 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
     if out:
         out.write_text(json.dumps(scores, indent=2, default=str))
     return scores
+
+
+def candidate_aucs(settings: Any, truth: list[dict[str, Any]]) -> dict[str, float]:
+    """The served churn score next to each candidate (``recency``, ``bgnbd``, the stacked ``model``), every customer
+    who bought scored from their Redis state with the final checkpoint as of the UTC midnight after the last event,
+    each judged against the ground truth (churned and not back)."""
+    from streamproc.tools.backtest import load_states, score_states
+
+    states, bundle, _ = load_states(settings)
+    if bundle is None or bundle.churn_examples == 0 or not states:
+        return {}
+    last = max(s.last_event_ts or 0 for s in states.values())
+    at = (last // DAY_MS + 1) * DAY_MS
+    scored = score_states(states, bundle, at)
+    churned = {t["customer_id"] for t in truth if t.get("churn_ts") is not None and t.get("return_ts") is None}
+    labels = [int(s.customer_id in churned) for s in scored]
+    out: dict[str, float] = {"candidates_scored": float(len(scored))}
+    for name in scored[0].scores if scored else ():
+        out[f"churn_roc_auc_{name}"] = roc_auc(labels, [s.scores[name] for s in scored])
+    return out

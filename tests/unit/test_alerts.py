@@ -6,7 +6,16 @@ from datetime import UTC, datetime
 
 import pytest
 
-from streamproc.domain.alerts import Queued, alert_instants, clearing, close_days, explain, profile_at, share_of_budget
+from streamproc.domain.alerts import (
+    ControlGroup,
+    Queued,
+    alert_instants,
+    clearing,
+    close_days,
+    explain,
+    profile_at,
+    share_of_budget,
+)
 from streamproc.domain.churn import ChurnConfig, ModelState, inputs_at
 from streamproc.domain.customer import DAY_MS, CustomerState, FoldConfig, Positioned, apply_events
 from streamproc.domain.events import Click, Item, Transaction
@@ -109,6 +118,29 @@ def test_a_cleared_record_is_sent_only_for_an_alert_that_was_sent():
     # a clearing whose alert was sent in an earlier closing
     later = close_days(queued[2:3], T0 + 3 * DAY_MS, None, {"x": "x:1"})
     assert [x.name for x in later.send] == ["cleared:x:1"]
+
+
+def test_opted_out_customers_alerts_are_counted_not_sent_and_take_no_budget():
+    queued = [q("a", T0, "high", 50.0), q("b", T0, "high", 30.0), q("c", T0, "high", 10.0)]
+    closing = close_days(queued, T0, {"high": 1}, {}, suppressed={"a"})
+    assert [x.name for x in closing.send] == ["b"]  # the budget goes to the next in priority, not to a
+    assert closing.suppressed == 1 and closing.over_budget == {"high": 1}
+    assert set(closing.done) == {"a", "b", "c"} and closing.open_sent == {"b": "b"}
+
+
+def test_the_control_group_is_a_keyed_share_per_customer_and_month():
+    group = ControlGroup(b"k", 0.1)
+    ids = [f"c{i:05d}" for i in range(20_000)]
+    march = datetime(2026, 3, 1, tzinfo=UTC).timestamp() * 1000
+    held = [cid for cid in ids if group.holds(cid, int(march))]
+    assert abs(len(held) / len(ids) - 0.1) < 0.01  # 10 % within 1 point (binomial sd 0.2 points)
+    # the same month says the same whatever the day; another month, or another key, holds out others
+    assert held == [cid for cid in ids if group.holds(cid, int(march) + 30 * DAY_MS)]
+    april = int(march) + 31 * DAY_MS
+    assert held != [cid for cid in ids if group.holds(cid, april)]
+    assert held != [cid for cid in ids if ControlGroup(b"other", 0.1).holds(cid, int(march))]
+    assert not any(ControlGroup(b"k", 0.0).holds(cid, int(march)) for cid in ids[:1000])
+    assert all(ControlGroup(b"k", 1.0).holds(cid, int(march)) for cid in ids[:1000])
 
 
 def test_the_budget_is_shared_over_partitions_rounding_up():

@@ -19,7 +19,7 @@ from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.training.offline import run_offline
 
 HISTORY = SimulationConfig(customers=800, days=200, seed=2026, bad_fraction=0.01, duplicate_fraction=0.01)
-FINGERPRINT = "9275984ed673863657cf0ed5a60c9c05c1d7c9c6d919499d2a39848ea58f7c0e"
+FINGERPRINT = "a5a72b64e9e4143b3abfb9b0ebcb9c1c1eaeabddafb2ffb46643335d6080ff70"
 
 
 def _digest(items: list[bytes]) -> str:
