@@ -240,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=service("cmd_backtest"))
 
+    p = sub.add_parser("retention", help="the retention ledger: alert outcomes and the uplift of contacting")
+    p.set_defaults(func=service("cmd_retention"))
+
+    p = sub.add_parser("interventions", help="the uplift of contacting alerted customers over the control group")
+    p.add_argument("action", choices=["report"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=service("cmd_interventions"))
+
     p = sub.add_parser("forward", help="deliver churn alerts to a webhook (signed, retried, at least once)")
     p.add_argument("what", choices=["alerts"])
     p.add_argument("--url", default=None, help="the webhook (default: STREAMPROC_WEBHOOK_URL)")

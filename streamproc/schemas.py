@@ -22,11 +22,13 @@ from streamproc.contracts.outputs import (
     adapter,
 )
 from streamproc.domain.events import Click, Transaction
+from streamproc.domain.retention import Intervention
 
 # schema name -> model; names are referenced from streamproc/contracts/topics.toml
 MESSAGE_MODELS: dict[str, Any] = {
     "click": Click,
     "transaction": Transaction,
+    "intervention": Intervention,
     "dead_letter": DeadLetter,
     "churn_alert": AlertRecord,  # an alert, or the clearing of one
     "recommendation": Recommendation,

@@ -245,6 +245,11 @@ class Settings(BaseSettings):
     # the key of the hash that picks them (per customer and month); unset: the app id, which anyone can compute
     control_key: SecretStr | None = None
 
+    # --- the retention ledger (streamproc retention): an alert's outcome is whether the customer bought within this
+    # many days of event time after it, and for how much
+    outcome_days: int = Field(default=30, ge=1)
+    retention_metrics_port: Port | None = None  # /metrics of `streamproc retention` when set
+
     # --- alert delivery (streamproc forward alerts)
     webhook_url: str | None = None  # where the forwarder POSTs alert records (or --url)
     webhook_secret: SecretStr | None = None  # the HMAC-SHA256 key of the X-Streamproc-Signature header (required)

@@ -27,6 +27,7 @@ INPUT_TOPICS = ("clicks", "transactions")
 DLQ_TOPIC = "streamproc-dlq"
 ALERTS_TOPIC = "churn-alerts"
 UNDELIVERABLE_TOPIC = "alerts-undeliverable"  # alerts the webhook forwarder gave up on
+INTERVENTIONS_TOPIC = "interventions"  # what the retention team did; read by `streamproc retention`, not by workers
 RECOMMENDATIONS_TOPIC = "recommendations"
 MOVES_TOPIC = "segment-moves"
 TRAINING_TOPIC = "streamproc-training"
