@@ -37,6 +37,7 @@ LEDGER_PREFIX = "sp:ledger:"  # + customer id: the customer's ledger (JSON)
 OUTCOMES_KEY = "sp:outcomes"  # alert id -> outcome (JSON)
 MARKS_KEY = "sp:ledger:marks"  # "transactions:<p>" / "churn-alerts:<p>" -> newest event time seen
 UPLIFT_REFRESH_S = 15.0
+LEDGER_KEEP_DAYS = 120  # purchases kept behind the watermark at least, for alerts that trail the transactions
 
 
 class LedgerMetrics:
@@ -109,10 +110,12 @@ class RetentionLedger:
         return min(seen) - self.lateness if seen else None
 
     def keep_from(self, watermark: int) -> int:
-        """Purchases before this can join no alert still to come: the slowest alerts partition seen (less a day:
-        alerts of one instant arrive over its day), and never less than a window behind the watermark."""
+        """Purchases before this can join no alert still to come: never less than ``LEDGER_KEEP_DAYS`` behind the
+        watermark (the alerts of a partition not read yet may trail that far), and back to the slowest alerts
+        partition seen, less a day (alerts of one instant arrive over its day)."""
+        floor = watermark - max(self.window, LEDGER_KEEP_DAYS * DAY_MS)
         alerts = [v for k, v in self.marks.items() if k.startswith(f"{ALERTS_TOPIC}:")]
-        return min(watermark - self.window, min(alerts) - DAY_MS if alerts else watermark - self.window)
+        return min(floor, min(alerts) - DAY_MS) if alerts else floor
 
     def apply(self, records: list[tuple[str, int, Any]]) -> None:
         by_customer: dict[str, list[tuple[str, Any]]] = defaultdict(list)
