@@ -41,12 +41,12 @@ from streamproc.adapters.feature_rows import decode_feature_row, feature_names_f
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.churn import churn_inputs, inputs_at
+from streamproc.domain.churn_scorers import exact_roc_auc
 from streamproc.domain.customer import DAY_MS, CustomerState
 from streamproc.domain.models import ModelBundle
 from streamproc.domain.rfm import score_values
 from streamproc.settings import Settings
 from streamproc.tools.demo import metric_total, processed_total, scrape, start_pipeline, stop_pipeline
-from streamproc.tools.evaluate import roc_auc
 from streamproc.tools.instants import parse_instant
 from streamproc.tools.producer import EventProducer
 from streamproc.topics import apply_topics, delete_run_topics
@@ -153,7 +153,7 @@ def holdout_scores(labels: Sequence[int], p: Sequence[float]) -> dict[str, float
     clipped = [min(max(q, LOG_LOSS_CLIP), 1 - LOG_LOSS_CLIP) for q in p]
     n = len(labels)
     return {
-        "roc_auc": round(roc_auc(labels, p), 4),
+        "roc_auc": round(exact_roc_auc(list(labels), list(p)), 4),
         "log_loss": round(-sum(math.log(q) if y else math.log(1 - q) for y, q in zip(labels, clipped, strict=True))
                           / n, 4),
         "brier": round(sum((q - y) ** 2 for y, q in zip(labels, p, strict=True)) / n, 4),

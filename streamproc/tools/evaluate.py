@@ -18,6 +18,7 @@ from streamproc.adapters.feature_rows import customer_key, decode_feature_row, f
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.customer import DAY_MS
+from streamproc.tools.backtest import load_states, score_states
 from streamproc.tools.tail import read_topic
 from streamproc.topics import ALERTS_TOPIC
 
@@ -156,8 +157,6 @@ def candidate_aucs(settings: Any, truth: list[dict[str, Any]]) -> dict[str, floa
     """The served churn score next to each candidate (``recency``, ``bgnbd``, the stacked ``model``), every customer
     who bought scored from their Redis state with the final checkpoint as of the UTC midnight after the last event,
     each judged against the ground truth (churned and not back)."""
-    from streamproc.tools.backtest import load_states, score_states
-
     states, bundle, _ = load_states(settings)
     if bundle is None or bundle.churn_examples == 0 or not states:
         return {}

@@ -15,11 +15,26 @@ second-order effect this overlay leaves out).
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import redis
+
+from streamproc.domain.retention import uplift_table
+from streamproc.runtime.ledger import OUTCOMES_KEY, read_outcomes
+from streamproc.tools.demo import stop_pipeline
+from streamproc.tools.producer import EventProducer
+from streamproc.topics import apply_topics, delete_run_topics
 
 DAY_MS = 86_400_000
 CONTACT_DELAY_MS = 3_600_000
@@ -85,3 +100,72 @@ def treat(alerts: Iterable[dict[str, Any]], purchases: dict[str, list[int]], out
                 "event_id": f"sim-back-{a['alert_id']}", "customer_id": a["customer_id"], "ts": when,
                 "order_id": f"sim-back-{a['alert_id']}", "type": "purchase", "amount": 30.0, "currency": "EUR"})
     return out
+
+
+def loop_records(alerts: Iterable[dict[str, Any]], transactions: Iterable[dict[str, Any]], treatment: Treatment,
+                 outcome_days: int, clock_customers: int = 40) -> list[tuple[str, bytes, bytes]]:
+    """Everything the ledger reads, on its topics in event-time order as a live loop would produce it: the alerts,
+    the team's interventions, the history's transactions with the extra purchases merged in; then a purchase for a
+    few "clock" customers past the last outcome window, so the watermark closes them all."""
+    timed: list[tuple[int, str, str, dict[str, Any]]] = []
+    for a in alerts:
+        timed.append((int(a["ts"]), "churn-alerts", str(a["customer_id"]), a))
+    for it in treatment.interventions:
+        timed.append((int(it["ts"]), "interventions", str(it["customer_id"]), it))
+    for t in [*transactions, *treatment.extra_purchases]:
+        timed.append((int(t["ts"]), "transactions", str(t["customer_id"]), t))
+    end = max((t[0] for t in timed), default=0) + (outcome_days + 2) * DAY_MS
+    for i in range(clock_customers):  # keys spread over every partition
+        cid = f"clock-{i}"
+        timed.append((end, "transactions", cid, {"event_id": f"{cid}-end", "customer_id": cid, "ts": end,
+                                                 "order_id": f"{cid}-end", "type": "purchase", "amount": 0.0,
+                                                 "currency": "EUR"}))
+    timed.sort(key=lambda t: (t[0], t[1], t[2]))
+    return [(topic, cid.encode(), json.dumps(value).encode()) for _, topic, cid, value in timed]
+
+
+def measure_uplift(settings: Any, alerts: list[dict[str, Any]], transactions: list[dict[str, Any]], effect: bool,
+                   seed: int, redis_db: int, log_dir: Any, timeout: float = 600.0) -> dict[str, Any]:
+    """The simulated team on a run's alerts, and the uplift `streamproc retention` measures from it: the loop's
+    records go to fresh topics of their own, a ledger process reads them into an emptied Redis database, and the
+    report is read back once every alert has its outcome."""
+    purchases: dict[str, list[int]] = defaultdict(list)
+    for t in transactions:
+        if t.get("type") == "purchase":
+            purchases[str(t["customer_id"])].append(int(t["ts"]))
+    sent = [a for a in alerts if a.get("record", "alert") == "alert"]
+    treatment = treat(sent, purchases, settings.outcome_days, seed, effect)
+    tag = uuid.uuid4().hex[:6]
+    run = settings.model_copy(update={
+        "topic_prefix": f"uplift{tag}.", "app_id": f"uplift-{tag}",
+        "redis_url": settings.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"})
+    client = redis.Redis.from_url(run.redis_url)
+    client.flushdb()
+    apply_topics(run)
+    producer = EventProducer(run)
+    for topic, key, value in loop_records(sent, transactions, treatment, settings.outcome_days):
+        producer.send(topic, key, value)
+    producer.close()
+    env = {**os.environ, "STREAMPROC_TOPIC_PREFIX": run.topic_prefix, "STREAMPROC_APP_ID": run.app_id,
+           "STREAMPROC_REDIS_URL": run.redis_url, "STREAMPROC_LOG_LEVEL": "WARNING"}
+    log = Path(log_dir) / f"retention-{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "retention"], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        wanted = len({a["alert_id"] for a in sent})
+        while client.hlen(OUTCOMES_KEY) < wanted and time.monotonic() - started < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the ledger exited ({proc.returncode}); its log: {log}")
+            time.sleep(1.0)
+        outcomes = read_outcomes(client)
+    finally:
+        stop_pipeline([proc], 30)
+        client.close()
+        delete_run_topics(run)
+    return {"effect": effect, "alerts": wanted, "outcomes": len(outcomes), "seconds": round(time.monotonic() - started),
+            "true_lift": treatment.true_lift, "baseline": treatment.baseline,
+            "interventions": len(treatment.interventions), "extra_purchases": len(treatment.extra_purchases),
+            "table": [row.as_dict() for row in uplift_table(outcomes)]}

@@ -19,33 +19,9 @@ import redis
 from streamproc.runtime.ledger import OUTCOMES_KEY
 from streamproc.tools.demo import metric_total, scrape
 from streamproc.tools.tail import read_topic
-from streamproc.tools.treatment import treat
+from streamproc.tools.treatment import loop_records, treat
 from tests.conftest import ROOT, free_port, produce, worker_env
-from tests.unit.test_retention import DAY, T0, outcomes_of, world
-
-
-def records_of(alerts: list[dict], purchases: dict[str, list[int]], treatment: Any) -> list[tuple[str, bytes, bytes]]:
-    """Everything on its topic in event-time order, as a live loop would produce it; a last purchase per customer
-    long after every window moves the watermark past them all."""
-    timed: list[tuple[int, str, str, dict[str, Any]]] = []
-    for a in alerts:
-        timed.append((a["ts"], "churn-alerts", a["customer_id"], a))
-    for it in treatment.interventions:
-        timed.append((it["ts"], "interventions", it["customer_id"], it))
-    for cid, times in purchases.items():
-        for k, t in enumerate(times):
-            timed.append((t, "transactions", cid, {"event_id": f"{cid}-{k}", "customer_id": cid, "ts": t,
-                                                   "order_id": f"{cid}-{k}", "type": "purchase", "amount": 10.0,
-                                                   "currency": "EUR"}))
-    for p in treatment.extra_purchases:
-        timed.append((p["ts"], "transactions", p["customer_id"], p))
-    for i in range(40):  # the clock: every partition gets a purchase past the last window
-        cid = f"clock{i}"
-        timed.append((T0 + 150 * DAY, "transactions", cid, {"event_id": f"{cid}-end", "customer_id": cid,
-                                                            "ts": T0 + 150 * DAY, "order_id": "end",
-                                                            "type": "purchase", "amount": 1.0, "currency": "EUR"}))
-    timed.sort(key=lambda t: (t[0], t[1], t[2]))
-    return [(topic, cid.encode(), orjson.dumps(value)) for _, topic, cid, value in timed]
+from tests.unit.test_retention import outcomes_of, world
 
 
 def ledger(settings: Any, port: int, log: Any) -> subprocess.Popen[bytes]:
@@ -59,7 +35,10 @@ def test_outcomes_survive_sigkill_per_alert_and_the_uplift_covers_the_true_lift(
     alerts, purchases = world(3000, seed=12)
     treatment = treat(alerts, purchases, 30, seed=13)
     expected = {o.alert_id: o.as_dict() for o in outcomes_of(alerts, purchases, treatment)}
-    records = records_of(alerts, purchases, treatment)
+    transactions = [{"event_id": f"{cid}-{k}", "customer_id": cid, "ts": t, "order_id": f"{cid}-{k}",
+                     "type": "purchase", "amount": 10.0, "currency": "EUR"}
+                    for cid, times in purchases.items() for k, t in enumerate(times)]
+    records = loop_records(alerts, transactions, treatment, 30)
     bad = [("interventions", b"c00001", b'{"intervention_id": "x", "customer_id": "c00001"}'),
            ("interventions", b"c00002", b"not json at all")]
     produce(settings, records[: len(records) // 2] + bad)
