@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 LEDGER_PREFIX = "sp:ledger:"  # + customer id: the customer's ledger (JSON)
 OUTCOMES_KEY = "sp:outcomes"  # alert id -> outcome (JSON)
 MARKS_KEY = "sp:ledger:marks"  # "transactions:<p>" / "churn-alerts:<p>" -> newest event time seen
-UPLIFT_REFRESH_S = 15.0
+UPLIFT_REFRESH_S = 5.0  # the uplift gauges are recomputed from every outcome at most this often
 LEDGER_KEEP_DAYS = 120  # purchases kept behind the watermark at least, for alerts that trail the transactions
 
 
@@ -214,8 +215,9 @@ class RetentionLedger:
                 continue
             for bound, value in (("estimate", row.uplift), ("lower", row.lower), ("upper", row.upper)):
                 self.metrics.uplift.labels(row.key, bound).set(value or 0.0)
-            if row.cost_per_retained is not None:
-                self.metrics.cost_per_retained.labels(row.key).set(row.cost_per_retained)
+            # no customer retained because of contact (yet): every unit spent was for nothing, at any scale
+            self.metrics.cost_per_retained.labels(row.key).set(
+                row.cost_per_retained if row.cost_per_retained is not None else math.inf)
 
 
 def run_ledger(settings: Settings) -> None:

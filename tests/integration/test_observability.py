@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -27,7 +28,9 @@ from streamproc.settings import Settings
 from streamproc.tools.demo import processed_total
 from streamproc.tools.producer import EventProducer
 from streamproc.tools.simulate import SimulationConfig, Simulator
-from tests.conftest import WorkerProcess
+from streamproc.tools.tail import read_topic
+from streamproc.tools.treatment import treat
+from tests.conftest import WorkerProcess, worker_env
 from tests.unit.test_dashboards import load_dashboards, metric_names, panel_targets
 
 pytestmark = pytest.mark.integration
@@ -55,6 +58,8 @@ MODEL_ENV = {
 }
 # Beyond "some series": these must have counted something after this traffic (the model panels are not just zeros)
 MUST_BE_POSITIVE = {
+    "alert outcomes decided": "sum(streamproc_retention_outcomes_total)",
+    "interventions recorded": "sum(streamproc_retention_interventions_total)",
     "churn alerts": "sum(streamproc_churn_alerts_total)",
     "segment moves": "sum(streamproc_segment_moves_total)",
     "customers with a segment": "sum(max by (segment) (streamproc_segment_customers))",
@@ -80,6 +85,7 @@ class Prometheus:
     def __init__(self, base_url: str, log_path: Path) -> None:
         self.base_url = base_url
         self.log_path = log_path
+        self.ledger_port = 0
 
     def get(self, path: str, **params: str) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
@@ -111,11 +117,14 @@ def prometheus(topics: Settings, tmp_path: Path, request: pytest.FixtureRequest)
     if binary is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
     port = free_port()
+    ledger_port = free_port()  # `streamproc retention` serves its metrics here
     config = {  # JSON is YAML
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES_GLOB)],
         "scrape_configs": [{"job_name": "streamproc-worker",
-                            "static_configs": [{"targets": [f"127.0.0.1:{topics.web_port}"]}]}],
+                            "static_configs": [{"targets": [f"127.0.0.1:{topics.web_port}"]}]},
+                           {"job_name": "streamproc-retention",
+                            "static_configs": [{"targets": [f"127.0.0.1:{ledger_port}"]}]}],
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(json.dumps(config, indent=2))
@@ -138,6 +147,7 @@ def prometheus(topics: Settings, tmp_path: Path, request: pytest.FixtureRequest)
 
     request.addfinalizer(stop)  # registered before anything else can fail
     prom = Prometheus(f"http://127.0.0.1:{port}", log_path)
+    prom.ledger_port = ledger_port
     deadline = time.monotonic() + 20
     while True:
         assert proc.poll() is None, "prometheus exited\n" + prom.log_tail()
@@ -250,7 +260,36 @@ def wait_for_trained_model(worker: ModelWorker, timeout: float = 40.0) -> None:
                          + worker.log_tail())
 
 
-def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, model_worker, prometheus):
+def start_retention_loop(settings: Settings, records: list[tuple[str, bytes, bytes]], port: int, tmp_path: Path,
+                         request: pytest.FixtureRequest) -> int:
+    """The simulated team's interventions (and one invalid) and the customers it brought back, then `streamproc
+    retention` on the same topics; returns the transactions added (the worker processes them too)."""
+    alerts = [a for a in read_topic(settings, "churn-alerts", 10**6, 3.0) if a.get("record") == "alert"]
+    purchases: dict[str, list[int]] = {}
+    for topic, _, value in records:
+        try:
+            event = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if topic == "transactions" and isinstance(event, dict) and event.get("type") == "purchase" and \
+                isinstance(event.get("ts"), int):
+            purchases.setdefault(str(event.get("customer_id")), []).append(event["ts"])
+    treatment = treat(alerts, purchases, 30, seed=3)
+    assert treatment.interventions
+    send(settings, [("interventions", i["customer_id"].encode(), orjson.dumps(i)) for i in treatment.interventions]
+         + [("interventions", b"x", b'{"intervention_id": "bad"}')])
+    added = send(settings, [("transactions", p["customer_id"].encode(), orjson.dumps(p))
+                            for p in treatment.extra_purchases])
+    env = {**worker_env(settings), "STREAMPROC_RETENTION_METRICS_PORT": str(port)}
+    with open(tmp_path / "retention.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streamproc.cli", "retention"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+    request.addfinalizer(lambda: (proc.kill(), proc.wait(10)))
+    return added
+
+
+def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, model_worker, prometheus, tmp_path,
+                                                                  request):
     targets = dashboard_targets()
     assert len(targets) >= 65
     first, rest = traffic()
@@ -261,6 +300,9 @@ def test_every_dashboard_query_and_alert_rule_evaluates_with_data(topics, model_
     # the rest is scored by a model that has learned matured labels: churn alerts, segment moves
     wait_for_trained_model(worker)
     sent += send(topics, rest)
+    worker.wait_processed(sent, timeout=30)
+    # the retention loop: a simulated team acts on the alerts sent, the ledger decides their outcomes
+    sent += start_retention_loop(topics, first + rest, prometheus.ledger_port, tmp_path, request)
     worker.wait_processed(sent, timeout=30)
 
     # lag gauges come every 5 s, population and segment gauges every 10 s: poll until every panel has had data

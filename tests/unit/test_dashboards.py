@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from streamproc.metrics import Metrics
+from streamproc.metrics import ForwarderMetrics, Metrics
+from streamproc.runtime.ledger import LedgerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
@@ -70,10 +71,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_names() -> set[str]:
-    """Every series name the worker's metric bundle can expose (labelled families included, even if unused)."""
+    """Every series name streamproc's processes can expose: the worker's metric bundle, the retention ledger's and
+    the alert forwarder's (labelled families included, even if unused)."""
     names = set()
-    for family in Metrics().registry.collect():
-        names.update(family.name + suffix for suffix in SUFFIXES[family.type])
+    for bundle in (Metrics(), LedgerMetrics(), ForwarderMetrics()):
+        for family in bundle.registry.collect():
+            names.update(family.name + suffix for suffix in SUFFIXES[family.type])
     return names
 
 
@@ -200,7 +203,7 @@ def test_customers_dashboard_rows():
     board = load_dashboards()["customers-and-churn.json"]
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == ["Customers", "Orders and revenue", "Buyers and retention", "Segments", "Churn risk and alerts",
-                    "Model quality", "Recommendations"]
+                    "Model quality", "Recommendations", "Retention uplift"]
 
 
 # Gauges every worker reports identically (read from Redis: the census, the population, the model summary)
@@ -245,7 +248,7 @@ def test_every_metric_used_by_dashboards_is_exported_by_the_worker():
                 used.setdefault(metric, set()).add(f"{name}: {panel['title']}")
     assert len(used) >= 20
     unknown = {m: sorted(where) for m, where in used.items() if m not in exported}
-    assert not unknown, f"not exported by streamproc.metrics.Metrics: {unknown}"
+    assert not unknown, f"not exported by any streamproc process: {unknown}"
 
 
 def test_every_metric_used_by_alert_rules_is_exported_by_the_worker():
