@@ -16,7 +16,7 @@ import orjson
 
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
-from streamproc.domain.retention import UpliftRow, uplift_table
+from streamproc.domain.retention import uplift_table
 from streamproc.pipeline.lookup import lookup
 from streamproc.runtime.app import run_worker
 from streamproc.runtime.forwarder import run_forwarder
@@ -25,6 +25,7 @@ from streamproc.settings import Settings, settings_from_env
 from streamproc.tools.backtest import Columns, print_report, run_backtest
 from streamproc.tools.evaluate import run_evaluate
 from streamproc.tools.replay import timed_events
+from streamproc.tools.treatment import uplift_lines
 from streamproc.training.offline import run_offline
 from streamproc.training.trainer import run_trainer
 
@@ -76,24 +77,8 @@ def cmd_interventions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.as_dict() for row in table], indent=2))
         return 0
-    print_uplift(table, len(outcomes), settings.outcome_days)
+    print("\n".join(uplift_lines([row.as_dict() for row in table], len(outcomes), settings.outcome_days)))
     return 0
-
-
-def print_uplift(table: list[UpliftRow], outcomes: int, days: int) -> None:
-    """The uplift table for people: retention within ``days`` of an alert, treated vs control."""
-    print(f"{outcomes} alert outcomes (bought within {days} days of the alert); treated = contacted, not in the "
-          "control group; control = held out, not contacted")
-    print(f"  {'breakdown':<22} {'treated':>13} {'control':>13} {'uplift':>8} {'95 % interval':>18} "
-          f"{'rev/alerted T':>13} {'rev/alerted C':>13} {'cost/retained':>13}")
-    for r in table:
-        def rate(s: int, n: int) -> str:
-            return f"{s}/{n} {s / n:.0%}" if n else "-"
-        interval = f"[{r.lower:+.3f}, {r.upper:+.3f}]" if r.lower is not None else "-"
-        uplift = f"{r.uplift:+.3f}" if r.uplift is not None else "-"
-        print(f"  {r.key:<22} {rate(r.treated_retained, r.treated):>13} {rate(r.control_retained, r.control):>13} "
-              f"{uplift:>8} {interval:>18} {r.revenue_per_alerted_treated or '-':>13} "
-              f"{r.revenue_per_alerted_control or '-':>13} {r.cost_per_retained or '-':>13}")
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:

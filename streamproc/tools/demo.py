@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.settings import Settings
 from streamproc.tools.alerts import format_alert
@@ -20,9 +22,11 @@ from streamproc.tools.infra import Infra
 from streamproc.tools.producer import EventProducer, paced
 from streamproc.tools.simulate import SimulationConfig, Simulator, write_truth
 from streamproc.tools.tail import read_topic
+from streamproc.tools.treatment import measure_uplift, uplift_lines
 from streamproc.topics import ALERTS_TOPIC, apply_topics, delete_topics, load_specs
 
 DEMO_REDIS_DB = 1
+DEMO_UPLIFT_REDIS_DB = 2  # the retention loop's ledger (emptied on every demo)
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -114,17 +118,33 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
                                bad_fraction=0.002, duplicate_fraction=0.01)
         sim = Simulator(cfg)
         print(f"== 4/5 simulated traffic: {customers} customers over {days} days of event time")
-        sent, got = _send_traffic(settings, sim, rate, run_dir)
+        sent, got, transactions = _send_traffic(settings, sim, rate, run_dir)
         print("== 5/5 what came out")
         _report(settings, env, sim, run_dir, trainer_port)
-        return 0 if got >= sent else 1
     finally:
         stop_pipeline(procs)
+    _uplift(settings, transactions, run_dir)
+    return 0 if got >= sent else 1
 
 
-def _send_traffic(settings: Settings, sim: Simulator, rate: float, run_dir: Path) -> tuple[int, float]:
+def _uplift(settings: Settings, transactions: list[dict[str, Any]], run_dir: Path) -> None:
+    """The retention loop on the demo's alerts: a simulated team contacts the customers outside the control group,
+    contact brings some back by a known lift per action, and `streamproc retention` measures the uplift."""
+    print("   --- the retention loop (simulated team, streamproc retention, streamproc interventions report)")
+    alerts = read_topic(settings, ALERTS_TOPIC, 10**7, 3.0)
+    if not any(a.get("record") == "alert" for a in alerts):
+        print("     no alert was sent: nothing to measure")
+        return
+    run = measure_uplift(settings, alerts, transactions, effect=True, seed=7, redis_db=DEMO_UPLIFT_REDIS_DB,
+                         log_dir=run_dir)
+    for line in uplift_lines(run["table"], run["outcomes"], settings.outcome_days, run["true_lift"]):
+        print("   " + line)
+
+
+def _send_traffic(settings: Settings, sim: Simulator, rate: float,
+                  run_dir: Path) -> tuple[int, float, list[dict[str, Any]]]:
     """Send the simulated events at ``rate`` a second (0: as fast as possible), showing progress, and wait for the
-    worker to process them; returns (sent, processed)."""
+    worker to process them; returns (sent, processed, the valid transactions sent)."""
     producer = EventProducer(settings)
     sent = 0
     done = threading.Event()
@@ -138,9 +158,15 @@ def _send_traffic(settings: Settings, sim: Simulator, rate: float, run_dir: Path
     ticker = threading.Thread(target=progress, daemon=True)
     ticker.start()
     started = time.monotonic()
+    transactions = []
     for topic, key, payload in paced(sim.payloads(), rate):
         producer.send(topic, key, payload)
         sent += 1
+        if topic == "transactions":
+            try:
+                transactions.append(orjson.loads(payload))
+            except orjson.JSONDecodeError:
+                pass  # a corrupted record the simulator mixed in
     producer.close()
     write_truth(sim, run_dir / "truth")
     deadline = time.monotonic() + 300
@@ -151,7 +177,7 @@ def _send_traffic(settings: Settings, sim: Simulator, rate: float, run_dir: Path
     got = processed_total(scrape(settings.web_port))
     elapsed = time.monotonic() - started
     print(f"\r   sent {sent:,}   processed {int(got):,}   in {elapsed:.1f}s ({got / elapsed:,.0f} events/s)")
-    return sent, got
+    return sent, got, [t for t in transactions if isinstance(t, dict) and isinstance(t.get("ts"), int)]
 
 
 def _report(settings: Settings, env: dict[str, str], sim: Simulator, run_dir: Path, trainer_port: int) -> None:

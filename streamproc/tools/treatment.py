@@ -32,7 +32,6 @@ import redis
 
 from streamproc.domain.retention import uplift_table
 from streamproc.runtime.ledger import OUTCOMES_KEY, read_outcomes
-from streamproc.tools.demo import stop_pipeline
 from streamproc.tools.producer import EventProducer
 from streamproc.topics import apply_topics, delete_run_topics
 
@@ -162,10 +161,36 @@ def measure_uplift(settings: Any, alerts: list[dict[str, Any]], transactions: li
             time.sleep(1.0)
         outcomes = read_outcomes(client)
     finally:
-        stop_pipeline([proc], 30)
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         client.close()
         delete_run_topics(run)
     return {"effect": effect, "alerts": wanted, "outcomes": len(outcomes), "seconds": round(time.monotonic() - started),
             "true_lift": treatment.true_lift, "baseline": treatment.baseline,
             "interventions": len(treatment.interventions), "extra_purchases": len(treatment.extra_purchases),
             "table": [row.as_dict() for row in uplift_table(outcomes)]}
+
+
+def uplift_lines(table: list[dict[str, Any]], outcomes: int, days: int,
+                 truth: dict[str, float] | None = None) -> list[str]:
+    """The uplift table for people (``UpliftRow.as_dict`` rows); ``truth``: a simulation's lift per action."""
+    def rate(s: int, n: int) -> str:
+        return f"{s}/{n} {s / n:.0%}" if n else "-"
+
+    lines = [f"{outcomes} alert outcomes (bought within {days} days of the alert). Treated: contacted, not in the "
+             "control group. Control: held out, not contacted.",
+             f"  {'breakdown':<44} {'treated':>14} {'control':>12} {'uplift':>7} {'95 % interval':>17} "
+             f"{'rev/alerted T/C':>15} {'cost/retained':>13}" + ("  truth" if truth else "")]
+    for r in table:
+        interval = f"[{r['lower']:+.3f},{r['upper']:+.3f}]" if r["lower"] is not None else "-"
+        uplift = f"{r['uplift']:+.3f}" if r["uplift"] is not None else "-"
+        revenue = f"{r['revenue_per_alerted_treated'] or 0:.0f}/{r['revenue_per_alerted_control'] or 0:.0f}"
+        action = r["key"].removeprefix("action=")
+        shown = f"  {truth[action]:+.3f}" if truth and r["key"].startswith("action=") and action in truth else ""
+        lines.append(f"  {r['key'][:44]:<44} {rate(r['treated_retained'], r['treated']):>14} "
+                     f"{rate(r['control_retained'], r['control']):>12} {uplift:>7} {interval:>17} {revenue:>15} "
+                     f"{r['cost_per_retained'] if r['cost_per_retained'] is not None else '-':>13}{shown}")
+    return lines
