@@ -71,13 +71,15 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=180)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--control-share", type=float, default=0.1)
+    parser.add_argument("--no-effect", action="store_true", help="only the run whose contacts bring nobody back")
     args = parser.parse_args()
     alerts, seconds = alerts_of_a_run(args.customers, args.days, args.seed, args.control_share)
     sim = Simulator(SimulationConfig(customers=args.customers, days=args.days, seed=args.seed))
     transactions = [json.loads(v) for topic, _, v in sim.payloads() if topic == "transactions"]
     settings = Settings()
+    effects = (False,) if args.no_effect else (True, False)
     runs = [measure_uplift(settings, alerts, transactions, effect, seed=args.seed + 1, redis_db=12,
-                           log_dir=ROOT / ".local" / "uplift") for effect in (True, False)]
+                           log_dir=ROOT / ".local" / "uplift") for effect in effects]
     for run in runs:
         truth = run["true_lift"]
         for row in run["table"]:

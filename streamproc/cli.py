@@ -124,7 +124,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(settings_from_env(), customers=args.customers, days=args.days, rate=args.rate)
+    return run_demo(settings_from_env(), customers=args.customers, days=args.days, rate=args.rate,
+                    effect=not args.no_effect)
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--days", type=int, default=150)
     p.add_argument("--rate", type=float, default=0.0)
+    p.add_argument("--no-effect", action="store_true", help="the simulated retention team's contacts bring nobody "
+                                                              "back: the measured uplift should cover 0")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("settings", help="print the effective settings (secrets masked)")

@@ -86,7 +86,7 @@ def stop_pipeline(procs: list[subprocess.Popen[bytes]], timeout: float = 30.0) -
             proc.kill()
 
 
-def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
+def run_demo(settings: Settings, customers: int, days: int, rate: float, effect: bool = True) -> int:
     print("== 1/5 local infrastructure (real Kafka broker + Redis on loopback)")
     for status in Infra(settings).up():
         print("   " + status.line())
@@ -123,11 +123,11 @@ def run_demo(settings: Settings, customers: int, days: int, rate: float) -> int:
         _report(settings, env, sim, run_dir, trainer_port)
     finally:
         stop_pipeline(procs)
-    _uplift(settings, transactions, run_dir)
+    _uplift(settings, transactions, run_dir, effect)
     return 0 if got >= sent else 1
 
 
-def _uplift(settings: Settings, transactions: list[dict[str, Any]], run_dir: Path) -> None:
+def _uplift(settings: Settings, transactions: list[dict[str, Any]], run_dir: Path, effect: bool) -> None:
     """The retention loop on the demo's alerts: a simulated team contacts the customers outside the control group,
     contact brings some back by a known lift per action, and `streamproc retention` measures the uplift."""
     print("   --- the retention loop (simulated team, streamproc retention, streamproc interventions report)")
@@ -135,7 +135,7 @@ def _uplift(settings: Settings, transactions: list[dict[str, Any]], run_dir: Pat
     if not any(a.get("record") == "alert" for a in alerts):
         print("     no alert was sent: nothing to measure")
         return
-    run = measure_uplift(settings, alerts, transactions, effect=True, seed=7, redis_db=DEMO_UPLIFT_REDIS_DB,
+    run = measure_uplift(settings, alerts, transactions, effect=effect, seed=7, redis_db=DEMO_UPLIFT_REDIS_DB,
                          log_dir=run_dir)
     for line in uplift_lines(run["table"], run["outcomes"], settings.outcome_days, run["true_lift"]):
         print("   " + line)
