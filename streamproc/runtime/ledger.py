@@ -87,12 +87,16 @@ class RetentionLedger:
         self.marks: dict[str, int] = {k.decode(): int(v) for k, v in stored.items()}
         self.window = settings.outcome_days * DAY_MS
         self.lateness = int(settings.allowed_lateness_s * 1000)
+        self.carrying: set[str] = set()  # "<topic>:<partition>" with records on the broker
+        self.caught_up: set[str] = set()  # interventions partitions read to their end
+        self.decided_to = 0
 
     def run(self) -> None:
         refreshed = 0.0
         try:
             while not self.stopping.is_set():
                 batches = self.consumer.poll(timeout_ms=500)
+                self.survey()
                 records = [(self.topics[tp.topic], tp.partition, r) for tp, rs in batches.items() for r in rs]
                 if records:
                     self.apply(records)
@@ -105,18 +109,45 @@ class RetentionLedger:
             self.consumer.close()
             self.redis.close()
 
+    def survey(self) -> None:
+        """Which assigned partitions carry records (on the broker, read or not), and which interventions partitions
+        this ledger has read to their end."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        ends = self.consumer.end_offsets(assigned)
+        begins = self.consumer.beginning_offsets(assigned)
+        self.carrying = {f"{self.topics[tp.topic]}:{tp.partition}" for tp in assigned if ends[tp] > begins[tp]}
+        self.caught_up = {f"{INTERVENTIONS_TOPIC}:{tp.partition}" for tp in assigned
+                          if self.topics[tp.topic] == INTERVENTIONS_TOPIC and self.consumer.position(tp) >= ends[tp]}
+
+    def _slowest(self, kind: str) -> int | None:
+        """The newest event time of the slowest partition of ``kind`` that carries records (0: not read yet)."""
+        keys = {k for k in self.carrying | set(self.marks) if k.startswith(f"{kind}:")}
+        return min(self.marks.get(k, 0) for k in keys) if keys else None
+
     def watermark(self) -> int | None:
-        """The transactions watermark: the slowest partition that carried data, minus the allowed lateness."""
-        seen = [v for k, v in self.marks.items() if k.startswith("transactions:")]
-        return min(seen) - self.lateness if seen else None
+        """Where outcomes are decided: the transactions watermark (the slowest partition that carries records, minus
+        the allowed lateness), held back by any interventions partition not read to its end (a contact recorded
+        for an alert must be in before its outcome is). Never moves back."""
+        transactions = self._slowest("transactions")
+        if transactions is None:
+            return None
+        found = transactions - self.lateness
+        behind = [self.marks.get(k, 0) for k in self.carrying
+                  if k.startswith(f"{INTERVENTIONS_TOPIC}:") and k not in self.caught_up]
+        if behind:
+            found = min(found, min(behind) - self.lateness)
+        self.decided_to = max(self.decided_to, found)
+        return self.decided_to
 
     def keep_from(self, watermark: int) -> int:
         """Purchases before this can join no alert still to come: never less than ``LEDGER_KEEP_DAYS`` behind the
-        watermark (the alerts of a partition not read yet may trail that far), and back to the slowest alerts
-        partition seen, less a day (alerts of one instant arrive over its day)."""
+        watermark, and back to the slowest alerts partition that carries records (0 until it is read), less a day
+        (alerts of one instant arrive over its day)."""
         floor = watermark - max(self.window, LEDGER_KEEP_DAYS * DAY_MS)
-        alerts = [v for k, v in self.marks.items() if k.startswith(f"{ALERTS_TOPIC}:")]
-        return min(floor, min(alerts) - DAY_MS) if alerts else floor
+        alerts = self._slowest(ALERTS_TOPIC)
+        return floor if alerts is None else min(floor, alerts - DAY_MS)
 
     def apply(self, records: list[tuple[str, int, Any]]) -> None:
         by_customer: dict[str, list[tuple[str, Any]]] = defaultdict(list)
@@ -183,6 +214,8 @@ class RetentionLedger:
                     self.settings.dead_letter_max_original_bytes, partition, record.offset, record.timestamp))
                 return
             self.metrics.interventions.inc()
+            mark = f"{kind}:{partition}"
+            self.marks[mark] = max(self.marks.get(mark, 0), found.ts)
             by_customer[self.settings.customer_key(found.customer_id)].append(("intervention", found))
             return
         try:

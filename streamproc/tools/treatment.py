@@ -128,10 +128,13 @@ def measure_uplift(settings: Any, alerts: list[dict[str, Any]], transactions: li
     """The simulated team on a run's alerts, and the uplift `streamproc retention` measures from it: the loop's
     records go to fresh topics of their own, a ledger process reads them into an emptied Redis database, and the
     report is read back once every alert has its outcome."""
+    # what a worker would dead-letter is no purchase here either (a simulator mixes broken records in)
+    transactions = [t for t in transactions if isinstance(t.get("customer_id"), str) and isinstance(t.get("ts"), int)
+                    and "event_id" in t]
     purchases: dict[str, list[int]] = defaultdict(list)
     for t in transactions:
         if t.get("type") == "purchase":
-            purchases[str(t["customer_id"])].append(int(t["ts"]))
+            purchases[t["customer_id"]].append(t["ts"])
     sent = [a for a in alerts if a.get("record", "alert") == "alert"]
     treatment = treat(sent, purchases, settings.outcome_days, seed, effect)
     tag = uuid.uuid4().hex[:6]

@@ -32,7 +32,7 @@ def ledger(settings: Any, port: int, log: Any) -> subprocess.Popen[bytes]:
 
 def test_outcomes_survive_sigkill_per_alert_and_the_uplift_covers_the_true_lift(topics, tmp_path):
     settings = topics
-    alerts, purchases = world(3000, seed=12)
+    alerts, purchases = world(1500, seed=12)
     treatment = treat(alerts, purchases, 30, seed=13)
     expected = {o.alert_id: o.as_dict() for o in outcomes_of(alerts, purchases, treatment)}
     transactions = [{"event_id": f"{cid}-{k}", "customer_id": cid, "ts": t, "order_id": f"{cid}-{k}",
@@ -48,7 +48,7 @@ def test_outcomes_survive_sigkill_per_alert_and_the_uplift_covers_the_true_lift(
         with open(tmp_path / "ledger.log", "wb") as log:
             proc = ledger(settings, port, log)
             deadline = time.monotonic() + 60
-            while client.hlen(OUTCOMES_KEY) < 200 and time.monotonic() < deadline:
+            while client.hlen(OUTCOMES_KEY) < 100 and time.monotonic() < deadline:
                 time.sleep(0.2)
             os.kill(proc.pid, signal.SIGKILL)  # mid-stream, committed or not
             proc.wait(10)
