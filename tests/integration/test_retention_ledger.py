@@ -21,7 +21,7 @@ from streamproc.tools.demo import metric_total, scrape
 from streamproc.tools.tail import read_topic
 from streamproc.tools.treatment import loop_records, treat
 from tests.conftest import ROOT, free_port, produce, worker_env
-from tests.unit.test_retention import outcomes_of, world
+from tests.unit.test_retention import DAY, T0, outcomes_of, world
 
 
 def ledger(settings: Any, port: int, log: Any) -> subprocess.Popen[bytes]:
@@ -39,9 +39,11 @@ def test_outcomes_survive_sigkill_per_alert_and_the_uplift_covers_the_true_lift(
                      "type": "purchase", "amount": 10.0, "currency": "EUR"}
                     for cid, times in purchases.items() for k, t in enumerate(times)]
     records = loop_records(alerts, transactions, treatment, 30)
+    # the first part runs 70 days past the first alerts: the outcomes of those older than 40 days are decided in it
+    split = next(i for i, (_, _, v) in enumerate(records) if orjson.loads(v)["ts"] >= T0 + 70 * DAY)
     bad = [("interventions", b"c00001", b'{"intervention_id": "x", "customer_id": "c00001"}'),
            ("interventions", b"c00002", b"not json at all")]
-    produce(settings, records[: len(records) // 2] + bad)
+    produce(settings, records[:split] + bad)
     client = redis.Redis.from_url(settings.redis_url)
     port = free_port()
     try:
@@ -50,9 +52,10 @@ def test_outcomes_survive_sigkill_per_alert_and_the_uplift_covers_the_true_lift(
             deadline = time.monotonic() + 60
             while client.hlen(OUTCOMES_KEY) < 100 and time.monotonic() < deadline:
                 time.sleep(0.2)
+            assert client.hlen(OUTCOMES_KEY) >= 100, "no outcome before the kill: the test would not kill mid-way"
             os.kill(proc.pid, signal.SIGKILL)  # mid-stream, committed or not
             proc.wait(10)
-            produce(settings, records[len(records) // 2 :])
+            produce(settings, records[split:])
             proc = ledger(settings, port, log)
             try:
                 deadline = time.monotonic() + 120
