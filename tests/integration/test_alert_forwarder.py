@@ -100,7 +100,7 @@ def test_every_alert_is_delivered_signed_or_parked_and_a_sigkill_loses_nothing(t
     settings = topics
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
-    records = (alerts("ok", 40) + alerts("flaky", 5) + alerts("slow", 3) + alerts("reject", 3) + alerts("down", 3))
+    records = (alerts("ok", 30) + alerts("flaky", 4) + alerts("slow", 2) + alerts("reject", 3) + alerts("down", 3))
     produce(settings, records)
     expected = {json.loads(v)["alert_id"] for _, _, v in records}
     port = free_port()

@@ -51,8 +51,11 @@ def test_backtest_replays_the_calibration_through_the_pipeline_and_judges_every_
     assert set(scores) == {"served", "model", "bgnbd", "recency"}
     assert report["served_by"] in {"model", "bgnbd", "recency"}
     assert scores["served"] == scores[report["served_by"]]
-    for name, q in scores.items():
-        assert 0.6 < q["roc_auc"] < 1.0 and 0 < q["brier"] < 0.3, (name, q)
+    for name, q in scores.items():  # every candidate scored; the online classifier alone may rank poorly (it is
+        # then not served: bench/README, "Churn against a known optimum")
+        assert 0 < q["roc_auc"] < 1.0 and 0 < q["brier"] < 0.3 and q["log_loss"] > 0, (name, q)
+    for name in ("served", "bgnbd", "recency"):
+        assert scores[name]["roc_auc"] > 0.7, (name, scores[name])
     # never worse than its baselines by more than the noise of 1,000 customers
     assert scores["served"]["roc_auc"] >= max(scores["bgnbd"]["roc_auc"], scores["recency"]["roc_auc"]) - 0.02
     assert report["churn_labels"] > 1000 and report["fitted_bgnbd"]["fits"] >= 1
