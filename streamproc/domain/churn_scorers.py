@@ -275,17 +275,20 @@ class ChurnScorers:
         self.newest_instant = max(self.newest_instant, instant)
         sample = self.samples.get(instant)
         if sample is None:
-            if self._dropped(instant):
+            if instant < self._oldest_needed():
                 return  # older than every instant still needed: learnt, not sampled
             sample = self.samples[instant] = InstantSample()
         sample.add(digest, label, scores)
         if newer:  # the instants no choice needs any more: older than the latest complete ones chosen on
-            for old in [t for t in self.samples if self._dropped(t)]:
+            oldest = self._oldest_needed()
+            for old in [t for t in self.samples if t < oldest]:
                 del self.samples[old]
 
-    def _dropped(self, instant: int) -> bool:
+    def _oldest_needed(self) -> int:
+        """The oldest instant a choice can still need: the last of the latest complete ones chosen on, once more
+        complete instants than those are sampled (before that: every instant)."""
         complete = sorted((t for t in self.samples if self.complete(t)), reverse=True)
-        return len(complete) > INSTANTS_CHOSEN_ON and instant < complete[INSTANTS_CHOSEN_ON - 1]
+        return complete[INSTANTS_CHOSEN_ON - 1] if len(complete) > INSTANTS_CHOSEN_ON else -1
 
     def _choose(self) -> None:
         """Again when a newer instant came (another may be complete now), and every ``CHOOSE_EVERY`` labels."""
