@@ -37,7 +37,8 @@ def test_two_workers_share_one_model(topics, worker_factory):
         if done and sent and learned >= sent and len(versions) == 1 and checkpointed and None not in versions:
             break
         time.sleep(1.0)
-    ma, mb = a.metrics(), b.metrics()
+    # judged on the snapshot that ended the wait: reading again could catch the trainer one checkpoint ahead
+    # of the other worker's next poll of the model store (seen in CI: versions 4 and 3)
     # the work was split: each worker processed a share of the events
     assert processed_total(ma) > 0 and processed_total(mb) > 0
     # both sent examples from their own partitions, and one trainer learned all of them
