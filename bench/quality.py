@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import machine  # noqa: E402
 
 from streamproc.pipeline.records import BatchResult  # noqa: E402
+from streamproc.ports import CustomerRef  # noqa: E402
 from streamproc.settings import Settings  # noqa: E402
 from streamproc.tools.evaluate import score_run  # noqa: E402
 from streamproc.tools.simulate import SimulationConfig, Simulator  # noqa: E402
@@ -71,12 +72,12 @@ async def run(customers: int, days: int, seed: int, batch: int, checkpoint_every
     segments: dict[str, int] = {}
     applied = 0
     for cid in store.rows:
-        m = await store.model_outputs(cid) or {}
+        m = await store.model_outputs(CustomerRef(0, cid)) or {}  # the in-memory store keys rows by id alone
         if m.get("churn_p") is not None:
             churn_p[cid] = m["churn_p"]
         if m.get("segment") is not None:
             segments[cid] = m["segment"]
-        f = await store.features(cid) or {}
+        f = await store.features(CustomerRef(0, cid)) or {}
         applied += f.get("clicks", 0) + f.get("frequency", 0) + f.get("refunds", 0)
     truth = [asdict(t) for t in sim.truth()]
     scores = score_run(truth, churn_p, segments, alerted_ids, moves, applied)

@@ -139,7 +139,7 @@ def main() -> None:
                 "redis_used_mb": round(info["used_memory"] / 2**20, 1),
                 "redis_keys": r.dbsize(),
                 # the scoring checkpoint's size: the worker holds one loaded copy (two during a reload)
-                "checkpoint_kb": round(r.strlen(f"sp:model:v:{int(r.get('sp:model:current') or 0)}") / 1024, 1),
+                "checkpoint_kb": round(r.strlen(f"sp:{{model}}:v:{int(r.get('sp:{model}:current') or 0)}") / 1024, 1),
                 "lag": sum(v for k, v in now.items() if k.startswith("streamproc_consumer_lag_records")),
                 "p99_ms": None if (p := window_p99(now, before)) is None else round(p * 1000, 1),
                 # a steady soak dead-letters nothing: anything here means its events stopped counting

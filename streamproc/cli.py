@@ -40,8 +40,10 @@ def cmd_infra(args: argparse.Namespace) -> int:
     infra = Infra(settings_from_env())
     try:
         if args.action == "up":
-            for status in infra.up():
+            for status in infra.up(redis_cluster=args.redis_cluster):
                 print(status.line())
+            if args.redis_cluster:
+                print(f"redis cluster healthy: STREAMPROC_REDIS_URL={infra.redis_cluster.url}")
         elif args.action == "down":
             stopped = infra.down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service was started by streamproc)"))
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infra", help="start, stop or inspect the local Kafka broker and Redis")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--redis-cluster", action="store_true",
+                   help="with up: also a local Redis Cluster (3 masters, 3 replicas; STREAMPROC_REDIS_CLUSTER_PORT+)")
     p.set_defaults(func=cmd_infra)
 
     p = sub.add_parser("topics", help="apply topic declarations, list them, or (re)generate schemas")

@@ -43,6 +43,12 @@ class Metrics:
             "Events applied with fields their contract does not declare (ignored; STREAMPROC_UNKNOWN_FIELDS=ignore).",
             ["kind"], registry=r,
         )
+        self.events_off_partition = Counter(
+            "streamproc_events_off_partition_total",
+            "Events whose key Kafka's default (murmur2) partitioner sends to another partition than the one they came "
+            "on: a producer with another partitioner. Their customer's state is kept, but a lookup by id misses it.",
+            registry=r,
+        )
         self.late_events = Counter(
             "streamproc_late_events_total", "Events older than the watermark, by policy applied.", ["policy"],
             registry=r,

@@ -52,6 +52,19 @@ class Update:
                 f"{'' if segment is None else segment}")
 
 
+@dataclass(frozen=True, slots=True)
+class CustomerRef:
+    """Where one customer's state lives: the input partition their events arrive on, and the id stored (the raw id
+    or its pseudonym)."""
+
+    partition: int
+    id: str
+
+
+class LayoutMismatch(Exception):
+    """The store is laid out for another partition count (or an older layout) than the input topics have."""
+
+
 @dataclass(slots=True)
 class AlertClose:
     """Closing a partition's alert days, written at once: the sweep mark moves to ``mark``, the ``done`` queue entries
@@ -85,25 +98,35 @@ class CustomerStore(abc.ABC):
     """A customer's stored state and features: load with the version, compare-and-set save, erasure."""
 
     @abc.abstractmethod
-    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
-        """Version, state blob, model outputs and erasure of each customer (and the stored features)."""
+    async def load(self, partition: int, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+        """Version, state blob, model outputs and erasure of each of a partition's customers (and the stored
+        features)."""
 
     @abc.abstractmethod
     async def save(self, updates: list[Update]) -> SaveResult:
         """Apply updates atomically per customer; say which lost the version check."""
 
     @abc.abstractmethod
-    async def state_blob(self, customer_id: str) -> bytes | None: ...
+    async def state_blob(self, customer: CustomerRef) -> bytes | None: ...
 
     @abc.abstractmethod
-    async def features(self, customer_id: str) -> dict[str, Any] | None: ...
+    async def features(self, customer: CustomerRef) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None: ...
+    async def model_outputs(self, customer: CustomerRef) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
-    async def forget(self, customer_id: str) -> bool:
+    async def forget(self, customer: CustomerRef) -> bool:
         """Erase a customer and remember the erasure. True if there was anything to erase."""
+
+    @abc.abstractmethod
+    async def claim_layout(self, partitions: int) -> None:
+        """Record that the store is laid out for ``partitions`` input partitions, or raise ``LayoutMismatch`` if it
+        already holds state laid out otherwise."""
+
+    @abc.abstractmethod
+    async def layout_partitions(self) -> int | None:
+        """The input partition count the store is laid out for (None: nothing stored yet)."""
 
 
 class OutboxStore(abc.ABC):

@@ -15,9 +15,10 @@ from typing import Any
 import orjson
 
 from streamproc.adapters.model_store import RedisModelStore
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.retention import uplift_table
-from streamproc.pipeline.lookup import lookup
+from streamproc.pipeline.lookup import locate, lookup
 from streamproc.runtime.app import run_worker
 from streamproc.runtime.forwarder import run_forwarder
 from streamproc.runtime.ledger import read_outcomes, run_ledger
@@ -65,10 +66,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 
 def cmd_interventions(args: argparse.Namespace) -> int:
-    import redis
 
     settings = settings_from_env()
-    client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    client = sync_redis(settings.redis_url, **settings.redis_kwargs())
     try:
         outcomes = read_outcomes(client)
     finally:
@@ -95,7 +95,7 @@ def cmd_customer(args: argparse.Namespace) -> int:
         try:
             if args.action == "show":
                 found = await lookup(store, RedisModelStore(store.redis), settings,
-                                     settings.customer_key(args.customer_id))
+                                     await locate(store, settings, args.customer_id))
                 if found is None:
                     print(f"no customer {args.customer_id!r}", file=sys.stderr)
                     return 1
@@ -115,7 +115,8 @@ def cmd_customer(args: argparse.Namespace) -> int:
                 await store.set_suppressed(settings.customer_key(args.customer_id), args.action == "suppress")
                 print("suppressed: no churn alerts" if args.action == "suppress" else "no longer suppressed")
                 return 0
-            erased = await store.forget(settings.customer_key(args.customer_id))
+            where = await locate(store, settings, args.customer_id)
+            erased = await store.forget(where)
             print("erased" if erased else "no stored features; the erasure is recorded anyway")
             return 0
         finally:

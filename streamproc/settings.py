@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_username: str | None = None  # an ACL user (with redis_password)
     redis_ssl_ca_certs: Path | None = None  # with a rediss:// URL: the CA to verify the server
+    # the URL names a seed node of a Redis Cluster (as a redis+cluster:// or rediss+cluster:// URL does)
+    redis_cluster: bool = False
     # Kafka security, passed through to Faust (broker_credentials) and kafka-python
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
@@ -106,6 +108,9 @@ class Settings(BaseSettings):
     kafka_port: Port = 19092
     kafka_controller_port: Port = 19093
     redis_port: Port = 16379
+    # `infra up --redis-cluster`: 3 masters and 3 replicas on this port and the next 5 (their cluster buses on
+    # port + 10000)
+    redis_cluster_port: Port = 17101
     # the broker's -Xmx; infra derives -Xms from it and reads megabytes or gigabytes only (infra.min_heap)
     kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[mg]$")
     # STREAMPROC_STATE_DIR / STREAMPROC_CACHE_DIR override these; read when the settings are made, not imported
@@ -332,6 +337,9 @@ class Settings(BaseSettings):
             self.kafka_bootstrap = f"127.0.0.1:{self.kafka_port}"
         if not self.redis_url:
             self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.redis_cluster and self.redis_url.split("://", 1)[0] in ("redis", "rediss"):
+            scheme, rest = self.redis_url.split("://", 1)
+            self.redis_url = f"{scheme}+cluster://{rest.split('/', 1)[0]}/0"  # a cluster has database 0 only
         return self
 
     def topic(self, name: str) -> str:

@@ -211,6 +211,29 @@ def _delete_present(settings: Settings, chosen: Callable[[str], bool], timeout_s
         admin.close()
 
 
+def declared_input_partitions() -> int:
+    """The partition count ``topics.toml`` declares for the input topics."""
+    return input_partition_count({name: spec.partitions for name, spec in load_specs().items() if name in INPUT_TOPICS})
+
+
+def input_partition_count(counts: dict[str, int]) -> int:
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"the input topics must share a partition count (a customer's events land on the same "
+                         f"partition number in each), but they have {counts}")
+    return next(iter(counts.values()))
+
+
+def input_partitions(settings: Settings, names: tuple[str, ...]) -> int:
+    """The partition count the input topics share, as the broker has them. Customer state is stored per input
+    partition, so the count is part of the storage layout; inputs that differ cannot be co-partitioned."""
+    admin = admin_client(settings)
+    try:
+        described = admin.describe_topics([settings.topic(name) for name in names])
+    finally:
+        admin.close()
+    return input_partition_count({d["name"]: len(d["partitions"]) for d in described})
+
+
 def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:
     """Block until the broker reports every topic (Faust subscribes once and ignores a missing topic for
     good, so a worker started before `streamproc topics apply` would otherwise consume nothing)."""

@@ -16,6 +16,7 @@ from typing import Self
 import orjson
 import pytest
 
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,6 @@ def infra(base_settings: Settings) -> Iterator[Settings]:
 
 def isolated(infra: Settings, state_dir: Path) -> Settings:
     """Settings of an isolated environment: own topics, consumer group, Redis db and web port."""
-    import redis
 
     global _redis_dbs
     try:
@@ -61,7 +61,7 @@ def isolated(infra: Settings, state_dir: Path) -> Settings:
         "web_port": free_port(),
         "state_dir": state_dir / tag,
     })
-    client = redis.Redis.from_url(s.redis_url)
+    client = sync_redis(s.redis_url)
     client.flushdb()
     client.close()
     return s
@@ -97,7 +97,7 @@ def env_factory(infra: Settings, tmp_path: Path):
 # been read (the segment, re-assigned from session habits and category views so far, with the census key that holds
 # it, and the last recommendation's items, ranked with the top categories so far). The alert state (armed, last
 # alert) and the instants scored are compared. Write counts (_v) are left out too; checkpoints are not compared.
-MODEL_DEPENDENT_KEYS = ("sp:model:",)
+MODEL_DEPENDENT_KEYS = ("sp:{model}:",)
 
 
 def model_outputs(raw: bytes) -> dict[str, object]:
@@ -113,9 +113,8 @@ def model_outputs(raw: bytes) -> dict[str, object]:
 
 def redis_snapshot(settings: Settings) -> dict[str, object]:
     """Everything streamproc keeps in a Redis db that must be identical across replays."""
-    import redis
 
-    r = redis.Redis.from_url(settings.redis_url)
+    r = sync_redis(settings.redis_url)
     out: dict[str, object] = {}
     try:
         for key in sorted(r.scan_iter(count=1000)):
@@ -123,7 +122,8 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
             name = key.decode()
             if name.startswith(MODEL_DEPENDENT_KEYS):
                 continue
-            if name.startswith("sp:census:"):  # customers by stage|tier (the segment part is left out, above)
+            if name.startswith("sp:{p") and name.endswith(":census"):
+                # customers by stage|tier (the segment part is left out, above)
                 census = out.setdefault("census by stage and tier", {})
                 assert isinstance(census, dict)
                 for k, v in r.hgetall(key).items():
@@ -154,15 +154,14 @@ def redis_snapshot(settings: Settings) -> dict[str, object]:
 
 def wait_delivered(settings: Settings, timeout: float = 60.0) -> None:
     """Wait until the broker has confirmed every output a worker saved: a save parks its outputs in the outbox
-    (``sp:outbox:<p>``) and the worker clears them once the broker acknowledged them. Reading an output topic
+    (``sp:{p<p>}:outbox``) and the worker clears them once the broker acknowledged them. Reading an output topic
     before then can miss the newest."""
-    import redis
 
-    r = redis.Redis.from_url(settings.redis_url)
+    r = sync_redis(settings.redis_url)
     try:
         deadline = time.monotonic() + timeout
         while True:
-            parked = sum(r.hlen(key) for key in r.scan_iter("sp:outbox:*", count=1000))
+            parked = sum(r.hlen(key) for key in r.scan_iter("sp:{p*}:outbox", count=1000))
             if not parked:
                 return
             if time.monotonic() > deadline:

@@ -1,23 +1,32 @@
 """The Redis layout of the online feature store, and reading it (tools and tests read rows directly).
 
-Redis layout (one hash per customer, hash-tagged so a customer's keys share a cluster slot):
+Redis layout (version 2). Every key one atomic step touches carries its input partition as a hash tag
+(``{p7}``), so a batch's script call stays in one cluster slot while partitions spread over the shards (as
+Kafka Streams keeps one state store per partition). The partition count is part of the layout (``sp:layout``).
 
-    cust:{<customer_id>}   hash   ``f`` feature row (JSON array: schema id, then the values), ``_s`` state blob
-                                  (JSON), ``_v`` version (write count),
-                                  ``k`` census key "stage|tier|segment", ``m`` model outputs (JSON:
-                                  segment, churn probability, alert hysteresis; depend on the checkpoint)
-    sp:fschema             hash   feature schema id -> the feature names (JSON) its rows hold, in order
-    sp:census:<p>          hash   census key -> customers, per input partition (moved inside the save itself)
-    sp:outbox:<p>          hash   "<customer>:<version>" -> outputs of that save not yet confirmed by the broker
-    sp:erased              set    digests of erased customer ids (a replay must not bring them back)
-    sp:lastseen:<p>        zset   customer -> last event time, per input partition number (inactivity sweep)
-    sp:due:<p>             zset   customer -> the grid instant their oldest pending churn label matures at (moved
+    cust:{p<p>}:<customer_id>  hash  ``f`` feature row (JSON array: schema id, then the values), ``_s`` state
+                                     blob (JSON), ``_v`` version (write count), ``k`` census key
+                                     "stage|tier|segment", ``m`` model outputs (JSON: segment, churn probability,
+                                     alert hysteresis; depend on the checkpoint)
+    sp:{p<p>}:census       hash   census key -> customers of the partition (moved inside the save itself)
+    sp:{p<p>}:outbox       hash   "<customer>:<version>" -> outputs of that save not yet confirmed by the broker
+    sp:{p<p>}:erased       set    digests of the partition's erased customer ids (a replay must not bring them back)
+    sp:{p<p>}:lastseen     zset   customer -> last event time (inactivity sweep)
+    sp:{p<p>}:due          zset   customer -> the grid instant their oldest pending churn label matures at (moved
                                   inside the save): a member at or below the sweep mark is overdue
-    sp:sweep               hash   partition -> watermark up to which the sweep has run
+    sp:{p<p>}:alertq       hash   alert decisions waiting for their day to close
+    sp:{p<p>}:alertsent    hash   customer -> their sent alert not cleared yet
+    sp:{p<p>}:sweep        string watermark up to which the partition's sweep has run
+    sp:layout              hash   ``version``, ``partitions``: what this database is laid out for
+    sp:fschema             hash   feature schema id -> the feature names (JSON) its rows hold, in order
+    sp:suppressed          set    customers opted out of retention contact
     sp:wm                  hash   input source (kind:partition) -> largest event time seen
     sp:agg:buyers          HLL    customers with at least one purchase
     sp:agg:repeat          HLL    customers with at least two purchases
     sp:cohort:<YYYY-MM>:<k> HLL   customers whose first purchase was in YYYY-MM and who bought k months later
+
+The keys without a partition tag are only ever touched one command at a time. A customer's partition is the one
+their events arrive on; a lookup by id finds it with the producers' partitioner (``streamproc.partitioning``).
 
 Feature rows carry their values only, not their names: the names (the same for every customer under one
 configuration, ~55 of them) are stored once under a schema id, which halves the bytes of ``f``. Rows written
@@ -40,8 +49,11 @@ from typing import Any
 import orjson
 
 from streamproc.domain.customer import CustomerState
+from streamproc.partitioning import home_partition
+from streamproc.topics import declared_input_partitions
 
-ERASED_KEY = "sp:erased"
+LAYOUT_VERSION = 2
+LAYOUT_KEY = "sp:layout"
 SUPPRESSED_KEY = "sp:suppressed"  # customers opted out of retention contact: never alerted
 FEATURE_SCHEMAS_KEY = "sp:fschema"
 
@@ -77,13 +89,37 @@ def feature_names_from(client: Any) -> Callable[[str], list[str]]:
 
 
 def read_features(client: Any, customer_id: str) -> dict[str, Any] | None:
-    """A customer's stored features through a synchronous redis-py client (tools and tests)."""
-    raw = client.hget(customer_key(customer_id), "f")
+    """A customer's stored features through a synchronous redis-py client (tools and tests; ids not pseudonymised)."""
+    raw = client.hget(stored_customer_key(client, customer_id), "f")
     return decode_feature_row(raw, feature_names_from(client)) if raw else None
 
 
-def customer_key(customer_id: str) -> str:
-    return f"cust:{{{customer_id}}}"
+def customer_key(partition: int, customer_id: str) -> str:
+    return f"cust:{{p{partition}}}:{customer_id}"
+
+
+def customer_id_of(key: bytes | str) -> str:
+    """The customer id of a customer hash's key (``cust:{p<p>}:<id>``)."""
+    name = key.decode() if isinstance(key, bytes) else key
+    return name.split("}:", 1)[1]
+
+
+def stored_partitions(client: Any) -> int | None:
+    """The input partition count a database is laid out for, through a synchronous redis-py client (None: empty)."""
+    raw = client.hget(LAYOUT_KEY, "partitions")
+    return int(raw) if raw is not None else None
+
+
+def stored_customer_key(client: Any, customer_id: str) -> str:
+    """The key of a customer's hash in the database behind a synchronous redis-py client (its layout's partition
+    count picks the partition; an empty database: the declared count)."""
+    return customer_key(home_partition(customer_id, stored_partitions(client) or declared_input_partitions()),
+                        customer_id)
+
+
+def partition_key(partition: int, kind: str) -> str:
+    """A partition's own key of one kind (census, outbox, erased, lastseen, due, alertq, alertsent, sweep)."""
+    return f"sp:{{p{partition}}}:{kind}"
 
 
 def erasure_digest(customer_id: str) -> str:

@@ -13,7 +13,9 @@ from streamproc.domain.models import ModelBundle
 from streamproc.ports import (
     AlertClose,
     BatchSideEffects,
+    CustomerRef,
     FeatureStore,
+    LayoutMismatch,
     Loaded,
     ModelStore,
     SaveResult,
@@ -40,6 +42,15 @@ class InMemoryFeatureStore(FeatureStore):
         self.alert_queues: dict[int, dict[str, bytes]] = {}
         self.sent_alerts: dict[int, dict[str, str]] = {}  # partition -> customer -> sent alert not cleared yet
         self.opted_out: set[str] = set()
+        self.partitions: int | None = None  # the layout's input partition count (rows are keyed by id alone here)
+
+    async def claim_layout(self, partitions: int) -> None:
+        if self.partitions not in (None, partitions):
+            raise LayoutMismatch(f"laid out for {self.partitions} input partitions, not {partitions}")
+        self.partitions = partitions
+
+    async def layout_partitions(self) -> int | None:
+        return self.partitions
 
     async def alert_queue(self, partition: int) -> dict[str, bytes]:
         return dict(self.alert_queues.get(partition, {}))
@@ -107,8 +118,8 @@ class InMemoryFeatureStore(FeatureStore):
             self.last_seen.get(partition, {}).pop(cid, None)
             self.label_due.get(partition, {}).pop(cid, None)
 
-    async def state_blob(self, customer_id: str) -> bytes | None:
-        row = self.rows.get(customer_id)
+    async def state_blob(self, customer: CustomerRef) -> bytes | None:
+        row = self.rows.get(customer.id)
         return row[1] if row else None
 
     async def population(self) -> dict[str, float]:
@@ -116,7 +127,7 @@ class InMemoryFeatureStore(FeatureStore):
         repeat = len(self.hll.get("sp:agg:repeat", set()))
         return {"buyers": buyers, "repeat_buyers": repeat, "repeat_purchase_rate": repeat / buyers if buyers else 0.0}
 
-    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+    async def load(self, partition: int, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
         out = {}
         for cid in customer_ids:
             row = self.rows.get(cid)
@@ -165,12 +176,12 @@ class InMemoryFeatureStore(FeatureStore):
                 totals[k] = totals.get(k, 0) + v
         return {k: v for k, v in totals.items() if v}
 
-    async def features(self, customer_id: str) -> dict[str, Any] | None:
-        row = self.rows.get(customer_id)
+    async def features(self, customer: CustomerRef) -> dict[str, Any] | None:
+        row = self.rows.get(customer.id)
         return orjson.loads(row[2]) if row else None
 
-    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
-        raw = self.models.get(customer_id)
+    async def model_outputs(self, customer: CustomerRef) -> dict[str, Any] | None:
+        raw = self.models.get(customer.id)
         return orjson.loads(raw) if raw else None
 
     async def suppressed(self, customer_ids: list[str]) -> set[str]:
@@ -182,7 +193,8 @@ class InMemoryFeatureStore(FeatureStore):
         else:
             self.opted_out.discard(customer_id)
 
-    async def forget(self, customer_id: str) -> bool:
+    async def forget(self, customer: CustomerRef) -> bool:
+        customer_id = customer.id
         self.erased.add(customer_id)
         self.opted_out.discard(customer_id)
         self.models.pop(customer_id, None)

@@ -11,6 +11,7 @@ the replayed events themselves are fenced and would produce nothing.
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -19,8 +20,9 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamproc.adapters.feature_rows import (
-    ERASED_KEY,
     FEATURE_SCHEMAS_KEY,
+    LAYOUT_KEY,
+    LAYOUT_VERSION,
     SUPPRESSED_KEY,
     customer_key,
     decode_feature_row,
@@ -28,8 +30,19 @@ from streamproc.adapters.feature_rows import (
     encode_state,
     erasure_digest,
     feature_schema_id,
+    partition_key,
 )
-from streamproc.ports import AlertClose, BatchSideEffects, FeatureStore, Loaded, SaveResult, Update
+from streamproc.adapters.redis_clients import AsyncRedis, async_redis
+from streamproc.ports import (
+    AlertClose,
+    BatchSideEffects,
+    CustomerRef,
+    FeatureStore,
+    LayoutMismatch,
+    Loaded,
+    SaveResult,
+    Update,
+)
 
 
 def lua(name: str) -> str:
@@ -68,29 +81,34 @@ def _packing_in_c(connection_class: type) -> Any:
 
 
 class RedisFeatureStore(FeatureStore):
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AsyncRedis) -> None:
         self.redis = client
         self._save = client.register_script(lua("save_customers"))
         self._load = client.register_script(lua("load_customers"))
         self._close_alerts = client.register_script(lua("close_alerts"))
         self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
         self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
+        self._schemas_stored: set[str] = set()  # schema ids this process has written (HSETNX: once is enough)
+        self._partitions: int | None = None  # the input partition count of the layout, once read or claimed
 
     @classmethod
     def from_url(cls, url: str, password: str | None = None, **kwargs: Any) -> RedisFeatureStore:
-        client = aioredis.from_url(url, password=password, decode_responses=False, **kwargs)
+        client = async_redis(url, password=password, decode_responses=False, **kwargs)
+        if isinstance(client, aioredis.RedisCluster):
+            return cls(client)  # its nodes make their own connections: redis-py packs the commands there
         pool = client.connection_pool
         pool.connection_class = _packing_in_c(pool.connection_class)  # plain, TLS or unix socket alike
         return cls(client)
 
-    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+    async def load(self, partition: int, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
         if not customer_ids:
             return {}
         # one script call for the whole batch: one command to encode and one reply to parse, instead of one
         # HMGET per customer
         digests = [erasure_digest(cid) for cid in customer_ids]
         fields = (*_LOAD_FIELDS, "f") if with_features else _LOAD_FIELDS
-        flat = await self._load(keys=[*(customer_key(cid) for cid in customer_ids), ERASED_KEY],
+        flat = await self._load(keys=[*(customer_key(partition, cid) for cid in customer_ids),
+                                      partition_key(partition, "erased")],
                                 args=[*digests, *fields])
         width = len(fields) + 1  # the fields, then the erasure flag
         out: dict[str, Loaded] = {}
@@ -103,23 +121,46 @@ class RedisFeatureStore(FeatureStore):
     async def save(self, updates: list[Update]) -> SaveResult:
         if not updates:
             return SaveResult([], {})
-        keys: list[str] = []
-        args: list[str | bytes] = []
-        schema_ids = self._schema_ids
+        by_partition: dict[int, list[Update]] = {}
+        for up in updates:
+            by_partition.setdefault(up.partition, []).append(up)
+        await self._store_schemas(updates)
+        # one script call per partition: its keys share the partition's hash tag, so on a cluster it runs on one
+        # shard; the calls go out together
+        results = await asyncio.gather(*(self._save_partition(p, ups) for p, ups in by_partition.items()))
+        merged = SaveResult([], {})
+        for result in results:
+            merged.failed += result.failed
+            merged.previous_census.update(result.previous_census)
+        return merged
+
+    async def _store_schemas(self, updates: list[Update]) -> None:
+        """Store the names of each feature schema the rows use before any row that refers to it (a crash between
+        the two leaves an unused schema, never a row without one)."""
         schemas: dict[str, tuple[str, ...]] = {}
         for up in updates:
             names = tuple(up.features)
-            schema_id = schema_ids.get(names)
+            schema_id = self._schema_ids.get(names)
             if schema_id is None:
-                schema_id = schema_ids[names] = feature_schema_id(names)
-            schemas[schema_id] = names
-            keys.append(customer_key(up.customer_id))
-            keys.append(f"sp:census:{up.partition}")
-            keys.append(f"sp:outbox:{up.partition}")
-            keys.append(f"sp:due:{up.partition}")
-            keys.append(f"sp:alertq:{up.partition}")
+                schema_id = self._schema_ids[names] = feature_schema_id(names)
+            if schema_id not in self._schemas_stored:
+                schemas[schema_id] = names
+        if schemas:
+            pipe = self.redis.pipeline(transaction=False)
+            for schema_id, names in schemas.items():
+                pipe.hsetnx(FEATURE_SCHEMAS_KEY, schema_id, orjson.dumps(names))
+            await pipe.execute()
+            self._schemas_stored |= set(schemas)
+
+    async def _save_partition(self, partition: int, updates: list[Update]) -> SaveResult:
+        keys: list[str] = [partition_key(partition, kind) for kind in ("census", "outbox", "due", "alertq")]
+        args: list[str | bytes] = []
+        for up in updates:
+            keys.append(customer_key(partition, up.customer_id))
+            args.append(up.customer_id)
             args.append(str(up.expected_version))
-            args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
+            args.append(b"" if up.features_unchanged
+                        else encode_feature_row(self._schema_ids[tuple(up.features)], up.features))
             args.append(encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
@@ -127,10 +168,6 @@ class RedisFeatureStore(FeatureStore):
             args.append(b"" if up.label_due is None else str(up.label_due))
             args.append(orjson.dumps([x for name, value in up.queued.items() for x in (name, value.decode())])
                         if up.queued else b"")
-        keys.append(FEATURE_SCHEMAS_KEY)
-        for schema_id, names in schemas.items():
-            args.append(schema_id)
-            args.append(orjson.dumps(names))
         replies = await self._save(keys=keys, args=args)
         result = SaveResult([], {})
         for up, reply in zip(updates, replies, strict=True):
@@ -139,6 +176,32 @@ class RedisFeatureStore(FeatureStore):
             else:
                 result.previous_census[up.customer_id] = reply.decode() or None
         return result
+
+    async def claim_layout(self, partitions: int) -> None:
+        if await self.redis.exists("sp:sweep") or await self.redis.exists("sp:erased"):  # only the first layout had
+            raise LayoutMismatch(
+                "this Redis database holds state in streamproc's first layout (keys not tagged by partition); "
+                "rebuild it by replay into an empty database (README: 'Changing the partition count')")
+        await self.redis.hsetnx(LAYOUT_KEY, "version", LAYOUT_VERSION)
+        await self.redis.hsetnx(LAYOUT_KEY, "partitions", partitions)
+        raw: list[bytes | None] = await self.redis.hmget(LAYOUT_KEY, ["version", "partitions"])  # type: ignore[assignment]
+        version, stored = (int(x) if x is not None else None for x in raw)
+        if version != LAYOUT_VERSION or stored != partitions:
+            raise LayoutMismatch(
+                f"this Redis database holds customer state laid out for {stored} input partitions (layout "
+                f"v{version}), but the input topics have {partitions}: a customer's state would be looked for under "
+                "the wrong partition. Keep the partition count, or rebuild by replay into an empty database "
+                "(README: 'Changing the partition count')")
+        self._partitions = partitions
+
+    async def layout_partitions(self) -> int | None:
+        if self._partitions is None:
+            raw = await self.redis.hget(LAYOUT_KEY, "partitions")
+            self._partitions = int(raw) if raw is not None else None
+        return self._partitions
+
+    async def _all_partitions(self) -> range:
+        return range(await self.layout_partitions() or 0)
 
     async def _decode_row(self, raw: bytes) -> dict[str, Any]:
         """A stored feature row as a dict, its schema's names fetched once per process."""
@@ -156,7 +219,7 @@ class RedisFeatureStore(FeatureStore):
         pipe = self.redis.pipeline(transaction=False)
         for partition, seen in effects.last_seen.items():
             if seen:
-                pipe.zadd(f"sp:lastseen:{partition}", seen, gt=True)
+                pipe.zadd(partition_key(partition, "lastseen"), seen, gt=True)
         if effects.watermarks:
             # only ever moves forward: HSET of the max is safe because one worker owns a partition
             pipe.hset("sp:wm", mapping={k: str(v) for k, v in effects.watermarks.items()})
@@ -165,20 +228,22 @@ class RedisFeatureStore(FeatureStore):
         await pipe.execute()
 
     async def outbox(self, partition: int) -> dict[str, bytes]:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(f"sp:outbox:{partition}")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = await self.redis.hgetall(partition_key(partition, "outbox"))  # type: ignore[assignment]
         return {k.decode(): v for k, v in raw.items()}
 
     async def clear_outbox(self, fields: dict[int, list[str]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for partition, names in fields.items():
             if names:
-                pipe.hdel(f"sp:outbox:{partition}", *names)
+                pipe.hdel(partition_key(partition, "outbox"), *names)
         await pipe.execute()
 
     async def census(self) -> dict[str, int]:
         totals: dict[str, int] = {}
-        async for key in self.redis.scan_iter("sp:census:*", count=100):
-            raw: dict[bytes, bytes] = await self.redis.hgetall(key)  # type: ignore[assignment]
+        pipe = self.redis.pipeline(transaction=False)
+        for partition in await self._all_partitions():
+            pipe.hgetall(partition_key(partition, "census"))
+        for raw in await pipe.execute():
             for k, v in raw.items():
                 totals[k.decode()] = totals.get(k.decode(), 0) + int(v)
         return {k: v for k, v in totals.items() if v}
@@ -188,20 +253,23 @@ class RedisFeatureStore(FeatureStore):
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def sweep_marks(self) -> dict[int, int]:
-        raw: dict[bytes, bytes] = await self.redis.hgetall("sp:sweep")  # type: ignore[assignment]
-        return {int(k): int(v) for k, v in raw.items()}
+        partitions = await self._all_partitions()
+        pipe = self.redis.pipeline(transaction=False)
+        for partition in partitions:
+            pipe.get(partition_key(partition, "sweep"))
+        return {p: int(v) for p, v in zip(partitions, await pipe.execute(), strict=True) if v is not None}
 
     async def set_sweep_mark(self, partition: int, watermark: int) -> None:
-        await self.redis.hset("sp:sweep", str(partition), str(watermark))
+        await self.redis.set(partition_key(partition, "sweep"), str(watermark))
 
     async def alert_queue(self, partition: int) -> dict[str, bytes]:
-        raw: dict[bytes, bytes] = await self.redis.hgetall(f"sp:alertq:{partition}")  # type: ignore[assignment]
+        raw: dict[bytes, bytes] = await self.redis.hgetall(partition_key(partition, "alertq"))  # type: ignore[assignment]
         return {k.decode(): v for k, v in raw.items()}
 
     async def open_sent_alerts(self, partition: int, customer_ids: list[str]) -> dict[str, str]:
         if not customer_ids:
             return {}
-        raw: list[bytes | None] = await self.redis.hmget(f"sp:alertsent:{partition}", customer_ids)  # type: ignore[assignment]
+        raw: list[bytes | None] = await self.redis.hmget(partition_key(partition, "alertsent"), customer_ids)  # type: ignore[assignment]
         return {cid: v.decode() for cid, v in zip(customer_ids, raw, strict=True) if v}
 
     async def close_alerts(self, close: AlertClose) -> None:
@@ -210,18 +278,19 @@ class RedisFeatureStore(FeatureStore):
                                    str(len(close.done)), *close.done]
         for cid, alert_id in close.open_sent.items():
             args += [cid, alert_id or ""]
-        await self._close_alerts(keys=[f"sp:alertq:{p}", f"sp:alertsent:{p}", f"sp:outbox:{p}", "sp:sweep"], args=args)
+        keys = [partition_key(p, kind) for kind in ("alertq", "alertsent", "outbox", "sweep")]
+        await self._close_alerts(keys=keys, args=args)
 
     async def overdue_labels(self, marks: dict[int, int]) -> int:
         pipe = self.redis.pipeline(transaction=False)
         for partition, mark in marks.items():
-            pipe.zcount(f"sp:due:{partition}", "-inf", mark)
+            pipe.zcount(partition_key(partition, "due"), "-inf", mark)
         return sum(await pipe.execute())
 
     async def silent_in_ranges(self, partition: int, ranges: list[tuple[int, int]]) -> list[list[str]]:
         pipe = self.redis.pipeline(transaction=False)
         for low, high in ranges:
-            pipe.zrangebyscore(f"sp:lastseen:{partition}", f"({low}", high)
+            pipe.zrangebyscore(partition_key(partition, "lastseen"), f"({low}", high)
         return [[m.decode() for m in found] for found in await pipe.execute()]
 
     async def expire(self, partition: int, customer_ids: list[str]) -> None:
@@ -229,19 +298,19 @@ class RedisFeatureStore(FeatureStore):
             return
         pipe = self.redis.pipeline(transaction=False)
         for cid in customer_ids:
-            pipe.hget(customer_key(cid), "k")
+            pipe.hget(customer_key(partition, cid), "k")
         previous = await pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
         for cid, census_key in zip(customer_ids, previous, strict=True):
-            pipe.delete(customer_key(cid))
+            pipe.delete(customer_key(partition, cid))
             if census_key:
-                pipe.hincrby(f"sp:census:{partition}", census_key.decode(), -1)
-        pipe.zrem(f"sp:lastseen:{partition}", *customer_ids)
-        pipe.zrem(f"sp:due:{partition}", *customer_ids)
+                pipe.hincrby(partition_key(partition, "census"), census_key.decode(), -1)
+        pipe.zrem(partition_key(partition, "lastseen"), *customer_ids)
+        pipe.zrem(partition_key(partition, "due"), *customer_ids)
         await pipe.execute()
 
-    async def state_blob(self, customer_id: str) -> bytes | None:
-        blob: bytes | None = await self.redis.hget(customer_key(customer_id), "_s")  # type: ignore[assignment]
+    async def state_blob(self, customer: CustomerRef) -> bytes | None:
+        blob: bytes | None = await self.redis.hget(customer_key(customer.partition, customer.id), "_s")  # type: ignore[assignment]
         return blob or None
 
     async def population(self) -> dict[str, float]:
@@ -264,12 +333,12 @@ class RedisFeatureStore(FeatureStore):
             out[f"cohort_size:{month}"] = size
         return out
 
-    async def features(self, customer_id: str) -> dict[str, Any] | None:
-        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "f")  # type: ignore[assignment]
+    async def features(self, customer: CustomerRef) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer.partition, customer.id), "f")  # type: ignore[assignment]
         return await self._decode_row(raw) if raw else None
 
-    async def model_outputs(self, customer_id: str) -> dict[str, Any] | None:
-        raw: bytes | None = await self.redis.hget(customer_key(customer_id), "m")  # type: ignore[assignment]
+    async def model_outputs(self, customer: CustomerRef) -> dict[str, Any] | None:
+        raw: bytes | None = await self.redis.hget(customer_key(customer.partition, customer.id), "m")  # type: ignore[assignment]
         return orjson.loads(raw) if raw else None
 
     async def suppressed(self, customer_ids: list[str]) -> set[str]:
@@ -284,28 +353,25 @@ class RedisFeatureStore(FeatureStore):
         else:
             await self.redis.srem(SUPPRESSED_KEY, customer_id)
 
-    async def forget(self, customer_id: str) -> bool:
-        census_key: bytes | None = await self.redis.hget(customer_key(customer_id), "k")  # type: ignore[assignment]
-        deleted = await self.redis.delete(customer_key(customer_id))
+    async def forget(self, customer: CustomerRef) -> bool:
+        p, cid = customer.partition, customer.id
+        key = customer_key(p, cid)
+        census_key: bytes | None = await self.redis.hget(key, "k")  # type: ignore[assignment]
+        deleted = await self.redis.delete(key)
         pipe = self.redis.pipeline(transaction=False)
         if deleted and census_key:
-            # the census is read as a sum over partitions: take the customer off any partition holding the key
-            async for key in self.redis.scan_iter("sp:census:*", count=100):
-                if await self.redis.hget(key, census_key.decode()):
-                    pipe.hincrby(key, census_key.decode(), -1)
-                    break
-        pipe.sadd(ERASED_KEY, erasure_digest(customer_id))
-        pipe.srem(SUPPRESSED_KEY, customer_id)  # the opt-out record names them too
-        for pattern in ("sp:lastseen:*", "sp:due:*"):
-            async for key in self.redis.scan_iter(pattern, count=100):
-                pipe.zrem(key, customer_id)
-        for pattern in ("sp:outbox:*", "sp:alertq:*"):  # unsent outputs about them, alert decisions waiting
-            async for key in self.redis.scan_iter(pattern, count=100):
-                for match in (f"{customer_id}:*", f"cleared:{customer_id}:*"):
-                    async for name, _ in self.redis.hscan_iter(key, match=match):
-                        pipe.hdel(key, name)
-        async for key in self.redis.scan_iter("sp:alertsent:*", count=100):
-            pipe.hdel(key, customer_id)
+            pipe.hincrby(partition_key(p, "census"), census_key.decode(), -1)
+        pipe.sadd(partition_key(p, "erased"), erasure_digest(cid))
+        pipe.srem(SUPPRESSED_KEY, cid)  # the opt-out record names them too
+        pipe.zrem(partition_key(p, "lastseen"), cid)
+        pipe.zrem(partition_key(p, "due"), cid)
+        pipe.hdel(partition_key(p, "alertsent"), cid)
+        await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for kind in ("outbox", "alertq"):  # unsent outputs about them, alert decisions waiting
+            for match in (f"{cid}:*", f"cleared:{cid}:*"):
+                async for name, _ in self.redis.hscan_iter(partition_key(p, kind), match=match):
+                    pipe.hdel(partition_key(p, kind), name)
         await pipe.execute()
         return bool(deleted)
 

@@ -15,14 +15,24 @@ from streamproc.domain.churn import inputs_at
 from streamproc.domain.customer import CustomerState
 from streamproc.domain.features import clv, features, retention_per_period
 from streamproc.domain.rfm import rfm_scores
-from streamproc.ports import FeatureStore, ModelStore
+from streamproc.partitioning import home_partition
+from streamproc.ports import CustomerRef, FeatureStore, ModelStore
 from streamproc.settings import Settings
+from streamproc.topics import declared_input_partitions
+
+
+async def locate(store: FeatureStore, settings: Settings, customer_id: str) -> CustomerRef:
+    """Where the customer with this (raw) id is stored: their input partition by the producers' partitioner, and
+    the stored id (their pseudonym when ids are pseudonymised). Before any worker laid the store out, the
+    declared partition count stands in (an erasure is recorded all the same)."""
+    partitions = await store.layout_partitions() or declared_input_partitions()
+    return CustomerRef(home_partition(customer_id, partitions), settings.customer_key(customer_id))
 
 
 async def lookup(
-    store: FeatureStore, models: ModelStore, settings: Settings, customer_id: str
+    store: FeatureStore, models: ModelStore, settings: Settings, customer: CustomerRef
 ) -> dict[str, Any] | None:
-    blob = await store.state_blob(customer_id)
+    blob = await store.state_blob(customer)
     if blob is None:
         return None
     state = CustomerState.from_dict(orjson.loads(blob))
@@ -31,9 +41,9 @@ async def lookup(
     watermark = max(marks.values()) - cfg.allowed_lateness_ms if marks else state.max_ts
     as_of = max(watermark, state.max_ts)
     out: dict[str, Any] = {
-        "features": features(state, as_of, cfg), "stored_features": await store.features(customer_id),
+        "features": features(state, as_of, cfg), "stored_features": await store.features(customer),
     }
-    model = await store.model_outputs(customer_id) or {}
+    model = await store.model_outputs(customer) or {}
     summary = await models.summary() or {}
     segment = model.get("segment")
     profiles = summary.get("segments", {})

@@ -32,6 +32,7 @@ from streamproc.domain.events import DecodeLimits, Rejection, decode_event_notin
 from streamproc.domain.models import ModelBundle
 from streamproc.errors import InjectedFault, TransientError
 from streamproc.metrics import Metrics, observe_many
+from streamproc.partitioning import home_partition
 from streamproc.pipeline.derive import Derivation
 from streamproc.pipeline.model_step import ModelStep
 from streamproc.pipeline.records import BatchResult, RawRecord, Watermarks
@@ -89,6 +90,7 @@ class BatchProcessor:
         self.pseudonymize = pseudonymize
         self.watermarks = Watermarks(fold.allowed_lateness_ms, max_skew_ms=max_source_skew_ms)
         self._partitions_loaded: set[int] = set()  # partitions whose stored watermarks were loaded
+        self._layout_partitions: int | None = None  # the store's input partition count (read on resuming)
         churn = churn or ChurnConfig()
         boundaries = sorted({*sweep_boundaries_days, *fold.windows_days, 60, fold.at_risk_days, fold.churned_days})
         self.model = ModelStep(fold, churn, metrics, action_table, excluded_products,
@@ -190,6 +192,7 @@ class BatchProcessor:
         by_customer: dict[str, list[tuple[RawRecord, Positioned]]] = defaultdict(list)
         for rec, pos in valid:
             by_customer[pos.event.customer_id].append((rec, pos))
+        self._count_off_partition(by_customer)
 
         marks_wm = marks.by_partition()
         pending = dict(by_customer)
@@ -198,7 +201,8 @@ class BatchProcessor:
             if not pending:
                 break
             attempt_of = _Attempt(pending, marks_wm)
-            updates, failed = await self.calls.load_step_save(list(pending), functools.partial(self._step, attempt_of))
+            customers = {cid: items[-1][0].partition for cid, items in pending.items()}
+            updates, failed = await self.calls.load_step_save(customers, functools.partial(self._step, attempt_of))
             outcomes, customer_results, states = attempt_of.outcomes, attempt_of.results, attempt_of.states
             for up in updates:
                 if up.outputs and up.customer_id not in failed:
@@ -242,6 +246,19 @@ class BatchProcessor:
             if partition in fresh:
                 self.sweeper.swept[partition] = max(self.sweeper.swept.get(partition, mark), mark)
         self._partitions_loaded |= fresh
+        self._layout_partitions = await self.store.layout_partitions()
+
+    def _count_off_partition(self, by_customer: dict[str, list[tuple[RawRecord, Positioned]]]) -> None:
+        """Count events whose key Kafka's default partitioner sends elsewhere than where they came from (a producer
+        with another partitioner): their customer is stored under the partition they came on, where a lookup by id
+        (``pipeline.lookup.locate``) does not look. One key per customer and batch is checked."""
+        partitions = self._layout_partitions
+        if not partitions:
+            return
+        for items in by_customer.values():
+            rec = items[0][0]
+            if rec.key is not None and home_partition(rec.key.decode(errors="replace"), partitions) != rec.partition:
+                self.metrics.events_off_partition.inc(len(items))
 
     def _observe(self, records: list[RawRecord], result: BatchResult, started: float) -> None:
         count_outcomes(self.metrics, result)

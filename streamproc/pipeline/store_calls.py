@@ -22,9 +22,9 @@ class StoreCalls:
         self.store = store
         self.metrics = metrics
 
-    async def load(self, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
+    async def load(self, partition: int, customer_ids: list[str], with_features: bool = False) -> dict[str, Loaded]:
         t0 = time.perf_counter()
-        loaded = await self.store.load(customer_ids, with_features)
+        loaded = await self.store.load(partition, customer_ids, with_features)
         self.metrics.redis_seconds.labels("load").observe(time.perf_counter() - t0)
         return loaded
 
@@ -35,20 +35,25 @@ class StoreCalls:
         return saved
 
     async def load_step_save(
-        self, customer_ids: list[str], step: Callable[[str, Loaded], Update | None], with_features: bool = False,
+        self, customers: dict[str, int], step: Callable[[str, Loaded], Update | None], with_features: bool = False,
     ) -> tuple[list[Update], set[str]]:
         """Load, step and save customers with Redis working beside the CPU: loads go out in chunks all at once and
         each chunk is stepped as soon as its reply is in; updates are saved in chunks while the next ones are
         computed (chunks hold different customers, so the order their scripts run in does not matter). Returns
         the updates and the customers whose save lost the version check. An error is raised once every call in
-        flight has ended, so a retry never races a save of this attempt."""
-        chunks = [customer_ids[i : i + LOAD_CHUNK] for i in range(0, len(customer_ids), LOAD_CHUNK)]
-        loading = [asyncio.ensure_future(self.load(chunk, with_features)) for chunk in chunks]
+        flight has ended, so a retry never races a save of this attempt. ``customers``: id -> input partition (a
+        load chunk holds one partition's customers: its keys share one hash slot)."""
+        by_partition: dict[int, list[str]] = {}
+        for cid, partition in customers.items():
+            by_partition.setdefault(partition, []).append(cid)
+        chunks = [(p, ids[i : i + LOAD_CHUNK])
+                  for p, ids in by_partition.items() for i in range(0, len(ids), LOAD_CHUNK)]
+        loading = [asyncio.ensure_future(self.load(p, chunk, with_features)) for p, chunk in chunks]
         updates: list[Update] = []
         saving: list[asyncio.Future[SaveResult]] = []
         sent = 0
         try:
-            for chunk, load in zip(chunks, loading, strict=True):
+            for (_, chunk), load in zip(chunks, loading, strict=True):
                 loaded = await load
                 for cid in chunk:
                     update = step(cid, loaded[cid])

@@ -162,8 +162,9 @@ class Sweeper:
         touched = 0
         for _ in range(MAX_SAVE_ATTEMPTS):
             partials: dict[str, BatchResult] = {}
-            updates, failed = await self.calls.load_step_save(
-                customer_ids, functools.partial(self._refreshed, wm, partition, partials), with_features=True)
+            refreshed = functools.partial(self._refreshed, wm, partition, partials)
+            updates, failed = await self.calls.load_step_save(dict.fromkeys(customer_ids, partition), refreshed,
+                                                              with_features=True)
             for up in updates:
                 if up.customer_id not in failed:
                     partial = partials[up.customer_id]

@@ -27,7 +27,7 @@ from streamproc.metrics import Metrics
 from streamproc.pipeline.factory import build_processor
 from streamproc.pipeline.outbox import OutboxSender
 from streamproc.pipeline.records import RawRecord
-from streamproc.ports import FeatureStore, ModelStore
+from streamproc.ports import FeatureStore, LayoutMismatch, ModelStore
 from streamproc.runtime.consumer import (
     BulkInbox,
     ack_batch,
@@ -43,7 +43,7 @@ from streamproc.runtime.gauges import report_model_summary, report_population
 from streamproc.runtime.http import add_views
 from streamproc.runtime.intake import Intake, message_of
 from streamproc.settings import Settings
-from streamproc.topics import INPUT_TOPICS, TRAINING_TOPIC, faust_credentials, wait_for_topics
+from streamproc.topics import INPUT_TOPICS, TRAINING_TOPIC, faust_credentials, input_partitions, wait_for_topics
 from streamproc.training.trainer import Trainer
 
 log = logging.getLogger("streamproc.worker")
@@ -382,11 +382,26 @@ class Worker:
     async def update_lag(self) -> None:
         self.intake.report_lag(self.last_offsets)
 
+async def claim_layout(settings: Settings, partitions: int) -> None:
+    """Before any state is written: the store is laid out for this input partition count, or the worker refuses
+    to start (state under another count would be looked for under the wrong partitions)."""
+    store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
+    try:
+        await store.claim_layout(partitions)
+    finally:
+        await store.close()
+
+
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker as FaustWorker
 
     wait_for_topics(settings, (*INPUT_TOPICS, TRAINING_TOPIC))
+    try:
+        asyncio.run(claim_layout(settings, input_partitions(settings, INPUT_TOPICS)))
+    except LayoutMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(FATAL_EXIT_CODE) from None
     worker = Worker(settings)
     (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
     try:

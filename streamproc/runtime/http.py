@@ -11,7 +11,7 @@ from faust.web import Request, Response, View
 from prometheus_client import generate_latest
 
 from streamproc.metrics import Metrics
-from streamproc.pipeline.lookup import lookup
+from streamproc.pipeline.lookup import locate, lookup
 from streamproc.ports import FeatureStore, ModelStore
 from streamproc.settings import Settings
 
@@ -36,8 +36,7 @@ def add_views(app: faust.App, store: FeatureStore, models: ModelStore, settings:
         async def get(self, request: Request, customer_id: str) -> Response:
             if not authorized(request):
                 return self.json({"error": "unauthorized"}, status=401)
-            found = await lookup(store, models, settings,
-                                 settings.customer_key(customer_id))
+            found = await lookup(store, models, settings, await locate(store, settings, customer_id))
             if found is None:
                 return self.json({"error": "not found"}, status=404)
             return self.json(found)
@@ -46,7 +45,8 @@ def add_views(app: faust.App, store: FeatureStore, models: ModelStore, settings:
             """Erase the customer (GDPR): features, state, model outputs; the erasure is remembered."""
             if not authorized(request):
                 return self.json({"error": "unauthorized"}, status=401)
-            erased = await store.forget(settings.customer_key(customer_id))
+            where = await locate(store, settings, customer_id)
+            erased = await store.forget(where)
             metrics.customers_erased.inc()
             log.info("a customer was erased through the API")  # no id at info level
             return self.json({"erased": erased})

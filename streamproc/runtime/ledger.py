@@ -23,10 +23,10 @@ from collections import defaultdict
 from typing import Any
 
 import orjson
-import redis
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.contracts.outputs import DeadLetter
 from streamproc.domain.retention import DAY_MS, CustomerLedger, Outcome, decode_intervention, uplift_table
 from streamproc.settings import Settings
@@ -34,9 +34,12 @@ from streamproc.topics import ALERTS_TOPIC, DLQ_TOPIC, INTERVENTIONS_TOPIC, kafk
 
 log = logging.getLogger(__name__)
 
-LEDGER_PREFIX = "sp:ledger:"  # + customer id: the customer's ledger (JSON)
-OUTCOMES_KEY = "sp:outcomes"  # alert id -> outcome (JSON)
-MARKS_KEY = "sp:ledger:marks"  # "transactions:<p>" / "churn-alerts:<p>" -> newest event time seen
+# every ledger key carries one hash tag: the ledger's transaction (MULTI/EXEC) then stays in one Redis Cluster slot.
+# One slot is enough: the ledger holds alerted customers only, written by one process
+LEDGER_PREFIX = "sp:{ledger}:c:"  # + customer id: the customer's ledger (JSON)
+OPEN_KEY = "sp:{ledger}:open"  # customer -> their oldest open alert's time
+OUTCOMES_KEY = "sp:{ledger}:outcomes"  # alert id -> outcome (JSON)
+MARKS_KEY = "sp:{ledger}:marks"  # "transactions:<p>" / "churn-alerts:<p>" -> newest event time seen
 UPLIFT_REFRESH_S = 5.0  # the uplift gauges are recomputed from every outcome at most this often
 LEDGER_KEEP_DAYS = 120  # purchases kept behind the watermark at least, for alerts that trail the transactions
 
@@ -73,7 +76,7 @@ class RetentionLedger:
         self.settings = settings
         self.metrics = metrics
         self.stopping = threading.Event()
-        self.redis = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+        self.redis = sync_redis(settings.redis_url, **settings.redis_kwargs())
         security = kafka_security_kwargs(settings)
         self.topics = {settings.topic(t): t for t in ("transactions", ALERTS_TOPIC, INTERVENTIONS_TOPIC)}
         self.consumer = KafkaConsumer(
@@ -163,7 +166,7 @@ class RetentionLedger:
         due: list[str] = []
         if watermark is not None:
             found: list[bytes] = self.redis.zrangebyscore(  # type: ignore[assignment]
-                f"{LEDGER_PREFIX}open", 0, watermark - self.window)
+                OPEN_KEY, 0, watermark - self.window)
             due = [c.decode() for c in found]
         for c, blob in zip(due, self.redis.mget([LEDGER_PREFIX + c for c in due]) if due else [], strict=True):
             if c not in ledgers and blob:
@@ -187,9 +190,9 @@ class RetentionLedger:
                 pipe.set(LEDGER_PREFIX + cid, orjson.dumps(ledger.to_dict()))
             oldest = min((a["ts"] for a in ledger.alerts.values()), default=None)
             if oldest is None:
-                pipe.zrem(f"{LEDGER_PREFIX}open", cid)
+                pipe.zrem(OPEN_KEY, cid)
             else:
-                pipe.zadd(f"{LEDGER_PREFIX}open", {cid: oldest})
+                pipe.zadd(OPEN_KEY, {cid: oldest})
         for o in outcomes:
             pipe.hset(OUTCOMES_KEY, o.alert_id, orjson.dumps(o.as_dict()))
         if self.marks:

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 
-from streamproc.adapters.feature_rows import decode_feature_row, feature_names_from
+from streamproc.adapters.feature_rows import customer_id_of, decode_feature_row, feature_names_from
 from streamproc.adapters.model_store import RedisModelStore
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.churn import churn_inputs, inputs_at
 from streamproc.domain.churn_scorers import exact_roc_auc
@@ -290,7 +290,7 @@ def _checkpoint_counts(settings: Settings) -> tuple[int, int]:
 
 def load_states(settings: Settings) -> tuple[dict[str, CustomerState], ModelBundle | None, dict[str, dict[str, Any]]]:
     """Every customer's state and features from Redis, and the current checkpoint."""
-    client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    client = sync_redis(settings.redis_url, **settings.redis_kwargs())
     states: dict[str, CustomerState] = {}
     features: dict[str, dict[str, Any]] = {}
     names_of = feature_names_from(client)
@@ -303,7 +303,7 @@ def load_states(settings: Settings) -> tuple[dict[str, CustomerState], ModelBund
             for key, (blob, feats) in zip(keys[i : i + 1000], pipe.execute(), strict=True):
                 if blob is None:
                     continue
-                cid = key.decode()[len("cust:{"):-1]
+                cid = customer_id_of(key)
                 states[cid] = CustomerState.from_dict(orjson.loads(blob))
                 if feats:
                     features[cid] = decode_feature_row(feats, names_of)
@@ -345,7 +345,7 @@ def rfm_totals(split: Split, features: dict[str, dict[str, Any]], key_of: Callab
 
 
 def _empty_db(settings: Settings, redis_db: int, flush: bool) -> None:
-    client = redis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    client = sync_redis(settings.redis_url, **settings.redis_kwargs())
     try:
         if client.dbsize() and not flush:
             raise ValueError(f"Redis db {redis_db} holds data: choose an empty one (--redis-db) or pass --flush")

@@ -15,7 +15,9 @@ from typing import Any
 
 import orjson
 
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.pipeline.lookup import locate
 from streamproc.settings import Settings
 from streamproc.tools.alerts import format_alert
 from streamproc.tools.infra import Infra
@@ -229,8 +231,9 @@ def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:
         store = store_cls.from_url(settings.redis_url)
         try:
             for cid in ids:
-                found = await store.features(cid) or {}
-                model = await store.model_outputs(cid) or {}
+                where = await locate(store, settings, cid)
+                found = await store.features(where) or {}
+                model = await store.model_outputs(where) or {}
                 brief = {k: found.get(k) for k in keys}
                 print(f"   {cid}: {json.dumps(brief)} segment={model.get('segment')} churn_p={model.get('churn_p')}")
         finally:
@@ -240,9 +243,8 @@ def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:
 
 
 def _flush_redis(settings: Settings) -> None:
-    import redis
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         client.flushdb()
     finally:

@@ -26,6 +26,9 @@ LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
 HASH_MAX_LISTPACK_VALUE = 8192
 
 
+CLUSTER_NODE_TIMEOUT_MS = 3000
+
+
 class InfraError(RuntimeError):
     pass
 
@@ -175,6 +178,79 @@ class RedisService(_Service):
         return self.status()
 
 
+class RedisClusterNode(RedisService):
+    """One node of the local Redis Cluster: the same binary with ``--cluster-enabled yes``."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self.name = f"redis-cluster/{port}"
+        self._port = port
+        super().__init__(settings)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def up(self, timeout: float = 15.0, extra_args: list[str] | None = None) -> ServiceStatus:
+        # a short node timeout: a dead master's replica is promoted within seconds (the failover test waits on it)
+        return super().up(timeout, ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                    "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS), *(extra_args or [])])
+
+
+class RedisCluster:
+    """A local Redis Cluster of 3 masters, each with 1 replica, on loopback: ``streamproc infra up --redis-cluster``.
+    Created once with ``redis-cli --cluster create``; the nodes keep their cluster config (``nodes.conf``) in their
+    own directories, so a later ``up`` brings the same cluster back."""
+
+    NODES = 6
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nodes = [RedisClusterNode(settings, settings.redis_cluster_port + i) for i in range(self.NODES)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def up(self, timeout: float = 60.0) -> list[ServiceStatus]:
+        statuses = [node.up() for node in self.nodes]
+        if not self.healthy():
+            cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+            if self._info(self.nodes[0].port).get("cluster_known_nodes", "1") == "1":  # never joined: create it
+                made = subprocess.run(
+                    [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                     "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+                if made.returncode != 0:
+                    raise InfraError(f"redis-cli --cluster create failed:\n{made.stdout[-2000:]}{made.stderr}")
+            deadline = time.monotonic() + timeout
+            while not self.healthy():
+                if time.monotonic() > deadline:
+                    raise InfraError(f"the Redis Cluster on ports {self.nodes[0].port}+ did not become healthy")
+                time.sleep(0.5)
+        return statuses
+
+    def healthy(self) -> bool:
+        """Every node answers and says the cluster is ok, with all 16384 slots served."""
+        for node in self.nodes:
+            info = self._info(node.port)
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+        return True
+
+    @staticmethod
+    def _info(port: int) -> dict[str, str]:
+        if not port_open(port):
+            return {}
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        out = subprocess.run([cli, "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10)
+        return dict(line.strip().split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+
+    def down(self) -> bool:
+        return any([node.down() for node in self.nodes])
+
+    def status(self) -> list[ServiceStatus]:
+        return [node.status() for node in self.nodes]
+
+
 class KafkaService(_Service):
     name = "kafka"
 
@@ -311,16 +387,23 @@ class Infra:
     def __init__(self, settings: Settings) -> None:
         self.redis = RedisService(settings)
         self.kafka = KafkaService(settings)
+        self.redis_cluster = RedisCluster(settings)
 
-    def up(self) -> list[ServiceStatus]:
-        return [self.redis.up(), self.kafka.up()]
+    def up(self, redis_cluster: bool = False) -> list[ServiceStatus]:
+        statuses = [self.redis.up(), self.kafka.up()]
+        if redis_cluster:
+            statuses += self.redis_cluster.up()
+        return statuses
 
     def down(self) -> list[str]:
         stopped = []
         for svc in (self.kafka, self.redis):
             if svc.down():
                 stopped.append(svc.name)
+        if self.redis_cluster.down():
+            stopped.append("redis-cluster")
         return stopped
 
     def status(self) -> list[ServiceStatus]:
-        return [self.redis.status(), self.kafka.status()]
+        running_cluster = [s for s in self.redis_cluster.status() if s.running]
+        return [self.redis.status(), self.kafka.status(), *running_cluster]

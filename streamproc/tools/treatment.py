@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
-
+from streamproc.adapters.redis_clients import sync_redis
 from streamproc.domain.retention import uplift_table
 from streamproc.runtime.ledger import OUTCOMES_KEY, read_outcomes
 from streamproc.tools.producer import EventProducer
@@ -141,7 +140,7 @@ def measure_uplift(settings: Any, alerts: list[dict[str, Any]], transactions: li
     run = settings.model_copy(update={
         "topic_prefix": f"uplift{tag}.", "app_id": f"uplift-{tag}",
         "redis_url": settings.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"})
-    client = redis.Redis.from_url(run.redis_url)
+    client = sync_redis(run.redis_url)
     client.flushdb()
     apply_topics(run)
     producer = EventProducer(run)

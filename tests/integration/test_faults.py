@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from streamproc.adapters.feature_rows import decode_feature_row, feature_names_from
+from streamproc.adapters.feature_rows import decode_feature_row, feature_names_from, partition_key
 from streamproc.tools.demo import processed_total
 from streamproc.tools.infra import RedisService
 from streamproc.tools.producer import EventProducer
@@ -169,14 +169,14 @@ def test_outputs_parked_by_a_dead_worker_are_sent_without_waiting_for_new_input(
              "value_tier": "low"}
     rec = {"recommendation_id": "parked:purchase:e1", "customer_id": "parked", "ts": 1, "trigger": "purchase",
            "items": []}
-    r.hset("sp:outbox:2", "parked:7", orjson.dumps({"a": [alert], "s": [], "e": [], "r": [rec], "d": []}))
+    r.hset(partition_key(2, "outbox"), "parked:7", orjson.dumps({"a": [alert], "s": [], "e": [], "r": [rec], "d": []}))
     worker = worker_factory(topics).start()
     worker.wait_ready()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and r.hlen("sp:outbox:2"):
+    while time.monotonic() < deadline and r.hlen(partition_key(2, "outbox")):
         assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
         time.sleep(0.5)
-    assert r.hlen("sp:outbox:2") == 0, worker.log_tail()  # sent, acknowledged, cleared
+    assert r.hlen(partition_key(2, "outbox")) == 0, worker.log_tail()  # sent, acknowledged, cleared
     assert [a["alert_id"] for a in read_topic(topics, "churn-alerts", 100, 3.0)] == ["parked:1"]
     recs = read_topic(topics, "recommendations", 100, 3.0)
     assert [x["recommendation_id"] for x in recs] == [rec["recommendation_id"]]

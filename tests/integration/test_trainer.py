@@ -119,4 +119,4 @@ def test_a_killed_trainer_is_replaced_and_every_example_is_learned_exactly_once(
         [reference.churn_probability(x) for x in probes], abs=1e-9)
     # the fence holds the newest checkpointed offset
     client = redis.Redis.from_url(settings.redis_url)
-    assert int(client.get("sp:model:offset")) == n_records - 1
+    assert int(client.get("sp:{model}:offset")) == n_records - 1

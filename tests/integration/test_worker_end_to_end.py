@@ -7,7 +7,7 @@ import orjson
 import pytest
 import redis
 
-from streamproc.adapters.feature_rows import customer_key, read_features
+from streamproc.adapters.feature_rows import read_features, stored_customer_key
 from streamproc.tools.demo import processed_total
 from streamproc.tools.tail import read_topic
 from tests.conftest import produce, wait_delivered
@@ -70,7 +70,7 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     assert f0["monetary_total"] == 6.0
     assert feats("cust1")["clicks"] == 5
     assert feats("cust19")["monetary_total"] == 29.0
-    assert not r.exists(customer_key("bad"))
+    assert not r.exists(stored_customer_key(r, "bad"))
 
     wait_delivered(settings)
     letters = read_topic(settings, "streamproc-dlq", 100, 5.0)
@@ -95,7 +95,7 @@ def test_valid_events_land_in_redis_and_bad_ones_in_the_dlq(topics, worker_facto
     req = urllib.request.Request(f"http://127.0.0.1:{settings.web_port}/customers/cust19", method="DELETE")
     with urllib.request.urlopen(req) as resp:
         assert json.loads(resp.read()) == {"erased": True}
-    assert not r.exists(customer_key("cust19"))
+    assert not r.exists(stored_customer_key(r, "cust19"))
     assert worker.metrics()["streamproc_customers_erased_total"] == 1
 
 
@@ -170,7 +170,8 @@ def test_a_worker_started_before_its_topics_exist_waits_for_them(settings, tmp_p
         assert apply_topics(settings).ok
         produce(settings, [("clicks", b"c1", orjson.dumps(click(i, "c1"))) for i in range(5)])
         worker.wait_processed(5, timeout=90)
-        assert redis.Redis.from_url(settings.redis_url).exists(customer_key("c1"))
+        client = redis.Redis.from_url(settings.redis_url)
+        assert client.exists(stored_customer_key(client, "c1"))
     finally:
         worker.stop(9)
 

@@ -14,7 +14,7 @@ from streamproc.pipeline import store_calls, sweep
 from streamproc.pipeline.outbox import recover_outbox
 from streamproc.pipeline.records import BatchResult, RawRecord, Watermarks
 from streamproc.pipeline.step import BatchProcessor
-from streamproc.ports import Update
+from streamproc.ports import CustomerRef, Update
 
 T0 = 1_767_261_600_000
 
@@ -42,8 +42,8 @@ async def test_valid_events_are_saved_and_bad_ones_become_dead_letters():
     (letter,) = result.dead_letters
     assert letter.reason == "invalid_json" and letter.offset == 1
     assert base64.b64decode(letter.value_b64) == b"{bad"
-    assert (await store.features("c1"))["clicks"] == 1
-    assert (await store.features("c2"))["clicks"] == 1
+    assert (await store.features(CustomerRef(0, "c1")))["clicks"] == 1
+    assert (await store.features(CustomerRef(0, "c2")))["clicks"] == 1
 
 
 async def test_a_replayed_batch_changes_nothing():
@@ -71,10 +71,10 @@ async def test_late_events_follow_the_policy():
 async def test_erased_customers_are_not_brought_back():
     store, proc = make()
     await proc.process([rec("clicks", 0, click(0))])
-    assert await store.forget("c1")
+    assert await store.forget(CustomerRef(0, "c1"))
     result = await proc.process([rec("clicks", 1, click(1))])
     assert result.total("erased") == 1
-    assert await store.features("c1") is None
+    assert await store.features(CustomerRef(0, "c1")) is None
 
 
 async def test_a_lost_version_race_is_retried_on_fresh_state():
@@ -93,7 +93,7 @@ async def test_a_lost_version_race_is_retried_on_fresh_state():
     await proc.process([rec("clicks", 0, click(0))])
     store.raced = False
     await proc.process([rec("clicks", 1, click(1))])
-    assert (await store.features("c1"))["clicks"] == 2
+    assert (await store.features(CustomerRef(0, "c1")))["clicks"] == 2
     assert proc.metrics.cas_conflicts._value.get() == 1
 
 
@@ -111,7 +111,7 @@ async def test_poison_event_goes_to_the_dlq_and_the_rest_is_applied(monkeypatch)
     result = await proc.process(batch)
     (letter,) = result.dead_letters
     assert letter.reason == "processing_error" and "ZeroDivisionError" in letter.detail
-    assert (await store.features("c1"))["clicks"] == 4
+    assert (await store.features(CustomerRef(0, "c1")))["clicks"] == 4
     # a replay does not retry the poison event either
     again = await proc.process(batch)
     assert again.dead_letters == [] and again.total("replayed") == 5
@@ -178,7 +178,7 @@ async def test_many_customers_in_one_batch(n):
     store, proc = make()
     batch = [rec("clicks", i, click(i, cid=f"c{i % n}")) for i in range(200)]
     await proc.process(batch)
-    totals = [(await store.features(f"c{i}"))["clicks"] for i in range(n)]
+    totals = [(await store.features(CustomerRef(0, f"c{i}")))["clicks"] for i in range(n)]
     assert sum(totals) == 200
     await asyncio.sleep(0)
 
@@ -232,18 +232,18 @@ async def test_chunked_saves_retry_what_lost_a_race_and_settle_before_an_error(m
     store.mode = "race"
     await proc.process([rec("clicks", 10 + i, click(10 + i, cid=f"c{i}")) for i in range(10)])
     assert proc.metrics.cas_conflicts._value.get() == 1
-    assert [(await store.features(f"c{i}"))["clicks"] for i in range(10)] == [2] * 10
+    assert [(await store.features(CustomerRef(0, f"c{i}")))["clicks"] for i in range(10)] == [2] * 10
 
     store.mode = "fail"
     batch = [rec("clicks", 20 + i, click(20 + i, cid=f"c{i}")) for i in range(10)]
     with pytest.raises(ConnectionError):
         await proc.process(batch)
     assert store.in_flight == 0  # the slow first chunk had ended before the error was raised
-    assert (await store.features("c0"))["clicks"] == 3  # that chunk was saved
+    assert (await store.features(CustomerRef(0, "c0")))["clicks"] == 3  # that chunk was saved
     store.mode = ""
     result = await proc.process(batch)  # the retry: the saved chunk is fenced, the rest applied once
     assert result.total("replayed") == 4 and result.total("applied") == 6
-    assert [(await store.features(f"c{i}"))["clicks"] for i in range(10)] == [3] * 10
+    assert [(await store.features(CustomerRef(0, f"c{i}")))["clicks"] for i in range(10)] == [3] * 10
 
 
 async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_settles_every_call(monkeypatch):
@@ -255,7 +255,7 @@ async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_set
             super().__init__()
             self.log, self.in_flight, self.fail_chunk, self.loads = [], 0, None, 0
 
-        async def load(self, customer_ids, with_features=False):
+        async def load(self, partition, customer_ids, with_features=False):
             self.loads += 1
             chunk = self.loads
             self.in_flight += 1
@@ -263,7 +263,7 @@ async def test_loads_go_out_in_chunks_folded_as_they_arrive_and_a_failed_one_set
                 await asyncio.sleep(0.01 * chunk)  # each chunk answers later than the one before
                 if chunk == self.fail_chunk:
                     raise ConnectionError("redis went away")
-                loaded = await super().load(customer_ids, with_features)
+                loaded = await super().load(partition, customer_ids, with_features)
                 self.log.append(("loaded", len(customer_ids)))
                 return loaded
             finally:
@@ -353,12 +353,12 @@ async def test_the_sweep_ages_silent_customers_on_event_time():
     await proc.process([rec("clicks", 0, click(0, cid="quiet", ts=T0)),
                         rec("clicks", 1, click(1, cid="busy", ts=T0))])
     await proc.sweep()
-    assert (await store.features("quiet"))["lifecycle_stage"] == "new"
+    assert (await store.features(CustomerRef(0, "quiet")))["lifecycle_stage"] == "new"
     # 40 days later, only "busy" sends events; the watermark passes quiet's 30-day at-risk boundary
     await proc.process([rec("clicks", 2 + i, click(2 + i, cid="busy", ts=T0 + i * day)) for i in range(1, 41)])
     touched = await proc.sweep()
     assert touched >= 1
-    quiet = await store.features("quiet")
+    quiet = await store.features(CustomerRef(0, "quiet"))
     assert quiet["lifecycle_stage"] == "at_risk"
     assert quiet["as_of_ts"] == T0 + 30 * day  # materialised as of the boundary, not of "now"
     assert quiet["clicks_7d"] == 0
@@ -398,7 +398,7 @@ async def test_census_counts_customers_by_stage_and_tier_as_they_move():
     await proc.process([rec("clicks", 2 + i, click(2 + i, cid="b", ts=T0 + i * day)) for i in range(1, 41)])
     await proc.sweep()
     assert await store.census() == {"at_risk|low|": 1, "active|low|": 1}
-    await store.forget("a")
+    await store.forget(CustomerRef(0, "a"))
     assert await store.census() == {"active|low|": 1}
 
 
@@ -477,8 +477,8 @@ async def test_the_sweep_keeps_stored_features_only_where_recomputing_gives_the_
     settings = Settings(_env_file=None)
 
     class NeverKeeps(InMemoryFeatureStore):
-        async def load(self, customer_ids, with_features=False):
-            return await super().load(customer_ids)  # no stored features: the sweep recomputes them all
+        async def load(self, partition, customer_ids, with_features=False):
+            return await super().load(partition, customer_ids)  # no stored features: the sweep recomputes them all
 
     kept = 0
 

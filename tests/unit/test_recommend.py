@@ -30,6 +30,7 @@ from streamproc.domain.recommend import (
 from streamproc.metrics import Metrics
 from streamproc.pipeline.records import RawRecord
 from streamproc.pipeline.step import BatchProcessor
+from streamproc.ports import CustomerRef
 
 T0 = 1_767_261_600_000
 
@@ -255,7 +256,7 @@ async def test_the_worker_recommends_after_a_purchase_and_the_trainer_scores_the
     assert "p1" not in [i["product_id"] for i in rec.items]
     (first,) = [e for e in result.examples if isinstance(e, BasketExample)]
     assert first.rec is None  # nothing was shown before the first purchase
-    assert (await store.model_outputs("u"))["rec"]["items"][0] == "p2"
+    assert (await store.model_outputs(CustomerRef(0, "u")))["rec"]["items"][0] == "p2"
 
     again = dict(buy, event_id="t2", order_id="o2", ts=T0 + 2000,
                  items=[{"product_id": "p2", "category": "books", "quantity": 1, "unit_price": 5.0}])

@@ -1,5 +1,5 @@
 -- Close a partition's alert days at once (pipeline/alert_queue.py): KEYS: the partition's alert queue, its open sent
--- alerts hash, its outbox hash, the sweep marks hash. ARGV: partition, sweep mark, outbox field ("" none), outputs,
+-- alerts hash, its outbox hash, its sweep mark. ARGV: partition (unused), sweep mark, outbox field ("" none), outputs,
 -- number of queue entries done, those names, then (customer, alert id or "" to drop) pairs.
 local queue, sent, outbox, marks = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local done = tonumber(ARGV[5])
@@ -16,5 +16,5 @@ end
 if ARGV[3] ~= '' then
   redis.call('HSET', outbox, ARGV[3], ARGV[4])
 end
-redis.call('HSET', marks, ARGV[1], ARGV[2])
+redis.call('SET', marks, ARGV[2])
 return done

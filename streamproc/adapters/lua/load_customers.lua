@@ -1,4 +1,4 @@
--- KEYS: customer hashes, then the erasure set. ARGV: the customers' erasure digests, then the fields to read.
+-- One partition's customers. KEYS: customer hashes, then the partition's erasure set. ARGV: the customers' erasure digests, then the fields to read.
 -- Returns, per customer: the fields, then erased (1/0) — false for missing fields.
 local out = {}
 local n = #KEYS - 1

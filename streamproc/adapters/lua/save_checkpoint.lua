@@ -14,6 +14,6 @@ redis.call('SET', KEYS[3], version)
 redis.call('SET', KEYS[4], ARGV[6])
 local keep = tonumber(ARGV[7])
 for old = math.max(1, version - keep - 50), version - keep do
-  redis.call('DEL', 'sp:model:v:' .. old)
+  redis.call('DEL', 'sp:{model}:v:' .. old)
 end
 return version

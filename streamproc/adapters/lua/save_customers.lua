@@ -1,18 +1,15 @@
--- KEYS, per update: customer hash, its partition's census hash, its partition's outbox hash, its partition's label
--- maturity index, its partition's alert queue; last, the feature schemas hash. ARGV per update: expected version,
--- feature row ("" keeps the stored one), state blob, census key, model JSON, outputs JSON ("" none), when its oldest
--- pending label matures ("" none), alert queue entries as a JSON array [name, value, ...] ("" none);
--- then (schema id, names JSON) for each feature schema the rows use, stored in the same atomic step.
+-- One partition's customers (every key shares the partition's hash tag: one cluster slot).
+-- KEYS: the partition's census hash, outbox hash, label maturity index and alert queue; then the customer hashes.
+-- ARGV per update: customer id, expected version, feature row ("" keeps the stored one), state blob, census key,
+-- model JSON, outputs JSON ("" none), when its oldest pending label matures ("" none), alert queue entries as a
+-- JSON array [name, value, ...] ("" none).
 -- Returns, per update, the previous census key ("" if none) or false when the version check failed.
 local out = {}
-local n = (#KEYS - 1) / 5
-for j = 8 * n + 1, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[#KEYS], ARGV[j], ARGV[j + 1])
-end
-for i = 1, n do
-  local key, census, outbox, due, queue = KEYS[5 * i - 4], KEYS[5 * i - 3], KEYS[5 * i - 2], KEYS[5 * i - 1],
-    KEYS[5 * i]
-  local a = 8 * i - 7
+local census, outbox, due, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+for i = 1, #KEYS - 4 do
+  local key = KEYS[4 + i]
+  local a = 9 * i - 7
+  local customer = ARGV[a - 1]
   local current = redis.call('HMGET', key, '_v', 'k')
   local version = current[1] or '0'
   if version == ARGV[a] then
@@ -28,7 +25,6 @@ for i = 1, n do
       if old ~= '' then redis.call('HINCRBY', census, old, -1) end
       redis.call('HINCRBY', census, ARGV[a + 3], 1)
     end
-    local customer = string.sub(key, 7, -2)
     if ARGV[a + 5] ~= '' then
       redis.call('HSET', outbox, customer .. ':' .. next_version, ARGV[a + 5])
     end
