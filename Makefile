@@ -71,7 +71,11 @@ demo: infra-up ## the main job: local Kafka + Redis, topics, a worker, simulated
 
 .PHONY: test
 test: infra-up ## all tests (unit, integration, faults) on the real broker and Redis, on the compiled core
-	STREAMPROC_REQUIRE_COMPILED=1 $(PY) -m pytest -q tests
+	STREAMPROC_REQUIRE_COMPILED=1 $(PY) -m pytest -q --durations=25 -m "not cluster" tests
+
+.PHONY: test-cluster
+test-cluster: infra-up ## the scale-out tests: a local Redis Cluster and a 3-broker Kafka (started by the fixtures)
+	STREAMPROC_REQUIRE_COMPILED=1 $(PY) -m pytest -q --durations=10 -m cluster tests
 
 .PHONY: test-unit
 test-unit: compile ## pure tests only (no services)

@@ -40,8 +40,11 @@ def cmd_infra(args: argparse.Namespace) -> int:
     infra = Infra(settings_from_env())
     try:
         if args.action == "up":
-            for status in infra.up(redis_cluster=args.redis_cluster):
+            for status in infra.up(redis_cluster=args.redis_cluster, kafka_brokers=args.kafka_brokers):
                 print(status.line())
+            if args.kafka_brokers > 1:
+                print(f"kafka cluster ready: STREAMPROC_KAFKA_BOOTSTRAP={infra.kafka_cluster.bootstrap} "
+                      f"STREAMPROC_TOPIC_REPLICATION={min(3, args.kafka_brokers)}")
             if args.redis_cluster:
                 print(f"redis cluster healthy: STREAMPROC_REDIS_URL={infra.redis_cluster.url}")
         elif args.action == "down":
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infra", help="start, stop or inspect the local Kafka broker and Redis")
     p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--kafka-brokers", type=int, default=1,
+                   help="with up: also a replicated Kafka cluster of this many KRaft nodes "
+                   "(STREAMPROC_KAFKA_CLUSTER_PORT+)")
     p.add_argument("--redis-cluster", action="store_true",
                    help="with up: also a local Redis Cluster (3 masters, 3 replicas; STREAMPROC_REDIS_CLUSTER_PORT+)")
     p.set_defaults(func=cmd_infra)

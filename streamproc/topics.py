@@ -47,6 +47,16 @@ class TopicSpec:
         return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
 
 
+def min_insync(replication: int) -> int:
+    """``min.insync.replicas`` for a replication factor: all but one, so one broker may be down while writes with
+    ``acks=all`` go on, and an acknowledged record is on at least two brokers."""
+    return max(1, replication - 1)
+
+
+def replication_configs(replication: int) -> dict[str, str]:
+    return {"min.insync.replicas": str(min_insync(replication))} if replication > 1 else {}
+
+
 def load_specs(path: Path = TOPICS_FILE) -> dict[str, TopicSpec]:
     data = tomllib.loads(path.read_text())
     return {name: TopicSpec(name=name, **entry) for name, entry in data["topics"].items()}
@@ -137,12 +147,13 @@ def apply_topics(
     try:
         existing = set(admin.list_topics())
         wanted = {settings.topic(name): spec for name, spec in specs.items()}
+        replication = settings.topic_replication
         missing = [
             NewTopic(
                 physical,
                 partitions_override or spec.partitions,
-                spec.replication,
-                topic_configs=spec.configs(),
+                replication or spec.replication,
+                topic_configs={**spec.configs(), **replication_configs(replication or spec.replication)},
             )
             for physical, spec in wanted.items()
             if physical not in existing

@@ -43,6 +43,41 @@ def infra(base_settings: Settings) -> Iterator[Settings]:
     yield base_settings
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(infra: Settings) -> Iterator:
+    """The local Redis Cluster (3 masters, 3 replicas), started once; a node a test killed is started again."""
+    from streamproc.tools.infra import Infra
+
+    local = Infra(infra).redis_cluster
+    local.up()
+    yield local
+    local.up()
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(infra: Settings) -> Iterator:
+    """The local 3-broker Kafka cluster, started once; a broker a test killed is started again."""
+    from streamproc.tools.infra import Infra
+
+    local = Infra(infra).kafka_cluster
+    local.up()
+    yield local
+    local.up()
+
+
+def on_redis_cluster(settings: Settings, cluster: object) -> Settings:
+    """``settings`` with their state in the Redis Cluster, emptied first (a cluster has one database)."""
+    import redis
+
+    url = cluster.url  # type: ignore[attr-defined]
+    client = sync_redis(url)
+    try:
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    finally:
+        client.close()
+    return settings.model_copy(update={"redis_url": url})
+
+
 def isolated(infra: Settings, state_dir: Path) -> Settings:
     """Settings of an isolated environment: own topics, consumer group, Redis db and web port."""
 

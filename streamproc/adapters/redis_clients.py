@@ -17,10 +17,18 @@ def is_cluster_url(url: str) -> bool:
     return url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
-def _node_url(url: str) -> str:
-    """A seed node's URL as redis-py's cluster clients take it (plain scheme, no database)."""
+def _seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster URL's first seed node as a plain URL (scheme, credentials, no database), and every seed node: the
+    host part may list several (``redis+cluster://h1:7000,h2:7000/0``), so a client starts while one is down."""
     scheme, rest = url.split("://", 1)
-    return f"{CLUSTER_SCHEMES[scheme]}://{rest.split('/', 1)[0]}"
+    netloc = rest.split("/", 1)[0]
+    credentials, _, hosts = netloc.rpartition("@")
+    seeds = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.rpartition(":")
+        seeds.append((host, int(port)))
+    first = f"{CLUSTER_SCHEMES[scheme]}://{credentials + '@' if credentials else ''}{hosts.split(',')[0]}"
+    return first, seeds
 
 
 AsyncRedis = aioredis.Redis | aioredis.RedisCluster
@@ -29,11 +37,19 @@ SyncRedis = redis.Redis | redis.RedisCluster
 
 def async_redis(url: str, **kwargs: Any) -> AsyncRedis:
     if is_cluster_url(url):
-        return aioredis.RedisCluster.from_url(_node_url(url), **kwargs)
+        first, seeds = _seeds(url)
+        if len(seeds) == 1:
+            return aioredis.RedisCluster.from_url(first, **kwargs)
+        nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in seeds]
+        return aioredis.RedisCluster.from_url(first, startup_nodes=nodes, **kwargs)
     return aioredis.from_url(url, **kwargs)
 
 
 def sync_redis(url: str, **kwargs: Any) -> SyncRedis:
     if is_cluster_url(url):
-        return redis.RedisCluster.from_url(_node_url(url), **kwargs)
+        first, seeds = _seeds(url)
+        if len(seeds) == 1:
+            return redis.RedisCluster.from_url(first, **kwargs)
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in seeds]
+        return redis.RedisCluster.from_url(first, startup_nodes=nodes, **kwargs)
     return redis.Redis.from_url(url, **kwargs)

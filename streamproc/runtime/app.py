@@ -77,6 +77,7 @@ def faust_app(s: Settings) -> faust.App:
         broker=f"kafka://{s.kafka_bootstrap}",
         # our consumer subclass (streamproc/runtime/consumer.py): less per-record machinery, same semantics
         broker_consumer=f"{'streamproc' if s.fast_consumer else 'kafka'}://{s.kafka_bootstrap}",
+        broker_producer=f"streamproc://{s.kafka_bootstrap}",  # idempotent (consumer.Producer)
         store="memory://",
         value_serializer="raw",
         key_serializer="raw",
@@ -107,6 +108,9 @@ class Worker:
         self.settings = settings
         self.metrics = Metrics(registry)
         self.store = store or RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
+        if isinstance(self.store, RedisFeatureStore):
+            self.store.wait_replicas = settings.redis_wait_replicas
+            self.store.wait_timeout_ms = settings.redis_wait_timeout_ms
         self.models: ModelStore = RedisModelStore(
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
                 settings.redis_url, **settings.redis_kwargs()).redis
@@ -384,12 +388,23 @@ class Worker:
 
 async def claim_layout(settings: Settings, partitions: int) -> None:
     """Before any state is written: the store is laid out for this input partition count, or the worker refuses
-    to start (state under another count would be looked for under the wrong partitions)."""
-    store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
-    try:
-        await store.claim_layout(partitions)
-    finally:
-        await store.close()
+    to start (state under another count would be looked for under the wrong partitions). Waits for a Redis that
+    is not reachable yet, as the batch step would."""
+    waited = 0
+    while True:
+        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
+        try:
+            await store.claim_layout(partitions)
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if waited % 30 == 0:  # before Faust configures logging: straight to stderr
+                print(f"waiting for Redis ({root_cause(exc)})", file=sys.stderr, flush=True)
+        finally:
+            await store.close()
+        await asyncio.sleep(1.0)
+        waited += 1
 
 
 def run_worker(settings: Settings) -> None:

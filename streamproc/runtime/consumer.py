@@ -39,7 +39,7 @@ from aiokafka.util import create_future
 from faust.sensors.monitor import Monitor
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, AppT, ConsumerT, EventT, Message, StreamT
+from faust.types import TP, AppT, ConsumerT, EventT, Message, ProducerT, StreamT
 from faust.types.tuples import ack_lock
 from mode import Service, ServiceT
 from mode.utils.futures import notify
@@ -52,6 +52,7 @@ THIRD_PARTY_INTERNALS: dict[tuple[str, str], str] = {
     ("aiokafka.producer.message_accumulator.MessageBatch.append", "_create_future"):
         "a default argument replaced by install_loop_bound_futures",
     ("faust.transport.consumer.Consumer", "_committed_offset"): "read: the last committed offset per partition",
+    ("faust.transport.drivers.aiokafka.Producer", "_settings_extra"): "overridden: idempotence and acks=all",
     ("faust.transport.consumer.Consumer", "_acked"): "written by ack_applied, as Consumer.ack does",
     ("faust.transport.consumer.Consumer", "_acked_index"): "written by ack_applied, as Consumer.ack does",
     ("faust.transport.consumer.Consumer", "_n_acked"): "written by ack_applied and the drain loop",
@@ -376,8 +377,18 @@ class Consumer(aiokafka_driver.Consumer):
         return fetched
 
 
+class Producer(aiokafka_driver.Producer):
+    """Faust's producer with idempotence on (and so ``acks=all``): a retried send after a lost acknowledgement, or a
+    broker's leadership moving, does not write a record twice or out of order. Faust turns it on only inside its
+    own transactions."""
+
+    def _settings_extra(self) -> Any:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 class Transport(aiokafka_driver.Transport):
     Consumer: type[ConsumerT] = Consumer  # type: ignore[misc]
+    Producer: type[ProducerT] = Producer  # type: ignore[misc]
 
 
 async def drain_batches(

@@ -13,10 +13,12 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from streamproc.settings import PROJECT_ROOT, Settings
+from streamproc.topics import min_insync
 
 KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
@@ -111,7 +113,7 @@ class _Service:
         self.pid_file.write_text(str(proc.pid))
         return proc.pid
 
-    def _wait_ready(self, timeout: float, log: Path) -> None:
+    def wait_ready(self, timeout: float, log: Path) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready():
@@ -174,7 +176,7 @@ class RedisService(_Service):
             *(extra_args or []),
         ]
         self._spawn(argv, log)
-        self._wait_ready(timeout, log)
+        self.wait_ready(timeout, log)
         return self.status()
 
 
@@ -209,13 +211,14 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        # every node a seed: a client starts while any one of them is down
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes) + "/0"
 
     def up(self, timeout: float = 60.0) -> list[ServiceStatus]:
         statuses = [node.up() for node in self.nodes]
         if not self.healthy():
             cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-            if self._info(self.nodes[0].port).get("cluster_known_nodes", "1") == "1":  # never joined: create it
+            if self.info(self.nodes[0].port).get("cluster_known_nodes", "1") == "1":  # never joined: create it
                 made = subprocess.run(
                     [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
                      "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True, timeout=60)
@@ -231,13 +234,14 @@ class RedisCluster:
     def healthy(self) -> bool:
         """Every node answers and says the cluster is ok, with all 16384 slots served."""
         for node in self.nodes:
-            info = self._info(node.port)
+            info = self.info(node.port)
             if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
                 return False
         return True
 
     @staticmethod
-    def _info(port: int) -> dict[str, str]:
+    def info(port: int) -> dict[str, str]:
+        """A node's ``CLUSTER INFO`` (empty when it does not answer)."""
         if not port_open(port):
             return {}
         cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -253,10 +257,22 @@ class RedisCluster:
 
 class KafkaService(_Service):
     name = "kafka"
+    node_id = 1
+    replication = 1  # of the broker's internal topics (offsets, transactions)
 
     @property
     def port(self) -> int:
         return self.settings.kafka_port
+
+    @property
+    def controller_port(self) -> int:
+        return self.settings.kafka_controller_port
+
+    def voters(self) -> str:
+        return f"{self.node_id}@127.0.0.1:{self.controller_port}"
+
+    def cluster_id(self) -> str:
+        return kafka_cluster_id()
 
     @property
     def libs(self) -> Path:
@@ -289,11 +305,9 @@ class KafkaService(_Service):
         data = self.dir / "data"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.settings.kafka_controller_port}",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.settings.kafka_controller_port}"
-            ),
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters(),
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -301,13 +315,15 @@ class KafkaService(_Service):
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": str(self.replication),
             "offsets.topic.num.partitions": "8",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": str(self.replication),
+            "transaction.state.log.min.isr": str(min_insync(self.replication)),
             "transaction.state.log.num.partitions": "4",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": str(self.replication),
+            "share.coordinator.state.topic.min.isr": str(min_insync(self.replication)),
+            "default.replication.factor": str(self.replication),
+            "min.insync.replicas": str(min_insync(self.replication)),
             "group.initial.rebalance.delay.ms": "0",
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.retention.check.interval.ms": "60000",
@@ -329,7 +345,7 @@ class KafkaService(_Service):
     def format_storage(self, config: Path) -> None:
         if (self.dir / "data" / "meta.properties").exists():
             return
-        cluster_id = kafka_cluster_id()
+        cluster_id = self.cluster_id()
         subprocess.run(
             [self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.tools.StorageTool",
              "format", f"--cluster-id={cluster_id}", "-c", str(config), "--ignore-formatted"],
@@ -357,13 +373,87 @@ class KafkaService(_Service):
     def up(self, timeout: float = 90.0) -> ServiceStatus:
         if self.ready():
             return self.status()
+        self.start()
+        self.wait_ready(timeout, self.dir / "kafka.out")
+        return self.status()
+
+    def start(self) -> None:
+        """Start the node without waiting for it (the nodes of a cluster only become ready together)."""
+        if self.owned_pid() is not None:
+            return
         self.fetch_jars()
         config = self.write_config()
         self.format_storage(config)
-        log = self.dir / "kafka.out"
-        self._spawn([self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.Kafka", str(config)], log)
-        self._wait_ready(timeout, log)
+        self._spawn([self._java(), *self._jvm_args(), "-cp", self._classpath(), "kafka.Kafka", str(config)],
+                    self.dir / "kafka.out")
+
+
+class KafkaClusterNode(KafkaService):
+    """One combined broker/controller node of the local replicated Kafka cluster."""
+
+    def __init__(self, settings: Settings, node_id: int, nodes: int, cluster_id: Callable[[], str]) -> None:
+        self.name = f"kafka-cluster/{node_id}"
+        self.node_id = node_id
+        self.nodes = nodes
+        self.replication = min(3, nodes)
+        self._cluster_id = cluster_id
+        super().__init__(settings)
+
+    @property
+    def port(self) -> int:
+        return self.settings.kafka_cluster_port + self.node_id - 1
+
+    @property
+    def controller_port(self) -> int:
+        return self.settings.kafka_cluster_port + 100 + self.node_id - 1
+
+    def voters(self) -> str:
+        base = self.settings.kafka_cluster_port + 100
+        return ",".join(f"{n}@127.0.0.1:{base + n - 1}" for n in range(1, self.nodes + 1))
+
+    def cluster_id(self) -> str:
+        return self._cluster_id()
+
+    def _jvm_args(self) -> list[str]:
+        # three brokers share two cores and the page cache with everything else: a smaller heap each
+        return [arg if not arg.startswith(("-Xmx", "-Xms")) else arg[:4] + "512m" for arg in super()._jvm_args()]
+
+
+class KafkaCluster:
+    """A local Kafka cluster of ``brokers`` combined broker/controller KRaft nodes on loopback:
+    ``streamproc infra up --kafka-brokers 3``. Topics made for it get replication factor 3 and
+    ``min.insync.replicas=2`` (``STREAMPROC_TOPIC_REPLICATION=3``)."""
+
+    def __init__(self, settings: Settings, brokers: int = 3) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir / "kafka-cluster"
+        self.nodes = [KafkaClusterNode(settings, n, brokers, self._cluster_id) for n in range(1, brokers + 1)]
+
+    def _cluster_id(self) -> str:
+        """One id for every node's storage, kept so a node formatted later joins the same cluster."""
+        path = self.dir / "cluster-id"
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(kafka_cluster_id())
+        return path.read_text().strip()
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def up(self, timeout: float = 180.0) -> list[ServiceStatus]:
+        for node in self.nodes:
+            if not node.ready():
+                node.start()
+        for node in self.nodes:
+            node.wait_ready(timeout, node.dir / "kafka.out")
         return self.status()
+
+    def down(self) -> bool:
+        return any([node.down() for node in self.nodes])
+
+    def status(self) -> list[ServiceStatus]:
+        return [node.status() for node in self.nodes]
 
 
 def min_heap(heap: str) -> str:
@@ -388,11 +478,15 @@ class Infra:
         self.redis = RedisService(settings)
         self.kafka = KafkaService(settings)
         self.redis_cluster = RedisCluster(settings)
+        self.kafka_cluster = KafkaCluster(settings)
 
-    def up(self, redis_cluster: bool = False) -> list[ServiceStatus]:
+    def up(self, redis_cluster: bool = False, kafka_brokers: int = 1) -> list[ServiceStatus]:
         statuses = [self.redis.up(), self.kafka.up()]
         if redis_cluster:
             statuses += self.redis_cluster.up()
+        if kafka_brokers > 1:
+            self.kafka_cluster = KafkaCluster(self.redis.settings, kafka_brokers)
+            statuses += self.kafka_cluster.up()
         return statuses
 
     def down(self) -> list[str]:
@@ -402,8 +496,10 @@ class Infra:
                 stopped.append(svc.name)
         if self.redis_cluster.down():
             stopped.append("redis-cluster")
+        if self.kafka_cluster.down():
+            stopped.append("kafka-cluster")
         return stopped
 
     def status(self) -> list[ServiceStatus]:
-        running_cluster = [s for s in self.redis_cluster.status() if s.running]
+        running_cluster = [s for s in (*self.redis_cluster.status(), *self.kafka_cluster.status()) if s.running]
         return [self.redis.status(), self.kafka.status(), *running_cluster]

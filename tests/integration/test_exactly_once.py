@@ -51,6 +51,7 @@ def wait_equal(settings, expected, timeout=90.0):
             return got
         time.sleep(0.5)
     missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
     differing = [k for k in expected if k in got and got[k] != expected[k]]
     fields = sorted({f for k in differing if isinstance(expected[k], dict) and isinstance(got[k], dict)
                      for f in expected[k] if expected[k].get(f) != got[k].get(f)}, key=str)
@@ -58,7 +59,8 @@ def wait_equal(settings, expected, timeout=90.0):
     for k in differing[:3]:
         if isinstance(expected[k], dict) and isinstance(got[k], dict):
             shown[k] = {f: (got[k].get(f), expected[k].get(f)) for f in fields if got[k].get(f) != expected[k].get(f)}
-    raise AssertionError(f"state differs: {len(missing)} keys missing, {len(differing)} differ (fields {fields}), "
+    raise AssertionError(f"state differs: {len(missing)} keys missing, {len(extra)} extra {extra[:3]}, "
+                         f"{len(differing)} differ (fields {fields}), "
                          f"e.g. {(missing + differing)[:5]}; got vs expected: {shown!r:.3000}")
 
 
