@@ -56,7 +56,7 @@ async def one_round(url: str, wait: int, population: list[tuple[CustomerState, d
     client.flushall() if not url.startswith("redis+cluster") else client.flushall(target_nodes="primaries")
     client.close()
     store = RedisFeatureStore.from_url(url)
-    store.wait_replicas = wait
+    store.replicas.wanted = wait
     await store.claim_layout(PARTITIONS)
     ups = [(state, feats, home_partition(state.customer_id, PARTITIONS)) for state, feats in population]
     started = time.perf_counter()

@@ -93,13 +93,8 @@ class Settings(BaseSettings):
     redis_password: SecretStr | None = None
     redis_username: str | None = None  # an ACL user (with redis_password)
     redis_ssl_ca_certs: Path | None = None  # with a rediss:// URL: the CA to verify the server
-    # the URL names a seed node of a Redis Cluster (as a redis+cluster:// or rediss+cluster:// URL does)
-    redis_cluster: bool = False
-    # a batch is acknowledged to Kafka only once its saves reached this many replicas of the Redis (or shard) they
-    # went to (WAIT), so a failover cannot lose an acknowledged save: what the dead master had not replicated is
-    # read again and applied. 0: not waited for (Redis replication is asynchronous: a failover can then lose the
-    # last saves the master had not replicated, and the events in them). A master with fewer replicas connected
-    # is waited on for those it has. Cost: bench/README.md ("Redis Cluster")
+    redis_cluster: bool = False  # the URL names seed nodes of a Redis Cluster (as redis+cluster:// does)
+    # a batch counts as done once its saves reached this many replicas (WAIT; adapters/redis_replicas.py)
     redis_wait_replicas: int = Field(default=0, ge=0)
     redis_wait_timeout_ms: int = Field(default=1000, ge=1)
     # Kafka security, passed through to Faust (broker_credentials) and kafka-python
@@ -115,15 +110,11 @@ class Settings(BaseSettings):
     kafka_port: Port = 19092
     kafka_controller_port: Port = 19093
     redis_port: Port = 16379
-    # `infra up --kafka-brokers 3`: combined broker/controller nodes on this port and the next ones (their
-    # controllers on port + 100)
-    kafka_cluster_port: Port = 19192
+    kafka_cluster_port: Port = 19192  # `infra up --kafka-brokers 3`: brokers from here, controllers from + 100
     # replication factor of the topics `topics apply` creates (0: as topics.toml declares, 1 for a single broker);
     # above 1 the topics also get min.insync.replicas = factor - 1, so writes go on with one broker down
     topic_replication: int = Field(default=0, ge=0)
-    # `infra up --redis-cluster`: 3 masters and 3 replicas on this port and the next 5 (their cluster buses on
-    # port + 10000)
-    redis_cluster_port: Port = 17101
+    redis_cluster_port: Port = 17101  # `infra up --redis-cluster`: 6 nodes from here (cluster buses on + 10000)
     # the broker's -Xmx; infra derives -Xms from it and reads megabytes or gigabytes only (infra.min_heap)
     kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[mg]$")
     # STREAMPROC_STATE_DIR / STREAMPROC_CACHE_DIR override these; read when the settings are made, not imported

@@ -18,7 +18,6 @@ from typing import Any
 import hiredis
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from streamproc.adapters.feature_rows import (
     FEATURE_SCHEMAS_KEY,
@@ -34,7 +33,7 @@ from streamproc.adapters.feature_rows import (
     partition_key,
 )
 from streamproc.adapters.redis_clients import AsyncRedis, async_redis
-from streamproc.errors import TransientError
+from streamproc.adapters.redis_replicas import ReplicaWait
 from streamproc.ports import (
     AlertClose,
     BatchSideEffects,
@@ -83,13 +82,9 @@ def _packing_in_c(connection_class: type) -> Any:
 
 
 class RedisFeatureStore(FeatureStore):
-    def __init__(self, client: AsyncRedis, wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
+    def __init__(self, client: AsyncRedis) -> None:
         self.redis = client
-        self.wait_replicas = wait_replicas  # replicas a save must reach before it counts as done (WAIT)
-        self.wait_timeout_ms = wait_timeout_ms
-        # partitions whose last save's WAIT fell short: a retry of the batch may find its events fenced (the master
-        # has the save) and write nothing, so the replicas are asked again, with a write, before it counts as done
-        self._unconfirmed: set[int] = set()
+        self.replicas = ReplicaWait(client)  # saves acknowledged only once replicas have them (off by default)
         self._save = client.register_script(lua("save_customers"))
         self._load = client.register_script(lua("load_customers"))
         self._close_alerts = client.register_script(lua("close_alerts"))
@@ -175,7 +170,7 @@ class RedisFeatureStore(FeatureStore):
             args.append(b"" if up.label_due is None else str(up.label_due))
             args.append(orjson.dumps([x for name, value in up.queued.items() for x in (name, value.decode())])
                         if up.queued else b"")
-        replies = await (self._save_replicated(partition, keys, args) if self.wait_replicas
+        replies = await (self.replicas.save(self._save, partition, keys, args) if self.replicas.wanted
                          else self._save(keys=keys, args=args))
         result = SaveResult([], {})
         for up, reply in zip(updates, replies, strict=True):
@@ -184,53 +179,6 @@ class RedisFeatureStore(FeatureStore):
             else:
                 result.previous_census[up.customer_id] = reply.decode() or None
         return result
-
-    async def _save_replicated(self, partition: int, keys: list[str], args: list[str | bytes]) -> Any:
-        """The save script, then WAIT in the same pipeline: WAIT counts the replicas that have the writes of its own
-        connection, and a pipeline (on a cluster: per node) goes out on one connection. Fewer replicas within the
-        timeout (one lagging, or none connected) fail the save as transient: the batch is not acknowledged and is
-        retried until enough replicas have it, as ``min.insync.replicas`` holds Kafka writes back."""
-        target = self._node_of(keys[0])
-        for attempt in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            await self._save(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]  # queued in the pipeline
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
-            try:
-                replies = await pipe.execute()
-            except NoScriptError:  # a node that has not seen the script (a replica promoted since it was loaded)
-                if attempt:
-                    raise
-                await self.redis.script_load(self._save.script)
-                continue
-            self._confirmed(partition, int(replies[1]))
-            return replies[0]
-        raise AssertionError("unreachable")
-
-    def _node_of(self, key: str) -> dict[str, Any]:
-        """Where a pipeline's WAIT must go: the node that took the writes (on one Redis, the pipeline's connection)."""
-        if isinstance(self.redis, aioredis.RedisCluster):
-            return {"target_nodes": self.redis.get_node_from_key(key)}
-        return {}
-
-    def _confirmed(self, partition: int, replicas: int) -> None:
-        if replicas < self.wait_replicas:
-            # not acknowledged: the batch is retried, and is not done until the replicas have caught up
-            self._unconfirmed.add(partition)
-            raise TransientError(f"a save reached {replicas} of {self.wait_replicas} replicas in "
-                                 f"{self.wait_timeout_ms} ms")
-        self._unconfirmed.discard(partition)
-
-    async def confirm_replicated(self) -> None:
-        """For each partition whose save fell short of its replicas: a write and WAIT on its node again. WAIT
-        counts what a replica acknowledged up to the connection's last write, so a later write that reached the
-        replicas vouches for the earlier save on the same node."""
-        for partition in sorted(self._unconfirmed):
-            key = partition_key(partition, "replicated")
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.set(key, 1)  # a write that leaves nothing behind: both commands reach the replicas
-            pipe.delete(key)
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **self._node_of(key))
-            self._confirmed(partition, int((await pipe.execute())[2]))
 
     async def claim_layout(self, partitions: int) -> None:
         if await self.redis.exists("sp:sweep") or await self.redis.exists("sp:erased"):  # only the first layout had
@@ -271,7 +219,7 @@ class RedisFeatureStore(FeatureStore):
             return decode_feature_row(raw, self._schema_names.__getitem__)
 
     async def after_batch(self, effects: BatchSideEffects) -> None:
-        await self.confirm_replicated()  # before the batch is acknowledged
+        await self.replicas.confirm()  # before the batch is acknowledged
         pipe = self.redis.pipeline(transaction=False)
         for partition, seen in effects.last_seen.items():
             if seen:

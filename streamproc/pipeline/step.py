@@ -192,7 +192,7 @@ class BatchProcessor:
         by_customer: dict[str, list[tuple[RawRecord, Positioned]]] = defaultdict(list)
         for rec, pos in valid:
             by_customer[pos.event.customer_id].append((rec, pos))
-        self._count_off_partition(by_customer)
+        count_off_partition(self.metrics, self._layout_partitions, by_customer)
 
         marks_wm = marks.by_partition()
         pending = dict(by_customer)
@@ -247,18 +247,6 @@ class BatchProcessor:
                 self.sweeper.swept[partition] = max(self.sweeper.swept.get(partition, mark), mark)
         self._partitions_loaded |= fresh
         self._layout_partitions = await self.store.layout_partitions()
-
-    def _count_off_partition(self, by_customer: dict[str, list[tuple[RawRecord, Positioned]]]) -> None:
-        """Count events whose key Kafka's default partitioner sends elsewhere than where they came from (a producer
-        with another partitioner): their customer is stored under the partition they came on, where a lookup by id
-        (``pipeline.lookup.locate``) does not look. One key per customer and batch is checked."""
-        partitions = self._layout_partitions
-        if not partitions:
-            return
-        for items in by_customer.values():
-            rec = items[0][0]
-            if rec.key is not None and home_partition(rec.key.decode(errors="replace"), partitions) != rec.partition:
-                self.metrics.events_off_partition.inc(len(items))
 
     def _observe(self, records: list[RawRecord], result: BatchResult, started: float) -> None:
         count_outcomes(self.metrics, result)
@@ -392,3 +380,16 @@ def count_outcomes(metrics: Metrics, result: BatchResult) -> None:
         metrics.dlq_records.labels(letter.reason).inc()
     for (kind, outcome), n in result.outcome.counts.items():
         metrics.events_processed.labels(kind, outcome).inc(n)
+
+
+def count_off_partition(metrics: Metrics, partitions: int | None,
+                        by_customer: dict[str, list[tuple[RawRecord, Positioned]]]) -> None:
+    """Count events whose key Kafka's default partitioner sends elsewhere than where they came from (a producer
+    with another partitioner): their customer is stored under the partition they came on, where a lookup by id
+    (``pipeline.lookup.locate``) does not look. One key per customer and batch is checked."""
+    if not partitions:
+        return
+    for items in by_customer.values():
+        rec = items[0][0]
+        if rec.key is not None and home_partition(rec.key.decode(errors="replace"), partitions) != rec.partition:
+            metrics.events_off_partition.inc(len(items))

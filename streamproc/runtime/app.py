@@ -109,8 +109,8 @@ class Worker:
         self.metrics = Metrics(registry)
         self.store = store or RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         if isinstance(self.store, RedisFeatureStore):
-            self.store.wait_replicas = settings.redis_wait_replicas
-            self.store.wait_timeout_ms = settings.redis_wait_timeout_ms
+            self.store.replicas.wanted = settings.redis_wait_replicas
+            self.store.replicas.timeout_ms = settings.redis_wait_timeout_ms
         self.models: ModelStore = RedisModelStore(
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
                 settings.redis_url, **settings.redis_kwargs()).redis

@@ -1,8 +1,7 @@
-"""Local infrastructure: a real Kafka 4.x broker (KRaft, single node) and a Redis server, on loopback.
-
-``up`` is idempotent: a service already answering on its port is reused (and not owned, so ``down``
-leaves it alone). Services started here write a pid file under ``state_dir``; ``down`` stops only those.
-"""
+"""Local infrastructure on loopback: a real Kafka 4.x broker (KRaft) and a Redis server; on request a Redis
+Cluster and a replicated Kafka cluster. ``up`` is idempotent: a service already answering on its port is reused
+(and not owned, so ``down`` leaves it alone). Services started here write a pid file under ``state_dir``;
+``down`` stops only those."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
 HASH_MAX_LISTPACK_VALUE = 8192
 
 
-CLUSTER_NODE_TIMEOUT_MS = 3000
+CLUSTER_NODE_TIMEOUT_MS = 3000  # short: a dead master's replica is promoted within seconds (the failover test)
 
 
 class InfraError(RuntimeError):
@@ -193,7 +192,6 @@ class RedisClusterNode(RedisService):
         return self._port
 
     def up(self, timeout: float = 15.0, extra_args: list[str] | None = None) -> ServiceStatus:
-        # a short node timeout: a dead master's replica is promoted within seconds (the failover test waits on it)
         return super().up(timeout, ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                     "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS), *(extra_args or [])])
 
@@ -414,8 +412,7 @@ class KafkaClusterNode(KafkaService):
     def cluster_id(self) -> str:
         return self._cluster_id()
 
-    def _jvm_args(self) -> list[str]:
-        # three brokers share two cores and the page cache with everything else: a smaller heap each
+    def _jvm_args(self) -> list[str]:  # a smaller heap each: three brokers share the machine with everything else
         return [arg if not arg.startswith(("-Xmx", "-Xms")) else arg[:4] + "512m" for arg in super()._jvm_args()]
 
 
@@ -461,10 +458,8 @@ def min_heap(heap: str) -> str:
 
 
 def kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars).
-
-    Like Kafka's own ``Uuid.randomUuid``, never one starting with ``-``: a command-line parser reads
-    that as an option (a CI run failed on ``-t -QRq0…``)."""
+    """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars). Like Kafka's own
+    ``Uuid.randomUuid``, never one starting with ``-``: a parser reads that as an option (``-t -QRq0…`` in CI)."""
     import base64
 
     while True:

@@ -182,12 +182,12 @@ def test_a_backlog_drained_in_bulk_raises_no_stream_health_errors(topics, worker
     the check runs during the drain (it logged such errors before the reader reported)."""
     from streamproc.tools.simulate import SimulationConfig, Simulator
 
-    payloads = list(itertools.islice(Simulator(SimulationConfig(customers=5000, days=90, seed=3)).payloads(), 150_000))
+    payloads = list(itertools.islice(Simulator(SimulationConfig(customers=5000, days=90, seed=3)).payloads(), 60_000))
     produce(topics, payloads)
     worker = worker_factory()
     worker.extra_env = {"STREAMPROC_STREAM_PROCESSING_TIMEOUT_S": "2"}
     worker.start()
-    assert len(payloads) == 150_000  # a backlog long enough for the check to run while it drains
+    assert len(payloads) == 60_000  # a backlog of ~10 s: long enough for the 2 s check to run while it drains
     worker.wait_processed(len(payloads), timeout=300)
     log = worker.log_path.read_text(errors="replace")
     assert "Stream has not started processing" not in log
