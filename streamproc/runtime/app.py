@@ -104,8 +104,10 @@ class Worker:
     """Everything one worker process holds: the Faust app, the store, the processor, the metrics."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
-                 store: FeatureStore | None = None) -> None:
+                 store: FeatureStore | None = None, input_partitions: int | None = None) -> None:
         self.settings = settings
+        # the input partition count the store must be laid out for: claimed before the first batch is applied
+        self.layout_unclaimed = input_partitions
         self.metrics = Metrics(registry)
         self.store = store or RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         if isinstance(self.store, RedisFeatureStore):
@@ -282,6 +284,9 @@ class Worker:
         failures = 0  # of this batch's attempts that failed with an error that is not transient
         while True:
             try:
+                if self.layout_unclaimed is not None:
+                    await self.store.claim_layout(self.layout_unclaimed)  # raises while Redis is down: retried
+                    self.layout_unclaimed = None
                 if self.settings.models_enabled and not self.model_checked:
                     # score the very first batch with the current checkpoint, as a worker that never
                     # restarted would: a restart must not change what gets scored, alerted or recommended
@@ -301,6 +306,8 @@ class Worker:
                 return
             except asyncio.CancelledError:
                 raise
+            except LayoutMismatch as exc:
+                raise FatalStepError(str(exc)) from exc
             except Exception as exc:
                 # what this attempt saved is fenced now, so its outputs only exist in the outbox: re-send the
                 # parked outputs of every partition on the next attempt
@@ -386,38 +393,12 @@ class Worker:
     async def update_lag(self) -> None:
         self.intake.report_lag(self.last_offsets)
 
-async def claim_layout(settings: Settings, partitions: int) -> None:
-    """Before any state is written: the store is laid out for this input partition count, or the worker refuses
-    to start (state under another count would be looked for under the wrong partitions). Waits for a Redis that
-    is not reachable yet, as the batch step would."""
-    waited = 0
-    while True:
-        store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
-        try:
-            await store.claim_layout(partitions)
-            return
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if waited % 30 == 0:  # before Faust configures logging: straight to stderr
-                print(f"waiting for Redis ({root_cause(exc)})", file=sys.stderr, flush=True)
-        finally:
-            await store.close()
-        await asyncio.sleep(1.0)
-        waited += 1
-
-
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker as FaustWorker
 
     wait_for_topics(settings, (*INPUT_TOPICS, TRAINING_TOPIC))
-    try:
-        asyncio.run(claim_layout(settings, input_partitions(settings, INPUT_TOPICS)))
-    except LayoutMismatch as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(FATAL_EXIT_CODE) from None
-    worker = Worker(settings)
+    worker = Worker(settings, input_partitions=input_partitions(settings, INPUT_TOPICS))
     (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
     try:
         FaustWorker(

@@ -205,3 +205,24 @@ def test_every_output_record_of_a_run_honours_its_published_schema(topics, worke
             assert record["schema_version"] == OUTPUT_SCHEMA_VERSION
     assert all(seen[name] > 0 for name in ("churn-alerts", "recommendations", "streamproc-training",
                                            "streamproc-dlq")), seen
+
+
+def test_a_worker_refuses_a_redis_laid_out_for_another_partition_count(topics, worker_factory):
+    """The partition count is part of the storage layout: against state laid out for 8 input partitions, a worker
+    whose topics have 4 stops before applying anything, saying why and how to move."""
+    client = redis.Redis.from_url(topics.redis_url)
+    try:
+        client.hset("sp:layout", mapping={"version": 2, "partitions": 8})
+        produce(topics, [("clicks", b"c1", click("c1", 1))])
+        worker = worker_factory().start()
+        assert worker.proc is not None
+        try:
+            code = worker.proc.wait(BOUND_S)
+        except Exception as exc:
+            raise AssertionError("the worker kept running:\n" + worker.log_tail()) from exc
+        assert code == FATAL_EXIT_CODE, worker.log_tail()
+        log = worker.log_tail(200_000)
+        assert "laid out for 8 input partitions" in log and "have 4" in log and "Changing the partition count" in log
+        assert not list(client.scan_iter("cust:*"))  # nothing was applied
+    finally:
+        client.close()

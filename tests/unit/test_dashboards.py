@@ -70,10 +70,15 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+# series of the exporters docker-compose.yml runs beside the workers (not run here: their rules are proven by the
+# promtool unit tests on synthetic series, and every query using them falls back to the workers' own series)
+EXPORTER_SERIES = {"kafka_consumergroup_lag": "kafka-exporter"}
+
+
 def exported_names() -> set[str]:
     """Every series name streamproc's processes can expose: the worker's metric bundle, the retention ledger's and
-    the alert forwarder's (labelled families included, even if unused)."""
-    names = set()
+    the alert forwarder's (labelled families included, even if unused), and the compose stack's exporters'."""
+    names = set(EXPORTER_SERIES)
     for bundle in (Metrics(), LedgerMetrics(), ForwarderMetrics()):
         for family in bundle.registry.collect():
             names.update(family.name + suffix for suffix in SUFFIXES[family.type])
@@ -286,6 +291,16 @@ def test_every_alert_rule_has_a_promtool_unit_test_that_fires_it():
     fired = {case["alertname"] for test in doc["tests"] for case in test.get("alert_rule_test", [])
              if case.get("exp_alerts")}
     assert set(rule_expressions()) <= fired, sorted(set(rule_expressions()) - fired)
+
+
+def test_alertmanager_config_is_valid():
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool is not installed (apt-get install prometheus-alertmanager)")
+    done = subprocess.run([amtool, "check-config", str(ROOT / "alertmanager" / "alertmanager.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 receivers" in done.stdout
 
 
 def test_promtool_check_docker_config_loads_the_rules():
