@@ -27,12 +27,11 @@ import pytest
 from streamproc.settings import Settings
 from streamproc.tools.demo import processed_total
 from streamproc.tools.producer import EventProducer
-from tests.unit.test_dashboards import EXPORTER_SERIES
 from streamproc.tools.simulate import SimulationConfig, Simulator
 from streamproc.tools.tail import read_topic
 from streamproc.tools.treatment import treat
 from tests.conftest import WorkerProcess, worker_env
-from tests.unit.test_dashboards import load_dashboards, metric_names, panel_targets
+from tests.unit.test_dashboards import EXPORTER_SERIES, load_dashboards, metric_names, panel_targets
 
 pytestmark = pytest.mark.integration
 
