@@ -235,6 +235,11 @@ class Metrics:
             "streamproc_trainer_active", "1 while this process's trainer owns the training partition (learns).",
             registry=r,
         )
+        self.checkpoints_refused = Counter(
+            "streamproc_model_checkpoints_refused_total",
+            "Checkpoints refused before unpickling: unsigned, or not matching their signature "
+            "(STREAMPROC_MODEL_SIGNING_KEY); the last trusted one stays in use.", registry=r,
+        )
         self.checkpoints = Counter(
             "streamproc_model_checkpoints_total", "Model checkpoints written by this worker's trainer.",
             registry=r,

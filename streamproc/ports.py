@@ -211,6 +211,10 @@ class FeatureStore(CustomerStore, OutboxStore, ProgressStore, AlertQueueStore, P
         pass
 
 
+class UntrustedCheckpoint(Exception):
+    """A stored checkpoint that is unsigned or does not match its signature: it is never unpickled."""
+
+
 class StaleCheckpoint(Exception):
     """A fenced save found a checkpoint that already holds the bundle's training offset or a later one."""
 
@@ -236,3 +240,16 @@ class ModelStore(abc.ABC):
 
     @abc.abstractmethod
     async def summary(self) -> dict[str, Any] | None: ...
+
+    async def newest_trusted(self, below: int | None = None) -> ModelBundle | None:
+        """The newest stored checkpoint (below ``below``) whose signature holds: what to serve when the current
+        one is refused."""
+        for version in reversed(await self.versions()):
+            if below is not None and version >= below:
+                continue
+            try:
+                return await self.load(version)
+            except UntrustedCheckpoint:
+                continue
+        return None
+

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_clients import sync_redis
 from streamproc.adapters.redis_store import RedisFeatureStore
@@ -94,7 +95,7 @@ def cmd_customer(args: argparse.Namespace) -> int:
         store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         try:
             if args.action == "show":
-                found = await lookup(store, RedisModelStore(store.redis), settings,
+                found = await lookup(store, RedisModelStore(store.redis, signing_key(settings)), settings,
                                      await locate(store, settings, args.customer_id))
                 if found is None:
                     print(f"no customer {args.customer_id!r}", file=sys.stderr)
@@ -144,7 +145,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = settings_from_env()
     async def run() -> int:
         store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
-        models = RedisModelStore(store.redis)
+        models = RedisModelStore(store.redis, signing_key(settings))
         try:
             if args.action == "train":
                 return await train_from_file(settings, models, args.version)

@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     # when set, customer ids are replaced at the edge by HMAC-SHA256(key, id): raw ids never reach Redis or
     # the output topics (the dead-letter topic keeps the original bytes of what it could not read)
     pseudonymize_key: SecretStr | None = None
+    model_signing_key: SecretStr | None = None  # checkpoints signed, and verified before unpickling (see README)
     batch_max_events: int = Field(default=2000, ge=1)
     # allocations between young-generation garbage collections in the worker and trainer (Python's default:
     # 700, which costs the batch step ~40 % of its time); 0 keeps Python's default
@@ -268,7 +269,7 @@ class Settings(BaseSettings):
     forward_backoff_cap_s: float = Field(default=60.0, gt=0)
     forward_metrics_port: Port | None = None  # /metrics of the forwarder when set
 
-    @field_validator("http_token", "pseudonymize_key", "webhook_secret", "control_key")
+    @field_validator("http_token", "pseudonymize_key", "webhook_secret", "control_key", "model_signing_key")
     @classmethod
     def _usable_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:

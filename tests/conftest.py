@@ -222,6 +222,7 @@ def seed_checkpoint(settings: Settings, payloads: list[tuple[str, bytes, bytes]]
     recommendations are a function of the events alone (and runs can be compared output for output)."""
     import asyncio
 
+    from streamproc.adapters.checkpoint_signing import signing_key
     from streamproc.adapters.model_store import RedisModelStore
     from streamproc.adapters.redis_store import RedisFeatureStore
     from streamproc.training.offline import run_offline
@@ -230,7 +231,7 @@ def seed_checkpoint(settings: Settings, payloads: list[tuple[str, bytes, bytes]]
         bundle, _, _ = await run_offline(payloads, settings)
         store = RedisFeatureStore.from_url(settings.redis_url)
         try:
-            return await RedisModelStore(store.redis).save(bundle, keep=2)
+            return await RedisModelStore(store.redis, signing_key(settings)).save(bundle, keep=2)
         finally:
             await store.close()
 

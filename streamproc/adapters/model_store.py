@@ -2,7 +2,8 @@
 
 Redis layout:
 
-    sp:{model}:v:<n>     string   pickled ModelBundle, version n (the newest ``keep`` are kept)
+    sp:{model}:v:<n>     string   pickled ModelBundle, version n, signed when a key is set (the newest ``keep`` are
+                                  kept; ``checkpoint_signing``)
     sp:{model}:current   string   the version every worker scores with (rollback moves it back)
     sp:{model}:summary   string   JSON: the current bundle's summary and segment profiles
     sp:{model}:offset    string   training-topic offset of the newest fenced save (trainer checkpoints)
@@ -16,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from streamproc.adapters.checkpoint_signing import sign, verified_payload
 from streamproc.adapters.redis_clients import AsyncRedis
 from streamproc.adapters.redis_store import lua
 from streamproc.domain.models import ModelBundle
@@ -28,8 +30,9 @@ def checkpoint_summary(bundle: ModelBundle) -> bytes:
 
 
 class RedisModelStore(ModelStore):
-    def __init__(self, client: AsyncRedis) -> None:
+    def __init__(self, client: AsyncRedis, signing_key: bytes | None = None) -> None:
         self.redis = client
+        self.signing_key = signing_key  # signs what is saved; what is loaded must carry its signature
         self._save = client.register_script(lua("save_checkpoint"))
 
     async def save(self, bundle: ModelBundle, keep: int, fenced: bool = False) -> int:
@@ -41,10 +44,13 @@ class RedisModelStore(ModelStore):
                 await self.redis.set("sp:{model}:latest", latest, nx=True)
                 latest = int(await self.redis.get("sp:{model}:latest") or 0)
             bundle.version = latest + 1
+            blob = bundle.dumps()
+            if self.signing_key is not None:
+                blob = sign(self.signing_key, bundle.version, blob)
             result = int(await self._save(
                 keys=["sp:{model}:offset", "sp:{model}:latest", "sp:{model}:current", "sp:{model}:summary",
                       f"sp:{{model}}:v:{bundle.version}"],
-                args=["1" if fenced else "0", bundle.training_offset, latest, bundle.version, bundle.dumps(),
+                args=["1" if fenced else "0", bundle.training_offset, latest, bundle.version, blob,
                       checkpoint_summary(bundle), keep],
             ))
             if result == -1:
@@ -64,7 +70,7 @@ class RedisModelStore(ModelStore):
         if version is None:
             return None
         blob: bytes | None = await self.redis.get(f"sp:{{model}}:v:{version}")  # type: ignore[assignment]
-        return ModelBundle.loads(blob) if blob else None
+        return ModelBundle.loads(verified_payload(self.signing_key, version, blob)) if blob else None
 
     async def versions(self) -> list[int]:
         found = [int(k.decode().rsplit(":", 1)[1]) async for k in self.redis.scan_iter("sp:{model}:v:*", count=100)]

@@ -18,16 +18,18 @@ import faust
 from faust.types import EventT, Message
 from prometheus_client import CollectorRegistry
 
+from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.compiled import status as compiled_status
 from streamproc.config import model_config
+from streamproc.domain.models import ModelBundle
 from streamproc.errors import FatalStepError, is_transient, root_cause
 from streamproc.metrics import Metrics
 from streamproc.pipeline.factory import build_processor
 from streamproc.pipeline.outbox import OutboxSender
 from streamproc.pipeline.records import RawRecord
-from streamproc.ports import FeatureStore, LayoutMismatch, ModelStore
+from streamproc.ports import FeatureStore, LayoutMismatch, ModelStore, UntrustedCheckpoint
 from streamproc.runtime.consumer import (
     BulkInbox,
     ack_batch,
@@ -115,7 +117,8 @@ class Worker:
             self.store.replicas.timeout_ms = settings.redis_wait_timeout_ms
         self.models: ModelStore = RedisModelStore(
             self.store.redis if isinstance(self.store, RedisFeatureStore) else RedisFeatureStore.from_url(
-                settings.redis_url, **settings.redis_kwargs()).redis
+                settings.redis_url, **settings.redis_kwargs()).redis,
+            signing_key(settings),
         )
         # the global trainer's group member (streamproc/training/trainer.py): learns where it owns the training
         # partition
@@ -129,6 +132,7 @@ class Worker:
         self.last_offsets: dict[tuple[str, int], int] = {}
         self.outbox = OutboxSender(settings, self.store, self.metrics, self._producer_send, self.stop_fatally)
         self.model_checked = False  # the checkpoint was looked up before the first batch
+        self.refused_version: int | None = None  # the current checkpoint, refused as untrusted
         self.fatal: FatalStepError | None = None  # why the worker is stopping, if a step failed for good
         self.sweep_failures = 0  # sweep steps in a row that failed with an error that is not transient
         self.app = self._build_app()
@@ -378,8 +382,13 @@ class Worker:
         try:
             current = await self.models.current_version()
             loaded = self.processor.bundle
-            if current is not None and (loaded is None or loaded.version != current):
-                bundle = await self.models.load(current)
+            stale = loaded is None or loaded.version != current
+            if current is not None and current != self.refused_version and stale:
+                try:
+                    bundle = await self.models.load(current)
+                except UntrustedCheckpoint as exc:
+                    self.refused_version = current
+                    bundle = await refuse_checkpoint(self.models, self.metrics, exc, loaded)
                 if bundle is not None:
                     self.processor.bundle = bundle
                     self.metrics.model_version.set(bundle.version)
@@ -393,12 +402,26 @@ class Worker:
     async def update_lag(self) -> None:
         self.intake.report_lag(self.last_offsets)
 
+async def refuse_checkpoint(models: ModelStore, metrics: Metrics, refused: UntrustedCheckpoint,
+                            loaded: ModelBundle | None) -> ModelBundle | None:
+    """A checkpoint whose signature does not hold is never unpickled: counted and logged, and scoring goes on with
+    the loaded bundle (at start: the newest trusted one, which is returned)."""
+    metrics.checkpoints_refused.inc()
+    log.error("%s: refused; scoring goes on with %s", refused,
+              f"v{loaded.version}" if loaded is not None else "the newest trusted checkpoint")
+    current = await models.current_version()
+    return None if loaded is not None else await models.newest_trusted(below=current)
+
+
 def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM/SIGINT (blocking)."""
     from faust.worker import Worker as FaustWorker
 
     wait_for_topics(settings, (*INPUT_TOPICS, TRAINING_TOPIC))
     worker = Worker(settings, input_partitions=input_partitions(settings, INPUT_TOPICS))
+    if settings.models_enabled and settings.model_signing_key is None:
+        log.warning("model checkpoints are not signed: whoever can write to Redis can run code in this worker "
+                    "(set STREAMPROC_MODEL_SIGNING_KEY on workers and trainers)")
     (settings.state_dir / "faust" / settings.app_id).mkdir(parents=True, exist_ok=True)
     try:
         FaustWorker(

@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 
+from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.feature_rows import customer_id_of, decode_feature_row, feature_names_from
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_clients import sync_redis
@@ -313,7 +314,7 @@ def load_states(settings: Settings) -> tuple[dict[str, CustomerState], ModelBund
     async def checkpoint() -> ModelBundle | None:
         store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
         try:
-            return await RedisModelStore(store.redis).load()
+            return await RedisModelStore(store.redis, signing_key(settings)).load()
         finally:
             await store.close()
 

@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from prometheus_client import CollectorRegistry, start_http_server
 
+from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.config import model_config
@@ -32,7 +33,7 @@ from streamproc.contracts.outputs import example_of, examples_of
 from streamproc.domain.model_config import ModelConfig
 from streamproc.domain.models import ModelBundle
 from streamproc.metrics import Metrics
-from streamproc.ports import ModelStore, StaleCheckpoint
+from streamproc.ports import ModelStore, StaleCheckpoint, UntrustedCheckpoint
 from streamproc.settings import Settings
 from streamproc.topics import TRAINING_TOPIC, aiokafka_security_kwargs
 from streamproc.training.offline import learn
@@ -78,6 +79,11 @@ class Trainer:
         while True:
             try:
                 bundle = await self.models.load()
+                break
+            except UntrustedCheckpoint as exc:  # never unpickled: resume from the newest trusted one
+                self.metrics.checkpoints_refused.inc()
+                log.error("%s: refused; the trainer resumes from the newest trusted checkpoint", exc)
+                bundle = await self.models.newest_trusted(below=await self.models.current_version())
                 break
             except asyncio.CancelledError:
                 raise
@@ -139,7 +145,12 @@ class Trainer:
             return None
         current = await self.models.current_version()
         if current not in (None, 0, bundle.version):
-            rolled = await self.models.load(current)
+            try:
+                rolled = await self.models.load(current)
+            except UntrustedCheckpoint as exc:  # a planted checkpoint is no rollback to follow: this save replaces it
+                self.metrics.checkpoints_refused.inc()
+                log.error("%s: refused", exc)
+                rolled = None
             if rolled is not None and rolled.version < bundle.version:  # someone rolled back: follow
                 rolled.training_offset = bundle.training_offset
                 self.bundle = bundle = rolled
@@ -251,7 +262,7 @@ def run_trainer(settings: Settings) -> None:
     if settings.trainer_metrics_port:
         start_http_server(settings.trainer_metrics_port, addr=settings.web_host, registry=registry)
     redis = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs()).redis
-    trainer = Trainer(settings, RedisModelStore(redis), metrics, model_config(settings))
+    trainer = Trainer(settings, RedisModelStore(redis, signing_key(settings)), metrics, model_config(settings))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -146,7 +146,7 @@ def test_secrets_are_masked_in_messages(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_secrets_are_masked_whatever_the_error() -> None:
     secrets = {"redis_password", "kafka_sasl_password", "http_token", "pseudonymize_key", "webhook_secret",
-               "control_key"}
+               "control_key", "model_signing_key"}
     assert secrets == SECRET_FIELDS
     with pytest.raises(ValidationError) as caught:
         Settings(kafka_sasl_password=12345)
