@@ -12,6 +12,7 @@ the replayed events themselves are fenced and would produce nothing.
 from __future__ import annotations
 
 import asyncio
+import time
 from importlib import resources
 from typing import Any
 
@@ -34,6 +35,7 @@ from streamproc.adapters.feature_rows import (
 )
 from streamproc.adapters.redis_clients import AsyncRedis, async_redis
 from streamproc.adapters.redis_replicas import ReplicaWait
+from streamproc.errors import TransientError
 from streamproc.ports import (
     AlertClose,
     BatchSideEffects,
@@ -52,6 +54,7 @@ def lua(name: str) -> str:
 
 
 _LOAD_FIELDS = ("_v", "_s", "m")
+SCHEMA_REWRITE_S = 60.0
 
 
 class _PackInC:
@@ -90,7 +93,9 @@ class RedisFeatureStore(FeatureStore):
         self._close_alerts = client.register_script(lua("close_alerts"))
         self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
         self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
-        self._schemas_stored: set[str] = set()  # schema ids this process has written (HSETNX: once is enough)
+        # schema id -> when this process last wrote it (HSETNX): written again a minute later, so that a schema a
+        # failover lost (stored on another shard than the rows) comes back
+        self._schemas_stored: dict[str, float] = {}
         self._partitions: int | None = None  # the input partition count of the layout, once read or claimed
 
     @classmethod
@@ -145,14 +150,14 @@ class RedisFeatureStore(FeatureStore):
             schema_id = self._schema_ids.get(names)
             if schema_id is None:
                 schema_id = self._schema_ids[names] = feature_schema_id(names)
-            if schema_id not in self._schemas_stored:
+            if time.monotonic() - self._schemas_stored.get(schema_id, -SCHEMA_REWRITE_S) >= SCHEMA_REWRITE_S:
                 schemas[schema_id] = names
         if schemas:
             pipe = self.redis.pipeline(transaction=False)
             for schema_id, names in schemas.items():
                 pipe.hsetnx(FEATURE_SCHEMAS_KEY, schema_id, orjson.dumps(names))
             await pipe.execute()
-            self._schemas_stored |= set(schemas)
+            self._schemas_stored.update(dict.fromkeys(schemas, time.monotonic()))
 
     async def _save_partition(self, partition: int, updates: list[Update]) -> SaveResult:
         keys: list[str] = [partition_key(partition, kind) for kind in ("census", "outbox", "due", "alertq")]
@@ -214,7 +219,8 @@ class RedisFeatureStore(FeatureStore):
             schema_id = unknown.args[0]
             names = await self.redis.hget(FEATURE_SCHEMAS_KEY, schema_id)
             if names is None:
-                raise KeyError(f"feature schema {schema_id} is not stored") from None
+                # written again within SCHEMA_REWRITE_S by whichever process saves rows of it: retried
+                raise TransientError(f"feature schema {schema_id} is not stored") from None
             self._schema_names[schema_id] = orjson.loads(names)
             return decode_feature_row(raw, self._schema_names.__getitem__)
 
