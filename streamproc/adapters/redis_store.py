@@ -54,6 +54,8 @@ def lua(name: str) -> str:
 
 
 _LOAD_FIELDS = ("_v", "_s", "m")
+# each process writes a feature schema again (HSETNX) a minute after it last did: a schema a failover lost (it is
+# stored on another shard than the rows that use it) comes back
 SCHEMA_REWRITE_S = 60.0
 
 
@@ -93,9 +95,7 @@ class RedisFeatureStore(FeatureStore):
         self._close_alerts = client.register_script(lua("close_alerts"))
         self._schema_ids: dict[tuple[str, ...], str] = {}  # feature names -> their schema id
         self._schema_names: dict[str, list[str]] = {}  # schema id -> feature names (read side)
-        # schema id -> when this process last wrote it (HSETNX): written again a minute later, so that a schema a
-        # failover lost (stored on another shard than the rows) comes back
-        self._schemas_stored: dict[str, float] = {}
+        self._schemas_stored: dict[str, float] = {}  # schema id -> when last written (SCHEMA_REWRITE_S)
         self._partitions: int | None = None  # the input partition count of the layout, once read or claimed
 
     @classmethod
