@@ -208,9 +208,6 @@ class RedisFeatureStore(FeatureStore):
             self._partitions = int(raw) if raw is not None else None
         return self._partitions
 
-    async def _all_partitions(self) -> range:
-        return range(await self.layout_partitions() or 0)
-
     async def _decode_row(self, raw: bytes) -> dict[str, Any]:
         """A stored feature row as a dict, its schema's names fetched once per process."""
         try:
@@ -251,7 +248,7 @@ class RedisFeatureStore(FeatureStore):
     async def census(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         pipe = self.redis.pipeline(transaction=False)
-        for partition in await self._all_partitions():
+        for partition in range(await self.layout_partitions() or 0):
             pipe.hgetall(partition_key(partition, "census"))
         for raw in await pipe.execute():
             for k, v in raw.items():
@@ -263,7 +260,7 @@ class RedisFeatureStore(FeatureStore):
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def sweep_marks(self) -> dict[int, int]:
-        partitions = await self._all_partitions()
+        partitions = range(await self.layout_partitions() or 0)
         pipe = self.redis.pipeline(transaction=False)
         for partition in partitions:
             pipe.get(partition_key(partition, "sweep"))
