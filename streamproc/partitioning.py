@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from aiokafka.partitioner import murmur2
 
+from streamproc.topics import declared_input_partitions
+
 
 def home_partition(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner sends ``key`` to, among ``partitions``."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def customer_partition(customer_id: str, laid_out: int | None) -> int:
+    """The input partition a (raw) customer id is stored under, in a store laid out for ``laid_out`` partitions
+    (None: nothing laid out yet, the declared count stands in)."""
+    return home_partition(customer_id, laid_out or declared_input_partitions())

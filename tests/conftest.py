@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import orjson
 import pytest
@@ -43,26 +43,27 @@ def infra(base_settings: Settings) -> Iterator[Settings]:
     yield base_settings
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(infra: Settings) -> Iterator:
-    """The local Redis Cluster (3 masters, 3 replicas), started once; a node a test killed is started again."""
-    from streamproc.tools.infra import Infra
-
-    local = Infra(infra).redis_cluster
+def _kept_up(local: Any) -> Iterator:
+    """A local cluster, started once; a node a test killed is started again at the end."""
     local.up()
     yield local
     local.up()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(infra: Settings) -> Iterator:
+    """The local Redis Cluster (3 masters, 3 replicas)."""
+    from streamproc.tools.infra import Infra
+
+    yield from _kept_up(Infra(infra).redis_cluster)
 
 
 @pytest.fixture(scope="session")
 def kafka_cluster(infra: Settings) -> Iterator:
-    """The local 3-broker Kafka cluster, started once; a broker a test killed is started again."""
+    """The local 3-broker Kafka cluster."""
     from streamproc.tools.infra import Infra
 
-    local = Infra(infra).kafka_cluster
-    local.up()
-    yield local
-    local.up()
+    yield from _kept_up(Infra(infra).kafka_cluster)
 
 
 def on_redis_cluster(settings: Settings, cluster: object) -> Settings:

@@ -49,8 +49,7 @@ from typing import Any
 import orjson
 
 from streamproc.domain.customer import CustomerState
-from streamproc.partitioning import home_partition
-from streamproc.topics import declared_input_partitions
+from streamproc.partitioning import customer_partition
 
 LAYOUT_VERSION = 2
 LAYOUT_KEY = "sp:layout"
@@ -111,10 +110,8 @@ def stored_partitions(client: Any) -> int | None:
 
 
 def stored_customer_key(client: Any, customer_id: str) -> str:
-    """The key of a customer's hash in the database behind a synchronous redis-py client (its layout's partition
-    count picks the partition; an empty database: the declared count)."""
-    return customer_key(home_partition(customer_id, stored_partitions(client) or declared_input_partitions()),
-                        customer_id)
+    """The key of a customer's hash in the database behind a synchronous redis-py client."""
+    return customer_key(customer_partition(customer_id, stored_partitions(client)), customer_id)
 
 
 def partition_key(partition: int, kind: str) -> str:

@@ -35,21 +35,24 @@ AsyncRedis = aioredis.Redis | aioredis.RedisCluster
 SyncRedis = redis.Redis | redis.RedisCluster
 
 
+def _cluster_kwargs(url: str, node: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The first seed's URL and the client options, with every seed as a startup node when there are several
+    (``node``: the client flavour's ``ClusterNode``)."""
+    first, seeds = _seeds(url)
+    if len(seeds) > 1:
+        kwargs = {**kwargs, "startup_nodes": [node(host, port) for host, port in seeds]}
+    return first, kwargs
+
+
 def async_redis(url: str, **kwargs: Any) -> AsyncRedis:
     if is_cluster_url(url):
-        first, seeds = _seeds(url)
-        if len(seeds) == 1:
-            return aioredis.RedisCluster.from_url(first, **kwargs)
-        nodes = [aioredis.cluster.ClusterNode(host, port) for host, port in seeds]
-        return aioredis.RedisCluster.from_url(first, startup_nodes=nodes, **kwargs)
+        first, options = _cluster_kwargs(url, aioredis.cluster.ClusterNode, kwargs)
+        return aioredis.RedisCluster.from_url(first, **options)
     return aioredis.from_url(url, **kwargs)
 
 
 def sync_redis(url: str, **kwargs: Any) -> SyncRedis:
     if is_cluster_url(url):
-        first, seeds = _seeds(url)
-        if len(seeds) == 1:
-            return redis.RedisCluster.from_url(first, **kwargs)
-        nodes = [redis.cluster.ClusterNode(host, port) for host, port in seeds]
-        return redis.RedisCluster.from_url(first, startup_nodes=nodes, **kwargs)
+        first, options = _cluster_kwargs(url, redis.cluster.ClusterNode, kwargs)
+        return redis.RedisCluster.from_url(first, **options)
     return redis.Redis.from_url(url, **kwargs)

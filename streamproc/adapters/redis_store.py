@@ -128,10 +128,16 @@ class RedisFeatureStore(FeatureStore):
     async def save(self, updates: list[Update]) -> SaveResult:
         if not updates:
             return SaveResult([], {})
-        by_partition: dict[int, list[Update]] = {}
+        by_partition: dict[int, list[tuple[Update, str]]] = {}  # partition -> (update, its feature schema id)
+        used: dict[str, tuple[str, ...]] = {}  # schema id -> feature names
         for up in updates:
-            by_partition.setdefault(up.partition, []).append(up)
-        await self._store_schemas(updates)
+            names = tuple(up.features)
+            schema_id = self._schema_ids.get(names)
+            if schema_id is None:
+                schema_id = self._schema_ids[names] = feature_schema_id(names)
+            used[schema_id] = names
+            by_partition.setdefault(up.partition, []).append((up, schema_id))
+        await self._store_schemas(used)
         # one script call per partition: its keys share the partition's hash tag, so on a cluster it runs on one
         # shard; the calls go out together
         results = await asyncio.gather(*(self._save_partition(p, ups) for p, ups in by_partition.items()))
@@ -141,33 +147,27 @@ class RedisFeatureStore(FeatureStore):
             merged.previous_census.update(result.previous_census)
         return merged
 
-    async def _store_schemas(self, updates: list[Update]) -> None:
+    async def _store_schemas(self, used: dict[str, tuple[str, ...]]) -> None:
         """Store the names of each feature schema the rows use before any row that refers to it (a crash between
         the two leaves an unused schema, never a row without one)."""
-        schemas: dict[str, tuple[str, ...]] = {}
-        for up in updates:
-            names = tuple(up.features)
-            schema_id = self._schema_ids.get(names)
-            if schema_id is None:
-                schema_id = self._schema_ids[names] = feature_schema_id(names)
-            if time.monotonic() - self._schemas_stored.get(schema_id, -SCHEMA_REWRITE_S) >= SCHEMA_REWRITE_S:
-                schemas[schema_id] = names
+        now = time.monotonic()
+        schemas = {schema_id: names for schema_id, names in used.items()
+                   if now - self._schemas_stored.get(schema_id, -SCHEMA_REWRITE_S) >= SCHEMA_REWRITE_S}
         if schemas:
             pipe = self.redis.pipeline(transaction=False)
             for schema_id, names in schemas.items():
                 pipe.hsetnx(FEATURE_SCHEMAS_KEY, schema_id, orjson.dumps(names))
             await pipe.execute()
-            self._schemas_stored.update(dict.fromkeys(schemas, time.monotonic()))
+            self._schemas_stored.update(dict.fromkeys(schemas, now))
 
-    async def _save_partition(self, partition: int, updates: list[Update]) -> SaveResult:
+    async def _save_partition(self, partition: int, updates: list[tuple[Update, str]]) -> SaveResult:
         keys: list[str] = [partition_key(partition, kind) for kind in ("census", "outbox", "due", "alertq")]
         args: list[str | bytes] = []
-        for up in updates:
+        for up, schema_id in updates:
             keys.append(customer_key(partition, up.customer_id))
             args.append(up.customer_id)
             args.append(str(up.expected_version))
-            args.append(b"" if up.features_unchanged
-                        else encode_feature_row(self._schema_ids[tuple(up.features)], up.features))
+            args.append(b"" if up.features_unchanged else encode_feature_row(schema_id, up.features))
             args.append(encode_state(up.state))
             args.append(up.census_key)
             args.append(orjson.dumps(up.model or {}, option=orjson.OPT_SORT_KEYS))
@@ -178,7 +178,7 @@ class RedisFeatureStore(FeatureStore):
         replies = await (self.replicas.save(self._save, partition, keys, args) if self.replicas.wanted
                          else self._save(keys=keys, args=args))
         result = SaveResult([], {})
-        for up, reply in zip(updates, replies, strict=True):
+        for (up, _), reply in zip(updates, replies, strict=True):
             if reply is None:
                 result.failed.append(up.customer_id)
             else:

@@ -15,18 +15,17 @@ from streamproc.domain.churn import inputs_at
 from streamproc.domain.customer import CustomerState
 from streamproc.domain.features import clv, features, retention_per_period
 from streamproc.domain.rfm import rfm_scores
-from streamproc.partitioning import home_partition
+from streamproc.partitioning import customer_partition
 from streamproc.ports import CustomerRef, FeatureStore, ModelStore
 from streamproc.settings import Settings
-from streamproc.topics import declared_input_partitions
 
 
 async def locate(store: FeatureStore, settings: Settings, customer_id: str) -> CustomerRef:
     """Where the customer with this (raw) id is stored: their input partition by the producers' partitioner, and
     the stored id (their pseudonym when ids are pseudonymised). Before any worker laid the store out, the
     declared partition count stands in (an erasure is recorded all the same)."""
-    partitions = await store.layout_partitions() or declared_input_partitions()
-    return CustomerRef(home_partition(customer_id, partitions), settings.customer_key(customer_id))
+    return CustomerRef(customer_partition(customer_id, await store.layout_partitions()),
+                       settings.customer_key(customer_id))
 
 
 async def lookup(

@@ -14,12 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from streamproc.adapters.feature_rows import customer_key, decode_feature_row, feature_names_from, stored_partitions
+from streamproc.adapters.feature_rows import (
+    customer_key,
+    decode_feature_row,
+    feature_names_from,
+    stored_partitions,
+)
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_clients import sync_redis
 from streamproc.adapters.redis_store import RedisFeatureStore
 from streamproc.domain.customer import DAY_MS
-from streamproc.partitioning import home_partition
+from streamproc.partitioning import customer_partition
 from streamproc.tools.backtest import load_states, score_states
 from streamproc.tools.tail import read_topic
 from streamproc.topics import ALERTS_TOPIC
@@ -106,11 +111,11 @@ def run_evaluate(settings: Any, run_dir: Path, out: Path | None) -> dict[str, An
     events_applied = 0
     try:
         ids = [t["customer_id"] for t in truth]
-        partitions = stored_partitions(client) or 1
+        partitions = stored_partitions(client)  # read once: one key per customer below
         for i in range(0, len(ids), 1000):
             pipe = client.pipeline(transaction=False)
             for cid in ids[i : i + 1000]:
-                pipe.hmget(customer_key(home_partition(cid, partitions), cid), "m", "f")
+                pipe.hmget(customer_key(customer_partition(cid, partitions), cid), "m", "f")
             for cid, (model, feats) in zip(ids[i : i + 1000], pipe.execute(), strict=True):
                 if model:
                     m = json.loads(model)

@@ -193,6 +193,13 @@ def against_baseline(env_factory, worker_factory, payloads, fill=True):
     too unless ``fill`` is false). Returns that environment and what the baseline's worker left: the Redis snapshot
     and the output ids."""
     baseline, disturbed = env_factory(), env_factory()
+    return (disturbed, *baseline_run(baseline, disturbed, worker_factory, payloads, fill))
+
+
+def baseline_run(baseline, disturbed, worker_factory, payloads, fill=True):
+    """``against_baseline`` for two given environments: both seeded with one frozen model, ``payloads`` processed
+    by one uninterrupted worker in ``baseline`` (and produced into ``disturbed`` too unless ``fill`` is false).
+    Returns the baseline's Redis snapshot and output ids."""
     for env in (baseline, disturbed):
         seed_checkpoint(env, payloads)
     produce(baseline, payloads)
@@ -200,7 +207,7 @@ def against_baseline(env_factory, worker_factory, payloads, fill=True):
         produce(disturbed, payloads)
     frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
     time.sleep(1)
-    return disturbed, redis_snapshot(baseline), output_ids(baseline)
+    return redis_snapshot(baseline), output_ids(baseline)
 
 
 # the crashed runs spread each sweep pass over many batches (at most 40 customers per step), the baselines not

@@ -14,8 +14,15 @@ import pytest
 from streamproc.tools.demo import processed_total
 from streamproc.tools.tail import read_topic
 from streamproc.topics import admin_client, apply_topics, delete_run_topics
-from tests.conftest import free_port, on_redis_cluster, produce, redis_snapshot, seed_checkpoint
-from tests.integration.test_exactly_once import SPREAD_SWEEP, frozen, output_ids, sim_payloads, wait_equal
+from tests.conftest import free_port, on_redis_cluster, produce
+from tests.integration.test_exactly_once import (
+    SPREAD_SWEEP,
+    baseline_run,
+    frozen,
+    output_ids,
+    sim_payloads,
+    wait_equal,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.cluster]
 
@@ -35,12 +42,7 @@ def test_a_broker_killed_mid_stream_and_restarted_loses_and_doubles_nothing(env_
             admin.close()
         assert {len(p["replica_nodes"]) for p in described["partitions"]} == {3}
 
-        for env in (baseline, replicated):
-            seed_checkpoint(env, payloads)
-            produce(env, payloads)
-        frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
-        time.sleep(1)
-        expected, expected_ids = redis_snapshot(baseline), output_ids(baseline)
+        expected, expected_ids = baseline_run(baseline, replicated, worker_factory, payloads)
 
         worker = frozen(worker_factory(replicated, "replicated")).start()
         worker.wait_ready()
@@ -85,12 +87,7 @@ def test_workers_grown_from_one_to_three_and_back_leave_every_customer_as_one_wo
         update={"kafka_bootstrap": kafka_cluster.bootstrap, "topic_replication": 3}), redis_cluster)
     assert apply_topics(scaled, partitions_override=6).ok
     try:
-        for env in (baseline, scaled):
-            seed_checkpoint(env, payloads)
-        produce(baseline, payloads)
-        frozen(worker_factory(baseline)).start().wait_processed(len(payloads), timeout=120)
-        time.sleep(1)
-        expected, expected_ids = redis_snapshot(baseline), output_ids(baseline)
+        expected, expected_ids = baseline_run(baseline, scaled, worker_factory, payloads, fill=False)
 
         parts = [payloads[k * len(payloads) // 3 : (k + 1) * len(payloads) // 3] for k in range(3)]
         first = frozen(worker_factory(scaled, "first"), **SPREAD_SWEEP).start()

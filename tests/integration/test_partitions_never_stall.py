@@ -157,6 +157,17 @@ def test_an_event_whose_processing_raises_is_dead_lettered_and_the_rest_applied(
     assert worker.metrics()['streamproc_dlq_records_total{reason="processing_error"}'] == 1
 
 
+def fatal_exit_log(worker) -> str:
+    """Wait (``BOUND_S``) for a worker to stop with the fatal exit code; its log."""
+    assert worker.proc is not None
+    try:
+        code = worker.proc.wait(BOUND_S)
+    except Exception as exc:
+        raise AssertionError("the worker kept running:\n" + worker.log_tail()) from exc
+    assert code == FATAL_EXIT_CODE, worker.log_tail()
+    return worker.log_tail(200_000)
+
+
 def test_a_failure_nothing_can_be_isolated_from_stops_the_worker_with_a_clear_error(topics, worker_factory, tmp_path):
     """Redis refuses the worker's scripts (an ACL without @scripting): every batch step fails the same way, so the
     worker must not spin on it: a few attempts, then a non-zero exit naming the error."""
@@ -164,14 +175,7 @@ def test_a_failure_nothing_can_be_isolated_from_stops_the_worker_with_a_clear_er
     service.up(extra_args=["--user", "default", "on", "nopass", "~*", "&*", "+@all", "-@scripting"])
     try:
         produce(own, [("clicks", b"c1", click("c1", 1))])
-        worker = worker_factory(own).start()
-        assert worker.proc is not None
-        try:
-            code = worker.proc.wait(BOUND_S)
-        except Exception as exc:
-            raise AssertionError("the worker kept running:\n" + worker.log_tail()) from exc
-        assert code == FATAL_EXIT_CODE, worker.log_tail()
-        log = worker.log_tail(200_000)
+        log = fatal_exit_log(worker_factory(own).start())
         assert "NoPermissionError" in log and "failed 3 times" in log, log[-3000:]
         # three attempts: two retried, the third ends the worker (and nothing is tried after it)
         assert log.count("batch of 1 failed") == 2 and log.count("stopping the worker") == 1
@@ -214,14 +218,7 @@ def test_a_worker_refuses_a_redis_laid_out_for_another_partition_count(topics, w
     try:
         client.hset("sp:layout", mapping={"version": 2, "partitions": 8})
         produce(topics, [("clicks", b"c1", click("c1", 1))])
-        worker = worker_factory().start()
-        assert worker.proc is not None
-        try:
-            code = worker.proc.wait(BOUND_S)
-        except Exception as exc:
-            raise AssertionError("the worker kept running:\n" + worker.log_tail()) from exc
-        assert code == FATAL_EXIT_CODE, worker.log_tail()
-        log = worker.log_tail(200_000)
+        log = fatal_exit_log(worker_factory().start())
         assert "laid out for 8 input partitions" in log and "have 4" in log and "Changing the partition count" in log
         assert not list(client.scan_iter("cust:*"))  # nothing was applied
     finally:

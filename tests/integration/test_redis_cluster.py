@@ -21,7 +21,7 @@ from streamproc.tools.demo import processed_total
 from tests.conftest import on_redis_cluster, produce, redis_snapshot, worker_env
 from tests.integration.test_exactly_once import (
     SPREAD_SWEEP,
-    against_baseline,
+    baseline_run,
     frozen,
     output_ids,
     sim_payloads,
@@ -29,20 +29,6 @@ from tests.integration.test_exactly_once import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.cluster]
-
-
-@pytest.fixture
-def second_on_cluster(env_factory, redis_cluster):
-    """``env_factory`` whose second environment keeps its state in the (emptied) Redis Cluster."""
-    made = []
-
-    def make():
-        env = env_factory()
-        made.append(env)
-        return on_redis_cluster(env, redis_cluster) if len(made) == 2 else env
-
-    make.made = made  # type: ignore[attr-defined]
-    return make
 
 
 def customers_per_master(url):
@@ -62,9 +48,10 @@ def cli(settings, *args):
 
 
 def test_kill_9_on_a_cluster_leaves_every_customer_as_one_uninterrupted_worker_on_one_redis(
-        second_on_cluster, worker_factory):
+        env_factory, worker_factory, redis_cluster):
     payloads = sim_payloads(customers=200, days=90, seed=21, duplicate_fraction=0.01)
-    clustered, expected, expected_ids = against_baseline(second_on_cluster, worker_factory, payloads)
+    baseline, clustered = env_factory(), on_redis_cluster(env_factory(), redis_cluster)
+    expected, expected_ids = baseline_run(baseline, clustered, worker_factory, payloads)
     assert clustered.redis_url.startswith("redis+cluster://")
 
     rnd = random.Random(7)
@@ -87,7 +74,7 @@ def test_kill_9_on_a_cluster_leaves_every_customer_as_one_uninterrupted_worker_o
     victim = payloads[0][1].decode()
     shown = json.loads(cli(clustered, "customer", "show", victim, "--json"))
     assert shown["stored_features"]["customer_id"] == victim
-    assert shown == json.loads(cli(second_on_cluster.made[0], "customer", "show", victim, "--json"))
+    assert shown == json.loads(cli(baseline, "customer", "show", victim, "--json"))
     cli(clustered, "customer", "forget", victim)
     snapshot = redis_snapshot(clustered)
     assert not [k for k, v in snapshot.items() if victim.encode() in (k.encode() + repr(v).encode())]
@@ -122,7 +109,7 @@ def replica_of(cluster, master_port):
 
 @pytest.mark.parametrize("wait_replicas", [1])
 def test_a_master_killed_behind_its_stalled_replica_loses_nothing_when_saves_wait_for_it(
-        second_on_cluster, worker_factory, redis_cluster, wait_replicas):
+        env_factory, worker_factory, redis_cluster, wait_replicas):
     """The worst moment for a failover: the replica has fallen behind (stopped with SIGSTOP, its link cut) while the
     worker writes half the stream to its master, then the master dies (SIGKILL) and the stale replica is promoted.
     With ``STREAMPROC_REDIS_WAIT_REPLICAS=1`` the saves the replica never got were never acknowledged to Kafka
@@ -130,7 +117,8 @@ def test_a_master_killed_behind_its_stalled_replica_loses_nothing_when_saves_wai
     every customer ends as one worker on one Redis leaves them. Run with ``wait_replicas`` 0, the same test fails:
     the saves the master acknowledged alone are lost with it, and so are their events."""
     payloads = sim_payloads(customers=200, days=90, seed=22)
-    clustered, expected, expected_ids = against_baseline(second_on_cluster, worker_factory, payloads, fill=False)
+    baseline, clustered = env_factory(), on_redis_cluster(env_factory(), redis_cluster)
+    expected, expected_ids = baseline_run(baseline, clustered, worker_factory, payloads, fill=False)
     half = len(payloads) // 2
     produce(clustered, payloads[:half])
     worker = frozen(worker_factory(clustered), STREAMPROC_REDIS_WAIT_REPLICAS=str(wait_replicas),
