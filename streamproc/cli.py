@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streamproc.schemas import stale_schemas, write_schemas
+from streamproc.security import kafka_acl_commands, kafka_grants, redis_acl_rules
 from streamproc.settings import settings_from_env
 from streamproc.tools.alerts import export_alerts, follow_alerts
 from streamproc.tools.btyd_sim import BtydSimulation
@@ -17,6 +18,7 @@ from streamproc.tools.btyd_sim import write_csv as write_btyd_csv
 from streamproc.tools.demo import run_demo
 from streamproc.tools.infra import Infra, InfraError
 from streamproc.tools.replay import run_replay
+from streamproc.tools.secure_infra import SecureInfra
 from streamproc.tools.simulate import SimulationConfig, run_simulation
 from streamproc.tools.tail import tail_topic
 from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
@@ -37,7 +39,8 @@ def service(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_infra(args: argparse.Namespace) -> int:
-    infra = Infra(settings_from_env())
+    settings = settings_from_env()
+    infra, secure = Infra(settings), SecureInfra(settings)
     try:
         if args.action == "up":
             for status in infra.up(redis_cluster=args.redis_cluster, kafka_brokers=args.kafka_brokers):
@@ -47,17 +50,33 @@ def cmd_infra(args: argparse.Namespace) -> int:
                       f"STREAMPROC_TOPIC_REPLICATION={min(3, args.kafka_brokers)}")
             if args.redis_cluster:
                 print(f"redis cluster healthy: STREAMPROC_REDIS_URL={infra.redis_cluster.url}")
+            if args.secure:
+                for status in secure.up():
+                    print(status.line())
+                print(f"secure kafka and redis ready: each role's settings in {secure.dir}/<role>.env "
+                      "(worker, trainer, reader, admin)")
         elif args.action == "down":
-            stopped = infra.down()
+            stopped = infra.down() + secure.down()
             print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service was started by streamproc)"))
         else:
-            statuses = infra.status()
+            statuses = infra.status() + [s for s in (secure.kafka.status(), secure.redis.status()) if s.running]
             for status in statuses:
                 print(status.line())
             return 0 if all(s.running for s in statuses) else 3
     except InfraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_security(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    print("# Kafka: one SCRAM user per role, only these ACLs (StandardAuthorizer, allow.everyone.if.no.acl.found=false)")
+    for command in kafka_acl_commands(kafka_grants(settings)):
+        print(command)
+    print("# Redis: one ACL user per role (the default user off)")
+    for role, rules in redis_acl_rules().items():
+        print(f"user {role} on >{{password}} {rules}")
     return 0
 
 
@@ -149,7 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(STREAMPROC_KAFKA_CLUSTER_PORT+)")
     p.add_argument("--redis-cluster", action="store_true",
                    help="with up: also a local Redis Cluster (3 masters, 3 replicas; STREAMPROC_REDIS_CLUSTER_PORT+)")
+    p.add_argument("--secure", action="store_true",
+                   help="with up: also a Kafka node that requires SASL_SSL (SCRAM) and ACLs, and a Redis on TLS "
+                   "with one ACL user per role (see README, Production security)")
     p.set_defaults(func=cmd_infra)
+
+    p = sub.add_parser("security", help="print the Kafka ACLs and Redis ACL rules of each role")
+    p.add_argument("action", choices=["acls"])
+    p.set_defaults(func=cmd_security)
 
     p = sub.add_parser("topics", help="apply topic declarations, list them, or (re)generate schemas")
     p.add_argument("action", choices=["apply", "list", "schemas"])

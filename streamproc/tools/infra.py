@@ -5,6 +5,7 @@ Cluster and a replicated Kafka cluster. ``up`` is idempotent: a service already 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -16,16 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kafka import KafkaAdminClient
+
 from streamproc.settings import PROJECT_ROOT, Settings
 from streamproc.topics import min_insync
 
 KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 LOG4J2_CONFIG = PROJECT_ROOT / "infra" / "kafka" / "log4j2.yaml"
 
-
 # bytes up to which a hash value keeps the hash a listpack (Redis default: 64)
 HASH_MAX_LISTPACK_VALUE = 8192
-
 
 CLUSTER_NODE_TIMEOUT_MS = 3000  # short: a dead master's replica is promoted within seconds (the failover test)
 
@@ -299,9 +300,9 @@ class KafkaService(_Service):
     def _classpath(self) -> str:
         return f"{self.libs}/*"
 
-    def write_config(self) -> Path:
+    def properties(self) -> dict[str, str]:
         data = self.dir / "data"
-        props = {
+        return {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             "controller.quorum.voters": self.voters(),
@@ -326,9 +327,11 @@ class KafkaService(_Service):
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.retention.check.interval.ms": "60000",
         }
+
+    def write_config(self) -> Path:
         path = self.dir / "server.properties"
         self.dir.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        path.write_text("".join(f"{k}={v}\n" for k, v in self.properties().items()))
         return path
 
     def _jvm_args(self) -> list[str]:
@@ -350,16 +353,15 @@ class KafkaService(_Service):
             check=True, stdout=subprocess.DEVNULL,
         )
 
+    def admin_kwargs(self) -> dict[str, object]:
+        """How the infra's own admin client reaches the node."""
+        return {"bootstrap_servers": f"127.0.0.1:{self.port}"}
+
     def ready(self) -> bool:
         if not port_open(self.port):
             return False
         try:
-            from kafka import KafkaAdminClient
-
-            admin = KafkaAdminClient(
-                bootstrap_servers=f"127.0.0.1:{self.port}", request_timeout_ms=3000,
-                client_id="streamproc-infra",
-            )
+            admin = KafkaAdminClient(request_timeout_ms=3000, client_id="streamproc-infra", **self.admin_kwargs())
             try:
                 admin.list_topics()
             finally:
@@ -460,8 +462,6 @@ def min_heap(heap: str) -> str:
 def kafka_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, url-safe base64 without padding (22 chars). Like Kafka's own
     ``Uuid.randomUuid``, never one starting with ``-``: a parser reads that as an option (``-t -QRq0…`` in CI)."""
-    import base64
-
     while True:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
