@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from streamproc.access import EXIT_REFUSED, REFUSALS, explain
 from streamproc.schemas import stale_schemas, write_schemas
 from streamproc.security import kafka_acl_commands, kafka_grants, redis_acl_rules
 from streamproc.settings import settings_from_env
@@ -307,7 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    REFUSALS.install()
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        line = explain(exc, settings_from_env())
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

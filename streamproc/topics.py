@@ -15,6 +15,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from streamproc.access import refused
 from streamproc.contracts import SCHEMAS_DIR, TOPICS_FILE
 from streamproc.settings import Settings
 
@@ -257,13 +258,17 @@ def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 
                 missing = wanted - set(admin.list_topics())
             finally:
                 admin.close()
-        except Exception as exc:  # broker not up yet
+        except Exception as exc:  # broker not up yet, unless it refused this process's credentials
+            refusal = refused(exc, settings)
+            if refusal is not None:
+                raise refusal from exc
             missing = wanted
             log.debug("topic check failed: %s", exc)
         if not missing:
             return
         if waited % 30 == 0:  # before Faust configures logging: straight to stderr
-            print(f"waiting for topics {', '.join(sorted(missing))} (run `streamproc topics apply`)",
+            print(f"waiting for topics {', '.join(sorted(missing))} (run `streamproc topics apply`, or grant "
+                  f"{settings.kafka_sasl_username or 'this user'} DESCRIBE on them)",
                   file=sys.stderr, flush=True)
         time.sleep(poll_s)
         waited += poll_s

@@ -30,6 +30,7 @@ class EventProducer:
     def __init__(self, settings: Settings, linger_ms: int = 20) -> None:
         """``linger_ms``: how long a batch waits for more records (throughput; a latency probe wants less)."""
         self.settings = settings
+        self._failed: list[BaseException] = []
         self._producer = KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             acks="all",
@@ -44,11 +45,18 @@ class EventProducer:
 
     def send(self, topic: str, key: bytes | None, value: bytes, timestamp_ms: int | None = None) -> None:
         """``timestamp_ms``: the record's time (default: now); the worker aligns its input topics by it."""
-        self._producer.send(self.settings.topic(topic), key=key, value=value, timestamp_ms=timestamp_ms)
+        sent = self._producer.send(self.settings.topic(topic), key=key, value=value, timestamp_ms=timestamp_ms)
+        sent.add_errback(self._failed.append)
 
     def flush(self) -> None:
+        """Wait until the broker has every record sent so far; raise the first failure (no ACL, too large, ...)
+        rather than report records as sent that were not."""
         self._producer.flush()
+        if self._failed:
+            raise self._failed[0]
 
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        try:
+            self.flush()
+        finally:
+            self._producer.close()

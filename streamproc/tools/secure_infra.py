@@ -235,8 +235,11 @@ class SecureInfra:
             "STREAMPROC_KAFKA_SASL_PASSWORD": passwords["kafka"][role],
             "STREAMPROC_KAFKA_SSL_CAFILE": str(self.pki.ca),
         } if role in KAFKA_ROLES else {}
+        # workers score; the trainer learns in a process (and role) of its own
+        alone = {"STREAMPROC_TRAINER_ENABLED": "false"} if role == "worker" else {}
         return {
             **kafka,
+            **alone,
             "STREAMPROC_REDIS_URL": f"rediss://127.0.0.1:{self.redis.port}/0",
             "STREAMPROC_REDIS_USERNAME": role,
             "STREAMPROC_REDIS_PASSWORD": passwords["redis"][role],

@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from prometheus_client import CollectorRegistry, start_http_server
 
+from streamproc.access import refused
 from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
@@ -238,6 +239,10 @@ class Trainer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker gone and the like: start over from the checkpoint
+                refusal = refused(exc, self.settings)
+                if refusal is not None:  # a wrong password or a missing ACL: another attempt fails the same way
+                    log.critical("trainer stopped: %s", refusal)
+                    raise refusal from exc
                 log.warning("trainer consumer failed (%s: %s); restarting it", type(exc).__name__, exc)
                 self.bundle, self.owned = None, None
                 self.metrics.trainer_active.set(0)
