@@ -72,7 +72,8 @@ def cmd_infra(args: argparse.Namespace) -> int:
 
 def cmd_security(args: argparse.Namespace) -> int:
     settings = settings_from_env()
-    print("# Kafka: one SCRAM user per role, only these ACLs (StandardAuthorizer, allow.everyone.if.no.acl.found=false)")
+    print("# Kafka: one SCRAM user per role, only these ACLs "
+          "(StandardAuthorizer, allow.everyone.if.no.acl.found=false)")
     for command in kafka_acl_commands(kafka_grants(settings)):
         print(command)
     print("# Redis: one ACL user per role (the default user off)")

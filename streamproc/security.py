@@ -55,11 +55,11 @@ def kafka_acl_commands(grants: list[KafkaGrant]) -> list[str]:
     for (principal, resource, pattern, name), ops in operations.items():
         names.setdefault((principal, resource, pattern, tuple(sorted(ops))), []).append(name)
     lines = []
-    for (principal, resource, pattern, ops), targets in names.items():
+    for (principal, resource, pattern, kinds), targets in names.items():
         kind = " --resource-pattern-type prefixed" if pattern == "PREFIXED" else ""
         flag = {"TOPIC": "--topic", "GROUP": "--group"}[resource]
         lines.append(f"kafka-acls --add --allow-principal User:{principal}"
-                     + "".join(f" --operation {op}" for op in ops) + kind
+                     + "".join(f" --operation {op}" for op in kinds) + kind
                      + "".join(f" {flag} '{t}'" for t in sorted(targets)))
     return lines
 

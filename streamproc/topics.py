@@ -75,9 +75,11 @@ class ApplyReport:
 
 
 def admin_client(settings: Settings) -> KafkaAdminClient:
+    # bootstrap_timeout_ms: a broker that refuses the credentials is reported after 10 s rather than kafka-python's
+    # 30; the callers that wait for a broker to come up (wait_for_topics) retry
     return KafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap, client_id="streamproc-topics", request_timeout_ms=15000,
-        **kafka_security_kwargs(settings),
+        bootstrap_timeout_ms=10_000, **kafka_security_kwargs(settings),
     )
 
 

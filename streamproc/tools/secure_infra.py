@@ -219,7 +219,7 @@ class SecureInfra:
                                  sasl_plain_username="admin", sasl_plain_password=password,
                                  ssl_cafile=str(self.pki.ca)).close()
                 return
-            except Exception as exc:  # noqa: BLE001 - any failure is retried until the deadline, then raised
+            except Exception as exc:  # any failure is retried until the deadline, then raised
                 if time.monotonic() > deadline:
                     raise InfraError(f"the secure broker refuses its admin user: {exc}") from exc
                 time.sleep(0.5)
