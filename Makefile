@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SP     := $(VENV)/bin/streamproc
-APT_PACKAGES := redis-server prometheus prometheus-alertmanager docker-compose
+APT_PACKAGES := redis-server prometheus prometheus-alertmanager docker-compose openssl
 STAMP  := $(VENV)/.installed
 
 .PHONY: help
