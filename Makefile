@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SP     := $(VENV)/bin/streamproc
-APT_PACKAGES := redis-server prometheus prometheus-alertmanager docker-compose openssl
+APT_PACKAGES := redis-server prometheus prometheus-alertmanager docker-compose openssl chromium chromium-driver
 STAMP  := $(VENV)/.installed
 
 .PHONY: help

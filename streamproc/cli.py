@@ -23,6 +23,7 @@ from streamproc.tools.secure_infra import SecureInfra
 from streamproc.tools.simulate import SimulationConfig, run_simulation
 from streamproc.tools.tail import tail_topic
 from streamproc.topics import SCHEMAS_DIR, apply_topics, load_specs
+from streamproc.ui import UI_PORT
 
 # the one place the command line loads code late: these commands import Faust and River (seconds of start-up),
 # which the others (and ``--help``) should not wait for
@@ -292,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="the webhook (default: STREAMPROC_WEBHOOK_URL)")
     p.add_argument("--group", default=None, help="the consumer group (default: <app id>-alerts-forwarder)")
     p.set_defaults(func=service("cmd_forward"))
+
+    p = sub.add_parser("ui", help="the retention team's pages: at risk, customer, segments, uplift, health")
+    p.add_argument("--port", type=int, default=UI_PORT)
+    p.add_argument("--metrics", action="append", metavar="URL",
+                   help="a worker's /metrics (repeat for several; default: the local worker's)")
+    p.set_defaults(func=service("cmd_ui"))
+
+    p = sub.add_parser("report", help="the retention pages' figures in one self-contained HTML file")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--metrics", action="append", metavar="URL",
+                   help="a worker's /metrics (repeat for several; default: the local worker's)")
+    p.set_defaults(func=service("cmd_report"))
 
     p = sub.add_parser("demo", help="local infra + topics + worker + simulated traffic, then show results")
     p.add_argument("--customers", type=int, default=1000)

@@ -1,11 +1,11 @@
 """Least privilege, declared once: what each role may do on Kafka (ACLs) and on Redis (ACL users).
 
-Three Kafka principals and four Redis users, one per role:
+Four Kafka principals and four Redis users, one per role:
 
 - ``worker``: reads the input topics, writes the output topics and the trainer's snapshots, in its own consumer
   group; on Redis, the customer rows and the per-partition keys, and the model keys read only.
 - ``trainer``: reads the training topic in its own group; on Redis, the model keys only.
-- ``reader`` (Redis only): lookups and reports, read only.
+- ``reader``: lookups, the retention pages and reports, read only: on Kafka the alerts topic (no consumer group).
 - ``admin``: the operator's tools (topics apply, replay, simulate, tail, alerts, forward, retention) on Kafka; on
   Redis, everything streamproc stores (erasure, model rollback) but no server administration.
 
@@ -27,7 +27,7 @@ from streamproc.topics import (
     load_specs,
 )
 
-KAFKA_ROLES = ("worker", "trainer", "admin")
+KAFKA_ROLES = ("worker", "trainer", "reader", "admin")
 REDIS_ROLES = ("worker", "trainer", "reader", "admin")
 
 # the outputs a worker publishes (the training topic: the snapshots the trainer learns from)
@@ -69,7 +69,7 @@ def _topic_grants(principal: str, topics: list[str], *operations: str) -> list[K
 
 
 def kafka_grants(settings: Settings) -> list[KafkaGrant]:
-    """Every ACL of the three Kafka principals, sorted."""
+    """Every ACL of the Kafka principals, sorted."""
     topic = settings.topic
     app = settings.app_id
     declared = [topic(name) for name in load_specs()]
@@ -82,6 +82,8 @@ def kafka_grants(settings: Settings) -> list[KafkaGrant]:
           for op in ("CREATE", "READ", "WRITE", "DESCRIBE")],
         *_topic_grants("trainer", [topic(TRAINING_TOPIC)], "READ", "DESCRIBE"),
         KafkaGrant("trainer", "GROUP", f"{app}-trainer", "READ"),
+        # the retention pages and report read the alerts from the topic's start, without a group
+        *_topic_grants("reader", [topic(ALERTS_TOPIC)], "READ", "DESCRIBE"),
         *_topic_grants("admin", declared, "CREATE", "DESCRIBE", "DESCRIBE_CONFIGS", "ALTER_CONFIGS", "READ", "WRITE"),
         # the operator's consumer groups: alerts tail, forwarder, retention ledger
         *[KafkaGrant("admin", "GROUP", f"{app}-", op, "PREFIXED") for op in ("READ", "DESCRIBE")],

@@ -30,6 +30,7 @@ from streamproc.tools.replay import timed_events
 from streamproc.tools.treatment import uplift_lines
 from streamproc.training.offline import run_offline
 from streamproc.training.trainer import run_trainer
+from streamproc.ui.server import run_ui, write_report
 
 
 def tune_gc(settings: Settings) -> None:
@@ -58,6 +59,25 @@ def cmd_forward(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def metrics_urls(settings: Settings, given: list[str] | None) -> list[str]:
+    """The workers' /metrics to sample: as given, else the local worker's."""
+    return given or [f"http://127.0.0.1:{settings.web_port}/metrics"]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    run_ui(settings, args.port, metrics_urls(settings, args.metrics))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    settings = settings_from_env()
+    counted = write_report(settings, Path(args.out), metrics_urls(settings, args.metrics))
+    print(f"wrote {args.out}: {counted['open_alerts']} open alerts, {counted['segments']} segments, "
+          f"{counted['uplift_rows']} uplift rows")
     return 0
 
 

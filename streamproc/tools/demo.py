@@ -33,8 +33,13 @@ DEMO_UPLIFT_REDIS_DB = 2  # the retention loop's ledger (emptied on every demo)
 
 def scrape(port: int) -> dict[str, float]:
     """Sum of each metric family's samples from a worker's /metrics endpoint (by name and labels)."""
+    return scrape_url(f"http://127.0.0.1:{port}/metrics")
+
+
+def scrape_url(url: str) -> dict[str, float]:
+    """``scrape`` for any /metrics URL ({} when it does not answer)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=2) as resp:
             text = resp.read().decode()
     except (OSError, http.client.HTTPException):
         # HTTPException: polling a port nobody listens on yet can connect the socket to itself (TCP self-connect,
@@ -216,9 +221,14 @@ def _report(settings: Settings, env: dict[str, str], sim: Simulator, run_dir: Pa
         print(f"     {rec['dlq_id']}  {rec['reason']}: {rec['detail'][:90]}")
     print("   --- against the simulator's ground truth (streamproc evaluate)")
     subprocess.run([sys.executable, "-m", "streamproc.cli", "evaluate", "--run", str(run_dir / "truth")], env=env)
+    print("   --- the retention team's report (streamproc report)")
+    subprocess.run([sys.executable, "-m", "streamproc.cli", "report", "--out", str(run_dir / "report.html"),
+                    "--metrics", f"http://127.0.0.1:{settings.web_port}/metrics"], env=env)
     print("\nThe demo's data stays in Redis db 1 and the demo.* topics, e.g.:\n"
           "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 streamproc customer show c0000001\n"
-          "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail")
+          "  STREAMPROC_TOPIC_PREFIX=demo. streamproc alerts tail\n"
+          "The retention team's pages on it (then open http://127.0.0.1:6080/ui/):\n"
+          "  STREAMPROC_REDIS_URL=redis://127.0.0.1:16379/1 STREAMPROC_TOPIC_PREFIX=demo. streamproc ui")
 
 
 def _show_customers(settings: Settings, store_cls: Any, ids: list[str]) -> None:

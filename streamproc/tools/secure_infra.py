@@ -227,14 +227,14 @@ class SecureInfra:
     def env(self, role: str) -> dict[str, str]:
         """The settings (``STREAMPROC_*``) a process of ``role`` runs with against the secure infrastructure."""
         passwords = self.credentials.load()
-        kafka = {  # the reader role (lookups, reports) has no Kafka user
+        kafka = {
             "STREAMPROC_KAFKA_BOOTSTRAP": f"127.0.0.1:{self.kafka.port}",
             "STREAMPROC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
             "STREAMPROC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
             "STREAMPROC_KAFKA_SASL_USERNAME": role,
             "STREAMPROC_KAFKA_SASL_PASSWORD": passwords["kafka"][role],
             "STREAMPROC_KAFKA_SSL_CAFILE": str(self.pki.ca),
-        } if role in KAFKA_ROLES else {}
+        }
         # workers score; the trainer learns in a process (and role) of its own
         alone = {"STREAMPROC_TRAINER_ENABLED": "false"} if role == "worker" else {}
         return {

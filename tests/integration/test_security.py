@@ -107,8 +107,10 @@ def test_every_client_path_works_with_its_own_role_and_no_secret_leaks(secure, t
     assert int(reader.get("sp:{model}:current")) >= 1
     reader.close()
 
-    # lookups read only; erasure is the admin's
+    # lookups and the retention report read only (the report reads the alerts topic as the reader's Kafka user)
     shown = json.loads(ok(cli(role_env(secure, "reader"), "customer", "show", "replayed-1", "--json")))
+    outputs.append(ok(cli(role_env(secure, "reader"), "report", "--out", str(tmp_path / "report.html"))))
+    assert "Customers at risk" in (tmp_path / "report.html").read_text()
     assert shown["stored_features"]["clicks"] == 5
     outputs.append(ok(cli(admin, "customer", "forget", "replayed-1")))
     assert cli(role_env(secure, "reader"), "customer", "show", "replayed-1", "--json").returncode != 0

@@ -1,0 +1,217 @@
+"""``streamproc ui``: the retention team's pages (At risk, Customer, Segments, Uplift, Health), and
+``streamproc report``: the same figures in one self-contained HTML file.
+
+A process of its own, read only: Redis as a reader, the alerts topic read from its start without a consumer group
+(folded into an ``AlertBoard``), the workers' /metrics sampled every few seconds. Guarded by the lookup API's bearer
+token (``STREAMPROC_HTTP_TOKEN``): a browser signs in once on /ui/login and gets a session cookie derived from
+the token, never the token itself. No access log: a customer page's URL carries the id looked up."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streamproc.adapters.checkpoint_signing import signing_key
+from streamproc.adapters.model_store import RedisModelStore
+from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.domain.alert_board import AlertBoard
+from streamproc.settings import Settings
+from streamproc.tools.tail import read_topic
+from streamproc.topics import ALERTS_TOPIC, aiokafka_security_kwargs
+from streamproc.ui import render
+from streamproc.ui.data import Health, UiData
+
+log = logging.getLogger("streamproc.ui")
+
+SESSION_COOKIE = "streamproc_ui"
+HEALTH_EVERY_S = 5.0
+AT_RISK_ROWS = 500  # the At-risk page lists the most urgent 500 (the totals count them all)
+REPORT_ROWS = 100
+SECURITY_HEADERS = {
+    # nothing but this page's own inline styles: no script, no request to anywhere else
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+}
+
+
+def session_value(token: str) -> str:
+    """The cookie a signed-in browser carries: derived from the token, so the token itself is never stored there."""
+    return hmac.new(token.encode(), b"streamproc-ui-session", hashlib.sha256).hexdigest()
+
+
+def open_stores(settings: Settings) -> tuple[RedisFeatureStore, RedisModelStore]:
+    store = RedisFeatureStore.from_url(settings.redis_url, **settings.redis_kwargs())
+    return store, RedisModelStore(store.redis, signing_key(settings))
+
+
+async def follow_alerts(settings: Settings, board: AlertBoard, stopping: asyncio.Event) -> None:
+    """Fold the alerts topic into ``board`` from its first record on, for as long as the UI runs."""
+    topic = settings.topic(ALERTS_TOPIC)
+    while not stopping.is_set():
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    client_id=f"{settings.app_id}-ui", **aiokafka_security_kwargs(settings))
+        try:
+            await consumer.start()
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:  # the topic is not there yet (`streamproc topics apply`)
+                await asyncio.sleep(2.0)
+                continue
+            consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+            await consumer.seek_to_beginning()
+            while not stopping.is_set():
+                for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
+                    for record in records:
+                        try:
+                            board.apply(orjson.loads(record.value))
+                        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                            log.warning("skipping an unreadable alert record at offset %s: %s", record.offset, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker gone and the like: read the topic again from its start
+            log.warning("alerts reader failed (%s: %s); starting over", type(exc).__name__, exc)
+            board.reset()
+            await asyncio.sleep(2.0)
+        finally:
+            await consumer.stop()
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def build_app(settings: Settings, data: UiData) -> web.Application:
+    token = settings.http_token.get_secret_value() if settings.http_token is not None else None
+    board = data.board
+
+    def signed_in(request: web.Request) -> bool:
+        if token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        return hmac.compare_digest(header, f"Bearer {token}") or hmac.compare_digest(cookie, session_value(token))
+
+    def page(title: str, body: str, active: str | None, status: int = 200) -> web.Response:
+        return web.Response(text=render.document(title, body, active), content_type="text/html", status=status,
+                            headers=SECURITY_HEADERS)
+
+    def guarded(handler: Handler) -> Handler:
+        async def run(request: web.Request) -> web.Response:
+            if not signed_in(request):
+                raise web.HTTPSeeOther("/ui/login")
+            return await handler(request)
+        return run
+
+    async def at_risk(request: web.Request) -> web.Response:
+        chosen = {k: (request.query.get(k) or None) for k in ("tier", "risk", "segment")}
+        rows = board.at_risk(**chosen, limit=AT_RISK_ROWS)
+        segments = sorted({str(a.get("segment")) for a in board.open.values()})
+        return page("At risk", render.at_risk_body(rows, board.totals(), segments, chosen, board.watermark),
+                    "at-risk")
+
+    async def customer(request: web.Request) -> web.Response:
+        query = (request.query.get("id") or "").strip()
+        found = await data.customer(query) if query else None
+        return page("Customer", render.customer_body(query, found), "customer", 404 if query and not found else 200)
+
+    async def segments(request: web.Request) -> web.Response:
+        return page("Segments", render.segments_body(await data.segments()), "segments")
+
+    async def uplift(request: web.Request) -> web.Response:
+        return page("Uplift", render.uplift_body(await data.uplift()), "uplift")
+
+    async def health(request: web.Request) -> web.Response:
+        h = data.health
+        return page("Health", render.health_body(h.numbers(), h.rates(), [s.lag for s in h.samples]), "health")
+
+    async def login_form(request: web.Request) -> web.Response:
+        return page("Sign in", render.login_body(error=False), None)
+
+    async def login(request: web.Request) -> web.Response:
+        form = await request.post()
+        given = str(form.get("token", ""))
+        if token is None or hmac.compare_digest(given, token):
+            response = web.HTTPSeeOther("/ui/")
+            if token is not None:
+                response.set_cookie(SESSION_COOKIE, session_value(token), httponly=True, samesite="Strict",
+                                    path="/ui")
+            raise response
+        return page("Sign in", render.login_body(error=True), None, status=401)
+
+    app = web.Application()
+    app.add_routes([
+        web.get("/ui/", guarded(at_risk)), web.get("/ui", guarded(at_risk)),
+        web.get("/ui/customer", guarded(customer)), web.get("/ui/segments", guarded(segments)),
+        web.get("/ui/uplift", guarded(uplift)), web.get("/ui/health", guarded(health)),
+        web.get("/ui/login", login_form), web.post("/ui/login", login),
+        web.get("/", _to_pages),
+    ])
+    return app
+
+
+async def _to_pages(request: web.Request) -> web.Response:
+    raise web.HTTPSeeOther("/ui/")
+
+
+def run_ui(settings: Settings, port: int, metrics_urls: list[str]) -> None:
+    """Serve the pages on ``settings.web_host``:``port`` until SIGTERM/SIGINT."""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+
+    async def main() -> None:
+        store, models = open_stores(settings)
+        board, stopping = AlertBoard(), asyncio.Event()
+        health = Health(metrics_urls)
+        data = UiData(settings, store, models, board, health)
+        runner = web.AppRunner(build_app(settings, data), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.web_host, port).start()
+        log.info("retention pages on http://%s:%s/ui/", settings.web_host, port)
+        tasks = [asyncio.create_task(follow_alerts(settings, board, stopping)),
+                 asyncio.create_task(_sample_health(health, stopping))]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        for task in tasks:
+            task.cancel()
+        await runner.cleanup()
+        await store.close()
+
+    asyncio.run(main())
+
+
+async def _sample_health(health: Health, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        await asyncio.to_thread(health.sample)
+        await asyncio.sleep(HEALTH_EVERY_S)
+
+
+def write_report(settings: Settings, out: Path, metrics_urls: list[str]) -> dict[str, Any]:
+    """``streamproc report``: every page's figures as of the current watermark, in one HTML file that loads
+    nothing from anywhere. Returns what it counted."""
+    board = AlertBoard().apply_all(read_topic(settings, ALERTS_TOPIC, 10_000_000, 2.0))
+    health = Health(metrics_urls)
+    health.sample()
+
+    async def gather() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        store, models = open_stores(settings)
+        try:
+            data = UiData(settings, store, models, board, health)
+            return await data.segments(), await data.uplift()
+        finally:
+            await store.close()
+
+    segments, uplift = asyncio.run(gather())
+    out.write_text(render.report_document(board, segments, uplift, health.numbers(), REPORT_ROWS))
+    return {"open_alerts": len(board.open), "segments": len(segments), "uplift_rows": len(uplift)}
