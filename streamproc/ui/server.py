@@ -90,70 +90,81 @@ async def follow_alerts(settings: Settings, board: AlertBoard, stopping: asyncio
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def build_app(settings: Settings, data: UiData) -> web.Application:
-    token = settings.http_token.get_secret_value() if settings.http_token is not None else None
-    board = data.board
+class Pages:
+    """The handlers: each page signed in, rendered from ``data``."""
 
-    def signed_in(request: web.Request) -> bool:
-        if token is None:
+    def __init__(self, settings: Settings, data: UiData) -> None:
+        self.token = settings.http_token.get_secret_value() if settings.http_token is not None else None
+        self.data = data
+        self.board = data.board
+
+    def signed_in(self, request: web.Request) -> bool:
+        if self.token is None:
             return True
         header = request.headers.get("Authorization", "")
         cookie = request.cookies.get(SESSION_COOKIE, "")
-        return hmac.compare_digest(header, f"Bearer {token}") or hmac.compare_digest(cookie, session_value(token))
+        return (hmac.compare_digest(header, f"Bearer {self.token}")
+                or hmac.compare_digest(cookie, session_value(self.token)))
 
-    def page(title: str, body: str, active: str | None, status: int = 200) -> web.Response:
-        return web.Response(text=render.document(title, body, active), content_type="text/html", status=status,
-                            headers=SECURITY_HEADERS)
-
-    def guarded(handler: Handler) -> Handler:
+    def guarded(self, handler: Handler) -> Handler:
         async def run(request: web.Request) -> web.Response:
-            if not signed_in(request):
+            if not self.signed_in(request):
                 raise web.HTTPSeeOther("/ui/login")
             return await handler(request)
         return run
 
-    async def at_risk(request: web.Request) -> web.Response:
+    @staticmethod
+    def page(title: str, body: str, active: str | None, status: int = 200) -> web.Response:
+        return web.Response(text=render.document(title, body, active), content_type="text/html", status=status,
+                            headers=SECURITY_HEADERS)
+
+    async def at_risk(self, request: web.Request) -> web.Response:
         chosen = {k: (request.query.get(k) or None) for k in ("tier", "risk", "segment")}
-        rows = board.at_risk(**chosen, limit=AT_RISK_ROWS)
-        segments = sorted({str(a.get("segment")) for a in board.open.values()})
-        return page("At risk", render.at_risk_body(rows, board.totals(), segments, chosen, board.watermark),
-                    "at-risk")
+        rows = self.board.at_risk(**chosen, limit=AT_RISK_ROWS)
+        segments = sorted({str(a.get("segment")) for a in self.board.open.values()})
+        return self.page("At risk", render.at_risk_body(rows, self.board.totals(), segments, chosen,
+                                                        self.board.watermark), "at-risk")
 
-    async def customer(request: web.Request) -> web.Response:
+    async def customer(self, request: web.Request) -> web.Response:
         query = (request.query.get("id") or "").strip()
-        found = await data.customer(query) if query else None
-        return page("Customer", render.customer_body(query, found), "customer", 404 if query and not found else 200)
+        found = await self.data.customer(query) if query else None
+        return self.page("Customer", render.customer_body(query, found), "customer",
+                         404 if query and not found else 200)
 
-    async def segments(request: web.Request) -> web.Response:
-        return page("Segments", render.segments_body(await data.segments()), "segments")
+    async def segments(self, request: web.Request) -> web.Response:
+        return self.page("Segments", render.segments_body(await self.data.segments()), "segments")
 
-    async def uplift(request: web.Request) -> web.Response:
-        return page("Uplift", render.uplift_body(await data.uplift()), "uplift")
+    async def uplift(self, request: web.Request) -> web.Response:
+        return self.page("Uplift", render.uplift_body(await self.data.uplift()), "uplift")
 
-    async def health(request: web.Request) -> web.Response:
-        h = data.health
-        return page("Health", render.health_body(h.numbers(), h.rates(), [s.lag for s in h.samples]), "health")
+    async def health(self, request: web.Request) -> web.Response:
+        h = self.data.health
+        return self.page("Health", render.health_body(h.numbers(), h.rates(), [s.lag for s in h.samples]),
+                         "health")
 
-    async def login_form(request: web.Request) -> web.Response:
-        return page("Sign in", render.login_body(error=False), None)
+    async def login_form(self, request: web.Request) -> web.Response:
+        return self.page("Sign in", render.login_body(error=False), None)
 
-    async def login(request: web.Request) -> web.Response:
+    async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        given = str(form.get("token", ""))
-        if token is None or hmac.compare_digest(given, token):
+        if self.token is None or hmac.compare_digest(str(form.get("token", "")), self.token):
             response = web.HTTPSeeOther("/ui/")
-            if token is not None:
-                response.set_cookie(SESSION_COOKIE, session_value(token), httponly=True, samesite="Strict",
+            if self.token is not None:
+                response.set_cookie(SESSION_COOKIE, session_value(self.token), httponly=True, samesite="Strict",
                                     path="/ui")
             raise response
-        return page("Sign in", render.login_body(error=True), None, status=401)
+        return self.page("Sign in", render.login_body(error=True), None, status=401)
 
+
+def build_app(settings: Settings, data: UiData) -> web.Application:
+    pages = Pages(settings, data)
+    signed = pages.guarded
     app = web.Application()
     app.add_routes([
-        web.get("/ui/", guarded(at_risk)), web.get("/ui", guarded(at_risk)),
-        web.get("/ui/customer", guarded(customer)), web.get("/ui/segments", guarded(segments)),
-        web.get("/ui/uplift", guarded(uplift)), web.get("/ui/health", guarded(health)),
-        web.get("/ui/login", login_form), web.post("/ui/login", login),
+        web.get("/ui/", signed(pages.at_risk)), web.get("/ui", signed(pages.at_risk)),
+        web.get("/ui/customer", signed(pages.customer)), web.get("/ui/segments", signed(pages.segments)),
+        web.get("/ui/uplift", signed(pages.uplift)), web.get("/ui/health", signed(pages.health)),
+        web.get("/ui/login", pages.login_form), web.post("/ui/login", pages.login),
         web.get("/", _to_pages),
     ])
     return app
