@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import redis
 from aiokafka import errors as aiokafka_errors
@@ -19,6 +20,7 @@ from streamproc.settings import Settings
 _KAFKA_REFUSALS = ("SaslAuthenticationFailed", "AuthenticationFailed", "CERTIFICATE_VERIFY_FAILED",
                    "WRONG_VERSION_NUMBER", "UnsupportedSaslMechanism", "IllegalSaslState")
 EXIT_REFUSED = 77  # EX_NOPERM (sysexits.h)
+REFUSAL_FRESH_S = 60.0  # longer than any client's bootstrap timeout
 
 
 class AccessRefused(RuntimeError):
@@ -30,14 +32,22 @@ class RefusalLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.reason: str | None = None
+        self._reason: str | None = None
+        self._seen_at = 0.0
+
+    @property
+    def reason(self) -> str | None:
+        """The reason, if logged in the last ``REFUSAL_FRESH_S``: an old refusal (a password since rotated) does
+        not explain today's broker being down."""
+        return self._reason if time.monotonic() - self._seen_at < REFUSAL_FRESH_S else None
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         found = [message.find(marker) for marker in _KAFKA_REFUSALS if marker in message]
         if found:  # from the first marker on: "SaslAuthenticationFailedError: ... invalid credentials ..."
             parts = re.sub(r" \(backoff [^)]*\)$", "", message[min(found):]).split(": ")
-            self.reason = ": ".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
+            self._reason = ": ".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1])
+            self._seen_at = time.monotonic()
 
     def install(self) -> RefusalLog:
         for name in ("kafka", "aiokafka"):

@@ -100,10 +100,11 @@ def redis_acl_rules() -> dict[str, str]:
     """Each role's ACL rules (key patterns and commands), without the ``user <name> on >password`` head.
     ``%R~`` is a read-only key pattern (Redis 7)."""
     return {
-        # workers: the customer rows and the per-partition keys (``{p<n>}``), the aggregates, the layout; the
-        # model keys read only (a worker loads checkpoints, never writes one)
+        # workers: the customer rows and the per-partition keys (``{p<n>}``), the aggregates, the layout, the
+        # opt-outs (DELETE /customers/{id} erases one); the model keys read only (a worker loads checkpoints,
+        # never writes one)
         "worker": f"resetkeys ~cust:* ~sp:{{p* ~sp:agg:* ~sp:cohort:* ~sp:layout ~sp:fschema ~sp:wm "
-                  f"%R~sp:suppressed %R~sp:sweep %R~sp:erased %R~sp:{{model}}:* {_READ_WRITE} +wait",
+                  f"~sp:suppressed %R~sp:sweep %R~sp:erased %R~sp:{{model}}:* {_READ_WRITE} +wait",
         # the trainer: the model keys only
         "trainer": f"resetkeys ~sp:{{model}}:* {_READ_WRITE}",
         # lookups, reports and dashboards: everything streamproc stores, read only

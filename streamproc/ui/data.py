@@ -14,7 +14,7 @@ import orjson
 
 from streamproc.adapters.redis_clients import sync_redis
 from streamproc.domain.alert_board import AlertBoard
-from streamproc.domain.retention import uplift_table
+from streamproc.domain.retention import CustomerLedger, uplift_table
 from streamproc.pipeline.lookup import locate, lookup
 from streamproc.ports import FeatureStore, ModelStore
 from streamproc.runtime.ledger import LEDGER_PREFIX, read_outcomes
@@ -44,7 +44,9 @@ class Health:
         merged: dict[str, float] = {}
         for url in self.urls:
             for name, value in scrape_url(url).items():
-                merged[name] = merged.get(name, 0.0) + value
+                # counters and lag add up over workers; a gauge (model version, AUC, delay) is the highest one's
+                summed = name.split("{")[0].endswith(("_total", "_lag_records"))
+                merged[name] = merged.get(name, 0.0) + value if summed else max(merged.get(name, value), value)
         if not merged:
             return
         self.latest = merged
@@ -113,11 +115,13 @@ class UiData:
                                                                                   customer_id))
         if found is None:
             return None
-        stored_id = self.settings.customer_key(customer_id)
-        found["alerts"] = list(self.board.history.get(customer_id, []))
+        stored_id = self.settings.customer_key(customer_id)  # what alerts and the ledger carry (a pseudonym or the id)
+        found["alerts"] = list(self.board.history.get(stored_id, []))
         found["interventions"] = await asyncio.to_thread(self._interventions, stored_id)
         model = await self.store.model_outputs(await locate(self.store, self.settings, customer_id)) or {}
-        scored = sorted((int(ts), float(v[0])) for ts, v in (model.get("scored") or {}).items() if v)
+        # a snapshot scored before the first model has no probability ([None, None])
+        scored = sorted((int(ts), float(v[0])) for ts, v in (model.get("scored") or {}).items()
+                        if v and v[0] is not None)
         alerted = [(int(a["ts"]), float(a["probability"])) for a in found["alerts"] if a["record"] == "alert"]
         found["risk_history"] = sorted(set(scored) | set(alerted))
         return found
@@ -130,8 +134,8 @@ class UiData:
             client.close()
         if not raw:
             return []
-        done = orjson.loads(raw).get("i", {}) or {}
-        return sorted(({"id": k, **v} for k, v in done.items()), key=lambda i: i.get("ts", 0))
+        ledger = CustomerLedger.from_dict(orjson.loads(raw))
+        return sorted(({"id": k, **v} for k, v in ledger.interventions.items()), key=lambda i: i.get("ts", 0))
 
     async def segments(self) -> list[dict[str, Any]]:
         return segment_rows(await self.store.census(), await self.models.summary() or {})

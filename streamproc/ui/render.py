@@ -10,8 +10,8 @@ from typing import Any
 from urllib.parse import quote
 
 from streamproc.domain.alert_board import RISK_ORDER
+from streamproc.settings import VALUE_TIERS
 
-TIERS = ("high", "medium", "low")
 PAGES = (("at-risk", "At risk", "/ui/"), ("customer", "Customer", "/ui/customer"),
          ("segments", "Segments", "/ui/segments"), ("uplift", "Uplift", "/ui/uplift"),
          ("health", "Health", "/ui/health"))
@@ -157,7 +157,7 @@ ALERT_HEADERS = ("Customer", "Risk", "Churn probability", "Value tier", "CLV", "
 
 
 def at_risk_body(rows: list[dict[str, Any]], totals: dict[str, Any], segments: list[str],
-                 chosen: dict[str, str | None], watermark: int, live: bool = True) -> str:
+                 chosen: dict[str, str | None], watermark: int, live: bool = True, links: bool = True) -> str:
     intro = (f"<h1>Customers at risk</h1><p class='note'>Open churn alerts as of {day(watermark)} (event time), "
              "most urgent first: risk level, then value at risk.</p>")
     summary = tiles({"open alerts": totals["open"], "value at risk": totals["value_at_risk"],
@@ -167,13 +167,13 @@ def at_risk_body(rows: list[dict[str, Any]], totals: dict[str, Any], segments: l
     filters = ""
     if live:
         filters = ('<form class="filters" method="get" action="/ui/" id="filters">'
-                   + _select("tier", TIERS, chosen.get("tier")) + _select("risk", RISK_ORDER, chosen.get("risk"))
+                   + _select("tier", VALUE_TIERS, chosen.get("tier")) + _select("risk", RISK_ORDER, chosen.get("risk"))
                    + _select("segment", segments, chosen.get("segment"))
                    + '<button type="submit" id="apply-filters">Filter</button></form>')
     if not totals["open"]:
         return intro + summary + empty("No open alerts yet: none has been sent, or every one was cleared. Alerts "
                                        "need a trained churn model (see Health: model version).")
-    body = table(ALERT_HEADERS, alert_rows(rows, link=live), "at-risk") if rows else empty(
+    body = table(ALERT_HEADERS, alert_rows(rows, link=live and links), "at-risk") if rows else empty(
         "No open alert matches these filters.")
     return intro + summary + filters + f"<p class='note' id='shown'>{len(rows)} shown</p>" + body
 
@@ -186,7 +186,8 @@ def customer_body(query: str, found: dict[str, Any] | None) -> str:
         return "<h1>Customer</h1>" + search + empty("Type a customer id to see their features, risk and alerts.")
     if found is None:
         return "<h1>Customer</h1>" + search + empty(f"No customer {query} is stored (or they were erased).")
-    features = found.get("stored_features") or {}
+    # the stored features, with the CLV recomputed from the churn probability as the API and the alerts give it
+    features = {**(found.get("stored_features") or {}), "clv": (found.get("features") or {}).get("clv")}
     churn = found.get("churn") or {}
     rfm = found.get("rfm") or {}
     segment = found.get("segment") or {}
@@ -205,8 +206,7 @@ def customer_body(query: str, found: dict[str, Any] | None) -> str:
                    + (escape(f"cleared {day(cleared[a['alert_id']]['ts'])} ({cleared[a['alert_id']]['cleared_by']})")
                       if a["alert_id"] in cleared else "open") + "</td></tr>" for a in alerts]
     done = [f"<tr><td>{day(i.get('ts'))}</td><td>{escape(str(i.get('action', '')))}</td>"
-            f"<td>{escape(str(i.get('channel') or ''))}</td><td class='n'>{_fmt(i.get('cost'), 'money')}</td></tr>"
-            for i in found.get("interventions", [])]
+            f"<td class='n'>{_fmt(i.get('cost'), 'money')}</td></tr>" for i in found.get("interventions", [])]
     rec = found.get("last_recommendation") or {}
     return ("<h1 id='customer-title'>Customer " + escape(query) + "</h1>" + search + head
             + "<h2>Features</h2>" + table(("Feature", "Value"), feature_rows, "features")
@@ -214,7 +214,7 @@ def customer_body(query: str, found: dict[str, Any] | None) -> str:
             + line_chart(history, "churn probability", y_max=1.0, x_days=True)
             + "<h2>Alerts</h2>" + (table(("Alerted on", "Risk", "Probability", "Action", "Group", "Now"),
                                          alert_lines, "customer-alerts") if alert_lines else empty("No alert."))
-            + "<h2>Interventions</h2>" + (table(("On", "Action", "Channel", "Cost"), done, "interventions")
+            + "<h2>Interventions</h2>" + (table(("On", "Action", "Cost"), done, "interventions")
                                           if done else empty("No intervention recorded."))
             + "<h2>Last recommendation</h2>" + (f"<p id='recommendation'>{escape(', '.join(rec.get('items', [])))} "
                                                 f"<span class='note'>({escape(str(rec.get('trigger')))}, "

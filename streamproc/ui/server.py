@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
 
+from streamproc.access import refused
 from streamproc.adapters.checkpoint_signing import signing_key
 from streamproc.adapters.model_store import RedisModelStore
 from streamproc.adapters.redis_store import RedisFeatureStore
+from streamproc.contracts.outputs import AlertRecord, validate
 from streamproc.domain.alert_board import AlertBoard
 from streamproc.settings import Settings
 from streamproc.tools.tail import read_topic
@@ -45,9 +49,20 @@ SECURITY_HEADERS = {
 }
 
 
+SESSION_MAX_AGE_S = 12 * 3600
+# the sessions of this process: a restart signs everyone out
+_SESSION_KEY = secrets.token_bytes(32)
+
+
 def session_value(token: str) -> str:
-    """The cookie a signed-in browser carries: derived from the token, so the token itself is never stored there."""
-    return hmac.new(token.encode(), b"streamproc-ui-session", hashlib.sha256).hexdigest()
+    """The cookie a signed-in browser carries: derived from the token and this process's key, so the token itself
+    is never stored there, and a cookie dies with the process."""
+    return hmac.new(_SESSION_KEY, token.encode(), hashlib.sha256).hexdigest()
+
+
+def same(given: str, expected: str) -> bool:
+    """A constant-time comparison that takes any text (``compare_digest`` refuses non-ASCII ``str``)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def open_stores(settings: Settings) -> tuple[RedisFeatureStore, RedisModelStore]:
@@ -73,18 +88,32 @@ async def follow_alerts(settings: Settings, board: AlertBoard, stopping: asyncio
             while not stopping.is_set():
                 for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
                     for record in records:
-                        try:
-                            board.apply(orjson.loads(record.value))
-                        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                            log.warning("skipping an unreadable alert record at offset %s: %s", record.offset, exc)
+                        apply_record(board, record.value, record.offset)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the broker gone and the like: read the topic again from its start
+            refusal = refused(exc, settings)
+            if refusal is not None:  # a wrong password or no ACL: say so and stop, as the other commands do
+                log.critical("the UI stops: %s", refusal)
+                stopping.set()
+                return
             log.warning("alerts reader failed (%s: %s); starting over", type(exc).__name__, exc)
             board.reset()
             await asyncio.sleep(2.0)
         finally:
             await consumer.stop()
+
+
+def apply_record(board: AlertBoard, value: bytes | None, offset: int) -> None:
+    """One alerts-topic record into ``board``, checked against its contract first: a record that breaks it is
+    skipped (and logged), never one that breaks the page for everyone."""
+    try:
+        decoded = orjson.loads(value or b"")
+        validate(AlertRecord, decoded)
+        board.apply(decoded)
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        log.warning("skipping an alert record at offset %s that breaks its contract: %s", offset,
+                    str(exc).splitlines()[0])
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -97,14 +126,15 @@ class Pages:
         self.token = settings.http_token.get_secret_value() if settings.http_token is not None else None
         self.data = data
         self.board = data.board
+        # alerts carry the stored id: a pseudonym when ids are pseudonymised, which the search cannot take back
+        self.links = settings.pseudonymize_key is None
 
     def signed_in(self, request: web.Request) -> bool:
         if self.token is None:
             return True
         header = request.headers.get("Authorization", "")
         cookie = request.cookies.get(SESSION_COOKIE, "")
-        return (hmac.compare_digest(header, f"Bearer {self.token}")
-                or hmac.compare_digest(cookie, session_value(self.token)))
+        return same(header, f"Bearer {self.token}") or same(cookie, session_value(self.token))
 
     def guarded(self, handler: Handler) -> Handler:
         async def run(request: web.Request) -> web.Response:
@@ -123,7 +153,7 @@ class Pages:
         rows = self.board.at_risk(**chosen, limit=AT_RISK_ROWS)
         segments = sorted({str(a.get("segment")) for a in self.board.open.values()})
         return self.page("At risk", render.at_risk_body(rows, self.board.totals(), segments, chosen,
-                                                        self.board.watermark), "at-risk")
+                                                        self.board.watermark, links=self.links), "at-risk")
 
     async def customer(self, request: web.Request) -> web.Response:
         query = (request.query.get("id") or "").strip()
@@ -147,12 +177,13 @@ class Pages:
 
     async def login(self, request: web.Request) -> web.Response:
         form = await request.post()
-        if self.token is None or hmac.compare_digest(str(form.get("token", "")), self.token):
+        if self.token is None or same(str(form.get("token", "")), self.token):
             response = web.HTTPSeeOther("/ui/")
             if self.token is not None:
                 response.set_cookie(SESSION_COOKIE, session_value(self.token), httponly=True, samesite="Strict",
-                                    path="/ui")
+                                    path="/ui", max_age=SESSION_MAX_AGE_S, secure=request.secure)
             raise response
+        await asyncio.sleep(1.0)  # a wrong token costs a second: guessing stays slow
         return self.page("Sign in", render.login_body(error=True), None, status=401)
 
 
@@ -211,7 +242,9 @@ async def _sample_health(health: Health, stopping: asyncio.Event) -> None:
 def write_report(settings: Settings, out: Path, metrics_urls: list[str]) -> dict[str, Any]:
     """``streamproc report``: every page's figures as of the current watermark, in one HTML file that loads
     nothing from anywhere. Returns what it counted."""
-    board = AlertBoard().apply_all(read_topic(settings, ALERTS_TOPIC, 10_000_000, 2.0))
+    board = AlertBoard()
+    for offset, record in enumerate(read_topic(settings, ALERTS_TOPIC, 10_000_000, 2.0)):
+        apply_record(board, orjson.dumps(record), offset)
     health = Health(metrics_urls)
     health.sample()
 

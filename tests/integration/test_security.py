@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,11 @@ def test_every_client_path_works_with_its_own_role_and_no_secret_leaks(secure, t
                             .redis_kwargs())
         wait_for(lambda: reader.get("sp:{model}:current") is not None, 90, "the trainer's first checkpoint")
         metrics = {**metrics, **scrape(worker.settings.web_port), **scrape(trainer.settings.web_port)}
+        # the worker's erasure endpoint, with the worker's Redis user
+        erase = urllib.request.Request(f"http://127.0.0.1:{worker.settings.web_port}/customers/c0000003",
+                                       method="DELETE")
+        with urllib.request.urlopen(erase, timeout=10) as answer:
+            assert json.loads(answer.read()) == {"erased": True}
     finally:
         worker.stop(signal.SIGTERM)
         trainer.stop(signal.SIGTERM)
