@@ -9,7 +9,7 @@ Four Kafka principals and four Redis users, one per role:
 - ``admin``: the operator's tools (topics apply, replay, simulate, tail, alerts, forward, retention) on Kafka; on
   Redis, everything streamproc stores (erasure, model rollback) but no server administration.
 
-The local secure infrastructure (``streamproc infra up --secure``) applies exactly these grants, and the README's
+The local secure infrastructure (``streamproc infra up --secure``) applies these grants, and the README's
 "Production security" section prints them with ``streamproc security acls``."""
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ SCRAM_ITERATIONS = 8192
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600, exist_ok=True)
+    os.chmod(path, 0o600)  # a file made earlier with looser rights too
     path.write_text(text)
 
 
@@ -59,8 +60,16 @@ class Pki:
         self.key = folder / "node.key"
         self.keystore = folder / "node-keystore.pem"  # the key and certificate in one file, as Kafka's PEM keystore
 
+    def valid(self) -> bool:
+        """The node's certificate exists and holds for another day at least."""
+        return self.keystore.exists() and subprocess.run(
+            ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(self.cert)],
+            capture_output=True).returncode == 0
+
     def ensure(self) -> None:
-        if self.keystore.exists():
+        """Make the CA and the node's certificate, again when they are about to expire (restart the services
+        then: they read them at start)."""
+        if self.valid():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
@@ -148,7 +157,9 @@ class SecureKafka(KafkaService):
         return [arg if not arg.startswith(("-Xmx", "-Xms")) else arg[:4] + "512m" for arg in super()._jvm_args()]
 
     def apply_access(self, passwords: dict[str, str], grants: list[KafkaGrant]) -> None:
-        """Create (or reset) each role's SCRAM user and add its ACLs; both are idempotent."""
+        """Create (or reset) each role's SCRAM user and add its ACLs; both are idempotent. ACLs are only added:
+        a grant taken out of ``security.kafka_grants`` stays on a running broker until removed with kafka-acls
+        (a fresh local setup has exactly the declared ones)."""
         admin = KafkaAdminClient(request_timeout_ms=15000, client_id="streamproc-infra", **self.admin_kwargs())
         try:
             admin.alter_user_scram_credentials([
@@ -195,13 +206,14 @@ class SecureInfra:
 
     @property
     def redis(self) -> SecureRedis:
-        if self._redis is None:
-            self._redis = SecureRedis(self.settings, self.pki, self.credentials.load()["redis"])
+        if self._redis is None:  # `infra status`/`down` make no credentials: they are made by `up`
+            self._redis = SecureRedis(self.settings, self.pki, {})
         return self._redis
 
     def up(self, timeout: float = 120.0) -> list[ServiceStatus]:
         self.pki.ensure()
         passwords = self.credentials.load()
+        self.redis.passwords = passwords["redis"]
         statuses = [self.redis.up(), self.kafka.up(timeout)]
         self.kafka.apply_access(passwords["kafka"], kafka_grants(self.settings))
         self._wait_authenticates(passwords["kafka"]["admin"], timeout=30)

@@ -143,7 +143,8 @@ def alert_rows(rows: Sequence[dict[str, Any]], link: bool = True) -> list[str]:
         level = escape(a.get("risk_level", ""))
         out.append(
             f'<tr class="alert-row" data-customer="{cid}" data-tier="{escape(a.get("value_tier", ""))}" '
-            f'data-risk="{level}" data-segment="{escape(str(a.get("segment")))}">'
+            f'data-risk="{level}" data-segment="{escape(str(a.get("segment")))}" '
+            f'data-value-at-risk="{float(a.get("value_at_risk") or 0.0)}">'
             f'<td>{who}</td><td class="risk-{level}">{level}</td>'
             f'<td class="n" data-probability="{a.get("probability")}">{_fmt(a.get("probability"), "pct")}</td>'
             f'<td>{escape(a.get("value_tier", ""))}</td><td class="n">{_fmt(a.get("clv"), "money")}</td>'

@@ -149,8 +149,8 @@ def test_every_client_path_works_with_its_own_role_and_no_secret_leaks(secure, t
         outputs.append(ok(cli(role_env(secure, role, STREAMPROC_MODEL_SIGNING_KEY=SIGNING_KEY,
                                        STREAMPROC_WEBHOOK_SECRET=WEBHOOK_SECRET), "settings")))
     logs = [p.read_text(errors="replace") for p in tmp_path.glob("*.log")]
-    seen = "\n".join([*outputs, *logs, json.dumps(metrics)])
-    assert "SASL_SSL" in seen or "rediss://" in seen  # the print-outs are of the secure run
+    seen = "\n".join([*outputs, *logs, json.dumps(metrics), (tmp_path / "report.html").read_text()])
+    assert "SASL_SSL" in seen and "rediss://" in seen  # the print-outs are of the secure run
     leaked = [i for i, secret in enumerate(secrets_of(secure)) if secret in seen]
     assert not leaked, f"secrets #{leaked} (of {len(secrets_of(secure))}) appear in the run's logs or outputs"
 

@@ -49,3 +49,21 @@ def test_segment_rows_count_customers_from_the_census_and_name_traits():
     assert rows["0"]["customers"] == 5 and rows["1"]["customers"] == 4 and rows["None"]["customers"] == 1
     assert rows["0"]["traits"][0].startswith("monetary high") and "frequency high" in rows["0"]["traits"][1]
     assert rows["1"]["name"] == "segment 1" and rows["1"]["size_share"] is None
+
+
+def test_a_found_customer_is_escaped_too():
+    found = {"stored_features": {"lifecycle_stage": HOSTILE, "top_categories": [HOSTILE]}, "features": {"clv": 1.0},
+             "churn": {"probability": 0.5}, "rfm": {"segment": HOSTILE}, "segment": {"name": HOSTILE},
+             "alerts": [{"record": "alert", "alert_id": "x:1", "ts": 1, "risk_level": "high", "probability": 0.5,
+                         "action": HOSTILE}], "interventions": [{"ts": 1, "action": HOSTILE, "cost": 1.0}],
+             "risk_history": [(1, 0.2), (2, 0.5)], "last_recommendation": {"items": [HOSTILE], "trigger": HOSTILE}}
+    page = render.customer_body(HOSTILE, found)
+    assert "<script>" not in page and page.count("&lt;script&gt;") >= 7
+
+
+def test_uplift_rows_show_both_groups_rates_and_the_interval():
+    row = {"key": "action=10% coupon", "treated": 40, "treated_retained": 30, "control": 10, "control_retained": 5,
+           "uplift": 0.25, "lower": 0.02, "upper": 0.48}
+    page = render.uplift_body([row])
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", page)
+    assert cells == ["action=10% coupon", "40", "75 %", "10", "50 %", "25 %", "2 % … 48 %"]
