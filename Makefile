@@ -102,6 +102,11 @@ bench: infra-up ## run the benchmarks in bench/ (not tests); results in bench/RE
 	$(PY) bench/quality.py
 	$(PY) bench/churn_quality.py
 
+.PHONY: bench-peers
+bench-peers: ## the peers of bench/peers/ (Quix Streams, Bytewax) in a virtualenv of their own: .venv-peers
+	@test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install -q "quixstreams==3.28.1" "bytewax==0.21.1" orjson
+
 .PHONY: soak
 soak: infra-up ## 30 minutes at a steady rate: RSS, Redis memory, lag and latency must stay flat
 	$(PY) bench/soak.py

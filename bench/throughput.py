@@ -5,11 +5,13 @@
 3. starts one `streamproc worker` and measures from its first processed event to the last;
 4. reports events/s for both, their ratio, the worker's peak RSS and Redis memory per customer.
 
-Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2] [--peer] [--trainer-process]
-[--intake-floor] [--waits].
-``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures the naive Faust agent of
-``bench/naive_agent.py`` (one awaited Redis round trip per event) on the same records; ``--intake-floor`` a
-worker whose batch step only counts (``bench/intake_floor.py``), the cost of the runtime itself. Not a test.
+Usage: python bench/throughput.py [--events 200000] [--customers 20000] [--workers 2]
+[--peer naive|quix|quix-eos|bytewax] [--trainer-process] [--intake-floor] [--waits].
+``--workers 2`` runs two workers in one group (scaling); ``--peer`` measures a peer on the same records: the naive
+Faust agent of ``bench/naive_agent.py`` (one awaited Redis round trip per event), or the features-only job of
+``bench/peers/`` in Quix Streams (at least once, or exactly once) or Bytewax (``make bench-peers`` installs them);
+``--intake-floor`` a worker whose batch step only counts (``bench/intake_floor.py``), the cost of the runtime
+itself. Not a test.
 """
 
 from __future__ import annotations
@@ -117,12 +119,26 @@ def steady_rate(progress: list[tuple[float, float]], expected: int, low: float =
     return (end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else None
 
 
-def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: bool = False,
+# the peers a user would pick instead (bench/peers/), each in the virtualenv `make bench-peers` makes
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEERS = {
+    "naive": ("naive Faust agent (bench/naive_agent.py)",
+              [sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"]),
+    "quix": ("Quix Streams, at least once (bench/peers/quix_app.py)",
+             [str(PEERS_PYTHON), str(ROOT / "bench" / "peers" / "quix_app.py")]),
+    "quix-eos": ("Quix Streams, exactly once (bench/peers/quix_app.py --exactly-once)",
+                 [str(PEERS_PYTHON), str(ROOT / "bench" / "peers" / "quix_app.py"), "--exactly-once"]),
+    "bytewax": ("Bytewax (bench/peers/bytewax_app.py)",
+                [str(PEERS_PYTHON), str(ROOT / "bench" / "peers" / "bytewax_app.py")]),
+}
+
+
+def run_worker(settings: Settings, expected: int, log: Path, workers: int = 1, peer: str | None = None,
                trainer_process: bool = False, intake_floor: bool = False, waits: Path | None = None) -> dict[str, Any]:
-    """Start ``workers`` processes in one consumer group (streamproc, or the naive peer agent) and measure
-    from the first processed event to the last, summed over the processes. With ``trainer_process``, the
-    production layout: scoring-only workers and `streamproc trainer` in a process of its own."""
-    command = ([sys.executable, str(ROOT / "bench" / "naive_agent.py"), "worker", "-l", "warn"] if peer
+    """Start ``workers`` processes in one consumer group (streamproc, or a peer) and measure from the first
+    processed event to the last, summed over the processes. With ``trainer_process``, the production layout:
+    scoring-only workers and `streamproc trainer` in a process of its own."""
+    command = (PEERS[peer][1] if peer
                else [sys.executable, str(ROOT / "bench" / "intake_floor.py")] if intake_floor
                else [sys.executable, str(ROOT / "bench" / "waits.py")] if waits is not None
                else [sys.executable, "-m", "streamproc.cli", "worker"])
@@ -215,7 +231,8 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1, help="worker processes in one group (scaling)")
-    parser.add_argument("--peer", action="store_true", help="measure bench/naive_agent.py instead of streamproc")
+    parser.add_argument("--peer", nargs="?", const="naive", choices=sorted(PEERS),
+                        help="measure a peer instead of streamproc (default naive: bench/naive_agent.py)")
     parser.add_argument("--trainer-process", action="store_true",
                         help="the production layout: scoring-only worker(s), `streamproc trainer` learns alone")
     parser.add_argument("--waits", action="store_true",
@@ -245,13 +262,14 @@ def main() -> None:
     log.parent.mkdir(exist_ok=True)
     worker = run_worker(settings, sent, log, args.workers, args.peer, args.trainer_process, args.intake_floor,
                         log.with_suffix(".waits") if args.waits else None)
-    customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer else "cust:*", count=1000))
+    # the Quix and Bytewax peers keep their state in their own stores, not in Redis
+    customers_stored = sum(1 for _ in r.scan_iter("naive:*" if args.peer == "naive" else "cust:*", count=1000))
     mem_after = int(r.info("memory")["used_memory"])
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine(),
         "events": sent,
-        "what": "naive Faust agent (bench/naive_agent.py)" if args.peer
+        "what": PEERS[args.peer][0] if args.peer
         else (f"intake floor (bench/intake_floor.py), {args.workers} worker(s)" if args.intake_floor
               else f"streamproc, {args.workers} worker(s)") + (" + trainer process" if args.trainer_process else ""),
         "customers_stored": customers_stored,
