@@ -75,11 +75,12 @@ class ApplyReport:
 
 
 def admin_client(settings: Settings) -> KafkaAdminClient:
-    # bootstrap_timeout_ms: a broker that refuses the credentials is reported after 10 s rather than kafka-python's
-    # 30; the callers that wait for a broker to come up (wait_for_topics) retry
+    # bootstrap_timeout_ms: a broker that refuses the credentials is reported after 20 s rather than kafka-python's
+    # 30 (10 s was too short for one refused attempt to be logged on a loaded machine); the callers that wait for
+    # a broker to come up (wait_for_topics) retry
     return KafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap, client_id="streamproc-topics", request_timeout_ms=15000,
-        bootstrap_timeout_ms=10_000, **kafka_security_kwargs(settings),
+        bootstrap_timeout_ms=20_000, **kafka_security_kwargs(settings),
     )
 
 
@@ -246,6 +247,16 @@ def input_partitions(settings: Settings, names: tuple[str, ...]) -> int:
     finally:
         admin.close()
     return input_partition_count({d["name"]: len(d["partitions"]) for d in described})
+
+
+def topic_partitions(settings: Settings, name: str) -> int:
+    """How many partitions the declared topic ``name`` has on the broker (0: none, or not there yet)."""
+    admin = admin_client(settings)
+    try:
+        described = admin.describe_topics([settings.topic(name)])
+    finally:
+        admin.close()
+    return sum(len(d.get("partitions") or []) for d in described if not d.get("error_code"))
 
 
 def wait_for_topics(settings: Settings, names: tuple[str, ...], poll_s: float = 1.0) -> None:

@@ -31,7 +31,7 @@ from streamproc.contracts.outputs import AlertRecord, validate
 from streamproc.domain.alert_board import AlertBoard
 from streamproc.settings import Settings
 from streamproc.tools.tail import read_topic
-from streamproc.topics import ALERTS_TOPIC, aiokafka_security_kwargs
+from streamproc.topics import ALERTS_TOPIC, aiokafka_security_kwargs, topic_partitions
 from streamproc.ui import render
 from streamproc.ui.data import Health, UiData
 
@@ -78,12 +78,13 @@ async def follow_alerts(settings: Settings, board: AlertBoard, stopping: asyncio
                                     enable_auto_commit=False, auto_offset_reset="earliest",
                                     client_id=f"{settings.app_id}-ui", **aiokafka_security_kwargs(settings))
         try:
-            await consumer.start()
-            partitions = consumer.partitions_for_topic(topic)
+            # a consumer without a subscription has no topic metadata: the admin API says how many partitions
+            partitions = await asyncio.to_thread(topic_partitions, settings, ALERTS_TOPIC)
             if not partitions:  # the topic is not there yet (`streamproc topics apply`)
                 await asyncio.sleep(2.0)
                 continue
-            consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+            await consumer.start()
+            consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
             await consumer.seek_to_beginning()
             while not stopping.is_set():
                 for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():

@@ -67,7 +67,7 @@ def wait_until(predicate: Any, timeout: float, what: str) -> Any:
         if got:
             return got
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 def shot(driver: webdriver.Chrome, name: str) -> None:
@@ -114,11 +114,12 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
         browser.find_element(By.ID, "sign-in").click()
 
         # At risk: the same customers the worker has open alerts for, most urgent first
-        def page_open_count() -> int:
+        def page_open_count() -> bool:
             browser.get(f"{base}/ui/")
             return int(tile(browser, "open alerts")) == len(open_alerts)
 
-        wait_until(page_open_count, 60, "the at-risk page to catch up with the alerts topic")
+        wait_until(page_open_count, 60, lambda: f"the at-risk page to show the {len(open_alerts)} open alerts (it "
+                   f"shows {tile(browser, 'open alerts')}; UI log: {(tmp_path / 'ui.log').read_text()[-1500:]})")
         rows = browser.find_elements(By.CSS_SELECTOR, "tr.alert-row")
         shown = [r.get_attribute("data-customer") for r in rows]
         assert set(shown) == open_alerts
@@ -141,8 +142,8 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
         assert "tier=" + tier in browser.current_url
         shot(browser, "at-risk-filtered")
 
-        # a customer from the list: the page's figures are the lookup API's
-        victim = shown[0]
+        # a customer from the (filtered) list: the page's figures are the lookup API's
+        victim = filtered[0].get_attribute("data-customer")
         browser.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-customer="{victim}"] a').click()
         picture = pictures[victim]
         assert browser.find_element(By.ID, "customer-title").text == f"Customer {victim}"
