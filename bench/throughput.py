@@ -272,6 +272,9 @@ def main() -> None:
         "what": PEERS[args.peer][0] if args.peer
         else (f"intake floor (bench/intake_floor.py), {args.workers} worker(s)" if args.intake_floor
               else f"streamproc, {args.workers} worker(s)") + (" + trainer process" if args.trainer_process else ""),
+        # STREAMPROC_MODELS_ENABLED=false: the feature path alone (the job the peers do)
+        "models_enabled": None if args.peer
+        else os.environ.get("STREAMPROC_MODELS_ENABLED", "true").lower() != "false",
         "customers_stored": customers_stored,
         "produce_events_per_s": round(produce_rate),
         "ceiling_events_per_s": round(ceiling_rate),

@@ -43,14 +43,20 @@ class Discard(DynamicSink[Any]):
 
 
 def decoded(message: KafkaSourceMessage[bytes, bytes]) -> tuple[str, dict[str, Any]] | None:
-    counter.n += 1
+    """The customer and the event; None for bad input (counted here: the good ones are counted once their state
+    is updated)."""
     try:
         event: dict[str, Any] = orjson.loads(message.value)
-        if "ts" not in event or "event_id" not in event:
-            return None
-        return str(event["customer_id"]), event
+        if "ts" in event and "event_id" in event:
+            return str(event["customer_id"]), event
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        return None
+        pass
+    counter.n += 1
+    return None
+
+
+def counted(step_id: str, item: Any) -> None:
+    counter.n += 1
 
 
 def build_flow() -> Dataflow:
@@ -62,7 +68,7 @@ def build_flow() -> Dataflow:
                          [prefix + t for t in INPUT_TOPICS], tail=True, raise_on_errors=False)
     keyed = op.filter_map("decode", op.input("kafka", flow, source), decoded)
     state = op.stateful_map("features", keyed, lambda s, event: (update(s, event), None))
-    op.output("discard", state, Discard())
+    op.output("discard", op.inspect("count", state, counted), Discard())
     return flow
 
 
