@@ -111,14 +111,14 @@ class UiData:
         return sync_redis(self.settings.redis_url, **self.settings.redis_kwargs())
 
     async def customer(self, customer_id: str) -> dict[str, Any] | None:
-        found = await lookup(self.store, self.models, self.settings, await locate(self.store, self.settings,
-                                                                                  customer_id))
+        where = await locate(self.store, self.settings, customer_id)
+        found = await lookup(self.store, self.models, self.settings, where)
         if found is None:
             return None
         stored_id = self.settings.customer_key(customer_id)  # what alerts and the ledger carry (a pseudonym or the id)
         found["alerts"] = list(self.board.history.get(stored_id, []))
         found["interventions"] = await asyncio.to_thread(self._interventions, stored_id)
-        model = await self.store.model_outputs(await locate(self.store, self.settings, customer_id)) or {}
+        model = await self.store.model_outputs(where) or {}
         # a snapshot scored before the first model has no probability ([None, None])
         scored = sorted((int(ts), float(v[0])) for ts, v in (model.get("scored") or {}).items()
                         if v and v[0] is not None)
@@ -150,6 +150,3 @@ class UiData:
             return [row.as_dict() for row in uplift_table(outcomes)] if outcomes else []
 
         return await asyncio.to_thread(read)
-
-    async def model_summary(self) -> dict[str, Any]:
-        return await self.models.summary() or {}

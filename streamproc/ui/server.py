@@ -106,15 +106,25 @@ async def follow_alerts(settings: Settings, board: AlertBoard, stopping: asyncio
 
 
 def apply_record(board: AlertBoard, value: bytes | None, offset: int) -> None:
-    """One alerts-topic record into ``board``, checked against its contract first: a record that breaks it is
-    skipped (and logged), never one that breaks the page for everyone."""
+    """One alerts-topic record (its bytes) into ``board``: see ``apply_decoded``."""
     try:
         decoded = orjson.loads(value or b"")
+    except orjson.JSONDecodeError as exc:
+        log.warning("skipping an alert record at offset %s that breaks its contract: %s", offset, exc)
+        return
+    apply_decoded(board, decoded, offset)
+
+
+def apply_decoded(board: AlertBoard, decoded: Any, offset: int) -> None:
+    """One decoded alerts-topic record into ``board``, checked against its contract first: a record that breaks
+    it is skipped (and logged), never one that breaks the page for everyone."""
+    try:
         validate(AlertRecord, decoded)
-        board.apply(decoded)
-    except (orjson.JSONDecodeError, ValidationError) as exc:
+    except ValidationError as exc:
         log.warning("skipping an alert record at offset %s that breaks its contract: %s", offset,
                     str(exc).splitlines()[0])
+        return
+    board.apply(decoded)
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -245,7 +255,7 @@ def write_report(settings: Settings, out: Path, metrics_urls: list[str]) -> dict
     nothing from anywhere. Returns what it counted."""
     board = AlertBoard()
     for offset, record in enumerate(read_topic(settings, ALERTS_TOPIC, 10_000_000, 2.0)):
-        apply_record(board, orjson.dumps(record), offset)
+        apply_decoded(board, record, offset)  # read_topic has decoded it
     health = Health(metrics_urls)
     health.sample()
 
