@@ -19,7 +19,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from streamproc.domain.alert_board import RISK_ORDER
 from streamproc.tools.demo import processed_total
@@ -75,6 +76,13 @@ def shot(driver: webdriver.Chrome, name: str) -> None:
     driver.save_screenshot(str(ARTEFACTS / f"{name}.png"))
 
 
+def navigate(driver: webdriver.Chrome, element: Any) -> None:
+    """Click ``element`` and wait until the page it leads to replaced this one (a click returns before)."""
+    page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 20).until(staleness_of(page))
+
+
 def tile(driver: webdriver.Chrome, name: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, f'[data-number="{name}"] .v').text)
 
@@ -108,10 +116,10 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
         browser.get(f"{base}/ui/")
         assert browser.current_url.endswith("/ui/login")
         browser.find_element(By.ID, "token").send_keys("wrong")
-        browser.find_element(By.ID, "sign-in").click()
+        navigate(browser, browser.find_element(By.ID, "sign-in"))
         assert browser.find_element(By.ID, "login-error").is_displayed()
         browser.find_element(By.ID, "token").send_keys(TOKEN)
-        browser.find_element(By.ID, "sign-in").click()
+        navigate(browser, browser.find_element(By.ID, "sign-in"))
 
         # At risk: the same customers the worker has open alerts for, most urgent first
         def page_open_count() -> bool:
@@ -135,7 +143,7 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
         tiers = [r.get_attribute("data-tier") for r in rows]
         tier = max(set(tiers), key=tiers.count)
         Select(browser.find_element(By.ID, "filter-tier")).select_by_value(tier)
-        browser.find_element(By.ID, "apply-filters").click()
+        navigate(browser, browser.find_element(By.ID, "apply-filters"))
         filtered = browser.find_elements(By.CSS_SELECTOR, "tr.alert-row")
         assert {r.get_attribute("data-tier") for r in filtered} == {tier}
         assert len(filtered) == tiers.count(tier)
@@ -144,7 +152,7 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
 
         # a customer from the (filtered) list: the page's figures are the lookup API's
         victim = filtered[0].get_attribute("data-customer")
-        browser.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-customer="{victim}"] a').click()
+        navigate(browser, browser.find_element(By.CSS_SELECTOR, f'tr.alert-row[data-customer="{victim}"] a'))
         picture = pictures[victim]
         assert browser.find_element(By.ID, "customer-title").text == f"Customer {victim}"
         money = browser.find_element(By.CSS_SELECTOR, 'td[data-feature="monetary_total"]').text
@@ -158,23 +166,23 @@ def test_the_retention_pages_show_what_the_engine_knows(topics, worker_factory, 
         box = browser.find_element(By.ID, "customer-id")
         box.clear()
         box.send_keys(other)
-        browser.find_element(By.ID, "search-button").click()
+        navigate(browser, browser.find_element(By.ID, "search-button"))
         assert browser.find_element(By.ID, "customer-title").text == f"Customer {other}"
         box = browser.find_element(By.ID, "customer-id")
         box.clear()
         box.send_keys("nobody-at-all")
-        browser.find_element(By.ID, "search-button").click()
+        navigate(browser, browser.find_element(By.ID, "search-button"))
         assert "No customer nobody-at-all" in browser.find_element(By.CSS_SELECTOR, "div.empty").text
 
         # Segments: every stored customer counted once
-        browser.find_element(By.ID, "nav-segments").click()
+        navigate(browser, browser.find_element(By.ID, "nav-segments"))
         counted = sum(int(r.get_attribute("data-customers"))
                       for r in browser.find_elements(By.CSS_SELECTOR, "tr.segment-row"))
         assert counted == sum(1 for p in pictures.values() if p)
         shot(browser, "segments")
 
         # Uplift: no ledger ran here, so the empty state says why
-        browser.find_element(By.ID, "nav-uplift").click()
+        navigate(browser, browser.find_element(By.ID, "nav-uplift"))
         assert "No alert outcome yet" in browser.find_element(By.CSS_SELECTOR, "div.empty").text
         shot(browser, "uplift")
 
